@@ -1,0 +1,77 @@
+"""Activation sites of a Gemma decoder, named as in Gemma Scope (arXiv 2408.05147, §3.1, Fig. 1).
+
+A Gemma 2/3 block computes ``a = post_attention_norm(attn(pre_attention_norm(x))); h = x + a;
+m = post_ffw_norm(mlp(pre_ffw_norm(h))); out = h + m``. Its three sites, layers zero-based:
+
+- ``res``: the block output ``out`` (residual stream after the block), ``d_model`` wide;
+- ``att``: per-head attention outputs concatenated over heads, before the output projection W_O,
+  ``num_heads * head_dim`` wide;
+- ``mlp``: ``m``, the MLP output after post_ffw_norm and before the residual add, ``d_model`` wide.
+
+A site is written ``"<kind>.<layer>"`` (``"res.12"``). A spec lists sites separated by commas, and ``*`` stands for
+every layer: ``"res.*"``, ``"res.3,att.3,mlp.3"``, ``"mlp.0-5"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+KINDS = ("res", "att", "mlp")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Site:
+    """One activation site: ``kind`` in ``KINDS`` and a zero-based ``layer``.
+
+    Raises:
+      ValueError: unknown kind or negative layer.
+    """
+
+    kind: str
+    layer: int
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown site kind {self.kind!r}; expected one of {KINDS}")
+        if not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"site layer must be an integer >= 0, got {self.layer!r}")
+
+    def __str__(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Site":
+        """Parses ``"res.12"``. Raises ValueError naming the expected form."""
+        kind, sep, layer = text.strip().partition(".")
+        if not sep or not layer.isdigit():
+            raise ValueError(f"bad site {text!r}; expected '<kind>.<layer>' such as 'res.12' with kind in {KINDS}")
+        return cls(kind, int(layer))
+
+
+def parse_sites(spec: str, num_layers: int) -> list[Site]:
+    """Expands a site spec (module docstring) into sorted, unique sites of a model with ``num_layers`` layers.
+
+    Raises:
+      ValueError: a malformed entry, an empty spec, or a layer outside ``[0, num_layers)``.
+    """
+    sites = set()
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        kind, sep, layers = entry.partition(".")
+        if not sep:
+            raise ValueError(f"bad site {entry!r} in {spec!r}; expected '<kind>.<layer>', '<kind>.*' or '<kind>.<a>-<b>'")
+        if layers == "*":
+            chosen = range(num_layers)
+        elif "-" in layers:
+            first, _, last = layers.partition("-")
+            if not (first.isdigit() and last.isdigit()):
+                raise ValueError(f"bad layer range {entry!r} in {spec!r}; expected e.g. 'res.0-5'")
+            chosen = range(int(first), int(last) + 1)
+        else:
+            chosen = [Site.parse(entry).layer]
+        for layer in chosen:
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"site {kind}.{layer} is outside the model's layers 0..{num_layers - 1}")
+            sites.add(Site(kind, layer))
+    if not sites:
+        raise ValueError(f"site spec {spec!r} names no site")
+    return sorted(sites)
