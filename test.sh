@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test suite from a fresh machine: installs into .venv, then runs pytest (arguments go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pytest -q "$@"
