@@ -1,0 +1,223 @@
+"""Release SAEs the way Gemma Scope does, and read them back (arXiv 2408.05147, release on Hugging Face).
+
+Layout: ``<root>/<kind>/layer_<L>/width_<W>/average_l0_<K>/params.npz`` with float32 arrays ``W_enc [d, M]``,
+``W_dec [M, d]``, ``b_enc [M]``, ``b_dec [d]``, ``threshold [M]``, normalisation and pre-encoder bias folded in,
+so that on raw activations ``pre = x @ W_enc + b_enc; f = (pre > threshold) * relu(pre); x_hat = f @ W_dec + b_dec``.
+Next to it the same SAE in SAELens' format (``cfg.json`` + ``sae_weights.safetensors``, architecture "jumprelu",
+SAELens >= 6 config with a ``metadata`` block), so it loads with ``SAE.load_from_disk(dir)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+import safetensors.numpy
+
+from gemma_scope.sites import Site
+
+PARAMS_FILE = "params.npz"
+SAELENS_CFG_FILE = "cfg.json"
+SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
+PARAM_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+# The SAELens version whose config layout cfg.json follows (model_name, hook_name, ... under "metadata").
+SAELENS_FORMAT_VERSION = "6.0.0"
+# TransformerLens hook names SAELens uses for Gemma Scope's three sites.
+_HOOK_NAMES = {"res": "blocks.{}.hook_resid_post", "att": "blocks.{}.attn.hook_z", "mlp": "blocks.{}.hook_mlp_out"}
+
+
+def width_label(width: int) -> str:
+    """Gemma Scope's name for an SAE width M: ``2**14 -> "16k"``, ``2**16 -> "65k"``, ``2**20 -> "1m"``.
+
+    Widths ``1024 * 2**k`` are named by thousands (millions from 2**20), rounded down, as in the release's
+    ``width_16k ... width_524k, width_1m``; any other width is written in full (``1536 -> "1536"``).
+
+    Raises:
+      ValueError: width not a positive integer.
+    """
+    if not isinstance(width, (int, np.integer)) or width <= 0:
+        raise ValueError(f"SAE width must be a positive integer, got {width!r}")
+    width = int(width)
+    multiple, remainder = divmod(width, 1024)
+    if remainder or multiple & (multiple - 1):
+        return str(width)
+    return f"{width // 1_000_000}m" if width >= 2**20 else f"{width // 1000}k"
+
+
+def sae_dir(root: str | os.PathLike, site: Site | None, width: int, average_l0: float) -> pathlib.Path:
+    """The release directory ``<root>/<kind>/layer_<L>/width_<W>/average_l0_<K>`` (K = round(average_l0)).
+
+    ``site=None`` gives ``<root>/custom/layer_0/...`` for SAEs not tied to a model site.
+
+    Raises:
+      ValueError: average_l0 negative or not finite.
+    """
+    if not (math.isfinite(average_l0) and average_l0 >= 0):
+        raise ValueError(f"average_l0 must be a finite number >= 0, got {average_l0!r}")
+    kind, layer = ("custom", 0) if site is None else (site.kind, site.layer)
+    return pathlib.Path(root) / kind / f"layer_{layer}" / f"width_{width_label(width)}" / f"average_l0_{round(average_l0)}"
+
+
+def write_sae(
+    root: str | os.PathLike,
+    site: Site | None,
+    params: dict[str, np.ndarray],
+    average_l0: float,
+    metadata: dict | None = None,
+) -> pathlib.Path:
+    """Writes one SAE in the Gemma Scope layout and in SAELens' format; returns the ``params.npz`` path.
+
+    Args:
+      root: release root directory (created if missing).
+      site: the site the SAE reads, or None for ``custom/layer_0``.
+      params: folded SAE parameters in raw-activation space (module docstring), arrays of any float dtype;
+        stored as float32.
+      average_l0: the SAE's mean L0 on evaluation tokens; names the ``average_l0_<K>`` directory.
+      metadata: JSON-serialisable facts stored in ``cfg.json``'s ``metadata`` block (e.g. ``model_name``,
+        ``l0_coefficient``, ``training_tokens``); ``hook_name`` defaults to the site's TransformerLens hook.
+
+    Every file is written to a temporary name and renamed into place, so readers never see a partial file.
+
+    Raises:
+      ValueError: params fail the checks of ``validate_params``, or a bad average_l0.
+    """
+    params = validate_params({k: np.asarray(v) for k, v in params.items()}, source="params to write")
+    d, width = params["W_enc"].shape
+    out = sae_dir(root, site, width, average_l0)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / PARAMS_FILE, lambda f: np.savez(f, **params))
+    _atomic_write(out / SAELENS_WEIGHTS_FILE, lambda f: f.write(safetensors.numpy.save(params)))
+    cfg = _saelens_cfg(site, d, width, average_l0, metadata or {})
+    _atomic_write(out / SAELENS_CFG_FILE, lambda f: f.write(json.dumps(cfg, indent=2).encode()))
+    return out / PARAMS_FILE
+
+
+def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads and validates an SAE: a Gemma Scope ``params.npz``, a SAELens ``sae_weights.safetensors``, or a
+    directory holding either (``params.npz`` preferred).
+
+    Returns the five float32 arrays of the module docstring. A SAELens SAE with ``apply_b_dec_to_input`` true
+    is folded into the Gemma Scope convention (``b_enc' = b_enc - b_dec @ W_enc``, arXiv 2408.05147 §3).
+
+    Raises:
+      FileNotFoundError: nothing SAE-like at path.
+      ValueError: unreadable file, missing key, wrong shape, non-float dtype, non-finite values, negative
+        threshold, or a SAELens normalisation other than "none"; the message names the file and the key.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        candidates = [path / PARAMS_FILE, path / SAELENS_WEIGHTS_FILE]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{path} holds neither {PARAMS_FILE} nor {SAELENS_WEIGHTS_FILE}")
+        path = found
+    if not path.is_file():
+        raise FileNotFoundError(f"no SAE file at {path}")
+    try:
+        if path.suffix == ".safetensors":
+            raw = safetensors.numpy.load_file(path)
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                raw = {k: npz[k] for k in npz.files}
+    except Exception as e:  # numpy/safetensors raise many types for corrupt files; report them uniformly.
+        raise ValueError(f"{path}: cannot read SAE parameters ({type(e).__name__}: {e})") from e
+    params = validate_params(raw, source=str(path))
+    if path.suffix == ".safetensors":
+        params = _fold_saelens_cfg(params, path.parent / SAELENS_CFG_FILE)
+    return params
+
+
+def validate_params(params: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Checks an SAE parameter dict and returns its five arrays as float32 (extra keys dropped).
+
+    Expected: ``W_enc [d, M]``, ``W_dec [M, d]``, ``b_enc [M]``, ``b_dec [d]``, ``threshold [M]``, floating
+    dtypes, all finite, ``threshold >= 0``.
+
+    Raises:
+      ValueError: naming ``source``, the offending key and what was expected.
+    """
+    missing = [k for k in PARAM_KEYS if k not in params]
+    if missing:
+        raise ValueError(f"{source}: missing key(s) {missing}; an SAE needs {list(PARAM_KEYS)} (has {sorted(params)})")
+    for key in PARAM_KEYS:
+        if not np.issubdtype(params[key].dtype, np.floating):
+            raise ValueError(f"{source}: key {key!r} has dtype {params[key].dtype}; expected a float dtype")
+    w_enc = params["W_enc"]
+    if w_enc.ndim != 2:
+        raise ValueError(f"{source}: key 'W_enc' has shape {w_enc.shape}; expected 2-D [d_model, width]")
+    d, width = w_enc.shape
+    expected = {"W_enc": (d, width), "W_dec": (width, d), "b_enc": (width,), "b_dec": (d,), "threshold": (width,)}
+    for key, shape in expected.items():
+        if params[key].shape != shape:
+            raise ValueError(
+                f"{source}: key {key!r} has shape {params[key].shape}; expected {shape} "
+                f"(d_model={d}, width={width} from W_enc {w_enc.shape})"
+            )
+    out = {k: np.asarray(params[k], dtype=np.float32) for k in PARAM_KEYS}
+    for key, value in out.items():
+        if not np.isfinite(value).all():
+            raise ValueError(f"{source}: key {key!r} holds {np.size(value) - np.isfinite(value).sum()} non-finite values")
+    if (out["threshold"] < 0).any():
+        raise ValueError(f"{source}: key 'threshold' has negative entries (min {out['threshold'].min()}); expected >= 0")
+    return out
+
+
+def _saelens_cfg(site: Site | None, d: int, width: int, average_l0: float, metadata: dict) -> dict:
+    """A SAELens >= 6 JumpReLU config; model_name/hook_name also at top level for pre-6 readers."""
+    hook_name = metadata.get("hook_name") or (_HOOK_NAMES[site.kind].format(site.layer) if site else "custom")
+    meta = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+        "model_name": metadata.get("model_name"),
+        "hook_head_index": None,
+        "prepend_bos": True,
+        "site": str(site) if site else None,
+        "average_l0": float(average_l0),
+        **metadata,
+        "hook_name": hook_name,
+    }
+    return {
+        "architecture": "jumprelu",
+        "d_in": d,
+        "d_sae": width,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        # SAELens flattens TransformerLens' hook_z [heads, head_dim] to our concatenated att site.
+        "reshape_activations": "hook_z" if site is not None and site.kind == "att" else "none",
+        "model_name": meta["model_name"],
+        "hook_name": hook_name,
+        "metadata": meta,
+    }
+
+
+def _fold_saelens_cfg(params: dict[str, np.ndarray], cfg_path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Applies a SAELens cfg.json (if present) so that params follow the Gemma Scope inference convention."""
+    if not cfg_path.is_file():
+        return params
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("normalize_activations", "none") not in ("none", False):
+        raise ValueError(
+            f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} cannot be expressed as raw-activation "
+            "params; expected 'none' (fold the normalisation first)"
+        )
+    if cfg.get("apply_b_dec_to_input", False):
+        params = dict(params, b_enc=params["b_enc"] - params["b_dec"] @ params["W_enc"])
+    return params
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+    """Calls ``write(binary_file)`` on a temporary file next to ``path``, then renames it onto ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
