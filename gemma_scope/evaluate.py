@@ -1,0 +1,278 @@
+"""Evaluate SAEs as Gemma Scope does (arXiv 2408.05147 §4, App. C): L0, FVU, delta LM loss, by position.
+
+All metrics use folded (release-convention) params on raw activations (``gemma_scope.sae.encode``/``decode``).
+
+- L0: mean number of active latents per token.
+- FVU: mean squared reconstruction error / mean squared distance to the dataset mean (both summed over d).
+- MSE: mean over tokens of ``||x − x̂||²`` (summed over d, as in the training loss, Eq. 4).
+- Delta LM loss: next-token cross-entropy with the reconstruction spliced in at the site minus the clean one,
+  masked means over real content targets (BOS/EOS/pad excluded).
+
+Command line::
+
+    python -m gemma_scope.evaluate --sae=PATH/params.npz --activations=DIR            # one JSON line per SAE
+    python -m gemma_scope.evaluate --sae=RELEASE_ROOT --model=gemma3_270m --site=res.6 --out=DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import pathlib
+import sys
+from collections.abc import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from gemma_scope import model, release, sae
+from gemma_scope.sites import Site
+
+# Latent activations of one batch may take this many bytes (float32 [batch, M]) when batch_size is not given.
+_LATENT_BYTES_PER_BATCH = 2**28
+
+
+def default_batch_size(width: int) -> int:
+    """Tokens per batch so that one batch's float32 latents take at most 256 MiB (between 64 and 4096)."""
+    return int(min(4096, max(64, _LATENT_BYTES_PER_BATCH // (4 * width))))
+
+
+@jax.jit
+def _reconstruction_sums(params: dict, x: jax.Array, weight: jax.Array, shift: jax.Array) -> dict[str, jax.Array]:
+    """Weighted sums over tokens that the metrics are ratios of; also the per-token squared error.
+
+    Args:
+      params: folded SAE params, width M, input width d.
+      x: raw activations ``[n, d]`` (any float dtype).
+      weight: float32 ``[n]``, 1 for tokens that count and 0 for padding / special tokens.
+      shift: float32 ``[d]``, subtracted before the variance sums so they do not cancel catastrophically
+        (shifted-data variance; any value near the data mean works).
+
+    Returns:
+      float32 ``n`` (tokens), ``sq_err`` (Σ||x − x̂||²), ``active`` (Σ L0), ``fires [M]`` (tokens each latent is
+      active on), ``centred [d]`` (Σ(x − shift)), ``centred_sq`` (Σ||x − shift||²), ``token_sq_err [n]``.
+    """
+    x = x.astype(jnp.float32)
+    f = sae.encode(params, x)
+    token_sq_err = jnp.sum((x - sae.decode(params, f)) ** 2, axis=-1)
+    active = (f > 0).astype(jnp.float32)
+    centred = x - shift
+    return {
+        "n": weight.sum(),
+        "sq_err": weight @ token_sq_err,
+        "active": weight @ active.sum(axis=-1),
+        "fires": weight @ active,
+        "centred": weight @ centred,
+        "centred_sq": weight @ jnp.sum(centred**2, axis=-1),
+        "token_sq_err": token_sq_err,
+    }
+
+
+class _Totals:
+    """Float64 running totals of ``_reconstruction_sums`` and the metrics they give."""
+
+    def __init__(self):
+        self.sums: dict[str, np.ndarray] = {}
+        self.shift: np.ndarray | None = None
+
+    def add(self, params: dict, x: jax.Array, weight: np.ndarray) -> np.ndarray:
+        """Adds one batch (``x [n, d]``, ``weight [n]``); returns its per-token squared error ``[n]``."""
+        if self.shift is None:
+            counted = np.asarray(x, np.float64)[weight > 0]
+            self.shift = (counted.mean(axis=0) if len(counted) else np.zeros(x.shape[-1])).astype(np.float32)
+        sums = jax.device_get(_reconstruction_sums(params, x, jnp.asarray(weight, jnp.float32), self.shift))
+        token_sq_err = sums.pop("token_sq_err")
+        for key, value in sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + np.asarray(value, np.float64)
+        return token_sq_err
+
+    def variance(self) -> float:
+        """Mean squared distance of the counted tokens to their mean, ``E||x − E x||²``."""
+        n = self.sums["n"]
+        return float(self.sums["centred_sq"] / n - np.sum((self.sums["centred"] / n) ** 2))
+
+    def metrics(self) -> dict:
+        n = float(self.sums.get("n", 0.0))
+        if n == 0:
+            raise ValueError("no tokens to evaluate on (empty input or every token masked out)")
+        mse = float(self.sums["sq_err"] / n)
+        frequencies = self.sums["fires"] / n
+        return {
+            "l0": float(self.sums["active"] / n),
+            "fvu": mse / self.variance(),
+            "mse": mse,
+            "dead_fraction": float(np.mean(self.sums["fires"] == 0)),
+            "n_tokens": int(round(n)),
+            "frequencies": frequencies.astype(np.float32),
+        }
+
+
+def activation_metrics(
+    params: dict, x: np.ndarray | Iterable[np.ndarray], batch_size: int | None = None
+) -> dict:
+    """L0, FVU, MSE, latent firing frequencies and dead fraction of an SAE on raw activations (§4).
+
+    Streams in batches, so ``x`` may be larger than memory (a memory-mapped array or an iterable of arrays);
+    only running sums are kept.
+
+    Args:
+      params: folded SAE params (``W_enc [d, M]`` ...), numpy or jax arrays.
+      x: raw site activations ``[N, d]`` (float32/bfloat16), or an iterable of ``[n_i, d]`` arrays.
+      batch_size: tokens per jitted call; default ``default_batch_size(M)``. Batches are zero-padded to this
+        size (padding has weight 0), so the computation compiles once.
+
+    Returns:
+      dict with float ``l0`` (mean active latents per token), ``fvu``, ``mse`` (mean ``||x − x̂||²`` summed over
+      d), ``dead_fraction`` (latents never active on these tokens), int ``n_tokens`` and float32
+      ``frequencies [M]`` (fraction of tokens each latent is active on).
+
+    Raises:
+      ValueError: activations whose width is not the SAE's d, or no tokens.
+    """
+    params = jax.tree.map(jnp.asarray, params)
+    d, width = params["W_enc"].shape
+    batch_size = batch_size or default_batch_size(width)
+    if isinstance(x, (np.ndarray, jax.Array)):
+        x, batch_size = [x], max(1, min(batch_size, len(x)))
+    totals = _Totals()
+    for batch in _rebatch(x, batch_size, d):
+        n = len(batch)
+        weight = np.zeros(batch_size, np.float32)
+        weight[:n] = 1
+        padded = np.zeros((batch_size, d), batch.dtype)
+        padded[:n] = batch
+        totals.add(params, padded, weight)
+    return totals.metrics()
+
+
+def _rebatch(arrays: Iterable[np.ndarray], batch_size: int, d: int) -> Iterator[np.ndarray]:
+    """Re-cuts a stream of ``[n_i, d]`` arrays into ``[batch_size, d]`` batches (the last may be shorter)."""
+    pending, count = [], 0
+    for array in arrays:
+        if array.ndim != 2 or array.shape[1] != d:
+            raise ValueError(f"activations have shape {array.shape}; expected [tokens, {d}] to match the SAE's W_enc")
+        start = 0
+        while start < len(array):
+            take = min(batch_size - count, len(array) - start)
+            pending.append(np.asarray(array[start : start + take]))
+            count += take
+            start += take
+            if count == batch_size:
+                yield np.concatenate(pending)
+                pending, count = [], 0
+    if count:
+        yield np.concatenate(pending)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "site"))
+def _lm_batch(params_lm, cfg, tokens: jax.Array, mask: jax.Array, site: Site, sae_params: dict) -> dict:
+    """Per-token NLL ``[B, T−1]`` clean / spliced / zero-ablated, and the site's clean activations ``[B, T, w]``.
+
+    Only real content positions (``mask``) are replaced; BOS, EOS and padding keep their clean activations,
+    since the SAE was trained without them (§3).
+    """
+    splice = mask[..., None]
+
+    def reconstruct(act):
+        x_hat = sae.decode(sae_params, sae.encode(sae_params, act))
+        return jnp.where(splice, x_hat.astype(act.dtype), act)
+
+    def zero_ablate(act):
+        return jnp.where(splice, jnp.zeros_like(act), act)
+
+    return {
+        "clean": model.token_nll(params_lm, cfg, tokens),
+        "spliced": model.token_nll(params_lm, cfg, tokens, replace={site: reconstruct}),
+        "zero_ablated": model.token_nll(params_lm, cfg, tokens, replace={site: zero_ablate}),
+        "acts": model.forward(params_lm, cfg, tokens, capture=[site], logits=False).acts[site],
+    }
+
+
+def delta_lm_loss(
+    params_lm,
+    cfg,
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    site: Site,
+    sae_params: dict,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Delta LM loss of an SAE spliced in at ``site`` (Gemma Scope §4.1), plus its reconstruction metrics there.
+
+    Three next-token cross-entropies per sequence batch: clean, with the site's activations replaced by the SAE
+    reconstruction at content positions, and with them zero-ablated. A target ``tokens[b, t+1]`` counts when
+    ``mask[b, t+1]`` (a real content token). The paper's protocol is 2,048 sequences × 1,024 tokens.
+
+    Args:
+      params_lm: the LM's params (``model.load(...).params``).
+      cfg: its ``model`` config (static).
+      tokens: int32 ``[N, T]``, each sequence starting with BOS.
+      mask: bool ``[N, T]``, True exactly at real content tokens.
+      site: where to splice; the SAE's d must equal ``cfg.site_width(site.kind)``.
+      sae_params: folded SAE params.
+      batch_size: sequences per jitted call (N is zero-padded to a multiple; padding is masked out).
+      progress: show a tqdm bar.
+
+    Returns:
+      dict of floats ``clean_loss``, ``spliced_loss``, ``zero_ablation_loss`` (masked mean nats/token),
+      ``delta_lm_loss`` (= spliced − clean), ``loss_recovered`` ((zero − spliced) / (zero − clean)),
+      ``n_targets``; the ``activation_metrics`` keys (``l0``, ``fvu``, ``mse``, ``dead_fraction``, ``n_tokens``,
+      ``frequencies``) over the content tokens at the site; and ``by_position``: float arrays indexed by token
+      position t (where the site is read and the next token predicted) — ``delta_lm_loss [T−1]``,
+      ``clean_loss [T−1]``, ``mse [T]``, ``fvu [T]`` (MSE at t / the site's overall variance), ``n_tokens [T]``;
+      NaN where no token counts.
+
+    Raises:
+      ValueError: mismatched shapes or an SAE whose width does not fit the site.
+    """
+    tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, bool)
+    if tokens.ndim != 2 or tokens.shape != mask.shape:
+        raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} must both be [sequences, length]")
+    d = sae_params["W_enc"].shape[0]
+    if d != cfg.site_width(site.kind):
+        raise ValueError(f"SAE input width {d} does not match site {site} of {cfg.name} (width {cfg.site_width(site.kind)})")
+    sae_params = jax.tree.map(jnp.asarray, sae_params)
+    num, length = tokens.shape
+    padded = -(-num // batch_size) * batch_size
+    tokens = np.pad(tokens, ((0, padded - num), (0, 0)))
+    mask = np.pad(mask, ((0, padded - num), (0, 0)))
+    totals = _Totals()
+    nll_sums = {k: np.zeros(length - 1) for k in ("clean", "spliced", "zero_ablated")}
+    targets, sq_err = np.zeros(length - 1), np.zeros(length)
+    for start in tqdm.trange(0, padded, batch_size, desc=f"delta LM loss {site}", disable=not progress):
+        batch_tokens, batch_mask = tokens[start : start + batch_size], mask[start : start + batch_size]
+        out = jax.device_get(_lm_batch(params_lm, cfg, batch_tokens, batch_mask, site, sae_params))
+        target = batch_mask[:, 1:]
+        for key in nll_sums:
+            nll_sums[key] += np.where(target, out[key], 0.0).sum(axis=0)
+        targets += target.sum(axis=0)
+        token_err = totals.add(sae_params, out["acts"].reshape(-1, d), batch_mask.reshape(-1).astype(np.float32))
+        sq_err += np.where(batch_mask, token_err.reshape(batch_mask.shape), 0.0).sum(axis=0)
+    if targets.sum() == 0:
+        raise ValueError("no content targets: mask is False everywhere after the first position")
+    losses = {k: float(v.sum() / targets.sum()) for k, v in nll_sums.items()}
+    result = totals.metrics()
+    tokens_at = mask.sum(axis=0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        by_position = {
+            "delta_lm_loss": (nll_sums["spliced"] - nll_sums["clean"]) / targets,
+            "clean_loss": nll_sums["clean"] / targets,
+            "mse": sq_err / tokens_at,
+            "fvu": sq_err / tokens_at / totals.variance(),
+            "n_tokens": tokens_at,
+        }
+    result.update(
+        clean_loss=losses["clean"],
+        spliced_loss=losses["spliced"],
+        zero_ablation_loss=losses["zero_ablated"],
+        delta_lm_loss=losses["spliced"] - losses["clean"],
+        loss_recovered=(losses["zero_ablated"] - losses["spliced"]) / (losses["zero_ablated"] - losses["clean"]),
+        n_targets=int(targets.sum()),
+        by_position=by_position,
+    )
+    return result

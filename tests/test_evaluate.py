@@ -1,0 +1,185 @@
+"""Evaluation metrics (Gemma Scope §4): L0, FVU, frequencies, delta LM loss, the CLI."""
+
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_scope import evaluate, release
+from gemma_scope.sites import Site
+
+
+def random_sae(d=8, width=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "W_enc": rng.normal(size=(d, width)).astype(np.float32) / np.sqrt(d),
+        "W_dec": rng.normal(size=(width, d)).astype(np.float32) / np.sqrt(width),
+        "b_enc": rng.normal(size=width).astype(np.float32) * 0.1,
+        "b_dec": rng.normal(size=d).astype(np.float32),
+        "threshold": rng.uniform(0, 1.0, size=width).astype(np.float32),
+    }
+
+
+def identity_sae(d):
+    """Latents relu(x) and relu(-x) with threshold 0: decode(encode(x)) == x exactly."""
+    eye = np.eye(d, dtype=np.float32)
+    return {
+        "W_enc": np.concatenate([eye, -eye], axis=1),
+        "W_dec": np.concatenate([eye, -eye], axis=0),
+        "b_enc": np.zeros(2 * d, np.float32),
+        "b_dec": np.zeros(d, np.float32),
+        "threshold": np.zeros(2 * d, np.float32),
+    }
+
+
+def numpy_metrics(params, x):
+    x = x.astype(np.float64)
+    pre = x @ params["W_enc"] + params["b_enc"]
+    f = np.where(pre > params["threshold"], np.maximum(pre, 0), 0)
+    x_hat = f @ params["W_dec"] + params["b_dec"]
+    mse = np.mean(np.sum((x - x_hat) ** 2, axis=1))
+    var = np.mean(np.sum((x - x.mean(0)) ** 2, axis=1))
+    fires = (f > 0).mean(0)
+    return {"l0": (f > 0).sum(1).mean(), "mse": mse, "fvu": mse / var, "frequencies": fires,
+            "dead_fraction": np.mean(fires == 0)}
+
+
+def activations(n=300, d=8, seed=1, offset=20.0):
+    # A large common offset checks the streamed variance does not cancel catastrophically.
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, d)) * rng.uniform(0.5, 2, size=d) + offset).astype(np.float32)
+
+
+def test_activation_metrics_match_numpy():
+    params, x = random_sae(), activations()
+    params["b_dec"] += 20.0  # keep FVU < 1 so the test sees a realistic regime
+    got, want = evaluate.activation_metrics(params, x, batch_size=64), numpy_metrics(params, x)
+    assert got["n_tokens"] == 300
+    for key in ("l0", "mse", "fvu", "dead_fraction"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose(got["frequencies"], want["frequencies"], rtol=1e-6)
+    assert 0 < got["dead_fraction"] < 1 and got["l0"] > 0
+
+
+def test_streamed_batches_equal_one_array():
+    params, x = random_sae(), activations()
+    whole = evaluate.activation_metrics(params, x)
+    streamed = evaluate.activation_metrics(params, iter([x[:7], x[7:150], x[150:]]), batch_size=32)
+    for key in ("l0", "mse", "fvu", "dead_fraction", "n_tokens"):
+        np.testing.assert_allclose(streamed[key], whole[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(streamed["frequencies"], whole["frequencies"])
+
+
+def test_identity_sae_has_zero_fvu_and_mean_predictor_has_fvu_one():
+    x = activations()
+    assert evaluate.activation_metrics(identity_sae(8), x)["fvu"] == 0.0
+    mean_only = dict(identity_sae(8), threshold=np.full(16, 1e9, np.float32), b_dec=x.mean(0))
+    metrics = evaluate.activation_metrics(mean_only, x)
+    np.testing.assert_allclose(metrics["fvu"], 1.0, rtol=1e-4)
+    assert metrics["l0"] == 0 and metrics["dead_fraction"] == 1
+
+
+def test_wrong_activation_width_and_empty_input_errors():
+    with pytest.raises(ValueError, match=r"expected \[tokens, 8\]"):
+        evaluate.activation_metrics(random_sae(), np.zeros((4, 5), np.float32))
+    with pytest.raises(ValueError, match="no tokens"):
+        evaluate.activation_metrics(random_sae(), iter([]))
+
+
+def test_written_release_file_evaluates_like_in_memory(tmp_path):
+    params, x = random_sae(), activations()
+    path = release.write_sae(tmp_path, Site("res", 0), params, average_l0=3.0)
+    from_file = evaluate.activation_metrics(release.load_params(path), x)
+    in_memory = evaluate.activation_metrics(params, x)
+    for key in ("l0", "mse", "fvu", "dead_fraction", "n_tokens"):
+        assert from_file[key] == in_memory[key], key
+    np.testing.assert_array_equal(from_file["frequencies"], in_memory["frequencies"])
+
+
+# A stand-in LM honouring the Model contract (token_nll / forward with capture and replace): one site "res.0",
+# a causal running mean of embeddings, read out by the tied embedding.
+class ToyConfig(types.SimpleNamespace):
+    def __hash__(self):
+        return 0
+
+    def __eq__(self, other):
+        return isinstance(other, ToyConfig)
+
+    def site_width(self, kind):
+        return self.d_model
+
+
+def toy_forward(params, cfg, tokens, capture=(), replace=None, attention_mask=None, logits=True):
+    emb = params["embedding"][tokens]
+    h = jnp.cumsum(emb, axis=1) / jnp.arange(1, tokens.shape[1] + 1)[None, :, None]
+    site = Site("res", 0)
+    acts = {site: h} if site in capture else {}
+    if replace and site in replace:
+        h = replace[site](h)
+    return types.SimpleNamespace(logits=h @ params["embedding"].T if logits else None, acts=acts)
+
+
+def toy_token_nll(params, cfg, tokens, replace=None):
+    logits = toy_forward(params, cfg, tokens, replace=replace).logits[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+@pytest.fixture
+def toy_lm(monkeypatch):
+    monkeypatch.setattr(evaluate, "model", types.SimpleNamespace(forward=toy_forward, token_nll=toy_token_nll))
+    cfg = ToyConfig(name="toy", d_model=8)
+    params = {"embedding": jax.random.normal(jax.random.key(0), (50, 8)) * 2}
+    tokens = np.random.default_rng(1).integers(3, 50, size=(5, 12)).astype(np.int32)
+    tokens[:, 0] = 2
+    tokens[4, 9:] = 0  # padding at the end of one sequence
+    mask = tokens > 2
+    return params, cfg, tokens, mask
+
+
+def test_identity_splice_gives_zero_delta_lm_loss(toy_lm):
+    params, cfg, tokens, mask = toy_lm
+    out = evaluate.delta_lm_loss(params, cfg, tokens, mask, Site("res", 0), identity_sae(8), batch_size=2, progress=False)
+    assert out["delta_lm_loss"] == 0.0
+    assert out["spliced_loss"] == out["clean_loss"]
+    assert out["loss_recovered"] == 1.0
+    # Zero-ablated content positions give uniform logits (NLL log V); the BOS position keeps its activation.
+    target = mask[:, 1:]
+    clean = np.asarray(toy_token_nll(params, cfg, tokens))
+    zero = np.where(mask[:, :-1], np.log(50), clean)
+    np.testing.assert_allclose(out["zero_ablation_loss"], zero[target].mean(), rtol=1e-5)
+    assert out["fvu"] == 0.0 and out["n_tokens"] == mask.sum() and out["n_targets"] == mask[:, 1:].sum()
+    np.testing.assert_array_equal(out["by_position"]["delta_lm_loss"], np.zeros(11))
+    assert np.isnan(out["by_position"]["mse"][0])  # BOS position: nothing counts
+
+
+def test_delta_lm_loss_matches_direct_computation(toy_lm):
+    params, cfg, tokens, mask = toy_lm
+    sae_params = random_sae(d=8, width=24, seed=3)
+    out = evaluate.delta_lm_loss(params, cfg, tokens, mask, Site("res", 0), sae_params, batch_size=2, progress=False)
+
+    def splice(act):
+        pre = act @ sae_params["W_enc"] + sae_params["b_enc"]
+        x_hat = jnp.where(pre > sae_params["threshold"], jax.nn.relu(pre), 0) @ sae_params["W_dec"] + sae_params["b_dec"]
+        return jnp.where(mask[..., None], x_hat, act)
+
+    target = mask[:, 1:]
+    clean = np.asarray(toy_token_nll(params, cfg, tokens))
+    spliced = np.asarray(toy_token_nll(params, cfg, tokens, replace={Site("res", 0): splice}))
+    np.testing.assert_allclose(out["clean_loss"], clean[target].mean(), rtol=1e-5)
+    np.testing.assert_allclose(out["delta_lm_loss"], spliced[target].mean() - clean[target].mean(), rtol=1e-4)
+    per_pos = (np.where(target, spliced - clean, 0).sum(0)) / target.sum(0)
+    np.testing.assert_allclose(out["by_position"]["delta_lm_loss"], per_pos, rtol=1e-4, atol=1e-6)
+    acts = np.asarray(toy_forward(params, cfg, tokens, capture=[Site("res", 0)]).acts[Site("res", 0)])
+    want = numpy_metrics(sae_params, acts[mask])
+    for key in ("l0", "mse", "fvu"):
+        np.testing.assert_allclose(out[key], want[key], rtol=1e-4, err_msg=key)
+
+
+def test_delta_lm_loss_rejects_wrong_sae_width(toy_lm):
+    params, cfg, tokens, mask = toy_lm
+    with pytest.raises(ValueError, match="does not match site res.0"):
+        evaluate.delta_lm_loss(params, cfg, tokens, mask, Site("res", 0), random_sae(d=5), progress=False)
