@@ -276,3 +276,145 @@ def delta_lm_loss(
         by_position=by_position,
     )
     return result
+
+
+def activation_files(directory: str | pathlib.Path) -> list[np.ndarray]:
+    """Memory-maps the cached activation shards of a directory: its ``*.npy`` files (sorted by name), each a
+    float 2-D array ``[N_i, d]`` (the layout ``gemma_scope.activations.NpyShardSource`` reads).
+
+    Raises:
+      FileNotFoundError: not a directory, or no ``.npy`` file in it.
+      ValueError: a file that is not a 2-D float array; the message names it.
+    """
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--activations {str(directory)!r} is not a directory of .npy activation files")
+    files = sorted(directory.glob("*.npy"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no .npy files; expected float32 arrays [tokens, d]")
+    arrays = [np.load(f, mmap_mode="r") for f in files]
+    for f, a in zip(files, arrays):
+        if a.ndim != 2 or not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"{f}: activations must be a float array [tokens, d], got {a.dtype} {list(a.shape)}")
+    return arrays
+
+
+def _limit(arrays: Iterable[np.ndarray], max_tokens: int | None) -> Iterator[np.ndarray]:
+    """The first ``max_tokens`` rows of a stream of arrays (all rows when None)."""
+    left = math.inf if max_tokens is None else max_tokens
+    for array in arrays:
+        if left <= 0:
+            return
+        yield array[: int(min(left, len(array)))]
+        left -= len(array)
+
+
+def find_saes(path: str | pathlib.Path) -> list[pathlib.Path]:
+    """SAE files named by a command-line path: a ``params.npz`` / ``sae_weights.safetensors`` file, an SAE
+    directory, or a release root (every ``params.npz`` below it, sorted).
+
+    Raises:
+      FileNotFoundError: nothing SAE-like at or below path.
+    """
+    path = pathlib.Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = [path / release.PARAMS_FILE] if (path / release.PARAMS_FILE).is_file() else []
+        found = found or sorted(path.rglob(release.PARAMS_FILE))
+        found = found or ([path / release.SAELENS_WEIGHTS_FILE] if (path / release.SAELENS_WEIGHTS_FILE).is_file() else [])
+        if found:
+            return found
+    raise FileNotFoundError(f"no SAE at {path}: expected a params.npz, an SAE directory or a release root")
+
+
+def sae_info(path: pathlib.Path) -> dict:
+    """What a release says about an SAE file: ``site`` (from the ``<kind>/layer_<L>/width_<W>/average_l0_<K>``
+    layout or SAELens ``cfg.json`` metadata) and ``l0_coefficient`` (from the metadata), None when unknown."""
+    cfg_path = path.parent / release.SAELENS_CFG_FILE
+    meta = json.loads(cfg_path.read_text()).get("metadata", {}) if cfg_path.is_file() else {}
+    site = meta.get("site")
+    parts = path.parent.parts
+    if site is None and len(parts) >= 4 and parts[-3].startswith("layer_") and parts[-3][6:].isdigit():
+        kind = parts[-4]
+        site = f"{kind}.{parts[-3][6:]}" if kind in ("res", "att", "mlp") else None
+    return {"site": site, "l0_coefficient": meta.get("l0_coefficient")}
+
+
+def _load_lm(name: str, num_sequences: int, seq_len: int):
+    """The LM and ``(tokens [N, T], mask [N, T])`` of its held-out corpus sequences for delta LM loss."""
+    lm = model.load(name)
+    return lm, _heldout_sequences(num_sequences, seq_len)
+
+
+def _heldout_sequences(num_sequences: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``num_sequences`` held-out corpus sequences of ``seq_len`` tokens: int32 tokens and bool content mask."""
+    # TODO(lead): read them with gemma_scope.data's held-out reader (split "heldout") once it has landed.
+    raise NotImplementedError("delta LM loss from the command line needs gemma_scope.data's held-out reader")
+
+
+def _json_ready(value):
+    """Arrays to lists and non-finite floats to None, so the output is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (np.ndarray, list, tuple)):
+        return [_json_ready(v) for v in np.asarray(value).tolist()]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """``python -m gemma_scope.evaluate``: prints one JSON line of metrics per SAE; returns the records."""
+    parser = argparse.ArgumentParser(prog="python -m gemma_scope.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sae", action="append", required=True,
+                        help="params.npz, SAE directory or release root; repeatable")
+    parser.add_argument("--activations", help="directory of cached activation shards (*.npy, float [tokens, d])")
+    parser.add_argument("--max_tokens", type=int, help="evaluate on at most this many cached activations")
+    parser.add_argument("--batch_size", type=int, help="activations per jitted batch (default: by SAE width)")
+    parser.add_argument("--model", help="LM for delta LM loss: a registry name (gemma3_270m), HF dir or orbax path")
+    parser.add_argument("--site", help="site to splice at, e.g. res.6 (default: from the SAE's release path)")
+    parser.add_argument("--num_sequences", type=int, default=64, help="held-out sequences (paper: 2048)")
+    parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (paper: 1024)")
+    parser.add_argument("--lm_batch_size", type=int, default=8, help="sequences per LM batch")
+    parser.add_argument("--out", help="directory for metrics.json, report.md and plots")
+    args = parser.parse_args(argv)
+    if not (args.activations or args.model):
+        parser.error("give --activations=DIR (cached activations) and/or --model=NAME (delta LM loss)")
+
+    sae_paths = [p for spec in args.sae for p in find_saes(spec)]
+    lm, sequences = (_load_lm(args.model, args.num_sequences, args.seq_len) if args.model else (None, None))
+    records = []
+    for path in sae_paths:
+        params = release.load_params(path)
+        info = sae_info(path)
+        record = {"sae": str(path), "site": args.site or info["site"] or "custom", "width": params["W_enc"].shape[1],
+                  "l0_coefficient": info["l0_coefficient"]}
+        if lm is not None:
+            if args.site is None and info["site"] is None:
+                raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
+            record.update(delta_lm_loss(lm.params, lm.config, *sequences, Site.parse(record["site"]), params,
+                                        batch_size=args.lm_batch_size))
+        if args.activations:
+            shards = _limit(activation_files(args.activations), args.max_tokens)
+            record.update(activation_metrics(params, shards, batch_size=args.batch_size))
+        records.append(record)
+        print(json.dumps(_json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
+              flush=True)
+    if args.out:
+        from gemma_scope import report  # matplotlib only when a report is asked for
+
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = [{k: v for k, v in r.items() if k != "frequencies"} for r in records]
+        (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=1) + "\n")
+        notes = f"Model: {args.model or '–'}; activations: {args.activations or '–'}."
+        path = report.write_report(records, out, notes=notes)
+        print(f"report: {path}", file=sys.stderr)
+    return records
+
+
+if __name__ == "__main__":
+    main()

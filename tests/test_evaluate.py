@@ -183,3 +183,62 @@ def test_delta_lm_loss_rejects_wrong_sae_width(toy_lm):
     params, cfg, tokens, mask = toy_lm
     with pytest.raises(ValueError, match="does not match site res.0"):
         evaluate.delta_lm_loss(params, cfg, tokens, mask, Site("res", 0), random_sae(d=5), progress=False)
+
+
+def test_identity_splice_on_tiny_gemma_gives_zero_delta():
+    from gemma_scope import model
+
+    site = Site("att", 1)
+
+    cfg = model.get_config("gemma3_tiny")
+    params = model.init_params(cfg, jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(3, 12)).astype(np.int32)
+    tokens[:, 0] = 2
+    mask = tokens > 2
+    d = cfg.site_width(site.kind)
+    out = evaluate.delta_lm_loss(params, cfg, tokens, mask, site, identity_sae(d), batch_size=2, progress=False)
+    assert out["delta_lm_loss"] == 0.0 and out["fvu"] == 0.0
+    assert out["zero_ablation_loss"] != out["clean_loss"]
+    clean = np.asarray(model.token_nll(params, cfg, tokens))
+    np.testing.assert_allclose(out["clean_loss"], clean[mask[:, 1:]].mean(), rtol=1e-6)
+
+
+def test_cli_on_cached_activations_prints_metrics_and_writes_report(tmp_path, capsys):
+    x = activations(n=500)
+    (tmp_path / "acts").mkdir()
+    np.save(tmp_path / "acts" / "shard_000.npy", x[:200])
+    np.save(tmp_path / "acts" / "shard_001.npy", x[200:])
+    sweep = [random_sae(seed=s) for s in (0, 1)]
+    for lam, params in zip((1e-3, 1e-4), sweep):
+        release.write_sae(tmp_path / "release", Site("res", 4), params, average_l0=lam * 1e4, metadata={"l0_coefficient": lam})
+    records = evaluate.main([f"--sae={tmp_path / 'release'}", f"--activations={tmp_path / 'acts'}", "--batch_size=128",
+                             f"--out={tmp_path / 'out'}"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 == len(records)
+    for line, params in zip(lines, sweep[::-1]):  # sorted paths: average_l0_1 (λ=1e-4) before average_l0_10
+        want = evaluate.activation_metrics(params, x)
+        assert line["site"] == "res.4" and line["width"] == 32 and line["n_tokens"] == 500
+        for key in ("l0", "fvu", "mse", "dead_fraction"):
+            np.testing.assert_allclose(line[key], want[key], rtol=1e-5, err_msg=key)
+    assert [line["l0_coefficient"] for line in lines] == [1e-4, 1e-3]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [m["l0"] for m in metrics] == [line["l0"] for line in lines]
+    assert "| res.4 |" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "frequencies.png").exists()
+
+
+def test_cli_max_tokens_and_malformed_sae(tmp_path, capsys):
+    x = activations(n=100)
+    (tmp_path / "acts").mkdir()
+    np.save(tmp_path / "acts" / "a.npy", x)
+    params = random_sae()
+    np.savez(tmp_path / "params.npz", **params)
+    evaluate.main([f"--sae={tmp_path / 'params.npz'}", f"--activations={tmp_path / 'acts'}", "--max_tokens=30"])
+    assert json.loads(capsys.readouterr().out)["n_tokens"] == 30
+    del params["b_dec"]
+    np.savez(tmp_path / "params.npz", **params)
+    with pytest.raises(ValueError, match=r"params\.npz: missing key\(s\) \['b_dec'\]"):
+        evaluate.main([f"--sae={tmp_path / 'params.npz'}", f"--activations={tmp_path / 'acts'}"])
+    np.savez(tmp_path / "params.npz", **dict(random_sae(), W_dec=np.zeros((32, 7), np.float32)))
+    with pytest.raises(ValueError, match=r"'W_dec' has shape \(32, 7\); expected \(32, 8\)"):
+        evaluate.main([f"--sae={tmp_path / 'params.npz'}", f"--activations={tmp_path / 'acts'}"])
