@@ -78,6 +78,13 @@ def test_from_gguf_rejects_non_sentencepiece_tokenizer(tmp_path):
         Tokenizer.from_gguf(tmp_path / "gpt2.gguf")
 
 
+def test_encode_batch_cuts_long_texts_exactly(tmp_path):
+    _write_tiny_gguf(tmp_path / "tiny.gguf")
+    tok = Tokenizer.from_gguf(tmp_path / "tiny.gguf")
+    texts = ["ab c\n\n  abc\n" * 2000, "a" * 9000 + "\n" * 5000 + "b", "", "abc"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
 @pytest.mark.slow
 def test_embedded_tokenizer_matches_gemma3():
     tok = embedded_tokenizer()
@@ -88,3 +95,5 @@ def test_embedded_tokenizer_matches_gemma3():
     for text in ["naïve café 日本語 🙂\x00", "   x = 12345;\n\n\tdef f():", "  <end_of_turn>  "]:
         assert tok.decode(tok.encode(text)) == text
     assert tok.encode("2024") == [tok.encode(d)[-1] for d in "2024"]  # digits split one by one
+    long_text = "def f(x):\n    return x  # twice\n\n\nThe  end.\n" * 500
+    assert tok.encode_batch([long_text]) == [tok.encode(long_text)]

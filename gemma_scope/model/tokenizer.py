@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import re
 import tempfile
 
 import sentencepiece as spm
@@ -112,15 +113,47 @@ class Tokenizer:
         return self._sp.encode(text)
 
     def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
-        """`encode` on many texts at once, in SentencePiece's native thread pool (-1: all cores)."""
-        return self._sp.encode(texts, num_threads=num_threads)
+        """`encode` on many texts at once, in SentencePiece's native thread pool (-1: all cores).
 
-    def decode(self, ids) -> str:
-        """Text of a sequence of ids (any int iterable or 1-D array); special ids decode to ''."""
-        return self._sp.decode([int(i) for i in ids])
+        Long texts are cut after runs of newlines into ~4k-character pieces encoded separately, which is
+        several times faster (BPE slows down on long inputs) and exact when every piece containing a newline
+        is user-defined (as in Gemma's vocabularies): SentencePiece never merges user-defined symbols, and
+        newline runs are kept whole, so no token can span a cut.
+        """
+        if not self._newlines_are_atomic:
+            return self._sp.encode(texts, num_threads=num_threads)
+        pieces, owner = [], []
+        for i, text in enumerate(texts):
+            chunks = _chunks_after_newlines(text)
+            pieces += chunks
+            owner += [i] * len(chunks)
+        ids: list[list[int]] = [[] for _ in texts]
+        for i, piece_ids in zip(owner, self._sp.encode(pieces, num_threads=num_threads)):
+            ids[i] += piece_ids
+        return ids
 
-    def id_to_piece(self, i: int) -> str:
-        return self._sp.id_to_piece(int(i))
+    @functools.cached_property
+    def _newlines_are_atomic(self) -> bool:
+        proto = spm_pb2.ModelProto.FromString(self._proto)
+        return all(p.type == _USER_DEFINED for p in proto.pieces if "\n" in p.piece)
+
+
+_CHUNK_CHARS = 4096
+_AFTER_NEWLINE_RUN = re.compile(r"(?<=\n)(?=[^\n])")
+
+
+def _chunks_after_newlines(text: str) -> list[str]:
+    """Split `text` into consecutive pieces of >= _CHUNK_CHARS characters (the last may be shorter), cutting
+    only just after a run of newlines."""
+    if len(text) <= _CHUNK_CHARS:
+        return [text]
+    chunks, start = [], 0
+    for cut in _AFTER_NEWLINE_RUN.finditer(text, _CHUNK_CHARS):
+        if cut.start() - start >= _CHUNK_CHARS:
+            chunks.append(text[start : cut.start()])
+            start = cut.start()
+    chunks.append(text[start:])
+    return chunks
 
 
 def _model_proto_from_gguf(path: str | os.PathLike) -> bytes:
