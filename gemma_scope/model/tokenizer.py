@@ -137,6 +137,13 @@ class Tokenizer:
         proto = spm_pb2.ModelProto.FromString(self._proto)
         return all(p.type == _USER_DEFINED for p in proto.pieces if "\n" in p.piece)
 
+    def decode(self, ids) -> str:
+        """Text of a sequence of ids (any int iterable or 1-D array); special ids decode to ''."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
 
 _CHUNK_CHARS = 4096
 _AFTER_NEWLINE_RUN = re.compile(r"(?<=\n)(?=[^\n])")
