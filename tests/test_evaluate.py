@@ -242,3 +242,18 @@ def test_cli_max_tokens_and_malformed_sae(tmp_path, capsys):
     np.savez(tmp_path / "params.npz", **dict(random_sae(), W_dec=np.zeros((32, 7), np.float32)))
     with pytest.raises(ValueError, match=r"'W_dec' has shape \(32, 7\); expected \(32, 8\)"):
         evaluate.main([f"--sae={tmp_path / 'params.npz'}", f"--activations={tmp_path / 'acts'}"])
+
+
+@pytest.mark.slow
+def test_identity_splice_on_real_gemma3_270m_gives_zero_delta():
+    from gemma_scope import model
+
+    lm = model.load("gemma3_270m")
+    text = "The cathedral was completed in 1250, and the market town around it grew quickly over the next century."
+    ids = [lm.tokenizer.bos_id] + lm.tokenizer.encode(text)
+    tokens = np.array([ids[:20]], np.int32)
+    mask = tokens > 2
+    site = Site("res", 6)
+    out = evaluate.delta_lm_loss(lm.params, lm.config, tokens, mask, site, identity_sae(640), batch_size=1, progress=False)
+    assert out["delta_lm_loss"] == 0.0 and out["fvu"] == 0.0
+    assert 0.5 < out["clean_loss"] < 6 < out["zero_ablation_loss"]
