@@ -1,0 +1,275 @@
+"""The jitted train step of a grid of JumpReLU SAEs, sharded on a ('data', 'model') mesh (Gemma Scope §3, §3.3).
+
+A grid is a dict of groups; a group is ``n_sites`` sites of equal width d (e.g. ``res`` of every layer) times the
+λ values of a sweep. Its params are stacked ``[n, ...]`` with ``n = n_sites * n_lambdas``, site-major
+(SAE ``i`` reads site ``i // n_lambdas`` and uses λ ``l0_coefficients[i % n_lambdas]``). One activation batch per
+step, ``{group: float32/bfloat16 [n_sites, B, d]}``, feeds every SAE of its group.
+
+Sharding: the batch axis is split over ``'data'``; the latent axis M of ``W_enc``, ``b_enc``, ``W_dec``,
+``threshold`` (and their Adam moments) over ``'model'`` — a ``model`` axis of size 1 is pure data parallelism
+(narrow SAEs), larger sizes are latent-axis tensor parallelism (wide SAEs; only small all-reduces, §3.3).
+
+Train state (a pytree of arrays, checkpointed whole)::
+
+    {"step": int32 [], "params": {group: stacked params}, "opt_state": optax Adam state,
+     "last_fired": {group: int32 [n, M]}  # step at which each latent last fired (dead-latent window)
+     "norm_scale": {group: float32 [n_sites]}  # C of each site, E||x_raw / C||^2 = 1 (passed through)
+     "nonfinite_step": int32 []}  # first step whose loss was NaN/Inf, -1 if none
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gemma_scope import sae
+
+# Partition spec of each stacked param (leading grid axis never split): the latent axis M goes on 'model'.
+_PARAM_SPECS = {
+    "W_enc": P(None, None, "model"),
+    "b_enc": P(None, "model"),
+    "threshold": P(None, "model"),
+    "W_dec": P(None, "model", None),
+    "b_dec": P(None, None),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """SAEs sharing one input width: ``n_sites`` sites × ``len(l0_coefficients)`` λ values, all ``width`` wide."""
+
+    n_sites: int
+    d_model: int
+    width: int
+    l0_coefficients: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return self.n_sites * len(self.l0_coefficients)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparams:
+    """Training hyperparameters (defaults: Gemma Scope §3; ``compute_dtype`` the matmul input dtype)."""
+
+    learning_rate: float = 7e-5
+    lr_warmup_steps: int = 1_000  # cosine warmup 0.1·η → η
+    l0_warmup_steps: int = 10_000  # linear warmup 0 → λ
+    adam_b1: float = 0.0
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    bandwidth: float = sae.DEFAULT_BANDWIDTH
+    threshold_init: float = sae.DEFAULT_THRESHOLD
+    compute_dtype: str = "float32"
+    dead_window_steps: int = 1_000  # a latent is dead if it fired on no token in this many steps
+
+
+def learning_rate_schedule(hp: Hyperparams):
+    """η(step): cosine warmup from 0.1·η to η over ``lr_warmup_steps``, then constant (Gemma Scope §3)."""
+
+    def schedule(count):
+        frac = jnp.minimum(count / max(hp.lr_warmup_steps, 1), 1.0)
+        return hp.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 - jnp.cos(jnp.pi * frac)))
+
+    return schedule if hp.lr_warmup_steps > 0 else (lambda count: jnp.asarray(hp.learning_rate, jnp.float32))
+
+
+def l0_scale(step, hp: Hyperparams):
+    """λ(step) / λ: linear warmup from 0 to 1 over ``l0_warmup_steps`` (Gemma Scope §3)."""
+    if hp.l0_warmup_steps <= 0:
+        return jnp.asarray(1.0, jnp.float32)
+    return jnp.minimum(step.astype(jnp.float32) / hp.l0_warmup_steps, 1.0)
+
+
+def optimizer(hp: Hyperparams) -> optax.GradientTransformation:
+    """Adam with β1 = 0, β2 = 0.999 (Gemma Scope §3) on the learning-rate schedule."""
+    return optax.adam(learning_rate_schedule(hp), b1=hp.adam_b1, b2=hp.adam_b2, eps=hp.adam_eps)
+
+
+def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A ``('data', 'model')`` mesh over all (or the given) devices; ``data=-1`` takes what ``model`` leaves.
+
+    Raises:
+      ValueError: sizes that do not multiply to the device count.
+    """
+    devices = jax.devices() if devices is None else devices
+    count = len(devices)
+    if model < 1 or count % model:
+        raise ValueError(f"mesh.model={model} must be a positive divisor of the device count {count}")
+    data = count // model if data == -1 else data
+    if data * model != count:
+        raise ValueError(f"mesh data={data} × model={model} must equal the device count {count} (or use data=-1)")
+    return jax.make_mesh((data, model), ("data", "model"), (jax.sharding.AxisType.Auto,) * 2, devices=devices)
+
+
+def _spec(path, leaf) -> P:
+    """Partition spec of a state leaf: params and their Adam moments by key, last_fired on M, the rest replicated."""
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if keys and keys[0] == "last_fired":
+        return P(None, "model")
+    if keys and keys[-1] in _PARAM_SPECS and getattr(leaf, "ndim", 0) == len(_PARAM_SPECS[keys[-1]]):
+        return _PARAM_SPECS[keys[-1]]
+    return P()
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh):
+    """NamedShardings for a train state (or its abstract ``jax.eval_shape`` form) on ``mesh``."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, _spec(p, x)), state)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Sharding of a group's batch ``[n_sites, B, d]``: tokens split over ``'data'``."""
+    return NamedSharding(mesh, P(None, "data", None))
+
+
+def _build_state(key: jax.Array, grid: dict[str, Group], hp: Hyperparams, norm_scale: dict) -> dict:
+    """The fresh, unsharded train state (module docstring); every SAE gets its own init key."""
+    params = {}
+    for k, (g, grp) in zip(jax.random.split(key, len(grid)), sorted(grid.items())):
+        init = lambda kk, grp=grp: sae.init_params(kk, grp.d_model, grp.width, hp.threshold_init)  # noqa: E731
+        params[g] = jax.vmap(init)(jax.random.split(k, grp.n))
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": optimizer(hp).init(params),
+        "last_fired": {g: jnp.zeros((grp.n, grp.width), jnp.int32) for g, grp in grid.items()},
+        "norm_scale": {g: jnp.asarray(norm_scale[g], jnp.float32) for g in grid},
+        "nonfinite_step": jnp.full((), -1, jnp.int32),
+    }
+
+
+def init_state(key: jax.Array, grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.Mesh,
+               norm_scale: dict[str, np.ndarray] | None = None) -> dict:
+    """A fresh train state (module docstring) laid out on ``mesh``.
+
+    Args:
+      key: PRNG key of the initialisation (``sae.init_params`` per SAE).
+      grid: ``{group name: Group}``.
+      norm_scale: ``{group: float32 [n_sites]}`` normalisation constants C; ones if None.
+    """
+    norm_scale = norm_scale or {g: np.ones(grp.n_sites, np.float32) for g, grp in grid.items()}
+    build = lambda k: _build_state(k, grid, hp, norm_scale)  # noqa: E731
+    shardings = state_shardings(jax.eval_shape(build, key), mesh)
+    return jax.jit(build, out_shardings=shardings)(key)
+
+
+def abstract_state(grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.Mesh) -> dict:
+    """The state's ``jax.ShapeDtypeStruct`` tree with shardings: the restore target of a checkpoint."""
+    ones = {g: np.ones(grp.n_sites, np.float32) for g, grp in grid.items()}
+    tree = jax.eval_shape(lambda k: _build_state(k, grid, hp, ones), jax.random.key(0))
+    shardings = state_shardings(tree, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _group_loss(params: dict, x: jax.Array, l0_coefficients: jax.Array, grp: Group, hp: Hyperparams):
+    """Sum of the group's SAE losses and their per-SAE aux; params ``[n, ...]``, x ``[n_sites, B, d]``."""
+    n_l = len(grp.l0_coefficients)
+    by_site = jax.tree.map(lambda a: a.reshape(grp.n_sites, n_l, *a.shape[1:]), params)
+    one = lambda p, xs, lam: sae.loss(p, xs, lam, hp.bandwidth, jnp.dtype(hp.compute_dtype))  # noqa: E731
+    # Inner vmap: the λ sweep shares its site's batch; outer vmap: one batch per site.
+    losses, aux = jax.vmap(jax.vmap(one, in_axes=(0, None, 0)), in_axes=(0, 0, 0))(
+        by_site, x, l0_coefficients.reshape(grp.n_sites, n_l))
+    flat = lambda a: a.reshape(grp.n, *a.shape[2:])  # noqa: E731
+    return losses.sum(), (flat(losses), jax.tree.map(flat, aux))
+
+
+def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group], hp: Hyperparams):
+    """One Gemma Scope training step for every SAE of the grid (§3); pure, jit it (see ``make_train_step``).
+
+    Forward, loss (Eq. 4 with λ warmup), backward through the JumpReLU/step pseudo-derivatives, removal of the
+    decoder gradient's parallel component, Adam, unit-norm decoder rows, θ clamped at ≥ 0 (JumpReLU needs θ ≥ 0;
+    the release convention applies relu).
+
+    Args:
+      state: train state (module docstring).
+      batch: ``{group: [n_sites, B, d]}`` raw activations (divided by ``state["norm_scale"]`` here).
+
+    Returns:
+      ``(new_state, metrics)``: metrics ``{group: {"loss", "mse", "fvu", "l0", "dead_fraction": float32 [n]}}``
+      plus ``"learning_rate"`` and ``"l0_scale"`` (λ now / λ) scalars of this step.
+    """
+    step = state["step"]
+    scale = l0_scale(step, hp)
+    # Unit mean squared norm inputs (§3): x = x_raw / C, C per site.
+    batch = {g: batch[g].astype(jnp.float32) / state["norm_scale"][g][:, None, None] for g in grid}
+
+    def total_loss(params):
+        out = {g: _group_loss(params[g], batch[g],
+                              scale * jnp.asarray(grp.l0_coefficients * grp.n_sites, jnp.float32), grp, hp)
+               for g, grp in grid.items()}
+        return sum(v[0] for v in out.values()), {g: v[1] for g, v in out.items()}
+
+    grads, per_group = jax.grad(total_loss, has_aux=True)(state["params"])
+    grads = {g: dict(gr, W_dec=sae.remove_parallel_component(state["params"][g]["W_dec"], gr["W_dec"]))
+             for g, gr in grads.items()}
+    updates, opt_state = optimizer(hp).update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    params = {g: dict(p, W_dec=sae.normalise_decoder(p["W_dec"]), threshold=jnp.maximum(p["threshold"], 0.0))
+              for g, p in params.items()}
+
+    metrics, last_fired, finite = {}, {}, jnp.array(True)
+    for g, (losses, aux) in per_group.items():
+        last_fired[g] = jnp.where(aux["fired"], step, state["last_fired"][g])
+        dead = (step - last_fired[g]) >= hp.dead_window_steps
+        metrics[g] = {"loss": losses, "mse": aux["mse"], "fvu": aux["fvu"], "l0": aux["l0"],
+                      "dead_fraction": dead.mean(axis=-1)}
+        finite &= jnp.isfinite(losses).all()
+    metrics["learning_rate"] = learning_rate_schedule(hp)(step)
+    metrics["l0_scale"] = scale
+    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, step, state["nonfinite_step"])
+    new_state = dict(state, step=step + 1, params=params, opt_state=opt_state, last_fired=last_fired,
+                     nonfinite_step=nonfinite_step)
+    return new_state, metrics
+
+
+def make_train_step(grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.Mesh):
+    """``jax.jit``-ed ``train_step`` with the mesh's shardings; the state argument is donated.
+
+    Returns:
+      ``step_fn(state, batch) -> (state, metrics)``; batch arrays ``[n_sites, B, d]`` with B divisible by the
+      mesh's data size.
+    """
+    shardings = state_shardings(abstract_state(grid, hp, mesh), mesh)
+    batch = {g: batch_sharding(mesh) for g in grid}
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        lambda s, b: train_step(s, b, grid, hp),
+        in_shardings=(shardings, batch),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def build_benchmark_step(d_model: int, width: int, batch_size: int, compute_dtype: str = "float32",
+                         n_saes: int = 1, mesh: jax.sharding.Mesh | None = None):
+    """The real jitted train step on one activation stream, for benchmarks (issue 6).
+
+    ``n_saes`` SAEs (a λ sweep) read one batch; forward, loss, backward, Adam and decoder renormalisation run as in
+    training. The state buffers are donated, so always use the returned state.
+
+    Args:
+      d_model, width, batch_size: sizes d, M, B (B divisible by the mesh's data size).
+      compute_dtype: "float32" or "bfloat16" matmul inputs (float32 accumulation).
+      mesh: a ('data', 'model') mesh; default all devices on 'data'.
+
+    Returns:
+      ``(state, step_fn)`` with ``step_fn(state, x) -> state`` for x float32/bfloat16 ``[batch_size, d_model]``.
+    """
+    mesh = mesh or make_mesh()
+    lambdas = tuple(float(v) for v in np.geomspace(1e-4, 1e-2, n_saes)) if n_saes > 1 else (1e-3,)
+    grid = {"bench": Group(n_sites=1, d_model=d_model, width=width, l0_coefficients=lambdas)}
+    hp = Hyperparams(compute_dtype=compute_dtype, lr_warmup_steps=0, l0_warmup_steps=0)
+    state = init_state(jax.random.key(0), grid, hp, mesh)
+    shardings = state_shardings(abstract_state(grid, hp, mesh), mesh)
+    step_fn = jax.jit(
+        lambda s, x: train_step(s, {"bench": x[None]}, grid, hp)[0],
+        in_shardings=(shardings, NamedSharding(mesh, P("data", None))),
+        out_shardings=shardings,
+        donate_argnums=0,
+    )
+    return state, step_fn

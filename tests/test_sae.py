@@ -1,0 +1,144 @@
+"""The JumpReLU SAE core: pseudo-derivatives, initialisation, decoder constraint, normalisation fold, recovery."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_scope import sae
+from gemma_scope import step as step_lib
+
+EPS = 0.001
+
+
+def _points(rng, threshold):
+    """Pre-activations [64, M]: half within ε/2 of θ (where the kernel is 1), half far from it."""
+    near = threshold + rng.uniform(-0.49, 0.49, size=(32, threshold.size)) * EPS
+    far = threshold + rng.choice([-1, 1], size=(32, threshold.size)) * rng.uniform(2, 50, size=(32, threshold.size)) * EPS
+    return np.concatenate([near, far]).astype(np.float32)
+
+
+def test_jumprelu_vjp_equals_pseudo_derivatives():
+    rng = np.random.default_rng(0)
+    theta = rng.uniform(0.01, 0.5, size=16).astype(np.float32)
+    z = _points(rng, theta)
+    g = rng.normal(size=z.shape).astype(np.float32)
+    out, vjp = jax.vjp(lambda z_, t_: sae.jumprelu(z_, t_, EPS), jnp.asarray(z), jnp.asarray(theta))
+    dz, dtheta = vjp(jnp.asarray(g))
+    kernel = (np.abs((z - theta) / EPS) < 0.5).astype(np.float32)
+    np.testing.assert_array_equal(out, z * (z > theta))
+    np.testing.assert_allclose(dz, g * (z > theta), rtol=0, atol=0)
+    np.testing.assert_allclose(dtheta, np.sum(-(theta / EPS) * kernel * g, axis=0), rtol=1e-5, atol=1e-4)
+    assert kernel[:32].all() and not kernel[32:].any()  # both regimes were exercised
+
+
+def test_step_vjp_equals_pseudo_derivatives():
+    rng = np.random.default_rng(1)
+    theta = rng.uniform(0.01, 0.5, size=16).astype(np.float32)
+    z = _points(rng, theta)
+    g = rng.normal(size=z.shape).astype(np.float32)
+    out, vjp = jax.vjp(lambda z_, t_: sae.step(z_, t_, EPS), jnp.asarray(z), jnp.asarray(theta))
+    dz, dtheta = vjp(jnp.asarray(g))
+    kernel = (np.abs((z - theta) / EPS) < 0.5).astype(np.float32)
+    np.testing.assert_array_equal(out, (z > theta).astype(np.float32))
+    np.testing.assert_array_equal(dz, np.zeros_like(z))  # the L0 term trains θ only
+    np.testing.assert_allclose(dtheta, np.sum(-(1 / EPS) * kernel * g, axis=0), rtol=1e-5, atol=1e-2)
+
+
+def test_loss_gradient_of_threshold_combines_both_estimators():
+    """dL/dθ of Eq. 4 = reconstruction part through JumpReLU + λ·(−1/ε)·K summed over the batch, / B."""
+    rng = np.random.default_rng(2)
+    params = sae.init_params(jax.random.key(0), 8, 4)
+    params = dict(params, threshold=jnp.full((4,), 0.05, jnp.float32), b_enc=jnp.asarray(rng.normal(size=4) * 0.05,
+                                                                                          jnp.float32))
+    x = jnp.asarray(rng.normal(size=(256, 8)) * 0.3, jnp.float32)
+    lam = 0.01
+    grad = jax.grad(lambda p: sae.loss(p, x, lam, EPS)[0])(params)["threshold"]
+    z = np.asarray(sae.pre_activations_train(params, x))
+    f = z * (z > 0.05)
+    x_hat = f @ np.asarray(params["W_dec"]) + np.asarray(params["b_dec"])
+    dL_df = (2 * (x_hat - np.asarray(x)) @ np.asarray(params["W_dec"]).T) / x.shape[0]
+    kernel = np.abs((z - 0.05) / EPS) < 0.5
+    expected = np.sum(dL_df * -(0.05 / EPS) * kernel, 0) + lam * np.sum(-(1 / EPS) * kernel, 0) / x.shape[0]
+    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_init_follows_the_paper():
+    p = sae.init_params(jax.random.key(3), 16, 64)
+    np.testing.assert_allclose(np.linalg.norm(p["W_dec"], axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(p["W_enc"], p["W_dec"].T)
+    np.testing.assert_array_equal(p["threshold"], np.full(64, 0.001, np.float32))
+    assert not np.any(p["b_enc"]) and not np.any(p["b_dec"])
+    assert all(v.dtype == jnp.float32 for v in p.values())
+    with pytest.raises(ValueError, match="width"):
+        sae.init_params(jax.random.key(0), 16, 0)
+
+
+def test_parallel_gradient_removed_and_rows_stay_unit():
+    rng = np.random.default_rng(4)
+    w = sae.normalise_decoder(jnp.asarray(rng.normal(size=(32, 8)), jnp.float32))
+    g = sae.remove_parallel_component(w, jnp.asarray(rng.normal(size=(32, 8)), jnp.float32))
+    np.testing.assert_allclose(np.sum(np.asarray(g) * np.asarray(w), axis=1), 0.0, atol=1e-6)
+
+
+def test_fold_normalisation_gives_scaled_latents_and_reconstruction():
+    rng = np.random.default_rng(5)
+    d, m, c = 12, 40, 3.7
+    params = {
+        "W_enc": jnp.asarray(rng.normal(size=(d, m)) / np.sqrt(d), jnp.float32),
+        "b_enc": jnp.asarray(rng.normal(size=m) * 0.1, jnp.float32),
+        "W_dec": sae.normalise_decoder(jnp.asarray(rng.normal(size=(m, d)), jnp.float32)),
+        "b_dec": jnp.asarray(rng.normal(size=d) * 0.2, jnp.float32),
+        "threshold": jnp.asarray(rng.uniform(0.05, 0.3, size=m), jnp.float32),
+    }
+    x_raw = jnp.asarray(rng.normal(size=(256, d)) * c / np.sqrt(d), jnp.float32)
+    f_trained = sae.jumprelu(sae.pre_activations_train(params, x_raw / c), params["threshold"])
+    x_hat_trained = sae.decode(params, f_trained)
+    folded = sae.fold_normalisation(params, c)
+    f = sae.encode(folded, x_raw)
+    assert np.count_nonzero(f) > 100  # latents actually fire
+    np.testing.assert_allclose(f, c * f_trained, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sae.decode(folded, f), c * x_hat_trained, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_threshold_float32_and_matches_float32():
+    rng = np.random.default_rng(6)
+    params = sae.init_params(jax.random.key(1), 32, 64)
+    x = jnp.asarray(rng.normal(size=(128, 32)) / np.sqrt(32), jnp.float32)
+    l32, _ = sae.loss(params, x, 1e-3)
+    l16, _ = sae.loss(params, x, 1e-3, compute_dtype=jnp.bfloat16)
+    grads = jax.grad(lambda p: sae.loss(p, x, 1e-3, compute_dtype=jnp.bfloat16)[0])(params)
+    assert grads["threshold"].dtype == jnp.float32 and grads["W_enc"].dtype == jnp.float32
+    np.testing.assert_allclose(l16, l32, rtol=2e-2)
+
+
+def _sparse_dictionary_data(rng, n, d=32, true_latents=64, k=3, noise=0.02):
+    """x = codes @ D + noise: unit-norm true directions D [64, 32], k non-negative codes per sample."""
+    directions = rng.normal(size=(true_latents, d))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    codes = np.zeros((n, true_latents))
+    idx = np.argsort(rng.random((n, true_latents)), axis=1)[:, :k]
+    np.put_along_axis(codes, idx, rng.uniform(1, 2, size=(n, k)), axis=1)
+    return directions, (codes @ directions + noise * rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_recovers_a_known_sparse_dictionary():
+    """More true latents (64) than dimensions (32), 3 active per token: the SAE finds the directions and L0 ≈ 3."""
+    rng = np.random.default_rng(0)
+    directions, pool = _sparse_dictionary_data(rng, 32 * 1024)
+    batch, steps = 1024, 2000
+    scale = float(np.sqrt(np.mean(np.sum(pool**2, axis=1))))
+    grid = {"g": step_lib.Group(n_sites=1, d_model=32, width=128, l0_coefficients=(3e-2,))}
+    hp = step_lib.Hyperparams(learning_rate=3e-3, lr_warmup_steps=100, l0_warmup_steps=500)
+    mesh = step_lib.make_mesh(devices=jax.devices()[:1])
+    state = step_lib.init_state(jax.random.key(0), grid, hp, mesh, {"g": np.array([scale], np.float32)})
+    train_step = step_lib.make_train_step(grid, hp, mesh)
+    batches = jnp.asarray(pool.reshape(32, 1, batch, 32))
+    for s in range(steps):
+        state, metrics = train_step(state, {"g": batches[s % 32]})
+    w_dec = np.asarray(state["params"]["g"]["W_dec"][0])
+    best_cos = (directions @ w_dec.T).max(axis=1)
+    assert best_cos.mean() >= 0.9, best_cos
+    folded = sae.fold_normalisation(jax.tree.map(lambda a: a[0], state["params"]["g"]), scale)
+    l0 = float(jnp.mean(jnp.sum(sae.encode(folded, pool[:4096]) > 0, axis=1)))
+    assert 2.0 <= l0 <= 4.5, l0
