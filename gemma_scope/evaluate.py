@@ -258,7 +258,7 @@ def delta_lm_loss(
     losses = {k: float(v.sum() / targets.sum()) for k, v in nll_sums.items()}
     result = totals.metrics()
     tokens_at = mask.sum(axis=0).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN where nothing counts
         by_position = {
             "delta_lm_loss": (nll_sums["spliced"] - nll_sums["clean"]) / targets,
             "clean_loss": nll_sums["clean"] / targets,
@@ -271,7 +271,9 @@ def delta_lm_loss(
         spliced_loss=losses["spliced"],
         zero_ablation_loss=losses["zero_ablated"],
         delta_lm_loss=losses["spliced"] - losses["clean"],
-        loss_recovered=(losses["zero_ablated"] - losses["spliced"]) / (losses["zero_ablated"] - losses["clean"]),
+        loss_recovered=float(
+            np.float64(losses["zero_ablated"] - losses["spliced"]) / (losses["zero_ablated"] - losses["clean"])
+        ),
         n_targets=int(targets.sum()),
         by_position=by_position,
     )
@@ -357,8 +359,10 @@ def _json_ready(value):
     """Arrays to lists and non-finite floats to None, so the output is strict JSON."""
     if isinstance(value, dict):
         return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (np.ndarray, list, tuple)):
-        return [_json_ready(v) for v in np.asarray(value).tolist()]
+    if isinstance(value, np.ndarray):
+        return _json_ready(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
