@@ -1,0 +1,1 @@
+"""Text corpus and token pipeline."""

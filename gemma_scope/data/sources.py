@@ -1,0 +1,129 @@
+"""Document sources: anything that yields `(doc_id, text)` pairs in a fixed order.
+
+A source has a `name` (a corpus sub-directory), a `role` ("train": 2% of its documents are hashed into the
+held-out split; "ood": evaluation only, never trained on), `fetch() -> dict` (provenance recorded in the
+corpus manifest; may raise `fetch.SourceUnavailable`, which makes the build skip it) and `documents()`.
+Doc ids must be unique within a source and stable across rebuilds: they decide the held-out split.
+
+Sources here are the user-facing ones; the packaged default mix is in `packaged.py`.
+  TextFiles(paths)                   plain-text files (one document each) or JSONL (one per line, field "text")
+  TfdsSource("wikipedia/20230601.en", split="train")   an already-prepared tensorflow-datasets dataset
+Spell them on the command line as `files:PATTERN` and `tfds:NAME[:SPLIT[:FIELD]]` (see `parse`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import pathlib
+import re
+from collections.abc import Iterator
+from typing import Protocol
+
+ROLES = ("train", "ood")
+
+
+class Source(Protocol):
+    name: str
+    role: str  # one of ROLES
+
+    def fetch(self) -> dict: ...
+
+    def documents(self) -> Iterator[tuple[str, str]]: ...
+
+
+@dataclasses.dataclass
+class TextFiles:
+    """Local files: `*.jsonl` gives one document per line (field `text_field`, id `<file>:<line>`, or the
+    line's "id" field when present); any other file is one UTF-8 document with its path as id.
+
+    `paths` are files or glob patterns, expanded and sorted. Raises FileNotFoundError if nothing matches.
+    """
+
+    paths: list[str]
+    name: str = "files"
+    role: str = "train"
+    text_field: str = "text"
+
+    def _files(self) -> list[pathlib.Path]:
+        files = sorted({pathlib.Path(f) for p in self.paths for f in (glob.glob(p, recursive=True) or [p])})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"source {self.name!r}: no such file(s): {missing}")
+        return files
+
+    def fetch(self) -> dict:
+        digest = hashlib.sha256()
+        for f in self._files():
+            digest.update(str(f).encode() + b"\0" + f.read_bytes())
+        return {"files": [str(f) for f in self._files()], "sha256": digest.hexdigest()}
+
+    def documents(self) -> Iterator[tuple[str, str]]:
+        for f in self._files():
+            if f.suffix != ".jsonl":
+                yield str(f), f.read_text(encoding="utf-8")
+                continue
+            with open(f, encoding="utf-8") as lines:
+                for i, line in enumerate(lines):
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    if self.text_field not in record:
+                        raise ValueError(f"{f}:{i + 1}: no {self.text_field!r} field (keys: {sorted(record)})")
+                    yield str(record.get("id", f"{f}:{i + 1}")), record[self.text_field]
+
+
+@dataclasses.dataclass
+class TfdsSource:
+    """A tensorflow-datasets dataset already prepared in the local TFDS data dir (nothing is downloaded).
+
+    Optional: needs `pip install gemma_scope[tfds]`. Doc ids are `<split>:<index>`.
+    """
+
+    dataset: str
+    split: str = "train"
+    text_field: str = "text"
+    name: str = ""
+    role: str = "train"
+
+    def __post_init__(self):
+        self.name = self.name or "tfds_" + self.dataset.replace("/", "_").replace(":", "_")
+
+    def _builder(self):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as e:
+            raise ImportError(
+                f"source tfds:{self.dataset} needs tensorflow-datasets: pip install 'gemma_scope[tfds]'"
+            ) from e
+        builder = tfds.builder(self.dataset)
+        if not builder.is_prepared():
+            raise FileNotFoundError(
+                f"tfds dataset {self.dataset} is not prepared under {builder.data_dir}; prepare it with "
+                "tfds first (this build never downloads)"
+            )
+        return builder
+
+    def fetch(self) -> dict:
+        builder = self._builder()
+        return {"dataset": self.dataset, "version": str(builder.version), "split": self.split}
+
+    def documents(self) -> Iterator[tuple[str, str]]:
+        for i, example in enumerate(self._builder().as_dataset(split=self.split, shuffle_files=False).as_numpy_iterator()):
+            text = example[self.text_field]
+            yield f"{self.split}:{i}", text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def parse(spec: str) -> Source:
+    """A user source from its command-line spelling: `files:PATTERN` (a path or glob; source named after it)
+    or `tfds:NAME[:SPLIT[:FIELD]]`. Raises ValueError for anything else."""
+    kind, _, rest = spec.partition(":")
+    if kind == "files" and rest:
+        return TextFiles([rest], name="files_" + re.sub(r"[^A-Za-z0-9]+", "_", rest).strip("_"))
+    if kind == "tfds" and rest:
+        dataset, _, more = rest.partition(":")
+        split, _, field = more.partition(":")
+        return TfdsSource(dataset, split=split or "train", text_field=field or "text")
+    raise ValueError(f"unknown source {spec!r}; expected a packaged source name, files:PATTERN or tfds:NAME[:SPLIT]")
