@@ -1,0 +1,208 @@
+"""The trainer: sharded == single device, resume == uninterrupted, clear errors, the from_activations CLI."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gemma_scope import activations, release, train
+from gemma_scope import step as step_lib
+from experiments import from_activations
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _npy_dir(tmp_path, rows=(600, 424), d=16, scale=5.0):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "acts"
+    path.mkdir()
+    for i, n in enumerate(rows):
+        np.save(path / f"part{i:02d}.npy", (rng.normal(size=(n, d)) * scale).astype(np.float32))
+    return path
+
+
+def _config(workdir, data_path, **train_overrides):
+    config = from_activations.get_config()
+    config.workdir = str(workdir)
+    config.data.path = str(data_path)
+    config.sae.width = 32
+    config.sae.l0_coefficient = (1e-3, 1e-2)
+    config.train.update(dict(steps=12, batch_size=64, learning_rate=1e-3, lr_warmup_steps=4, l0_warmup_steps=6,
+                             checkpoint_every=4, keep_checkpoints=2, log_every=3, norm_batches=2, eval_batches=2))
+    config.train.update(train_overrides)
+    return config
+
+
+def test_sharded_step_equals_single_device():
+    grid = {"d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2)),
+            "d8": step_lib.Group(n_sites=1, d_model=8, width=64, l0_coefficients=(1e-3, 3e-2))}
+    hp = step_lib.Hyperparams(learning_rate=1e-2, lr_warmup_steps=2, l0_warmup_steps=2)
+    rng = np.random.default_rng(0)
+    batches = [{"d16": rng.normal(size=(2, 64, 16)).astype(np.float32),
+                "d8": rng.normal(size=(1, 64, 8)).astype(np.float32)} for _ in range(3)]
+    scales = {"d16": np.array([1.5, 2.0], np.float32), "d8": np.array([0.5], np.float32)}
+
+    def run(mesh):
+        state = step_lib.init_state(jax.random.key(0), grid, hp, mesh, scales)
+        fn = step_lib.make_train_step(grid, hp, mesh)
+        for b in batches:
+            state, metrics = fn(state, b)
+        return jax.device_get(state), jax.device_get(metrics)
+
+    single, single_metrics = run(step_lib.make_mesh(devices=jax.devices()[:1]))
+    assert len(jax.devices()) == 8
+    for data, model in ((8, 1), (2, 4)):
+        mesh = step_lib.make_mesh(data, model)
+        sharded, metrics = run(mesh)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single, sharded)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single_metrics, metrics)
+    assert single["step"] == 3 and not np.array_equal(single["params"]["d16"]["b_dec"], 0)
+    np.testing.assert_allclose(np.linalg.norm(single["params"]["d16"]["W_dec"], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_latent_axis_is_sharded_on_the_model_axis():
+    grid = {"g": step_lib.Group(n_sites=1, d_model=16, width=64, l0_coefficients=(1e-3,))}
+    state = step_lib.init_state(jax.random.key(0), grid, step_lib.Hyperparams(), step_lib.make_mesh(2, 4))
+    w_enc = state["params"]["g"]["W_enc"]
+    assert {s.data.shape for s in w_enc.addressable_shards} == {(1, 16, 16)}  # M=64 split over 4 model devices
+    assert {s.data.shape for s in state["params"]["g"]["b_dec"].addressable_shards} == {(1, 16)}
+
+
+class _Interrupted(activations.NpyShardSource):
+    """Dies (like a killed process) when asked for batch ``die_at``."""
+
+    die_at = 10
+
+    def batches(self, batch_size, start=0):
+        for number, batch in enumerate(super().batches(batch_size, start), start):
+            if number == self.die_at:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def _release_files(workdir):
+    return sorted(pathlib.Path(workdir, "release").rglob("params.npz"))
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    data = _npy_dir(tmp_path)
+    straight = train.run(_config(tmp_path / "straight", data))
+    config = _config(tmp_path / "resumed", data)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(config, source=_Interrupted(str(data)))
+    assert sorted(p.name for p in (tmp_path / "resumed/checkpoints").iterdir()) == ["4", "8"]
+    resumed = train.run(config)
+    assert [p.relative_to(tmp_path / "straight") for p in straight] == \
+           [p.relative_to(tmp_path / "resumed") for p in resumed]
+    for a, b in zip(straight, resumed):
+        pa, pb = release.load_params(a), release.load_params(b)
+        for key in pa:
+            np.testing.assert_array_equal(pa[key], pb[key])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 3, 6, 6, 9, 9, 12, 12]  # two SAEs per log step; no duplicates from the lost steps
+    assert sorted(p.name for p in (tmp_path / "resumed/checkpoints").iterdir()) == ["12", "8"]  # keep last 2
+
+
+def test_release_is_folded_and_measures_average_l0(tmp_path):
+    data = _npy_dir(tmp_path)
+    config = _config(tmp_path / "run", data, steps=4, log_every=2)
+    config.sae.l0_coefficient = (1e-3,)
+    (path,) = train.run(config)
+    assert "custom/layer_0/width_32/average_l0_" in str(path)
+    record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+    assert set(record) >= {"loss", "mse", "fvu", "l0", "dead_fraction", "lambda_now", "learning_rate", "tokens_per_s"}
+    params = release.load_params(path)
+    x = np.concatenate([np.load(f) for f in sorted(data.glob("*.npy"))])
+    pre = x @ params["W_enc"] + params["b_enc"]
+    l0 = ((pre > params["threshold"]) & (pre > 0)).sum(axis=1).mean()
+    assert abs(l0 - int(path.parent.name.split("_")[-1])) <= 3  # the release name is the measured L0
+    assert 4.0 < np.mean(np.linalg.norm(x, axis=1)) / np.sqrt(16) < 6.0  # raw inputs ~5 per dim
+    assert np.median(params["threshold"]) > 0.004  # θ' = C·θ, C ≈ 20, θ ≈ 0.001
+
+
+def test_nonfinite_loss_names_the_step_and_keeps_good_checkpoint(tmp_path):
+    data = _npy_dir(tmp_path)
+    config = _config(tmp_path / "run", data, learning_rate=1e30, lr_warmup_steps=0)
+    with pytest.raises(train.NonFiniteError, match=r"at step \d+") as err:
+        train.run(config)
+    assert "last good checkpoint" in str(err.value) or "no checkpoint" in str(err.value)
+    assert not _release_files(tmp_path / "run")
+
+
+def test_nonfinite_activations_are_rejected(tmp_path):
+    data = _npy_dir(tmp_path, rows=(64 * 3,))
+    array = np.load(data / "part00.npy")
+    array[5, 3] = np.nan
+    np.save(data / "part00.npy", array)
+    with pytest.raises(ValueError, match="non-finite values in batch"):
+        train.run(_config(tmp_path / "run", data, norm_batches=1))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sae.width", 0, "sae.width must be a positive integer"),
+    ("sae.l0_coefficient", (-1.0,), "sae.l0_coefficient"),
+    ("sae.dtype", "float16", "sae.dtype must be one of"),
+    ("train.batch_size", 60, "divisible by the mesh's data size"),
+    ("mesh.model", "three", "mesh.model must be a positive integer or 'auto'"),
+    ("data.path", "", "needs data.path"),
+])
+def test_bad_configs_give_clear_errors(tmp_path, field, value, message):
+    config = _config(tmp_path / "run", _npy_dir(tmp_path))
+    section, key = field.split(".")
+    with config.unlocked():
+        config[section][key] = value
+    with pytest.raises(ValueError, match=message):
+        train.run(config)
+
+
+def test_bad_data_dir_gives_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        activations.NpyShardSource(str(tmp_path / "missing"))
+    (tmp_path / "bad").mkdir()
+    np.save(tmp_path / "bad/a.npy", np.zeros((4, 3), np.float64))
+    with pytest.raises(ValueError, match="float32"):
+        activations.NpyShardSource(str(tmp_path / "bad"))
+
+
+def test_npy_source_is_a_pure_function_of_batch_number_and_shards_rows(tmp_path):
+    data = _npy_dir(tmp_path, rows=(50, 30), d=4)
+    source = activations.NpyShardSource(str(data), seed=3)
+    first = [b["custom"] for _, b in zip(range(6), source.batches(32))]
+    later = [b["custom"] for _, b in zip(range(2), activations.NpyShardSource(str(data), seed=3).batches(32, 4))]
+    np.testing.assert_array_equal(first[4], later[0])
+    np.testing.assert_array_equal(first[5], later[1])
+    rows = np.concatenate(first[:2] + [first[2][:16]])  # the first epoch: 80 rows, each exactly once
+    everything = np.concatenate([np.load(f) for f in sorted(data.glob("*.npy"))])
+    assert sorted(map(tuple, rows)) == sorted(map(tuple, everything))
+    halves = [next(activations.NpyShardSource(str(data), seed=3, shard_index=i, shard_count=2).batches(16))["custom"]
+              for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves), first[0])
+
+
+def test_unknown_override_key_is_named(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gemma_scope.train", "--config=experiments/from_activations.py",
+                             "--config.train.stpes=3"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "unknown config key 'stpes' under 'config.train'" in result.stderr
+
+
+@pytest.mark.slow
+def test_from_activations_cli_writes_release(tmp_path):
+    data = _npy_dir(tmp_path)
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "gemma_scope.train", "--config=experiments/from_activations.py",
+         f"--config.workdir={workdir}", f"--config.data.path={data}", "--config.sae.width=48",
+         "--config.sae.l0_coefficient=0.002", "--config.train.steps=6", "--config.train.batch_size=32",
+         "--config.train.learning_rate=1e-3", "--config.seed=7", "--config.train.log_every=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = _release_files(workdir)
+    params = release.load_params(path)
+    assert params["W_enc"].shape == (16, 48) and params["W_enc"].dtype == np.float32
+    assert str(path) in result.stdout
+    assert json.loads((workdir / "config.json").read_text())["seed"] == 7
