@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from gemma_scope import activations, release, sae, step as step_lib
@@ -121,9 +122,14 @@ def _global_mean(values: np.ndarray) -> np.ndarray:
     """Mean of per-process values over all processes (identity on one process)."""
     if jax.process_count() == 1:
         return values
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(values)).mean(axis=0)
+
+
+def _to_host(tree):
+    """Whole global arrays as NumPy on every process (shards live on other hosts in multi-host runs)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _check_finite_batch(batch: dict[str, np.ndarray], number: int) -> None:
@@ -325,8 +331,8 @@ def write_release(config, source, groups: dict[str, list[str]], state: dict, mes
     with a warning (they remain in the checkpoint).
     """
     lambdas = lambdas_of(config)
-    params = jax.device_get(state["params"])
-    scales = jax.device_get(state["norm_scale"])
+    params = _to_host(state["params"])
+    scales = _to_host(state["norm_scale"])
     batch_size = config.train.batch_size // jax.process_count()
     batches = list(zip(range(config.train.eval_batches), source.batches(batch_size, config.train.steps)))
     l0_of = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(sae.encode(p, x) > 0, axis=-1)), in_axes=(0, None)))
