@@ -1,0 +1,260 @@
+"""Run every benchmark of issue 6 side by side and write benchmarks/RESULTS.md and benchmarks/results.json.
+
+    python -m benchmarks.run                 # everything, ≥ 8 timed steps each (≈ 10–15 min on 2 cores)
+    python -m benchmarks.run --steps 2 --warmup 1 --shapes 640x4096x4096   # a quick harness check
+
+Each worker runs in its own process (ours: this interpreter; SAELens: the optional venv made by
+``benchmarks/setup_saelens.sh``) with the same allocator (tcmalloc via LD_PRELOAD when found, else glibc malloc
+for both), JAX on one CPU device, and JSON out. A worker that fails is recorded with its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+
+from benchmarks import report
+from benchmarks.common import DTYPES, SAE_SHAPES
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TCMALLOC_GLOBS = ("/usr/lib/*/libtcmalloc_minimal.so.4", str(ROOT / ".cache/tcmalloc/usr/lib/*/libtcmalloc_minimal.so.4"))
+NO_GPU = "Not measured: no GPU was lent to the task that built this harness (MFU at d=2304, width 16384/131072, " \
+         "batch 4096, bf16 still to do)."
+
+
+def find_tcmalloc() -> str | None:
+    """Path of Debian's libtcmalloc_minimal.so.4 (system, or unpacked by setup_saelens.sh), or None."""
+    for pattern in TCMALLOC_GLOBS:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def worker_env(preload: str | None) -> dict[str, str]:
+    """Environment of every worker: JAX on CPU with one device (no forced host device count), the allocator."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env.pop("LD_PRELOAD", None)
+    if preload:
+        env["LD_PRELOAD"] = preload
+    return env
+
+
+def run_worker(python: str, module: str, args: list[str], preload: str | None, timeout_s: int) -> dict:
+    """Run ``python -m module --out TMP args``; its JSON, or ``{"error": ...}`` with the tail of its stderr."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "out.json"
+        cmd = [python, "-m", module, "--out", str(out), *args]
+        print("+", ("LD_PRELOAD=" + preload + " " if preload else "") + shlex.join(cmd), file=sys.stderr, flush=True)
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(preload), stderr=subprocess.PIPE, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"error": f"{module} ran past {timeout_s} s"}
+        if proc.returncode != 0 or not out.exists():
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return {"error": f"{module} exited {proc.returncode}: {tail[0]}"}
+        return json.loads(out.read_text())
+
+
+def machine_info() -> dict:
+    """CPU model and matmul-relevant ISA flags, core count, memory, OS, load average."""
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+        mem_kib = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+    except OSError:
+        mem_kib = 0
+    isa = sorted(set(flags) & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"})
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20, 1),
+            "platform": platform.platform(), "loadavg_before": _loadavg()}
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _versions() -> dict:
+    names = ("jax", "jaxlib", "flax", "optax", "numpy")
+    return {name: importlib.metadata.version(name) for name in names} | {"python": platform.python_version()}
+
+
+def _best_of(*peak_runs: dict) -> dict:
+    """Per backend, the run with the highest GFLOP/s (runs that failed are ignored)."""
+    best = {}
+    for run in peak_runs:
+        for name, r in run.items():
+            if name != "error" and r["gflops"] > best.get(name, {"gflops": -1.0})["gflops"]:
+                best[name] = r
+    return best
+
+
+def _peaks(matmul: dict) -> dict:
+    """Best GFLOP/s per dtype over every matmul backend measured."""
+    peaks = {}
+    for name, r in matmul.items():
+        dtype = name.rsplit("_", 1)[1]
+        peaks[dtype] = max(peaks.get(dtype, 0.0), r["gflops"])
+    return peaks
+
+
+def _step_rows(ours: dict, theirs: dict, shapes, dtypes, peaks: dict) -> list[dict]:
+    """One row per (shape, dtype): each side's timing with its fraction of the peak, and ours/SAELens time."""
+    def index(result):
+        return {(e["d_model"], e["width"], e["batch"], e["dtype"]): e for e in result.get("sae_step", [])}
+
+    ours_by, theirs_by = index(ours), index(theirs)
+    rows = []
+    for d, w, b in shapes:
+        for dtype in dtypes:
+            row = {"d_model": d, "width": w, "batch": b, "dtype": dtype}
+            for side, by in (("ours", ours_by), ("saelens", theirs_by)):
+                entry = by.get((d, w, b, dtype))
+                if entry:
+                    peak = peaks.get(dtype)
+                    row[side] = dict(entry, peak_fraction=entry["gflops"] / peak if peak else None)
+            if "ours" in row and "saelens" in row:
+                row["time_ratio"] = row["ours"]["median_s"] / row["saelens"]["median_s"]
+            rows.append(row)
+    return rows
+
+
+def _targets(rows: list[dict], generator: dict) -> list[dict]:
+    """The issue's targets, each with what was measured and whether it is met (None: not measured)."""
+    targets = []
+    for row in rows:
+        shape = f"{row['d_model']}/{row['width']}/{row['batch']}"
+        ours, ratio = row.get("ours"), row.get("time_ratio")
+        if row["dtype"] == "float32":
+            targets.append({"target": f"f32 step ≥ 1.3× faster than SAELens at {shape}",
+                            "measured": f"{1 / ratio:.2f}×" if ratio else "–", "met": None if not ratio else 1 / ratio >= 1.3})
+            frac = ours and ours["peak_fraction"]
+            targets.append({"target": f"f32 step ≥ 85% of f32 matmul peak at {shape}",
+                            "measured": f"{100 * frac:.0f}%" if frac else "–", "met": None if not frac else frac >= 0.85})
+        else:
+            targets.append({"target": f"bf16 step at least as fast as SAELens bf16 autocast at {shape}",
+                            "measured": f"{1 / ratio:.2f}×" if ratio else "–", "met": None if not ratio else ratio <= 1.0})
+    res = (generator or {}).get("variants", {}).get("res_all")
+    targets.append({"target": "capturing all res sites costs ≤ 5% over the plain forward",
+                    "measured": f"{100 * res['overhead']:+.1f}%" if res else "–",
+                    "met": None if not res else res["overhead"] <= 0.05})
+    targets.append({"target": "≥ 50% MFU on a GPU at width ≥ 16384", "measured": "–", "met": None})
+    return targets
+
+
+def _allocator_check(args, saelens_python: str | None, preload: str, timeout_s: int) -> dict:
+    """Smallest shape, float32, each side with glibc malloc and with tcmalloc, back to back."""
+    common = ["--warmup", str(args.warmup), "--steps", str(args.steps), "--shapes", "640x4096x4096",
+              "--dtypes", "float32"]
+    sides = {"ours": (sys.executable, "benchmarks.sae_step", common)}
+    if saelens_python:
+        sides["saelens"] = (saelens_python, "benchmarks.saelens_step", [*common, "--no-matmul"])
+    check = {}
+    for side, (python, module, wargs) in sides.items():
+        runs = {name: run_worker(python, module, wargs, lib, timeout_s) for name, lib in (("system", None),
+                                                                                         ("tcmalloc", preload))}
+        errors = [r["error"] for r in runs.values() if "error" in r]
+        check[side] = {"error": errors[0]} if errors else {k: r["sae_step"][0] for k, r in runs.items()}
+    return check
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
+    parser.add_argument("--shapes", default="all", help="'all' or comma list d x width x batch, e.g. 640x4096x4096")
+    parser.add_argument("--only", default="peak,ours,saelens,generator,allocator",
+                        help="comma list of parts to run: peak, ours, saelens, generator, allocator")
+    parser.add_argument("--allocator", choices=("tcmalloc", "system"), default="tcmalloc",
+                        help="tcmalloc (LD_PRELOAD, falls back to system when not installed) or glibc malloc")
+    parser.add_argument("--saelens-python", default=os.environ.get("SAELENS_PYTHON", str(ROOT / ".venv-saelens/bin/python")))
+    parser.add_argument("--gen-batch", type=int, default=4)
+    parser.add_argument("--gen-seq-len", type=int, default=256)
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker before it is abandoned")
+    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be ≥ 1 and --warmup ≥ 0, got {args.steps} and {args.warmup}")
+    parts = set(args.only.split(","))
+    unknown = parts - {"peak", "ours", "saelens", "generator", "allocator"}
+    if unknown:
+        parser.error(f"unknown --only parts {sorted(unknown)}; expected peak, ours, saelens, generator, allocator")
+    shapes = SAE_SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    timing = ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    step_args = [*timing, "--shapes", ",".join("x".join(map(str, s)) for s in shapes)]
+
+    tcmalloc = find_tcmalloc()
+    preload = tcmalloc if args.allocator == "tcmalloc" else None
+    saelens_python = args.saelens_python if os.access(args.saelens_python, os.X_OK) else None
+    errors, notes = {}, []
+    if args.allocator == "tcmalloc" and not tcmalloc:
+        notes.append("tcmalloc not found (run benchmarks/setup_saelens.sh): both sides used glibc malloc")
+    if saelens_python is None:
+        errors["saelens"] = (f"SAELens venv absent ({args.saelens_python} not found); create it with "
+                             "`bash benchmarks/setup_saelens.sh`")
+        print("SKIP SAELens:", errors["saelens"], file=sys.stderr)
+
+    results = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "command": shlex.join(["python", "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
+               "settings": {"steps": args.steps, "warmup": args.warmup}, "machine": machine_info(),
+               "versions": _versions(), "errors": errors, "notes": notes, "matmul": {}}
+    results["allocator"] = {"library": preload, "note": (
+        f"Both sides ran with `LD_PRELOAD={preload}` (Debian libtcmalloc-minimal4)." if preload else
+        "Both sides ran with glibc malloc.")}
+
+    # The peak is measured before and after the steps and the better kept: noise only ever lowers it.
+    peak_before = run_worker(sys.executable, "benchmarks.peak", timing, preload, args.timeout) if "peak" in parts else {}
+    ours = run_worker(sys.executable, "benchmarks.sae_step", step_args, preload, args.timeout) if "ours" in parts else {}
+    theirs = (run_worker(saelens_python, "benchmarks.saelens_step", step_args, preload, args.timeout)
+              if "saelens" in parts and saelens_python else {})
+    peak_after = run_worker(sys.executable, "benchmarks.peak", timing, preload, args.timeout) if "peak" in parts else {}
+    for side, r in (("ours", ours), ("saelens", theirs), ("peak", peak_before), ("peak", peak_after)):
+        if "error" in r:
+            errors[side] = r["error"]
+    results["versions"].update({k: v for k, v in theirs.get("versions", {}).items() if k != "python"})
+    results["matmul"] = _best_of(peak_before, peak_after) | theirs.get("matmul", {})
+    results["peak_gflops"] = _peaks(results["matmul"])
+    results["sae_step"] = _step_rows(ours, theirs, shapes, DTYPES, results["peak_gflops"])
+
+    generator = {}
+    if "generator" in parts:
+        generator = run_worker(sys.executable, "benchmarks.generator",
+                               [*timing, "--batch", str(args.gen_batch), "--seq-len", str(args.gen_seq_len)],
+                               preload, args.timeout)
+        if "error" in generator:
+            errors["generator"] = generator["error"]
+    results["generator"] = generator
+    results["end_to_end"] = "not measured yet (needs the main job's training loop; see README)."
+    results["gpu"] = NO_GPU
+
+    if "allocator" in parts:
+        if tcmalloc:
+            results["allocator"]["check"] = _allocator_check(args, saelens_python, tcmalloc, args.timeout)
+        else:
+            results["allocator"]["note"] += " No allocator comparison: tcmalloc is not installed."
+    results["targets"] = _targets(results["sae_step"], generator)
+    results["machine"]["loadavg_after"] = _loadavg()
+    report.write(pathlib.Path(args.out_dir), results)
+    print(f"wrote {args.out_dir}/RESULTS.md and results.json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

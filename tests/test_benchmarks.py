@@ -1,0 +1,56 @@
+"""The benchmark harness's own logic: RESULTS.md merging, peak selection, FLOP count (no timing here)."""
+
+import pytest
+
+from benchmarks import report, run
+from benchmarks.common import sae_step_flops_per_token, summarize
+
+
+def test_merge_keeps_sections_written_by_others():
+    other = "## Gemma forward (CPU)\n\n| tokens/s | 123 |\n"
+    first = report.merge_block(other, "# Benchmarks\nold numbers\n")
+    assert first.startswith(report.BEGIN)
+    assert first.endswith(other)
+    head = "intro written by hand\n\n"
+    second = report.merge_block(head + first, "# Benchmarks\nnew numbers\n")
+    assert second.startswith(head)
+    assert "new numbers" in second and "old numbers" not in second
+    assert second.endswith(other)
+    assert second.count(report.BEGIN) == 1 and second.count(report.END) == 1
+
+
+def test_merge_into_empty_file_is_just_the_block():
+    assert report.merge_block("", "x") == f"{report.BEGIN}\nx\n{report.END}\n"
+
+
+@pytest.mark.parametrize("broken", [report.BEGIN + "\nx\n", "x\n" + report.END, report.END + "\n" + report.BEGIN])
+def test_merge_rejects_broken_markers(broken):
+    with pytest.raises(ValueError, match="broken generated block"):
+        report.merge_block(broken, "y")
+
+
+def test_peak_is_best_backend_per_dtype_and_best_run_per_backend():
+    before = {"numpy_float32": {"gflops": 150.0}, "jax_float32": {"gflops": 190.0}, "jax_bfloat16": {"gflops": 300.0}}
+    after = {"numpy_float32": {"gflops": 210.0}, "jax_float32": {"gflops": 180.0}, "error": "ignored"}
+    best = run._best_of(before, after)
+    assert best["numpy_float32"]["gflops"] == 210.0 and best["jax_float32"]["gflops"] == 190.0
+    assert run._peaks(best | {"torch_bfloat16": {"gflops": 385.0}}) == {"float32": 210.0, "bfloat16": 385.0}
+
+
+def test_flops_per_token_rejects_empty_shapes():
+    with pytest.raises(ValueError, match="d_model=0"):
+        sae_step_flops_per_token(0, 16)
+
+
+def test_summarize_reports_median_and_spread():
+    stats = summarize([3.0, 1.0, 2.0, 10.0])
+    assert (stats["median_s"], stats["min_s"], stats["max_s"], stats["n"]) == (2.5, 1.0, 10.0, 4)
+
+
+def test_worker_env_sets_one_cpu_device_and_the_allocator(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_foo=1")
+    monkeypatch.setenv("LD_PRELOAD", "/elsewhere.so")
+    env = run.worker_env("/lib/tcmalloc.so")
+    assert env["XLA_FLAGS"] == "--xla_cpu_foo=1" and env["JAX_PLATFORMS"] == "cpu"
+    assert env["LD_PRELOAD"] == "/lib/tcmalloc.so"
+    assert "LD_PRELOAD" not in run.worker_env(None)
