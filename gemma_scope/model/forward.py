@@ -1,0 +1,156 @@
+"""A Gemma forward pass that reads and replaces activations at Gemma Scope sites (arXiv 2408.05147, §3.1).
+
+`forward` and `token_nll` are pure functions of (params, tokens) for a static config, capture list and replacement
+functions, so they can be wrapped in `jax.jit` (close over ``cfg``, ``capture`` and ``replace``). Replacement
+functions may close over traced arrays (SAE params).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from gemma_scope.model.config import GLOBAL, LOCAL, Config
+from gemma_scope.model.layers import Transformer
+from gemma_scope.sites import Site
+
+Replacement = Callable[[jax.Array], jax.Array]
+
+
+@flax.struct.dataclass
+class Output:
+    """Result of `forward`.
+
+    logits: [B, T, vocab_size] in the params' dtype (final softcap applied), or None when ``logits=False``.
+    acts: {Site: [B, T, cfg.site_width(site.kind)]} for every captured site.
+    """
+
+    logits: jax.Array | None
+    acts: dict[Site, jax.Array]
+
+
+def init_params(cfg: Config, rng: jax.Array, dtype=jnp.float32) -> dict:
+    """Random params in the `gemma` library's tree (e.g. for tiny test configs); weights ~ N(0, 0.02²), norms 0."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    masks = {LOCAL: jnp.ones((1, 1, 1), bool), GLOBAL: jnp.ones((1, 1, 1), bool)}
+    hooks = [lambda kind, x: x] * cfg.num_layers
+    params = Transformer(cfg).init(rng, tokens, tokens, masks, hooks)["params"]
+    return jax.tree.map(lambda p: p.astype(dtype), flax.core.unfreeze(params))
+
+
+def _positions_and_masks(cfg: Config, tokens: jax.Array, attention_mask: jax.Array | None):
+    """RoPE positions [B, T] and bool attention masks [B, T, T] per attention type.
+
+    Positions count real tokens only (as the `gemma` library's ``build_positions_from_mask``), so left padding is
+    harmless; a query sees earlier-or-equal real keys, LOCAL layers only those less than ``sliding_window`` back.
+    """
+    b, t = tokens.shape
+    if attention_mask is None:
+        valid = jnp.ones((b, t), bool)
+    else:
+        if attention_mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected bool {tokens.shape} like tokens")
+        valid = attention_mask.astype(bool)
+    positions = jnp.cumsum(valid, axis=-1)
+    positions = positions - (positions >= 1)
+    causal = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    near = positions[:, None, :] > positions[:, :, None] - cfg.sliding_window
+    return positions, {GLOBAL: causal, LOCAL: causal & near}
+
+
+def _check_sites(cfg: Config, sites: Iterable[Site], what: str) -> None:
+    for site in sites:
+        if not isinstance(site, Site):
+            raise TypeError(f"{what} must hold gemma_scope.sites.Site objects, got {site!r}")
+        if site.layer >= cfg.num_layers:
+            raise ValueError(f"{what} site {site} is beyond the model's layers 0..{cfg.num_layers - 1}")
+
+
+def _run_trunk(params, cfg, tokens, capture, replace, attention_mask, num_layers):
+    """Embedding and the first ``num_layers`` blocks; returns (residual stream, captured acts)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be int [batch, seq_len], got shape {tokens.shape}")
+    capture, replace = set(capture), dict(replace or {})
+    _check_sites(cfg, capture, "capture")
+    _check_sites(cfg, replace, "replace")
+    acts = {}
+
+    def hook_for(layer):
+        def hook(kind, value):
+            site = Site(kind, layer)
+            if site in capture:
+                acts[site] = value  # the activation as the model computed it, before its own replacement
+            if site in replace:
+                new = replace[site](value)
+                if new.shape != value.shape:
+                    raise ValueError(f"replacement for site {site} returned shape {new.shape}; expected {value.shape}")
+                value = new.astype(value.dtype)
+            return value
+
+        return hook
+
+    positions, masks = _positions_and_masks(cfg, tokens, attention_mask)
+    hooks = [hook_for(layer) for layer in range(num_layers)]
+    x = Transformer(cfg).apply({"params": params}, tokens, positions, masks, hooks, method=Transformer.trunk)
+    return x, acts
+
+
+def forward(params: dict, cfg: Config, tokens: jax.Array, *, capture: Iterable[Site] = (),
+            replace: Mapping[Site, Replacement] | None = None, attention_mask: jax.Array | None = None,
+            logits: bool = True) -> Output:
+    """Runs Gemma on ``tokens`` int32 [B, T], reading and replacing site activations.
+
+    Args:
+      params: the `gemma` library's param tree (``embedder``, ``layer_{i}``, ``final_norm``).
+      cfg: the architecture (static under jit).
+      capture: sites whose activations to return in ``Output.acts``. A captured site that is also replaced returns
+        the activation before its own replacement (but after any upstream replacement).
+      replace: {site: fn}, fn maps the site's activation [B, T, width] to an array of the same shape (cast back to
+        the activation's dtype); every later computation sees fn's output (an SAE splice, arXiv 2408.05147 §4).
+      attention_mask: optional bool [B, T], False at padding: padding keys are never attended to and RoPE
+        positions count real tokens only. Outputs at padding positions are meaningless.
+      logits: False skips the final norm and unembedding, and every layer after the last captured/replaced one.
+
+    Returns:
+      Output(logits [B, T, vocab_size] or None, acts {Site: [B, T, width]}).
+
+    Raises:
+      ValueError / TypeError: bad token or mask shapes, sites that are not `Site`s or beyond the last layer, a
+      replacement returning the wrong shape.
+    """
+    needed = [s.layer for s in (*capture, *(replace or {}))]
+    num_layers = cfg.num_layers if logits else 1 + max(needed, default=-1)
+    x, acts = _run_trunk(params, cfg, tokens, capture, replace, attention_mask, num_layers)
+    out_logits = Transformer(cfg).apply({"params": params}, x, method=Transformer.decode) if logits else None
+    return Output(logits=out_logits, acts=acts)
+
+
+def token_nll(params: dict, cfg: Config, tokens: jax.Array, replace: Mapping[Site, Replacement] | None = None, *,
+              attention_mask: jax.Array | None = None, chunk_bytes: int = 2**28) -> jax.Array:
+    """Per-token next-token cross-entropy in nats: float32 [B, T-1], ``nll[b, t] = -log p(tokens[b, t+1] | tokens[b, :t+1])``.
+
+    The unembedding and log-softmax run over chunks of positions of at most ``chunk_bytes`` of float32 logits
+    each (a whole [B, T, 262144] logit array would take gigabytes). ``replace`` and ``attention_mask`` are as in
+    `forward`; entries whose target is padding are computed but meaningless (mask them).
+    """
+    x, _ = _run_trunk(params, cfg, tokens, (), replace, attention_mask, cfg.num_layers)
+    b, t, d = x.shape
+    hidden = x[:, :-1].reshape(-1, d)
+    targets = tokens[:, 1:].reshape(-1)
+    n = hidden.shape[0]
+    chunk = max(1, min(n, chunk_bytes // (4 * cfg.vocab_size)))
+    pad = -n % chunk
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    targets = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+    model = Transformer(cfg)
+
+    def chunk_nll(args):
+        h, y = args
+        logits = model.apply({"params": params}, h, method=Transformer.decode).astype(jnp.float32)
+        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+
+    nll = jax.lax.map(chunk_nll, (hidden, targets))
+    return nll.reshape(-1)[:n].reshape(b, t - 1)
