@@ -41,7 +41,8 @@ def corpus(tmp_path_factory):
     with open(root / "more.jsonl", "w") as f:
         for name, text in list(docs.items())[40:]:
             f.write(json.dumps({"id": name, "text": text}) + "\n")
-    sources = [TextFiles([str(root / "text" / "*.txt")], name="plain"), TextFiles([str(root / "more.jsonl")], name="jsonl")]
+    sources = [TextFiles([str(root / "text" / "*.txt")], name="plain"),
+               TextFiles([str(root / "more.jsonl")], name="jsonl")]
     build_corpus(sources, root / "corpus", ByteTokenizer(), heldout_fraction=0.2, log=lambda *_: None)
     return root / "corpus", docs, sources
 

@@ -13,7 +13,8 @@ from gemma_scope.data import TextFiles, build_corpus, fetch, packaged, read_mani
 
 
 def test_brown_tags_are_stripped():
-    raw = b"\n\n\tThe/at jury/nn said/vbd ``/`` no/at ''/'' ,/, it's/pps+bez over/rp ./.\nHe/pps left/vbd ./.\n\n\n\tNext/ap ./.\n"
+    raw = (b"\n\n\tThe/at jury/nn said/vbd ``/`` no/at ''/'' ,/, it's/pps+bez over/rp ./.\nHe/pps left/vbd ./.\n"
+           b"\n\n\tNext/ap ./.\n")
     ((doc_id, text),) = packaged._brown_detagged({"package/ca01": raw})
     assert doc_id == "ca01"
     assert text == 'The jury said "no", it\'s over.\nHe left.\n\nNext.'.replace(".\nHe", ". He")
@@ -61,7 +62,8 @@ def test_text_files_ids_are_relative_and_jsonl_field_checked(tmp_path):
 def test_source_specs():
     assert sources.parse("files:/data/*.txt").paths == ["/data/*.txt"]
     tfds_source = sources.parse("tfds:wikipedia/20230601.en:train[:1%]#body")
-    assert (tfds_source.dataset, tfds_source.split, tfds_source.text_field) == ("wikipedia/20230601.en", "train[:1%]", "body")
+    assert (tfds_source.dataset, tfds_source.split) == ("wikipedia/20230601.en", "train[:1%]")
+    assert tfds_source.text_field == "body"
     with pytest.raises(ValueError, match="unknown source"):
         sources.parse("http://example.com")
     if importlib.util.find_spec("tensorflow_datasets") is None:  # optional extra: a clear error, never a crash

@@ -78,7 +78,9 @@ def _tokenise_source(source, tokenizer: Tokenizer, max_tokens: int, heldout_frac
         start = end
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, np.uint32)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    heldout = np.array([source.role == "train" and store.is_heldout(source.name, d, heldout_fraction) for d in kept_ids], bool)
+    heldout = np.array(
+        [source.role == "train" and store.is_heldout(source.name, d, heldout_fraction) for d in kept_ids], bool
+    )
     return kept_ids, tokens, offsets, heldout
 
 

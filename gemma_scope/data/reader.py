@@ -60,10 +60,11 @@ class SequenceReader:
         if unknown:
             raise ValueError(f"sources {unknown} are not in corpus {corpus}; it has {known}")
         special = manifest["tokenizer"]
-        if tokenizer is not None and (tokenizer.vocab_size, tokenizer.bos_id) != (special["vocab_size"], special["bos_id"]):
+        built_with = (special["vocab_size"], special["bos_id"])
+        if tokenizer is not None and (tokenizer.vocab_size, tokenizer.bos_id) != built_with:
             raise ValueError(
-                f"corpus {corpus} was tokenised with a vocabulary of {special['vocab_size']} (bos {special['bos_id']}), "
-                f"the model's tokenizer has {tokenizer.vocab_size} (bos {tokenizer.bos_id}); rebuild the corpus with "
+                f"corpus {corpus} was tokenised with (vocab size, bos) = {built_with}, the model's tokenizer has "
+                f"{(tokenizer.vocab_size, tokenizer.bos_id)}; rebuild the corpus with "
                 "--tokenizer=<the model's tokenizer.model>"
             )
         self.bos_id, self.eos_id, self.pad_id = special["bos_id"], special["eos_id"], special["pad_id"]
@@ -86,7 +87,9 @@ class SequenceReader:
         self._slot = with_eos if packing == "packed" else -(-with_eos // row) * row  # room a doc takes in the stream
         self.sequences_per_epoch = int(self._slot.sum()) // row
         if self.sequences_per_epoch == 0:
-            raise ValueError(f"split {split!r} of {corpus} (sources {sources or known}) has no full sequence of {seq_len}")
+            raise ValueError(
+                f"split {split!r} of {corpus} (sources {sources or known}) has no full sequence of {seq_len} tokens"
+            )
         self._cached_epoch = (None, None)
 
     @property
@@ -102,7 +105,8 @@ class SequenceReader:
         if self._cached_epoch[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(self.num_documents)
-            self._cached_epoch = (epoch, (order, np.cumsum(self._slot[order]), rng.permutation(self.sequences_per_epoch)))
+            rows = rng.permutation(self.sequences_per_epoch)
+            self._cached_epoch = (epoch, (order, np.cumsum(self._slot[order]), rows))
         return self._cached_epoch[1]
 
     def sequence(self, i: int) -> tuple[np.ndarray, np.ndarray]:

@@ -125,7 +125,8 @@ class TfdsSource:
         return {"dataset": self.dataset, "version": str(builder.version), "split": self.split}
 
     def documents(self) -> Iterator[tuple[str, str]]:
-        for i, example in enumerate(self._builder().as_dataset(split=self.split, shuffle_files=False).as_numpy_iterator()):
+        dataset = self._builder().as_dataset(split=self.split, shuffle_files=False)
+        for i, example in enumerate(dataset.as_numpy_iterator()):
             text = example[self.text_field]
             yield f"{self.split}:{i}", text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
