@@ -107,8 +107,18 @@ def render(results: dict) -> str:
             out.append(f"| {name} | {v['n_sites']} | {_ms(v)} | {v['tokens_per_s']:.0f} | {100 * v['overhead']:+.1f}% |")
     else:
         out.append(f"Not measured: {results['errors'].get('generator', 'not run')}")
-    out += ["", f"End-to-end main job tokens/s per SAE: {results['end_to_end']}", "",
-            "## GPU", "", results["gpu"], "", "## Targets (issue 6)", "", "| target | measured | met |",
+    out += ["", f"End-to-end main job tokens/s per SAE: {results['end_to_end']}", "", "## GPU", ""]
+    gpu = results["gpu"]
+    if gpu.get("sae_step"):
+        out += [f"Our step on {gpu['device']} (bf16 peak {gpu['bf16_peak_flops'] / 1e12:.0f} TFLOP/s from its data "
+                "sheet; MFU = achieved 12·d·width FLOPs per token / peak).", "",
+                "| d / width / batch | s/step | tokens/s | TFLOP/s | MFU |", "| --- | --- | --- | --- | --- |"]
+        for r in gpu["sae_step"]:
+            out.append(f"| {r['d_model']} / {r['width']} / {r['batch']} | {_ms(r)} | {r['tokens_per_s']:.0f} | "
+                       f"{r['gflops'] / 1e3:.0f} | {_pct(r['mfu'])} |")
+    else:
+        out.append(f"Not measured: {gpu.get('error', 'not run')}")
+    out += ["", "## Targets (issue 6)", "", "| target | measured | met |",
             "| --- | --- | --- |"]
     for t in results["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
@@ -118,6 +128,7 @@ def render(results: dict) -> str:
 
 def write(out_dir: pathlib.Path, results: dict) -> None:
     """Write ``results.json`` and merge the rendering into ``RESULTS.md`` under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     md = out_dir / "RESULTS.md"
     md.write_text(merge_block(md.read_text() if md.exists() else "", render(results)))
