@@ -343,16 +343,18 @@ def sae_info(path: pathlib.Path) -> dict:
     return {"site": site, "l0_coefficient": meta.get("l0_coefficient")}
 
 
-def _load_lm(name: str, num_sequences: int, seq_len: int):
-    """The LM and ``(tokens [N, T], mask [N, T])`` of its held-out corpus sequences for delta LM loss."""
+def _load_lm(name: str, corpus: str | None, num_sequences: int, seq_len: int, packing: str):
+    """The LM and ``(tokens [N, T], mask [N, T])``: the first N sequences of the corpus's held-out split."""
+    from gemma_scope.data.reader import SequenceReader
+
     lm = model.load(name)
-    return lm, _heldout_sequences(num_sequences, seq_len)
-
-
-def _heldout_sequences(num_sequences: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """``num_sequences`` held-out corpus sequences of ``seq_len`` tokens: int32 tokens and bool content mask."""
-    # TODO(lead): read them with gemma_scope.data's held-out reader (split "heldout") once it has landed.
-    raise NotImplementedError("delta LM loss from the command line needs gemma_scope.data's held-out reader")
+    reader = SequenceReader(corpus, split="heldout", seq_len=seq_len, packing=packing, tokenizer=lm.tokenizer)
+    if num_sequences > reader.sequences_per_epoch:
+        print(f"held-out split has only {reader.sequences_per_epoch} sequences of {seq_len} tokens; using them all",
+              file=sys.stderr)
+        num_sequences = reader.sequences_per_epoch
+    rows = [reader.sequence(i) for i in range(num_sequences)]
+    return lm, (np.stack([t for t, _ in rows]), np.stack([m for _, m in rows]))
 
 
 def _json_ready(value):
@@ -380,6 +382,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch_size", type=int, help="activations per jitted batch (default: by SAE width)")
     parser.add_argument("--model", help="LM for delta LM loss: a registry name (gemma3_270m), HF dir or orbax path")
     parser.add_argument("--site", help="site to splice at, e.g. res.6 (default: from the SAE's release path)")
+    parser.add_argument("--corpus", help="built corpus directory (default: $GEMMA_SCOPE_CORPUS or ./corpus)")
+    parser.add_argument("--packing", default="packed", choices=("packed", "document"),
+                        help="held-out sequence layout (gemma_scope.data.reader)")
     parser.add_argument("--num_sequences", type=int, default=64, help="held-out sequences (paper: 2048)")
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (paper: 1024)")
     parser.add_argument("--lm_batch_size", type=int, default=8, help="sequences per LM batch")
@@ -389,7 +394,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("give --activations=DIR (cached activations) and/or --model=NAME (delta LM loss)")
 
     sae_paths = [p for spec in args.sae for p in find_saes(spec)]
-    lm, sequences = (_load_lm(args.model, args.num_sequences, args.seq_len) if args.model else (None, None))
+    lm, sequences = None, None
+    if args.model:
+        lm, sequences = _load_lm(args.model, args.corpus, args.num_sequences, args.seq_len, args.packing)
     records = []
     for path in sae_paths:
         params = release.load_params(path)

@@ -90,9 +90,24 @@ def plot_frontier(records: Sequence[dict], path: str | pathlib.Path) -> pathlib.
     return _save(fig, path)
 
 
+def _log_binned(curve, bins_per_decade: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Means of a per-position curve over log-spaced position bins from 1 (position 0, BOS, left out), so that
+    late positions, each seen by few tokens, do not drown the plot in noise. Returns (bin centre, mean)."""
+    curve = np.asarray(curve, dtype=np.float64)
+    edges = np.unique(np.round(np.logspace(0, np.log10(len(curve)), 1 + int(bins_per_decade * np.log10(len(curve))))))
+    edges = np.append(edges.astype(int), len(curve))
+    centres, means = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        values = curve[lo:hi][np.isfinite(curve[lo:hi])]
+        if hi > lo and values.size:
+            centres.append(np.sqrt(lo * (hi - 1)) if hi - 1 > lo else lo)
+            means.append(values.mean())
+    return np.array(centres), np.array(means)
+
+
 def plot_by_position(records: Sequence[dict], path: str | pathlib.Path) -> pathlib.Path:
     """Reconstruction FVU and delta LM loss by sequence position (Gemma Scope Fig. 6) of each (site, width)'s
-    canonical SAE, positions on a log axis (position 0, BOS, is never spliced). Returns the PNG path."""
+    canonical SAE, averaged over log-spaced position bins (position 0, BOS, is never spliced). Returns the PNG path."""
     records = _canonical([r for r in records if r.get("by_position")])
     if not records:
         raise ValueError("no record has by_position curves (they come from evaluate.delta_lm_loss)")
@@ -100,10 +115,7 @@ def plot_by_position(records: Sequence[dict], path: str | pathlib.Path) -> pathl
     for record in records:
         label = f"{_label(record)} L0={record['l0']:.0f}"
         for ax, key in zip(axes, ("fvu", "delta_lm_loss")):
-            curve = np.asarray(record["by_position"][key], dtype=np.float64)
-            positions = np.arange(len(curve))
-            keep = np.isfinite(curve) & (positions > 0)
-            ax.plot(positions[keep], curve[keep], label=label, linewidth=1)
+            ax.plot(*_log_binned(record["by_position"][key]), marker=".", label=label, linewidth=1)
     for ax, title in zip(axes, ("Reconstruction FVU by position", "Delta LM loss by position")):
         _log_x(ax)
         ax.set_xlabel("token position")

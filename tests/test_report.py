@@ -52,3 +52,11 @@ def test_report_without_lm_metrics_skips_position_plot(tmp_path):
 def test_empty_records_rejected(tmp_path):
     with pytest.raises(ValueError, match="at least one"):
         report.write_report([], tmp_path)
+
+
+def test_log_binned_position_curve_averages_each_bin():
+    curve = np.r_[np.nan, np.arange(1, 1024, dtype=float)]  # value == position; BOS position NaN
+    centres, means = report._log_binned(curve)
+    assert centres[0] == 1 and means[0] == 1
+    assert np.all(np.diff(centres) > 0) and 30 <= len(centres) <= 40
+    np.testing.assert_allclose(means, centres, rtol=0.02)  # mean of positions in a bin ≈ its centre
