@@ -69,13 +69,16 @@ def _check_sites(cfg: Config, sites: Iterable[Site], what: str) -> None:
             raise ValueError(f"{what} site {site} is beyond the model's layers 0..{cfg.num_layers - 1}")
 
 
-def _run_trunk(params, cfg, tokens, capture, replace, attention_mask, num_layers):
-    """Embedding and the first ``num_layers`` blocks; returns (residual stream, captured acts)."""
+def _run_trunk(params, cfg, tokens, capture, replace, attention_mask, all_layers):
+    """Embedding and all blocks, or (``all_layers`` False) those up to the last captured/replaced site.
+
+    Returns (residual stream, captured acts)."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int [batch, seq_len], got shape {tokens.shape}")
     capture, replace = set(capture), dict(replace or {})
     _check_sites(cfg, capture, "capture")
     _check_sites(cfg, replace, "replace")
+    num_layers = cfg.num_layers if all_layers else 1 + max((s.layer for s in capture | set(replace)), default=-1)
     acts = {}
 
     def hook_for(layer):
@@ -121,9 +124,7 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, *, capture: Iterable[S
       ValueError / TypeError: bad token or mask shapes, sites that are not `Site`s or beyond the last layer, a
       replacement returning the wrong shape.
     """
-    needed = [s.layer for s in (*capture, *(replace or {}))]
-    num_layers = cfg.num_layers if logits else 1 + max(needed, default=-1)
-    x, acts = _run_trunk(params, cfg, tokens, capture, replace, attention_mask, num_layers)
+    x, acts = _run_trunk(params, cfg, tokens, capture, replace, attention_mask, all_layers=logits)
     out_logits = Transformer(cfg).apply({"params": params}, x, method=Transformer.decode) if logits else None
     return Output(logits=out_logits, acts=acts)
 
@@ -136,7 +137,7 @@ def token_nll(params: dict, cfg: Config, tokens: jax.Array, replace: Mapping[Sit
     each (a whole [B, T, 262144] logit array would take gigabytes). ``replace`` and ``attention_mask`` are as in
     `forward`; entries whose target is padding are computed but meaningless (mask them).
     """
-    x, _ = _run_trunk(params, cfg, tokens, (), replace, attention_mask, cfg.num_layers)
+    x, _ = _run_trunk(params, cfg, tokens, (), replace, attention_mask, all_layers=True)
     b, t, d = x.shape
     hidden = x[:, :-1].reshape(-1, d)
     targets = tokens[:, 1:].reshape(-1)
