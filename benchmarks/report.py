@@ -36,6 +36,10 @@ def _ms(stats: dict) -> str:
     return f"{stats['median_s']:.3f} ({stats['min_s']:.3f}–{stats['max_s']:.3f})"
 
 
+def _cpu(stats: dict) -> str:
+    return f"{stats['user_s_per_call'] + stats['sys_s_per_call']:.2f}"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
@@ -56,14 +60,20 @@ def render(results: dict) -> str:
     alloc = results["allocator"]
     out += ["", "## Allocator", "", alloc["note"], ""]
     if alloc.get("check"):
-        out += ["| side | step (640/4096/4096 float32) glibc malloc | with tcmalloc | glibc / tcmalloc |",
-                "| --- | --- | --- | --- |"]
+        out += ["Step at 640/4096/4096 float32, each side with glibc malloc and with tcmalloc back to back; CPU "
+                "seconds and minor page faults per step are the process's own (robust to other load).", "",
+                "| side | allocator | s/step | glibc / tcmalloc time | user s/step | sys s/step | minor faults/step |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
         for side, row in alloc["check"].items():
             if "error" in row:
-                out.append(f"| {side} | {row['error']} | | |")
-            else:
-                out.append(f"| {side} | {_ms(row['system'])} | {_ms(row['tcmalloc'])} | "
-                           f"{row['system']['median_s'] / row['tcmalloc']['median_s']:.2f}× |")
+                out.append(f"| {side} | {row['error']} | | | | | |")
+                continue
+            ratio = row["system"]["median_s"] / row["tcmalloc"]["median_s"]
+            for name in ("system", "tcmalloc"):
+                r = row[name]
+                out.append(f"| {side} | {'glibc malloc' if name == 'system' else 'tcmalloc'} | {_ms(r)} | "
+                           f"{f'{ratio:.2f}×' if name == 'system' else ''} | {r['user_s_per_call']:.2f} | "
+                           f"{r['sys_s_per_call']:.2f} | {r['minor_faults_per_call']:.0f} |")
         out.append("")
 
     out += ["## Dense matmul peak", "", "| backend | N (square) | s/call | GFLOP/s |", "| --- | --- | --- | --- |"]
@@ -79,16 +89,17 @@ def render(results: dict) -> str:
             "% peak against the same-dtype peak above. Ours: `gemma_scope.step.build_benchmark_step` "
             "(forward, loss, backward, decoder-gradient projection, Adam, decoder renormalisation). SAELens: "
             "`SAETrainer.step` on `JumpReLUTrainingSAE` (bf16 = its autocast).", "",
-            "| d / width / batch | dtype | ours s/step | ours tok/s | ours GFLOP/s | ours % peak | SAELens s/step "
-            "| SAELens tok/s | SAELens % peak | ours / SAELens time |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "CPU s = the process's user + sys CPU seconds per step (all threads; robust to other load).", "",
+            "| d / width / batch | dtype | ours s/step | ours tok/s | ours GFLOP/s | ours % peak | ours CPU s "
+            "| SAELens s/step | SAELens tok/s | SAELens % peak | SAELens CPU s | ours / SAELens time |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in results["sae_step"]:
         ours, theirs = row.get("ours"), row.get("saelens")
         cells = [f"{row['d_model']} / {row['width']} / {row['batch']}", row["dtype"]]
-        cells += ([_ms(ours), f"{ours['tokens_per_s']:.0f}", f"{ours['gflops']:.0f}", _pct(ours["peak_fraction"])]
-                  if ours else ["–"] * 4)
-        cells += ([_ms(theirs), f"{theirs['tokens_per_s']:.0f}", _pct(theirs["peak_fraction"])]
-                  if theirs else ["–"] * 3)
+        cells += ([_ms(ours), f"{ours['tokens_per_s']:.0f}", f"{ours['gflops']:.0f}", _pct(ours["peak_fraction"]),
+                   _cpu(ours)] if ours else ["–"] * 5)
+        cells += ([_ms(theirs), f"{theirs['tokens_per_s']:.0f}", _pct(theirs["peak_fraction"]), _cpu(theirs)]
+                  if theirs else ["–"] * 4)
         cells.append(f"{row['time_ratio']:.2f}" if row.get("time_ratio") else "–")
         out.append("| " + " | ".join(cells) + " |")
     for side in ("ours", "saelens"):
