@@ -118,7 +118,17 @@ def render(results: dict) -> str:
             out.append(f"| {name} | {v['n_sites']} | {_ms(v)} | {v['tokens_per_s']:.0f} | {100 * v['overhead']:+.1f}% |")
     else:
         out.append(f"Not measured: {results['errors'].get('generator', 'not run')}")
-    out += ["", f"End-to-end main job tokens/s per SAE: {results['end_to_end']}", "", "## GPU", ""]
+    e2e = results["end_to_end"]
+    out += ["", "## Main job end to end", ""]
+    if "tokens_per_s" in e2e:
+        out += [f"`python -m gemma_scope.train --config={e2e['config']}` "
+                f"{' '.join('--config.' + kv for kv in e2e['overrides'])} (batch {e2e['batch']} tokens, "
+                f"{e2e['n_saes']} SAEs on {len(e2e['sites'])} sites), its own per-step log: {_ms(e2e)} s/step, "
+                f"**{e2e['tokens_per_s']:.0f} tokens/s for each SAE** ({e2e['sae_tokens_per_s']:.0f} SAE-tokens/s "
+                "over the grid)."]
+    else:
+        out.append(f"Not measured: {e2e.get('error', 'not run')}")
+    out += ["", "## GPU", ""]
     gpu = results["gpu"]
     if gpu.get("sae_step"):
         out += [f"Our step on {gpu['device']} (bf16 peak {gpu['bf16_peak_flops'] / 1e12:.0f} TFLOP/s from its data "

@@ -27,7 +27,7 @@ from benchmarks import report
 from benchmarks.common import DTYPES, SAE_SHAPES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PARTS = ("peak", "ours", "saelens", "generator", "allocator", "gpu")
+PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "allocator", "gpu")
 TCMALLOC_GLOBS = ("/usr/lib/*/libtcmalloc_minimal.so.4", str(ROOT / ".cache/tcmalloc/usr/lib/*/libtcmalloc_minimal.so.4"))
 
 
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--saelens-python", default=os.environ.get("SAELENS_PYTHON", str(ROOT / ".venv-saelens/bin/python")))
     parser.add_argument("--gen-batch", type=int, default=4)
     parser.add_argument("--gen-seq-len", type=int, default=256)
+    parser.add_argument("--e2e-config", default="experiments/gemma3_270m_res.py", help="main-job config to time")
+    parser.add_argument("--e2e-set", action="append", default=[], help="extra KEY=VALUE config override, repeatable")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker before it is abandoned")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
@@ -249,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         if "error" in generator:
             errors["generator"] = generator["error"]
     results["generator"] = generator
-    results["end_to_end"] = "not measured yet (needs the main job's training loop; see README)."
+    results["end_to_end"] = (run_worker(sys.executable, "benchmarks.end_to_end",
+                                        [*timing, "--config", args.e2e_config, *(f"--set={kv}" for kv in args.e2e_set)],
+                                        preload, args.timeout)
+                             if "endtoend" in parts else {"error": "not run (--only without endtoend)"})
     if "gpu" in parts:
         results["gpu"] = run_worker(sys.executable, "benchmarks.gpu_step", timing, preload, args.timeout, cpu=False)
     else:
