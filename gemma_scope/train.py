@@ -215,6 +215,7 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 
 
 def _site_of(name: str) -> Site | None:
+    """The release site of a source's site name (None for ``activations.CUSTOM_SITE``); ValueError if malformed."""
     return None if name == activations.CUSTOM_SITE else Site.parse(name)
 
 
@@ -242,6 +243,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     workdir.mkdir(parents=True, exist_ok=True)
     if source is None:
         source = activations.make_source(config.data, config.seed, jax.process_index(), jax.process_count())
+    release_sites = {name: _site_of(name) for name in source.sites}  # fail early on a bad data.site
     groups = group_sites(source)
     grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, lambdas)
             for g, sites in groups.items()}
@@ -255,14 +257,17 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoint_every, config.train.keep_checkpoints)
     last_good = checkpointer.latest_step()
     if last_good is not None:
-        state = checkpointer.restore(last_good, step_lib.abstract_state(grid, hp, mesh))
-        _truncate_metrics(workdir / "metrics.jsonl", last_good)
+        try:
+            state = checkpointer.restore(last_good, step_lib.abstract_state(grid, hp, mesh))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} does not match this config (changed "
+                             f"sae.width, sites or number of l0_coefficient values?); use a fresh workdir: {e}") from e
     else:
         scales = {g: normalisation_constants(source, sites, local_batch, config.train.norm_batches)
                   for g, sites in groups.items()}
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
-        (workdir / "metrics.jsonl").unlink(missing_ok=True)
     if jax.process_index() == 0:
+        _truncate_metrics(workdir / "metrics.jsonl", last_good or 0)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     start = int(jax.device_get(state["step"]))
@@ -285,7 +290,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         log.close()
         checkpointer.wait()
     checkpointer.close()
-    return write_release(config, source, groups, state, mesh)
+    return write_release(config, source, groups, release_sites, state)
 
 
 class _MetricsLog:
@@ -323,7 +328,8 @@ class _MetricsLog:
         self._bar.close()
 
 
-def write_release(config, source, groups: dict[str, list[str]], state: dict, mesh) -> list[pathlib.Path]:
+def write_release(config, source, groups: dict[str, list[str]], release_sites: dict[str, Site | None],
+                  state: dict) -> list[pathlib.Path]:
     """Folds every SAE of the grid (``sae.fold_normalisation``), measures its average L0 on the
     ``train.eval_batches`` batches after training, and writes it with ``release.write_sae`` (process 0).
 
@@ -356,7 +362,7 @@ def write_release(config, source, groups: dict[str, list[str]], state: dict, mes
                     meta = {"l0_coefficient": lam, "training_steps": config.train.steps,
                             "training_tokens": config.train.steps * config.train.batch_size,
                             "normalisation_constant": float(scales[g][i]), "seed": config.seed}
-                    written.append(release.write_sae(pathlib.Path(config.workdir) / "release", _site_of(site), one,
+                    written.append(release.write_sae(pathlib.Path(config.workdir) / "release", release_sites[site], one,
                                                      float(l0[j]), meta))
     return written
 

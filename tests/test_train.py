@@ -1,5 +1,6 @@
 """The trainer: sharded == single device, resume == uninterrupted, clear errors, the from_activations CLI."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -11,9 +12,11 @@ import pytest
 
 from gemma_scope import activations, release, train
 from gemma_scope import step as step_lib
-from experiments import from_activations
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("from_activations", ROOT / "experiments/from_activations.py")
+from_activations = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(from_activations)
 
 
 def _npy_dir(tmp_path, rows=(600, 424), d=16, scale=5.0):
@@ -149,6 +152,7 @@ def test_nonfinite_activations_are_rejected(tmp_path):
     ("train.batch_size", 60, "divisible by the mesh's data size"),
     ("mesh.model", "three", "mesh.model must be a positive integer or 'auto'"),
     ("data.path", "", "needs data.path"),
+    ("data.site", "resid.3", "unknown site kind"),
 ])
 def test_bad_configs_give_clear_errors(tmp_path, field, value, message):
     config = _config(tmp_path / "run", _npy_dir(tmp_path))

@@ -1,13 +1,15 @@
 """launch/: the λ-sweep launcher's commands and the TPU VM script's dry run."""
 
+import importlib.util
 import pathlib
 import subprocess
 
 import pytest
 
-from launch import sweep
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sweep", ROOT / "launch/sweep.py")  # launch/ is scripts, not a package
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
 
 
 def test_grid_sweep_is_one_run_with_every_lambda():
