@@ -252,6 +252,8 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     if batch_size % (mesh.shape["data"] * jax.process_count()):
         raise ValueError(f"train.batch_size={batch_size} must be divisible by the mesh's data size "
                          f"{mesh.shape['data']} and the process count {jax.process_count()}")
+    if config.sae.width % mesh.shape["model"]:
+        raise ValueError(f"sae.width={config.sae.width} must be divisible by the mesh's model size {mesh.shape['model']}")
     local_batch = batch_size // jax.process_count()
 
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoint_every, config.train.keep_checkpoints)

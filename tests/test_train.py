@@ -150,6 +150,7 @@ def test_nonfinite_activations_are_rejected(tmp_path):
     ("sae.l0_coefficient", (-1.0,), "sae.l0_coefficient"),
     ("sae.dtype", "float16", "sae.dtype must be one of"),
     ("train.batch_size", 60, "divisible by the mesh's data size"),
+    ("mesh.model", "3", "positive divisor of the device count 8"),
     ("mesh.model", "three", "mesh.model must be a positive integer or 'auto'"),
     ("data.path", "", "needs data.path"),
     ("data.site", "resid.3", "unknown site kind"),
@@ -160,6 +161,13 @@ def test_bad_configs_give_clear_errors(tmp_path, field, value, message):
     with config.unlocked():
         config[section][key] = value
     with pytest.raises(ValueError, match=message):
+        train.run(config)
+
+
+def test_width_must_split_over_the_model_axis(tmp_path):
+    config = _config(tmp_path / "run", _npy_dir(tmp_path))
+    config.sae.width, config.mesh.model = 36, "8"
+    with pytest.raises(ValueError, match="sae.width=36 must be divisible by the mesh's model size 8"):
         train.run(config)
 
 
