@@ -89,7 +89,8 @@ def worker_args(description: str) -> argparse.ArgumentParser:
 
 
 def write_json(path: str, payload: dict) -> None:
-    """Write a worker's result; also echo a one-line summary to stderr for the log."""
+    """Write a worker's result with the process's peak resident memory (GiB); note the path on stderr."""
+    payload = dict(payload, max_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     print(f"wrote {path}", file=sys.stderr)

@@ -36,7 +36,7 @@ def main() -> None:
     result = {"numpy_float32": bench_numpy(args.warmup, args.steps),
               "jax_float32": bench_jax("float32", args.warmup, args.steps),
               "jax_bfloat16": bench_jax("bfloat16", args.warmup, args.steps)}
-    write_json(args.out, {name: dict(r, n=MATMUL_N) for name, r in result.items()})
+    write_json(args.out, {"matmul": {name: dict(r, n=MATMUL_N) for name, r in result.items()}})
 
 
 if __name__ == "__main__":

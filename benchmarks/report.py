@@ -102,6 +102,9 @@ def render(results: dict) -> str:
                   if theirs else ["–"] * 4)
         cells.append(f"{row['time_ratio']:.2f}" if row.get("time_ratio") else "–")
         out.append("| " + " | ".join(cells) + " |")
+    rss = results.get("max_rss_gib", {})
+    out += ["", "Peak resident memory of each side's worker over all its shapes and dtypes: "
+            + ", ".join(f"{side} {gib} GiB" for side, gib in rss.items() if gib is not None) + "."]
     for side in ("ours", "saelens"):
         if results["errors"].get(side):
             out += ["", f"{side} step not measured: {results['errors'][side]}"]

@@ -104,8 +104,8 @@ def _best_of(*peak_runs: dict) -> dict:
     """Per backend, the run with the highest GFLOP/s (runs that failed are ignored)."""
     best = {}
     for run in peak_runs:
-        for name, r in run.items():
-            if name != "error" and r["gflops"] > best.get(name, {"gflops": -1.0})["gflops"]:
+        for name, r in run.get("matmul", {}).items():
+            if r["gflops"] > best.get(name, {"gflops": -1.0})["gflops"]:
                 best[name] = r
     return best
 
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     results["versions"].update({k: v for k, v in theirs.get("versions", {}).items() if k != "python"})
     results["matmul"] = _best_of(peak_before, peak_after) | theirs.get("matmul", {})
     results["peak_gflops"] = _peaks(results["matmul"])
+    results["max_rss_gib"] = {side: r.get("max_rss_gib") for side, r in (("ours", ours), ("saelens", theirs))}
     results["sae_step"] = _step_rows(ours, theirs, shapes, DTYPES, results["peak_gflops"])
 
     generator = {}

@@ -30,9 +30,10 @@ def test_merge_rejects_broken_markers(broken):
 
 
 def test_peak_is_best_backend_per_dtype_and_best_run_per_backend():
-    before = {"numpy_float32": {"gflops": 150.0}, "jax_float32": {"gflops": 190.0}, "jax_bfloat16": {"gflops": 300.0}}
-    after = {"numpy_float32": {"gflops": 210.0}, "jax_float32": {"gflops": 180.0}, "error": "ignored"}
-    best = run._best_of(before, after)
+    before = {"matmul": {"numpy_float32": {"gflops": 150.0}, "jax_float32": {"gflops": 190.0},
+                         "jax_bfloat16": {"gflops": 300.0}}, "max_rss_gib": 1.0}
+    after = {"matmul": {"numpy_float32": {"gflops": 210.0}, "jax_float32": {"gflops": 180.0}}}
+    best = run._best_of(before, after, {"error": "peak worker failed"})
     assert best["numpy_float32"]["gflops"] == 210.0 and best["jax_float32"]["gflops"] == 190.0
     assert run._peaks(best | {"torch_bfloat16": {"gflops": 385.0}}) == {"float32": 210.0, "bfloat16": 385.0}
 
