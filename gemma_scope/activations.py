@@ -11,7 +11,11 @@ from __future__ import annotations
 import pathlib
 from typing import Iterator, Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from gemma_scope import model
 
 CUSTOM_SITE = "custom"  # site name of activations not tied to a model site (released under custom/layer_0)
 
@@ -108,16 +112,126 @@ class NpyShardSource:
             b += 1
 
 
+class ModelSource:
+    """Activations of many sites of a Gemma model, all from ONE forward pass per batch of token sequences.
+
+    Chunk ``k`` is the sequence reader's batch ``k`` of ``chunk_sequences`` sequences (so chunks are disjoint
+    across processes). Its sequences run through the model ``forward_batch`` at a time, capturing every site at
+    once (layers after the deepest site are skipped); positions whose mask is False (BOS, EOS, padding; Gemma
+    Scope §3) are dropped. The chunk's ``n_k`` activation rows are the shuffle buffer: they are permuted with
+    ``(seed, k, pass)`` — the same permutation for every site, so row i of each site is the same token — and cut
+    into ``n_k // batch_size`` batches (the remainder is dropped). ``passes > 1`` visits each buffer that many
+    times in fresh permutations: fewer LM forward passes per SAE step, at the cost of data diversity (1 is the
+    paper's setting). Batch numbering is a pure function of the reader, seed and batch size, found by counting
+    mask entries (no forward pass), so a resumed run gets exactly the batches it would have got.
+
+    Args:
+      lm: a ``model.LoadedModel``.
+      reader: a ``data.SequenceReader`` (its process index/count shard the chunks).
+      sites: the sites to capture, ``Site`` objects.
+      chunk_sequences: sequences per shuffle buffer.
+      forward_batch: sequences per forward pass (a divisor of ``chunk_sequences``).
+      passes: visits of each buffer (>= 1).
+      seed: permutation seed.
+      buffer_dtype: ``"float32"`` or ``"bfloat16"`` storage of the buffer (batches are always float32).
+
+    Raises:
+      ValueError: a site beyond the model's layers, bad sizes or dtype.
+    """
+
+    def __init__(self, lm, reader, sites, *, chunk_sequences: int, forward_batch: int, passes: int = 1,
+                 seed: int = 0, buffer_dtype: str = "float32"):
+        if chunk_sequences % forward_batch:
+            raise ValueError(f"data.chunk_sequences={chunk_sequences} must be a multiple of data.forward_batch={forward_batch}")
+        if passes < 1:
+            raise ValueError(f"data.passes must be >= 1, got {passes}")
+        if buffer_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"data.buffer_dtype must be 'float32' or 'bfloat16', got {buffer_dtype!r}")
+        cfg = lm.config
+        for site in sites:
+            if site.layer >= cfg.num_layers:
+                raise ValueError(f"site {site} is beyond {cfg.name}'s layers 0..{cfg.num_layers - 1}")
+        self._sites = list(sites)
+        self.sites = [str(s) for s in self._sites]
+        self.d_in = {str(s): cfg.site_width(s.kind) for s in self._sites}
+        self._lm, self._reader = lm, reader
+        self._chunk, self._forward_batch, self._passes, self._seed = chunk_sequences, forward_batch, passes, seed
+        self._buffer_dtype = jnp.bfloat16 if buffer_dtype == "bfloat16" else jnp.float32
+        capture = tuple(self._sites)
+        self._forward = jax.jit(lambda params, tokens: model.forward(params, cfg, tokens, capture=capture, logits=False).acts)
+        self._cached, self._cached_perm = (None, None), (None, None)
+
+    def _buffer(self, k: int) -> dict[str, np.ndarray]:
+        """Chunk k's content-token activations ``{site: [n_k, d]}`` in token order (the last chunk is cached)."""
+        if self._cached[0] != k:
+            batch = self._reader.batch(k, self._chunk)
+            parts = {s: [] for s in self.sites}
+            for i in range(0, self._chunk, self._forward_batch):
+                tokens, mask = batch["tokens"][i:i + self._forward_batch], batch["mask"][i:i + self._forward_batch]
+                acts = self._forward(self._lm.params, tokens)
+                for site, name in zip(self._sites, self.sites):
+                    parts[name].append(np.asarray(acts[site].astype(self._buffer_dtype))[mask])
+            self._cached = (k, {s: np.concatenate(p) for s, p in parts.items()})
+        return self._cached[1]
+
+    def _permutation(self, k: int, p: int, n: int) -> np.ndarray:
+        """Row order of pass p over chunk k's n rows (the last one is cached)."""
+        if self._cached_perm[0] != (k, p):
+            self._cached_perm = ((k, p), np.random.default_rng((self._seed, k, p)).permutation(n))
+        return self._cached_perm[1]
+
+    def _batches_in(self, k: int, batch_size: int) -> int:
+        return self._passes * (int(self._reader.batch(k, self._chunk)["mask"].sum()) // batch_size)
+
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Batch number start, start+1, ... as ``{site: float32 [batch_size, d]}`` (class docstring)."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        k, first = 0, 0  # chunk k holds batches [first, first + count)
+        while first + (count := self._batches_in(k, batch_size)) <= start:
+            k, first = k + 1, first + count
+        b = start
+        while True:
+            buffer = self._buffer(k)
+            per_pass = count // self._passes
+            rows_in_buffer = len(buffer[self.sites[0]])
+            for j in range(b - first, count):
+                p, i = divmod(j, per_pass)
+                rows = self._permutation(k, p, rows_in_buffer)[i * batch_size:(i + 1) * batch_size]
+                yield {s: buffer[s][rows].astype(np.float32) for s in self.sites}
+            b, first, k = first + count, first + count, k + 1
+            count = self._batches_in(k, batch_size)
+
+
 def make_source(data_config, seed: int, shard_index: int = 0, shard_count: int = 1) -> ActivationSource:
     """Builds the activation source a config's ``data`` block describes.
 
-    ``data.source``: ``"npy"`` — ``NpyShardSource(data.path, data.site or CUSTOM_SITE, seed, ...)``.
+    ``data.source``:
+      ``"npy"``: ``NpyShardSource(data.path, data.site or CUSTOM_SITE, seed, ...)``;
+      ``"model"``: ``ModelSource`` over ``data.model`` (``model.load``) reading ``data.sites`` from the corpus
+        ``data.corpus`` (split ``train``, ``data.seq_len`` tokens per sequence, ``data.packing``).
 
     Raises:
-      ValueError: an unknown ``data.source`` or a missing ``data.path``.
+      ValueError: an unknown ``data.source`` or a missing ``data.path`` / ``data.model``.
+      FileNotFoundError: a missing corpus or checkpoint (the message says how to make or point at one).
     """
     if data_config.source == "npy":
         if not data_config.get("path"):
             raise ValueError("data.source='npy' needs data.path: a directory of float32 .npy files [N, d]")
         return NpyShardSource(data_config.path, data_config.get("site") or CUSTOM_SITE, seed, shard_index, shard_count)
-    raise ValueError(f"unknown data.source {data_config.source!r}; expected one of ['npy']")
+    if data_config.source == "model":
+        from gemma_scope.data import SequenceReader
+        from gemma_scope.sites import parse_sites
+
+        if not data_config.get("model"):
+            raise ValueError("data.source='model' needs data.model: 'gemma3_270m' (embedded) or the path of a Gemma "
+                             "checkpoint (Hugging Face directory or orbax checkpoint)")
+        lm = model.load(data_config.model, config=data_config.get("model_config") or None)
+        reader = SequenceReader(data_config.corpus or None, split="train", seq_len=data_config.seq_len,
+                                packing=data_config.packing, seed=seed, process_index=shard_index,
+                                process_count=shard_count, tokenizer=lm.tokenizer)
+        source = ModelSource(lm, reader, parse_sites(data_config.sites, lm.config.num_layers),
+                             chunk_sequences=data_config.chunk_sequences, forward_batch=data_config.forward_batch,
+                             passes=data_config.passes, seed=seed, buffer_dtype=data_config.buffer_dtype)
+        return source
+    raise ValueError(f"unknown data.source {data_config.source!r}; expected one of ['npy', 'model']")

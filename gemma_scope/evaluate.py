@@ -168,59 +168,64 @@ def _rebatch(arrays: Iterable[np.ndarray], batch_size: int, d: int) -> Iterator[
         yield np.concatenate(pending)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "site"))
-def _lm_batch(params_lm, cfg, tokens: jax.Array, mask: jax.Array, site: Site, sae_params: dict) -> dict:
-    """Per-token NLL ``[B, T−1]`` clean / spliced / zero-ablated, and the site's clean activations ``[B, T, w]``.
+@functools.partial(jax.jit, static_argnames=("cfg", "sites"))
+def _clean_pass(params_lm, cfg, tokens: jax.Array, sites: tuple[Site, ...]):
+    """Clean per-token NLL ``[B, T−1]`` and the clean activations ``{site: [B, T, w]}`` from ONE forward pass."""
+    acts = {}
 
-    Only real content positions (``mask``) are replaced; BOS, EOS and padding keep their clean activations,
-    since the SAE was trained without them (§3).
-    """
+    def read(site):
+        def keep(act):  # an identity replacement: records the activation, changes nothing downstream
+            acts[site] = act
+            return act
+
+        return keep
+
+    nll = model.token_nll(params_lm, cfg, tokens, replace={site: read(site) for site in sites})
+    return nll, acts
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "site"))
+def _spliced_pass(params_lm, cfg, tokens: jax.Array, mask: jax.Array, site: Site, sae_params: dict | None):
+    """Per-token NLL ``[B, T−1]`` with the site's content positions (``mask``) replaced by the SAE reconstruction,
+    or by zeros when ``sae_params`` is None (zero ablation). BOS, EOS and padding keep their clean activations,
+    since the SAE was trained without them (§3)."""
     splice = mask[..., None]
 
-    def reconstruct(act):
-        x_hat = sae.decode(sae_params, sae.encode(sae_params, act))
-        return jnp.where(splice, x_hat.astype(act.dtype), act)
+    def replace(act):
+        new = jnp.zeros_like(act) if sae_params is None else sae.decode(sae_params, sae.encode(sae_params, act))
+        return jnp.where(splice, new.astype(act.dtype), act)
 
-    def zero_ablate(act):
-        return jnp.where(splice, jnp.zeros_like(act), act)
-
-    return {
-        "clean": model.token_nll(params_lm, cfg, tokens),
-        "spliced": model.token_nll(params_lm, cfg, tokens, replace={site: reconstruct}),
-        "zero_ablated": model.token_nll(params_lm, cfg, tokens, replace={site: zero_ablate}),
-        "acts": model.forward(params_lm, cfg, tokens, capture=[site], logits=False).acts[site],
-    }
+    return model.token_nll(params_lm, cfg, tokens, replace={site: replace})
 
 
-def delta_lm_loss(
+def evaluate_grid(
     params_lm,
     cfg,
     tokens: np.ndarray,
     mask: np.ndarray,
-    site: Site,
-    sae_params: dict,
+    saes: list[tuple[Site, dict]],
     batch_size: int = 8,
     progress: bool = True,
-) -> dict:
-    """Delta LM loss of an SAE spliced in at ``site`` (Gemma Scope §4.1), plus its reconstruction metrics there.
+) -> list[dict]:
+    """Delta LM loss (Gemma Scope §4.1) and reconstruction metrics of many SAEs on the same sequences.
 
-    Three next-token cross-entropies per sequence batch: clean, with the site's activations replaced by the SAE
-    reconstruction at content positions, and with them zero-ablated. A target ``tokens[b, t+1]`` counts when
-    ``mask[b, t+1]`` (a real content token). The paper's protocol is 2,048 sequences × 1,024 tokens.
+    Per batch of sequences: one clean pass (which also reads every site), one zero-ablation pass per site, one
+    spliced pass per SAE — so a λ sweep or a grid over layers costs 1 + sites + SAEs passes, not 3 per SAE. A
+    target ``tokens[b, t+1]`` counts when ``mask[b, t+1]`` (a real content token). The paper's protocol is 2,048
+    sequences × 1,024 tokens.
 
     Args:
       params_lm: the LM's params (``model.load(...).params``).
       cfg: its ``model`` config (static).
       tokens: int32 ``[N, T]``, each sequence starting with BOS.
       mask: bool ``[N, T]``, True exactly at real content tokens.
-      site: where to splice; the SAE's d must equal ``cfg.site_width(site.kind)``.
-      sae_params: folded SAE params.
+      saes: ``(site, folded SAE params)`` pairs; each SAE's d must equal ``cfg.site_width(site.kind)``.
       batch_size: sequences per jitted call (N is zero-padded to a multiple; padding is masked out).
       progress: show a tqdm bar.
 
     Returns:
-      dict of floats ``clean_loss``, ``spliced_loss``, ``zero_ablation_loss`` (masked mean nats/token),
-      ``delta_lm_loss`` (= spliced − clean), ``loss_recovered`` ((zero − spliced) / (zero − clean)),
+      One dict per SAE, in order: floats ``clean_loss``, ``spliced_loss``, ``zero_ablation_loss`` (masked mean
+      nats/token), ``delta_lm_loss`` (= spliced − clean), ``loss_recovered`` ((zero − spliced) / (zero − clean)),
       ``n_targets``; the ``activation_metrics`` keys (``l0``, ``fvu``, ``mse``, ``dead_fraction``, ``n_tokens``,
       ``frequencies``) over the content tokens at the site; and ``by_position``: float arrays indexed by token
       position t (where the site is read and the next token predicted) — ``delta_lm_loss [T−1]``,
@@ -228,56 +233,76 @@ def delta_lm_loss(
       NaN where no token counts.
 
     Raises:
-      ValueError: mismatched shapes or an SAE whose width does not fit the site.
+      ValueError: mismatched shapes, no SAE, or an SAE whose width does not fit its site.
     """
     tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, bool)
     if tokens.ndim != 2 or tokens.shape != mask.shape:
         raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} must both be [sequences, length]")
-    d = sae_params["W_enc"].shape[0]
-    if d != cfg.site_width(site.kind):
-        raise ValueError(f"SAE input width {d} does not match site {site} of {cfg.name} (width {cfg.site_width(site.kind)})")
-    sae_params = jax.tree.map(jnp.asarray, sae_params)
+    if not saes:
+        raise ValueError("evaluate_grid needs at least one (site, SAE params) pair")
+    for site, params in saes:
+        d = params["W_enc"].shape[0]
+        if d != cfg.site_width(site.kind):
+            raise ValueError(f"SAE input width {d} does not match site {site} of {cfg.name} "
+                             f"(width {cfg.site_width(site.kind)})")
+    saes = [(site, jax.tree.map(jnp.asarray, params)) for site, params in saes]
+    sites = tuple(sorted({site for site, _ in saes}))
     num, length = tokens.shape
     padded = -(-num // batch_size) * batch_size
     tokens = np.pad(tokens, ((0, padded - num), (0, 0)))
     mask = np.pad(mask, ((0, padded - num), (0, 0)))
-    totals = _Totals()
-    nll_sums = {k: np.zeros(length - 1) for k in ("clean", "spliced", "zero_ablated")}
-    targets, sq_err = np.zeros(length - 1), np.zeros(length)
-    for start in tqdm.trange(0, padded, batch_size, desc=f"delta LM loss {site}", disable=not progress):
+    clean_sum, zero_sum = np.zeros(length - 1), {site: np.zeros(length - 1) for site in sites}
+    spliced_sum = [np.zeros(length - 1) for _ in saes]
+    totals, sq_err = [_Totals() for _ in saes], [np.zeros(length) for _ in saes]
+    targets = np.zeros(length - 1)
+    bar = tqdm.tqdm(total=padded // batch_size * (1 + len(sites) + len(saes)), unit="pass",
+                    desc="delta LM loss", disable=not progress)
+    for start in range(0, padded, batch_size):
         batch_tokens, batch_mask = tokens[start : start + batch_size], mask[start : start + batch_size]
-        out = jax.device_get(_lm_batch(params_lm, cfg, batch_tokens, batch_mask, site, sae_params))
         target = batch_mask[:, 1:]
-        for key in nll_sums:
-            nll_sums[key] += np.where(target, out[key], 0.0).sum(axis=0)
+
+        def masked(nll):
+            bar.update()
+            return np.where(target, jax.device_get(nll), 0.0).sum(axis=0)
+
+        clean_nll, acts = _clean_pass(params_lm, cfg, batch_tokens, sites)
+        clean_sum += masked(clean_nll)
         targets += target.sum(axis=0)
-        token_err = totals.add(sae_params, out["acts"].reshape(-1, d), batch_mask.reshape(-1).astype(np.float32))
-        sq_err += np.where(batch_mask, token_err.reshape(batch_mask.shape), 0.0).sum(axis=0)
+        for site in sites:
+            zero_sum[site] += masked(_spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, None))
+        for i, (site, params) in enumerate(saes):
+            spliced_sum[i] += masked(_spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, params))
+            d = params["W_enc"].shape[0]
+            token_err = totals[i].add(params, acts[site].reshape(-1, d), batch_mask.reshape(-1).astype(np.float32))
+            sq_err[i] += np.where(batch_mask, token_err.reshape(batch_mask.shape), 0.0).sum(axis=0)
+    bar.close()
     if targets.sum() == 0:
         raise ValueError("no content targets: mask is False everywhere after the first position")
-    losses = {k: float(v.sum() / targets.sum()) for k, v in nll_sums.items()}
-    result = totals.metrics()
+    clean = float(clean_sum.sum() / targets.sum())
     tokens_at = mask.sum(axis=0).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):  # NaN where nothing counts
-        by_position = {
-            "delta_lm_loss": (nll_sums["spliced"] - nll_sums["clean"]) / targets,
-            "clean_loss": nll_sums["clean"] / targets,
-            "mse": sq_err / tokens_at,
-            "fvu": sq_err / tokens_at / totals.variance(),
-            "n_tokens": tokens_at,
-        }
-    result.update(
-        clean_loss=losses["clean"],
-        spliced_loss=losses["spliced"],
-        zero_ablation_loss=losses["zero_ablated"],
-        delta_lm_loss=losses["spliced"] - losses["clean"],
-        loss_recovered=float(
-            np.float64(losses["zero_ablated"] - losses["spliced"]) / (losses["zero_ablated"] - losses["clean"])
-        ),
-        n_targets=int(targets.sum()),
-        by_position=by_position,
-    )
-    return result
+    results = []
+    for i, (site, _) in enumerate(saes):
+        spliced, zero = float(spliced_sum[i].sum() / targets.sum()), float(zero_sum[site].sum() / targets.sum())
+        result = totals[i].metrics()
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN where nothing counts
+            result["by_position"] = {
+                "delta_lm_loss": (spliced_sum[i] - clean_sum) / targets,
+                "clean_loss": clean_sum / targets,
+                "mse": sq_err[i] / tokens_at,
+                "fvu": sq_err[i] / tokens_at / totals[i].variance(),
+                "n_tokens": tokens_at,
+            }
+        result.update(clean_loss=clean, spliced_loss=spliced, zero_ablation_loss=zero, delta_lm_loss=spliced - clean,
+                      loss_recovered=float(np.float64(zero - spliced) / (zero - clean)), n_targets=int(targets.sum()))
+        results.append(result)
+    return results
+
+
+def delta_lm_loss(params_lm, cfg, tokens: np.ndarray, mask: np.ndarray, site: Site, sae_params: dict,
+                  batch_size: int = 8, progress: bool = True) -> dict:
+    """Delta LM loss of one SAE spliced in at ``site``: ``evaluate_grid`` of that single SAE (same arguments,
+    same result keys, same errors)."""
+    return evaluate_grid(params_lm, cfg, tokens, mask, [(site, sae_params)], batch_size, progress)[0]
 
 
 def activation_files(directory: str | pathlib.Path) -> list[np.ndarray]:
@@ -394,24 +419,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("give --activations=DIR (cached activations) and/or --model=NAME (delta LM loss)")
 
     sae_paths = [p for spec in args.sae for p in find_saes(spec)]
-    lm, sequences = None, None
-    if args.model:
-        lm, sequences = _load_lm(args.model, args.corpus, args.num_sequences, args.seq_len, args.packing)
-    records = []
+    records, saes = [], []
     for path in sae_paths:
         params = release.load_params(path)
         info = sae_info(path)
-        record = {"sae": str(path), "site": args.site or info["site"] or "custom", "width": params["W_enc"].shape[1],
-                  "l0_coefficient": info["l0_coefficient"]}
-        if lm is not None:
-            if args.site is None and info["site"] is None:
-                raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
-            record.update(delta_lm_loss(lm.params, lm.config, *sequences, Site.parse(record["site"]), params,
-                                        batch_size=args.lm_batch_size))
+        if args.model and args.site is None and info["site"] is None:
+            raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
+        records.append({"sae": str(path), "site": args.site or info["site"] or "custom",
+                        "width": params["W_enc"].shape[1], "l0_coefficient": info["l0_coefficient"]})
+        saes.append(params)
+    if args.model:
+        lm, sequences = _load_lm(args.model, args.corpus, args.num_sequences, args.seq_len, args.packing)
+        grid = [(Site.parse(r["site"]), params) for r, params in zip(records, saes)]
+        for record, result in zip(records, evaluate_grid(lm.params, lm.config, *sequences, grid,
+                                                          batch_size=args.lm_batch_size)):
+            record.update(result)
+    for record, params in zip(records, saes):
         if args.activations:
             shards = _limit(activation_files(args.activations), args.max_tokens)
             record.update(activation_metrics(params, shards, batch_size=args.batch_size))
-        records.append(record)
         print(json.dumps(_json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
               flush=True)
     if args.out:

@@ -257,3 +257,24 @@ def test_identity_splice_on_real_gemma3_270m_gives_zero_delta():
     out = evaluate.delta_lm_loss(lm.params, lm.config, tokens, mask, site, identity_sae(640), batch_size=1, progress=False)
     assert out["delta_lm_loss"] == 0.0 and out["fvu"] == 0.0
     assert 0.5 < out["clean_loss"] < 6 < out["zero_ablation_loss"]
+
+
+def test_grid_equals_each_sae_alone_on_tiny_gemma():
+    """One grid evaluation (shared clean and zero-ablation passes) gives each SAE's single-SAE results."""
+    from gemma_scope import model
+
+    cfg = model.get_config("gemma2_tiny")
+    params = model.init_params(cfg, jax.random.key(1))
+    tokens = np.random.default_rng(2).integers(3, cfg.vocab_size, size=(3, 10)).astype(np.int32)
+    tokens[:, 0] = 2
+    mask = tokens > 2
+    grid = [(Site("res", 0), random_sae(d=cfg.d_model, width=16, seed=4)),
+            (Site("res", 0), random_sae(d=cfg.d_model, width=16, seed=5)),
+            (Site("att", 1), random_sae(d=cfg.site_width("att"), width=16, seed=6))]
+    together = evaluate.evaluate_grid(params, cfg, tokens, mask, grid, batch_size=2, progress=False)
+    for (site, sae_params), got in zip(grid, together):
+        alone = evaluate.delta_lm_loss(params, cfg, tokens, mask, site, sae_params, batch_size=2, progress=False)
+        for key in ("clean_loss", "spliced_loss", "zero_ablation_loss", "l0", "fvu"):
+            np.testing.assert_allclose(got[key], alone[key], rtol=1e-6, err_msg=f"{site} {key}")
+    assert together[0]["spliced_loss"] != together[1]["spliced_loss"]
+    assert together[0]["zero_ablation_loss"] != together[2]["zero_ablation_loss"]
