@@ -31,7 +31,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         total = args.warmup + args.steps
         cmd = [sys.executable, "-m", "gemma_scope.train", f"--config={args.config}", f"--config.workdir={workdir}",
-               f"--config.train.steps={total}", "--config.train.log_every=1", f"--config.train.checkpoint_every={total}",
+               f"--config.train.steps={total}", "--config.train.log_every=1",
+               f"--config.train.checkpoint_every={total}",
                *(f"--config.{kv}" for kv in args.set)]
         print("+", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

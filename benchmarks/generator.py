@@ -1,6 +1,6 @@
 """The activation generator: tokens/s of a jitted Gemma 3 270M forward pass (float32, CPU) capturing all 18
-``res`` sites and all 54 sites, against the same forward without extra capture, timed round-robin so that noise hits all three alike. Run as
-``python -m benchmarks.generator --out FILE``.
+``res`` sites and all 54 sites, against the same forward without extra capture, timed round-robin so that noise
+hits all three alike. Run as ``python -m benchmarks.generator --out FILE``.
 
 The baseline captures only ``res`` of the last layer: with ``logits=False`` the model runs exactly the layers up
 to the last captured site, so this is the full trunk whose output the model computes anyway (capturing it adds

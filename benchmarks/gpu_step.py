@@ -37,7 +37,8 @@ def main() -> None:
         entry.update(sae_step.bench_step(d_model, width, batch, "bfloat16", args.warmup, args.steps))
         entry["mfu"] = entry["gflops"] * 1e9 / peak if peak else None
         rows.append(entry)
-    write_json(args.out, {"device": device.device_kind, "bf16_peak_flops": peak, "jax": jax.__version__, "sae_step": rows})
+    write_json(args.out, {"device": device.device_kind, "bf16_peak_flops": peak, "jax": jax.__version__,
+                          "sae_step": rows})
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ def _cpu(stats: dict) -> str:
     return f"{stats['user_s_per_call'] + stats['sys_s_per_call']:.2f}"
 
 
+def _peak(stats: dict) -> str:
+    return f"{_pct(stats['peak_fraction'])} ({_pct(stats['framework_peak_fraction'])})"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
@@ -54,7 +58,8 @@ def render(results: dict) -> str:
            "(a load above the core count means other work shared the CPU and the numbers are noisy).", ""]
     out += [f"- {note}" for note in results.get("notes", [])]
     m = results["machine"]
-    out += ["## Machine and versions", "", f"- CPU: {m['cpu']} ({m['cores']} cores; {', '.join(m['isa'])}), {m['memory_gib']} GiB RAM, "
+    out += ["## Machine and versions", "",
+            f"- CPU: {m['cpu']} ({m['cores']} cores; {', '.join(m['isa'])}), {m['memory_gib']} GiB RAM, "
             f"{m['platform']}"]
     out += [f"- {name}: {ver}" for name, ver in sorted(results["versions"].items())]
     alloc = results["allocator"]
@@ -89,16 +94,18 @@ def render(results: dict) -> str:
             "% peak against the same-dtype peak above. Ours: `gemma_scope.step.build_benchmark_step` "
             "(forward, loss, backward, decoder-gradient projection, Adam, decoder renormalisation). SAELens: "
             "`SAETrainer.step` on `JumpReLUTrainingSAE` (bf16 = its autocast).", "",
-            "CPU s = the process's user + sys CPU seconds per step (all threads; robust to other load).", "",
+            "In brackets after % peak: the fraction of the same framework's own matmul (JAX for ours, torch for "
+            "SAELens). CPU s = the process's user + sys CPU seconds per step (all threads; robust to other load).",
+            "",
             "| d / width / batch | dtype | ours s/step | ours tok/s | ours GFLOP/s | ours % peak | ours CPU s "
             "| SAELens s/step | SAELens tok/s | SAELens % peak | SAELens CPU s | ours / SAELens time |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in results["sae_step"]:
         ours, theirs = row.get("ours"), row.get("saelens")
         cells = [f"{row['d_model']} / {row['width']} / {row['batch']}", row["dtype"]]
-        cells += ([_ms(ours), f"{ours['tokens_per_s']:.0f}", f"{ours['gflops']:.0f}", _pct(ours["peak_fraction"]),
-                   _cpu(ours)] if ours else ["–"] * 5)
-        cells += ([_ms(theirs), f"{theirs['tokens_per_s']:.0f}", _pct(theirs["peak_fraction"]), _cpu(theirs)]
+        cells += ([_ms(ours), f"{ours['tokens_per_s']:.0f}", f"{ours['gflops']:.0f}", _peak(ours), _cpu(ours)]
+                  if ours else ["–"] * 5)
+        cells += ([_ms(theirs), f"{theirs['tokens_per_s']:.0f}", _peak(theirs), _cpu(theirs)]
                   if theirs else ["–"] * 4)
         cells.append(f"{row['time_ratio']:.2f}" if row.get("time_ratio") else "–")
         out.append("| " + " | ".join(cells) + " |")
@@ -118,7 +125,8 @@ def render(results: dict) -> str:
                 "last layer's `res` (the trunk output the forward computes anyway).", "",
                 "| capture | sites | s/forward | tokens/s | over baseline |", "| --- | --- | --- | --- | --- |"]
         for name, v in gen["variants"].items():
-            out.append(f"| {name} | {v['n_sites']} | {_ms(v)} | {v['tokens_per_s']:.0f} | {100 * v['overhead']:+.1f}% |")
+            out.append(f"| {name} | {v['n_sites']} | {_ms(v)} | {v['tokens_per_s']:.0f} | "
+                       f"{100 * v['overhead']:+.1f}% |")
     else:
         out.append(f"Not measured: {results['errors'].get('generator', 'not run')}")
     e2e = results["end_to_end"]

@@ -28,7 +28,8 @@ from benchmarks.common import DTYPES, SAE_SHAPES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "allocator", "gpu")
-TCMALLOC_GLOBS = ("/usr/lib/*/libtcmalloc_minimal.so.4", str(ROOT / ".cache/tcmalloc/usr/lib/*/libtcmalloc_minimal.so.4"))
+TCMALLOC_GLOBS = ("/usr/lib/*/libtcmalloc_minimal.so.4",
+                  str(ROOT / ".cache/tcmalloc/usr/lib/*/libtcmalloc_minimal.so.4"))
 
 
 def find_tcmalloc() -> str | None:
@@ -119,8 +120,10 @@ def _peaks(matmul: dict) -> dict:
     return peaks
 
 
-def _step_rows(ours: dict, theirs: dict, shapes, dtypes, peaks: dict) -> list[dict]:
-    """One row per (shape, dtype): each side's timing with its fraction of the peak, and ours/SAELens time."""
+def _step_rows(ours: dict, theirs: dict, shapes, dtypes, matmul: dict) -> list[dict]:
+    """One row per (shape, dtype): each side's timing with its fraction of the machine's peak and of its own
+    framework's matmul (JAX / torch), and ours/SAELens time."""
+    peaks = _peaks(matmul)
     def index(result):
         return {(e["d_model"], e["width"], e["batch"], e["dtype"]): e for e in result.get("sae_step", [])}
 
@@ -129,11 +132,12 @@ def _step_rows(ours: dict, theirs: dict, shapes, dtypes, peaks: dict) -> list[di
     for d, w, b in shapes:
         for dtype in dtypes:
             row = {"d_model": d, "width": w, "batch": b, "dtype": dtype}
-            for side, by in (("ours", ours_by), ("saelens", theirs_by)):
+            for side, by, framework in (("ours", ours_by, "jax"), ("saelens", theirs_by, "torch")):
                 entry = by.get((d, w, b, dtype))
                 if entry:
-                    peak = peaks.get(dtype)
-                    row[side] = dict(entry, peak_fraction=entry["gflops"] / peak if peak else None)
+                    peak, own = peaks.get(dtype), matmul.get(f"{framework}_{dtype}", {}).get("gflops")
+                    row[side] = dict(entry, peak_fraction=entry["gflops"] / peak if peak else None,
+                                     framework_peak_fraction=entry["gflops"] / own if own else None)
             if "ours" in row and "saelens" in row:
                 row["time_ratio"] = row["ours"]["median_s"] / row["saelens"]["median_s"]
             rows.append(row)
@@ -142,19 +146,24 @@ def _step_rows(ours: dict, theirs: dict, shapes, dtypes, peaks: dict) -> list[di
 
 def _targets(rows: list[dict], generator: dict, gpu: dict) -> list[dict]:
     """The issue's targets, each with what was measured and whether it is met (None: not measured)."""
+    def target(text: str, value: float | None, shown: str, met) -> dict:
+        if not value:
+            return {"target": text, "measured": "–", "met": None}
+        return {"target": text, "measured": shown.format(value), "met": met(value)}
+
     targets = []
     for row in rows:
         shape = f"{row['d_model']}/{row['width']}/{row['batch']}"
-        ours, ratio = row.get("ours"), row.get("time_ratio")
+        speedup = 1 / row["time_ratio"] if row.get("time_ratio") else None
         if row["dtype"] == "float32":
-            targets.append({"target": f"f32 step ≥ 1.3× faster than SAELens at {shape}",
-                            "measured": f"{1 / ratio:.2f}×" if ratio else "–", "met": None if not ratio else 1 / ratio >= 1.3})
-            frac = ours and ours["peak_fraction"]
-            targets.append({"target": f"f32 step ≥ 85% of f32 matmul peak at {shape}",
-                            "measured": f"{100 * frac:.0f}%" if frac else "–", "met": None if not frac else frac >= 0.85})
+            targets.append(target(f"f32 step ≥ 1.3× faster than SAELens at {shape}", speedup, "{:.2f}×",
+                                  lambda v: v >= 1.3))
+            frac = row.get("ours", {}).get("peak_fraction")
+            targets.append(target(f"f32 step ≥ 85% of f32 matmul peak at {shape}", frac and 100 * frac, "{:.0f}%",
+                                  lambda v: v >= 85))
         else:
-            targets.append({"target": f"bf16 step at least as fast as SAELens bf16 autocast at {shape}",
-                            "measured": f"{1 / ratio:.2f}×" if ratio else "–", "met": None if not ratio else ratio <= 1.0})
+            targets.append(target(f"bf16 step at least as fast as SAELens bf16 autocast at {shape}", speedup,
+                                  "{:.2f}×", lambda v: v >= 1.0))
     res = (generator or {}).get("variants", {}).get("res_all")
     targets.append({"target": "capturing all res sites costs ≤ 5% over the plain forward",
                     "measured": f"{100 * res['overhead']:+.1f}%" if res else "–",
@@ -192,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma list of parts to run: peak, ours, saelens, generator, allocator, gpu")
     parser.add_argument("--allocator", choices=("tcmalloc", "system"), default="tcmalloc",
                         help="tcmalloc (LD_PRELOAD, falls back to system when not installed) or glibc malloc")
-    parser.add_argument("--saelens-python", default=os.environ.get("SAELENS_PYTHON", str(ROOT / ".venv-saelens/bin/python")))
+    parser.add_argument("--saelens-python",
+                        default=os.environ.get("SAELENS_PYTHON", str(ROOT / ".venv-saelens/bin/python")))
     parser.add_argument("--gen-batch", type=int, default=4)
     parser.add_argument("--gen-seq-len", type=int, default=256)
     parser.add_argument("--e2e-config", default="experiments/gemma3_270m_res.py", help="main-job config to time")
@@ -230,11 +240,16 @@ def main(argv: list[str] | None = None) -> None:
         "Both sides ran with glibc malloc.")}
 
     # The peak is measured before and after the steps and the better kept: noise only ever lowers it.
-    peak_before = run_worker(sys.executable, "benchmarks.peak", timing, preload, args.timeout) if "peak" in parts else {}
-    ours = run_worker(sys.executable, "benchmarks.sae_step", step_args, preload, args.timeout) if "ours" in parts else {}
+    def ours_worker(part: str, module: str, worker_args: list[str], **kw) -> dict:
+        if part not in parts:
+            return {"error": f"not run (--only without {part})"}
+        return run_worker(sys.executable, module, worker_args, preload, args.timeout, **kw)
+
+    peak_before = ours_worker("peak", "benchmarks.peak", timing)
+    ours = ours_worker("ours", "benchmarks.sae_step", step_args)
     theirs = (run_worker(saelens_python, "benchmarks.saelens_step", step_args, preload, args.timeout)
               if "saelens" in parts and saelens_python else {})
-    peak_after = run_worker(sys.executable, "benchmarks.peak", timing, preload, args.timeout) if "peak" in parts else {}
+    peak_after = ours_worker("peak", "benchmarks.peak", timing)
     for side, r in (("ours", ours), ("saelens", theirs), ("peak", peak_before), ("peak", peak_after)):
         if "error" in r:
             errors[side] = r["error"]
@@ -242,24 +257,16 @@ def main(argv: list[str] | None = None) -> None:
     results["matmul"] = _best_of(peak_before, peak_after) | theirs.get("matmul", {})
     results["peak_gflops"] = _peaks(results["matmul"])
     results["max_rss_gib"] = {side: r.get("max_rss_gib") for side, r in (("ours", ours), ("saelens", theirs))}
-    results["sae_step"] = _step_rows(ours, theirs, shapes, DTYPES, results["peak_gflops"])
+    results["sae_step"] = _step_rows(ours, theirs, shapes, DTYPES, results["matmul"])
 
-    generator = {}
-    if "generator" in parts:
-        generator = run_worker(sys.executable, "benchmarks.generator",
-                               [*timing, "--batch", str(args.gen_batch), "--seq-len", str(args.gen_seq_len)],
-                               preload, args.timeout)
-        if "error" in generator:
-            errors["generator"] = generator["error"]
+    generator = ours_worker("generator", "benchmarks.generator",
+                            [*timing, "--batch", str(args.gen_batch), "--seq-len", str(args.gen_seq_len)])
+    e2e_args = [*timing, "--config", args.e2e_config, *(f"--set={kv}" for kv in args.e2e_set)]
     results["generator"] = generator
-    results["end_to_end"] = (run_worker(sys.executable, "benchmarks.end_to_end",
-                                        [*timing, "--config", args.e2e_config, *(f"--set={kv}" for kv in args.e2e_set)],
-                                        preload, args.timeout)
-                             if "endtoend" in parts else {"error": "not run (--only without endtoend)"})
-    if "gpu" in parts:
-        results["gpu"] = run_worker(sys.executable, "benchmarks.gpu_step", timing, preload, args.timeout, cpu=False)
-    else:
-        results["gpu"] = {"error": "not run (--only without gpu)"}
+    results["end_to_end"] = ours_worker("endtoend", "benchmarks.end_to_end", e2e_args)
+    results["gpu"] = ours_worker("gpu", "benchmarks.gpu_step", timing, cpu=False)
+    if "error" in generator:
+        errors["generator"] = generator["error"]
 
     if "allocator" in parts:
         if tcmalloc:

@@ -10,7 +10,8 @@ import jaxlib
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from benchmarks.common import DTYPES, SAE_SHAPES, sae_step_flops_per_token, throughput, time_calls, worker_args, write_json
+from benchmarks.common import (DTYPES, SAE_SHAPES, sae_step_flops_per_token, throughput, time_calls, worker_args,
+                               write_json)
 from gemma_scope import step
 
 

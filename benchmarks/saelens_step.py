@@ -19,7 +19,8 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-from benchmarks.common import DTYPES, SAE_SHAPES, sae_step_flops_per_token, throughput, time_calls, worker_args, write_json
+from benchmarks.common import (DTYPES, SAE_SHAPES, sae_step_flops_per_token, throughput, time_calls, worker_args,
+                               write_json)
 
 MATMUL_N = 3072  # square matmul size for the dense peak
 
@@ -70,7 +71,8 @@ def main() -> None:
     parser.add_argument("--no-matmul", action="store_true", help="skip the matmul peak")
     args = parser.parse_args()
     shapes = SAE_SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
-    result = {"versions": {"torch": torch.__version__, "sae_lens": sae_lens_version, "python": platform.python_version()},
+    versions = {"torch": torch.__version__, "sae_lens": sae_lens_version, "python": platform.python_version()}
+    result = {"versions": versions,
               "torch_threads": torch.get_num_threads(), "matmul": {}, "sae_step": []}
     if not args.no_matmul:
         for dtype in DTYPES:
