@@ -55,3 +55,15 @@ def test_worker_env_sets_one_cpu_device_and_the_allocator(monkeypatch):
     assert env["XLA_FLAGS"] == "--xla_cpu_foo=1" and env["JAX_PLATFORMS"] == "cpu"
     assert env["LD_PRELOAD"] == "/lib/tcmalloc.so"
     assert "LD_PRELOAD" not in run.worker_env(None)
+
+
+def test_targets_apply_the_issue_thresholds():
+    rows = [{"d_model": 640, "width": 4096, "batch": 4096, "dtype": "float32", "time_ratio": 0.5,
+             "ours": {"peak_fraction": 0.8}},
+            {"d_model": 640, "width": 4096, "batch": 4096, "dtype": "bfloat16", "time_ratio": 1.1, "ours": {}},
+            {"d_model": 2304, "width": 16384, "batch": 1024, "dtype": "float32"}]
+    generator = {"variants": {"res_all": {"overhead": 0.03}}}
+    gpu = {"sae_step": [{"width": 16384, "mfu": 0.55}, {"width": 131072, "mfu": 0.4}]}
+    met = [t["met"] for t in run._targets(rows, generator, gpu)]
+    # f32 1.3× (2× yes), f32 85% peak (80% no), bf16 as fast (0.91× no), shape 3 unmeasured ×2, res capture, 2 GPUs
+    assert met == [True, False, False, None, None, True, True, False]
