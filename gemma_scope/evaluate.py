@@ -397,6 +397,69 @@ def _json_ready(value):
     return value
 
 
+def evaluate_saes(
+    sae_paths: list[pathlib.Path],
+    *,
+    model_name: str | None = None,
+    site: str | None = None,
+    corpus: str | None = None,
+    packing: str = "packed",
+    num_sequences: int = 64,
+    seq_len: int = 1024,
+    lm_batch_size: int = 8,
+    activations: str | None = None,
+    max_tokens: int | None = None,
+    batch_size: int | None = None,
+    out: str | pathlib.Path | None = None,
+    notes: str = "",
+) -> list[dict]:
+    """Evaluates released SAE files, printing one JSON line of metrics per SAE; returns the records.
+
+    With ``model_name``: delta LM loss and site metrics of all SAEs together (``evaluate_grid``) on the first
+    ``num_sequences`` held-out sequences of the corpus. With ``activations`` (a directory of cached ``.npy``
+    shards): ``activation_metrics`` on at most ``max_tokens`` of them. With ``out``: ``metrics.json``,
+    ``report.md`` and plots there (``notes`` goes under the report's heading).
+
+    Raises:
+      ValueError: neither ``model_name`` nor ``activations``; an SAE whose site is unknown when splicing;
+        malformed SAE files (``release.load_params``).
+    """
+    if not (activations or model_name):
+        raise ValueError("give activations=DIR (cached activations) and/or model_name=NAME (delta LM loss)")
+    records, saes = [], []
+    for path in sae_paths:
+        params = release.load_params(path)
+        info = sae_info(path)
+        if model_name and site is None and info["site"] is None:
+            raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
+        records.append({"sae": str(path), "site": site or info["site"] or "custom",
+                        "width": params["W_enc"].shape[1], "l0_coefficient": info["l0_coefficient"]})
+        saes.append(params)
+    if model_name:
+        lm, sequences = _load_lm(model_name, corpus, num_sequences, seq_len, packing)
+        grid = [(Site.parse(r["site"]), params) for r, params in zip(records, saes)]
+        for record, result in zip(records, evaluate_grid(lm.params, lm.config, *sequences, grid,
+                                                          batch_size=lm_batch_size)):
+            record.update(result)
+    for record, params in zip(records, saes):
+        if activations:
+            shards = _limit(activation_files(activations), max_tokens)
+            record.update(activation_metrics(params, shards, batch_size=batch_size))
+        print(json.dumps(_json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
+              flush=True)
+    if out:
+        from gemma_scope import report  # matplotlib only when a report is asked for
+
+        out = pathlib.Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = [{k: v for k, v in r.items() if k != "frequencies"} for r in records]
+        (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=1) + "\n")
+        notes = notes or f"Model: {model_name or '–'}; activations: {activations or '–'}."
+        path = report.write_report(records, out, notes=notes)
+        print(f"report: {path}", file=sys.stderr)
+    return records
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """``python -m gemma_scope.evaluate``: prints one JSON line of metrics per SAE; returns the records."""
     parser = argparse.ArgumentParser(prog="python -m gemma_scope.evaluate", description=__doc__.split("\n\n")[0])
@@ -417,40 +480,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if not (args.activations or args.model):
         parser.error("give --activations=DIR (cached activations) and/or --model=NAME (delta LM loss)")
-
     sae_paths = [p for spec in args.sae for p in find_saes(spec)]
-    records, saes = [], []
-    for path in sae_paths:
-        params = release.load_params(path)
-        info = sae_info(path)
-        if args.model and args.site is None and info["site"] is None:
-            raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
-        records.append({"sae": str(path), "site": args.site or info["site"] or "custom",
-                        "width": params["W_enc"].shape[1], "l0_coefficient": info["l0_coefficient"]})
-        saes.append(params)
-    if args.model:
-        lm, sequences = _load_lm(args.model, args.corpus, args.num_sequences, args.seq_len, args.packing)
-        grid = [(Site.parse(r["site"]), params) for r, params in zip(records, saes)]
-        for record, result in zip(records, evaluate_grid(lm.params, lm.config, *sequences, grid,
-                                                          batch_size=args.lm_batch_size)):
-            record.update(result)
-    for record, params in zip(records, saes):
-        if args.activations:
-            shards = _limit(activation_files(args.activations), args.max_tokens)
-            record.update(activation_metrics(params, shards, batch_size=args.batch_size))
-        print(json.dumps(_json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
-              flush=True)
-    if args.out:
-        from gemma_scope import report  # matplotlib only when a report is asked for
-
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = [{k: v for k, v in r.items() if k != "frequencies"} for r in records]
-        (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=1) + "\n")
-        notes = f"Model: {args.model or '–'}; activations: {args.activations or '–'}."
-        path = report.write_report(records, out, notes=notes)
-        print(f"report: {path}", file=sys.stderr)
-    return records
+    return evaluate_saes(sae_paths, model_name=args.model, site=args.site, corpus=args.corpus, packing=args.packing,
+                         num_sequences=args.num_sequences, seq_len=args.seq_len, lm_batch_size=args.lm_batch_size,
+                         activations=args.activations, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                         out=args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from gemma_scope import activations, release, sae, step as step_lib
+from gemma_scope import activations, evaluate, release, sae, step as step_lib
 from gemma_scope.checkpoint import Checkpointer
 from gemma_scope.sites import Site
 
@@ -401,6 +401,29 @@ def _parse_flags(argv: list[str]):
     return flags.FLAGS(argv)
 
 
+def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
+    """Evaluates a finished model-source run's released SAEs on held-out text (Gemma Scope §4) and writes
+    ``<workdir>/report/{report.md, metrics.json, *.png}``; returns the metric records."""
+    tokens = config.train.steps * config.train.batch_size
+    notes = (f"Model `{config.data.model}`, sites `{config.data.sites}`; trained on {tokens:,} activations per SAE "
+             f"({config.train.steps:,} steps × {config.train.batch_size:,}); evaluated on "
+             f"{config.eval.num_sequences} held-out sequences × {config.eval.seq_len} tokens.")
+    return evaluate.evaluate_saes(
+        paths, model_name=config.data.model, corpus=config.data.corpus or None, packing=config.data.packing,
+        num_sequences=config.eval.num_sequences, seq_len=config.eval.seq_len,
+        lm_batch_size=config.eval.lm_batch_size, out=pathlib.Path(config.workdir) / "report", notes=notes)
+
+
+def summary(records: list[dict], tokens: int) -> str:
+    """A plain-text table of evaluated SAEs: site, λ, width, L0, FVU, delta LM loss, zero-ablation delta."""
+    lines = [f"trained on {tokens:,} activations per SAE",
+             f"{'site':>7} {'λ':>8} {'width':>6} {'L0':>7} {'FVU':>6} {'ΔLM loss':>9} {'zero-abl. Δ':>11}"]
+    for r in records:
+        lines.append(f"{r['site']:>7} {r['l0_coefficient'] or float('nan'):>8.2g} {r['width']:>6} {r['l0']:>7.1f} "
+                     f"{r['fvu']:>6.3f} {r['delta_lm_loss']:>9.4f} {r['zero_ablation_loss'] - r['clean_loss']:>11.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -408,8 +431,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config=experiments/<name>.py is required")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    for path in run(_CONFIG.value):
+    config = _CONFIG.value
+    paths = run(config)
+    for path in paths:
         print(path)
+    if config.data.source == "model" and config.eval.num_sequences > 0 and jax.process_index() == 0:
+        records = evaluate_run(config, paths)
+        print(summary(records, config.train.steps * config.train.batch_size))
+        print(f"report: {pathlib.Path(config.workdir) / 'report' / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""Every experiments/ config loads and validates; the paper runs carry the paper's budgets and recipe."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from gemma_scope import configs, train
+from gemma_scope.model import get_config as model_config
+from gemma_scope.sites import parse_sites
+
+EXPERIMENTS_DIR = pathlib.Path(__file__).parents[1] / "experiments"
+EXPERIMENTS = sorted(EXPERIMENTS_DIR.glob("*.py"))
+PAPER = {"2b_res": ("gemma2_2b", "res.12"), "2b_att": ("gemma2_2b", "att.12"), "2b_mlp": ("gemma2_2b", "mlp.12"),
+         "9b_res": ("gemma2_9b", "res.20"), "9b_att": ("gemma2_9b", "att.20"), "9b_mlp": ("gemma2_9b", "mlp.20"),
+         "27b_res": ("gemma2_27b", "res.10,res.22,res.34"), "9b_it_res": ("gemma2_9b", "res.9,res.20,res.31")}
+
+
+def load(path, arg=None):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_validates(path):
+    config = load(path)
+    train.validate_config(config)
+    if config.data.source == "model":
+        name = config.data.model_config or config.data.model
+        parse_sites(config.data.sites, model_config(name).num_layers)  # sites exist in that model
+
+
+def test_paper_runs_follow_the_recipe():
+    assert {p.stem for p in EXPERIMENTS} >= set(PAPER)
+    for stem, (name, sites) in PAPER.items():
+        config = load(EXPERIMENTS_DIR / f"{stem}.py")
+        assert (config.data.model_config, config.data.sites, config.data.model) == (name, sites, "")
+        width = config.sae.width
+        assert width == (2**17 if stem == "27b_res" else 2**14)
+        assert config.train.steps * config.train.batch_size == pytest.approx(configs.paper_tokens(width), rel=1e-3)
+        t = config.train
+        assert (t.learning_rate, t.lr_warmup_steps, t.l0_warmup_steps, t.adam_b1, t.adam_b2, t.batch_size) == \
+            (7e-5, 1000, 10000, 0.0, 0.999, 4096)
+        assert (config.sae.bandwidth, config.sae.threshold_init, config.data.seq_len) == (0.001, 0.001, 1024)
+
+
+def test_paper_run_arguments():
+    config = load(EXPERIMENTS_DIR / "9b_res.py", "layer=all,width=1048576")
+    assert config.data.sites == "res.*" and config.sae.width == 2**20
+    assert config.train.steps * 4096 == pytest.approx(16e9, rel=1e-3)
+    assert load(EXPERIMENTS_DIR / "2b_mlp.py", "layer=3").data.sites == "mlp.3"
+    for bad in ("depth=3", "layer=x", "width=16k"):
+        with pytest.raises(ValueError, match="layer|width|argument"):
+            load(EXPERIMENTS_DIR / "2b_res.py", bad)
+
+
+def test_model_source_without_a_checkpoint_says_what_to_pass():
+    from gemma_scope import activations
+
+    config = load(EXPERIMENTS_DIR / "9b_res.py")
+    with pytest.raises(ValueError, match="data.model"):
+        activations.make_source(config.data, seed=0)
