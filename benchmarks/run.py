@@ -124,6 +124,7 @@ def _step_rows(ours: dict, theirs: dict, shapes, dtypes, matmul: dict) -> list[d
     """One row per (shape, dtype): each side's timing with its fraction of the machine's peak and of its own
     framework's matmul (JAX / torch), and ours/SAELens time."""
     peaks = _peaks(matmul)
+
     def index(result):
         return {(e["d_model"], e["width"], e["batch"], e["dtype"]): e for e in result.get("sae_step", [])}
 
