@@ -4,16 +4,29 @@ A source names its sites (``"res.3"``, or ``"custom"`` for activations not tied 
 numbered batches ``{site: float32 [batch_size, d]}``. Batch ``b`` is a pure function of (source config, seed, b),
 so a resumed run sees exactly the batches an uninterrupted run would have seen. On multi-host runs each process
 builds its source with its own ``shard_index`` and gets its own rows of every global batch.
+
+Activations can also be written to disk once and reused (e.g. by a λ sweep), one directory per site:
+
+    python -m gemma_scope.activations --config=experiments/gemma3_270m_res.py --out=DIR --tokens=1000000 \
+        [--storage_dtype=bfloat16] [--config.data.sites=res.8,att.8]
+
+writes ``DIR/<site>/shard_<k>.npy`` (``[n_k, d]``, content tokens of chunk k in token order) and
+``DIR/<site>/manifest.json`` (model, site, dtype, d, count, token source, per-shard sha256). Train on one with
+``--config=experiments/from_activations.py --config.data.path=DIR/res.8``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pathlib
 from typing import Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from gemma_scope import model
 
@@ -32,7 +45,8 @@ class ActivationSource(Protocol):
 
 
 class NpyShardSource:
-    """Activations of one site cached on disk as float32 ``.npy`` files, each ``[N_i, d]``, read memory-mapped.
+    """Activations of one site cached on disk as ``.npy`` files, each ``[N_i, d]`` (``open_shards``), read
+    memory-mapped; batches are float32.
 
     Rows are visited in a fresh permutation every epoch (seeded by ``(seed, epoch)``); global batch ``b`` of
     ``batch_size * shard_count`` rows is the slice ``[b·G, (b+1)·G)`` of the epoch-wise permuted stream, and
@@ -40,28 +54,18 @@ class NpyShardSource:
 
     Args:
       path: directory holding the ``.npy`` files (sorted by name) — all float32, 2-D, with the same d.
-      site: name of the site the activations come from (``"res.12"``), or ``CUSTOM_SITE``.
+      site: name of the site the activations come from (``"res.12"``), or ``CUSTOM_SITE`` (then the site of the
+        directory's manifest, if it has one).
       seed: shuffling seed.
       shard_index, shard_count: this process's part of each global batch (``jax.process_index/count``).
 
     Raises:
-      FileNotFoundError: no directory or no ``.npy`` file in it.
-      ValueError: a file that is not float32 2-D, or widths that differ; the message names the file.
+      FileNotFoundError / ValueError: as ``open_shards``; a bad shard index.
     """
 
     def __init__(self, path: str, site: str = CUSTOM_SITE, seed: int = 0, shard_index: int = 0, shard_count: int = 1):
-        directory = pathlib.Path(path)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"data.path {str(path)!r} is not a directory of .npy activation files")
-        files = sorted(directory.glob("*.npy"))
-        if not files:
-            raise FileNotFoundError(f"data.path {str(path)!r} holds no .npy files; expected float32 arrays [N, d]")
-        self._arrays = [np.load(f, mmap_mode="r") for f in files]
-        for f, a in zip(files, self._arrays):
-            if a.dtype != np.float32 or a.ndim != 2:
-                raise ValueError(f"{f}: activations must be float32 [N, d], got {a.dtype} {list(a.shape)}")
-            if a.shape[1] != self._arrays[0].shape[1]:
-                raise ValueError(f"{f}: width d={a.shape[1]} differs from {files[0].name}'s d={self._arrays[0].shape[1]}")
+        self._arrays, manifest = open_shards(path)
+        site = site if site != CUSTOM_SITE or manifest is None else manifest["site"]
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index {shard_index} must lie in [0, shard_count={shard_count})")
         self.sites = [site]
@@ -97,7 +101,7 @@ class NpyShardSource:
             where = np.nonzero(file_of == i)[0]
             local = rows[where] - self._offsets[i]
             order = np.argsort(local)  # sequential reads of the memmap
-            out[where[order]] = self._arrays[i][local[order]]
+            out[where[order]] = self._arrays[i][local[order]]  # casts bfloat16 storage to float32
         return out
 
     def batches(self, batch_size: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -110,6 +114,92 @@ class NpyShardSource:
             rows = self._rows(b * global_size + self._shard_index * batch_size, batch_size)
             yield {self.sites[0]: self._gather(rows)}
             b += 1
+
+
+MANIFEST = "manifest.json"
+STORAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+
+
+def open_shards(path: str | os.PathLike) -> tuple[list[np.ndarray], dict | None]:
+    """Memory-maps a directory of activation shards: its ``*.npy`` files sorted by name, each ``[N_i, d]``.
+
+    Files are float32, or bfloat16 when the directory's ``manifest.json`` (written by ``write_shards``) says so
+    (NumPy stores bfloat16 as raw 2-byte records). With a manifest, each file's shape must match it.
+
+    Returns:
+      (arrays, manifest or None).
+
+    Raises:
+      FileNotFoundError: not a directory, or no ``.npy`` file in it.
+      ValueError: a file that is not a 2-D array of the expected dtype, widths that differ, or a file whose
+        shape disagrees with the manifest; the message names the file.
+    """
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is not a directory of .npy activation files")
+    files = sorted(directory.glob("*.npy"))
+    if not files:
+        raise FileNotFoundError(f"{str(path)!r} holds no .npy files; expected float32 arrays [N, d]")
+    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).is_file() else None
+    dtype = STORAGE_DTYPES[manifest["dtype"]] if manifest else STORAGE_DTYPES["float32"]
+    arrays = []
+    for f in files:
+        a = np.load(f, mmap_mode="r")
+        a = a.view(dtype) if a.dtype.kind == "V" and a.dtype.itemsize == dtype.itemsize else a
+        if a.dtype != dtype or a.ndim != 2:
+            raise ValueError(f"{f}: activations must be {dtype.name} [N, d], got {a.dtype} {list(a.shape)}")
+        if a.shape[1] != (arrays[0] if arrays else a).shape[1]:
+            raise ValueError(f"{f}: width d={a.shape[1]} differs from {files[0].name}'s d={arrays[0].shape[1]}")
+        expected = manifest["shards"].get(f.name, {}).get("shape") if manifest else None
+        if manifest and expected != list(a.shape):
+            raise ValueError(f"{f}: shape {list(a.shape)} disagrees with {directory / MANIFEST} ({expected}); "
+                             "the directory is incomplete or corrupt: regenerate it")
+        arrays.append(a)
+    return arrays, manifest
+
+
+def write_shards(source: "ModelSource", out: str | os.PathLike, tokens: int, storage_dtype: str = "float32",
+                 token_source: dict | None = None) -> dict[str, pathlib.Path]:
+    """Writes at least ``tokens`` content-token activations of every site of ``source`` to disk.
+
+    One shard per chunk (``ModelSource.chunk``) and site, written atomically (temporary name, then rename), and
+    a ``manifest.json`` per site written last: model, site, dtype, d, count, ``token_source`` and each shard's
+    shape and sha256. Returns ``{site: directory}``.
+
+    Raises:
+      ValueError: ``tokens`` < 1, an unknown storage dtype, or an existing non-empty site directory.
+    """
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
+    dirs = {site: pathlib.Path(out) / site for site in source.sites}
+    for directory in dirs.values():
+        if directory.exists() and any(directory.iterdir()):
+            raise ValueError(f"{directory} is not empty; choose another --out or delete it")
+        directory.mkdir(parents=True, exist_ok=True)
+    shards = {site: {} for site in source.sites}
+    written, k = 0, 0
+    with tqdm.tqdm(total=tokens, unit="tok", desc="activations") as bar:
+        while written < tokens:
+            chunk = source.chunk(k)
+            for site, x in chunk.items():
+                name = f"shard_{k:05d}.npy"
+                data = np.ascontiguousarray(x.astype(STORAGE_DTYPES[storage_dtype]))
+                tmp = dirs[site] / f".{name}.tmp"
+                with open(tmp, "wb") as f:
+                    np.save(f, data)
+                os.replace(tmp, dirs[site] / name)
+                shards[site][name] = {"shape": list(data.shape), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+            n = len(chunk[source.sites[0]])
+            written, k = written + n, k + 1
+            bar.update(n)
+    for site, directory in dirs.items():
+        manifest = {"model": source.model_name, "site": site, "dtype": storage_dtype, "d": source.d_in[site],
+                    "count": written, "token_source": token_source or {}, "shards": shards[site]}
+        (directory / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(directory / f".{MANIFEST}.tmp", directory / MANIFEST)
+    return dirs
 
 
 class ModelSource:
@@ -155,14 +245,16 @@ class ModelSource:
         self.sites = [str(s) for s in self._sites]
         self.d_in = {str(s): cfg.site_width(s.kind) for s in self._sites}
         self._lm, self._reader = lm, reader
+        self.model_name = cfg.name
         self._chunk, self._forward_batch, self._passes, self._seed = chunk_sequences, forward_batch, passes, seed
         self._buffer_dtype = jnp.bfloat16 if buffer_dtype == "bfloat16" else jnp.float32
         capture = tuple(self._sites)
         self._forward = jax.jit(lambda params, tokens: model.forward(params, cfg, tokens, capture=capture, logits=False).acts)
         self._cached, self._cached_perm = (None, None), (None, None)
 
-    def _buffer(self, k: int) -> dict[str, np.ndarray]:
-        """Chunk k's content-token activations ``{site: [n_k, d]}`` in token order (the last chunk is cached)."""
+    def chunk(self, k: int) -> dict[str, np.ndarray]:
+        """Chunk k's content-token activations ``{site: [n_k, d]}`` in token order, in the buffer dtype (the last
+        chunk is cached)."""
         if self._cached[0] != k:
             batch = self._reader.batch(k, self._chunk)
             parts = {s: [] for s in self.sites}
@@ -192,7 +284,7 @@ class ModelSource:
             k, first = k + 1, first + count
         b = start
         while True:
-            buffer = self._buffer(k)
+            buffer = self.chunk(k)
             per_pass = count // self._passes
             rows_in_buffer = len(buffer[self.sites[0]])
             for j in range(b - first, count):
@@ -235,3 +327,41 @@ def make_source(data_config, seed: int, shard_index: int = 0, shard_count: int =
                              passes=data_config.passes, seed=seed, buffer_dtype=data_config.buffer_dtype)
         return source
     raise ValueError(f"unknown data.source {data_config.source!r}; expected one of ['npy', 'model']")
+
+
+def main(argv: list[str] | None = None) -> dict[str, pathlib.Path]:
+    """``python -m gemma_scope.activations``: writes activation shards of a model's sites (module docstring)."""
+    import argparse
+
+    from gemma_scope import configs
+
+    parser = argparse.ArgumentParser(prog="python -m gemma_scope.activations",
+                                     description="Write site activations of a Gemma model on the corpus to disk.")
+    parser.add_argument("--out", required=True, help="output directory (one subdirectory per site)")
+    parser.add_argument("--tokens", type=int, required=True, help="content-token activations to write per site")
+    parser.add_argument("--model", default="gemma3_270m", help="gemma3_270m, or a checkpoint path")
+    parser.add_argument("--model_config", default="", help="architecture name for an orbax checkpoint")
+    parser.add_argument("--sites", default="res.*", help="site spec, e.g. 'res.*' or 'res.8,att.8,mlp.8'")
+    parser.add_argument("--corpus", default="", help="built corpus (default: $GEMMA_SCOPE_CORPUS or ./corpus)")
+    parser.add_argument("--seq_len", type=int, default=1024)
+    parser.add_argument("--packing", default="packed", choices=("packed", "document"))
+    parser.add_argument("--forward_batch", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--chunk_sequences", type=int, default=64, help="sequences per shard")
+    parser.add_argument("--storage_dtype", default="float32", choices=sorted(STORAGE_DTYPES))
+    parser.add_argument("--seed", type=int, default=0, help="sequence order seed")
+    args = parser.parse_args(argv)
+    data = configs.lm_data(args.model, args.sites)
+    data.update(model_config=args.model_config, corpus=args.corpus, seq_len=args.seq_len, packing=args.packing,
+                forward_batch=args.forward_batch, chunk_sequences=args.chunk_sequences)
+    source = make_source(data, args.seed)
+    token_source = {"model": args.model, "corpus": args.corpus or "default", "split": "train",
+                    "seq_len": args.seq_len, "packing": args.packing, "seed": args.seed,
+                    "chunk_sequences": args.chunk_sequences}
+    dirs = write_shards(source, args.out, args.tokens, args.storage_dtype, token_source)
+    for directory in dirs.values():
+        print(directory)
+    return dirs
+
+
+if __name__ == "__main__":
+    main()

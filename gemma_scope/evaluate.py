@@ -30,6 +30,7 @@ import numpy as np
 import tqdm
 
 from gemma_scope import model, release, sae
+from gemma_scope.activations import open_shards
 from gemma_scope.sites import Site
 
 # Latent activations of one batch may take this many bytes (float32 [batch, M]) when batch_size is not given.
@@ -305,27 +306,6 @@ def delta_lm_loss(params_lm, cfg, tokens: np.ndarray, mask: np.ndarray, site: Si
     return evaluate_grid(params_lm, cfg, tokens, mask, [(site, sae_params)], batch_size, progress)[0]
 
 
-def activation_files(directory: str | pathlib.Path) -> list[np.ndarray]:
-    """Memory-maps the cached activation shards of a directory: its ``*.npy`` files (sorted by name), each a
-    float 2-D array ``[N_i, d]`` (the layout ``gemma_scope.activations.NpyShardSource`` reads).
-
-    Raises:
-      FileNotFoundError: not a directory, or no ``.npy`` file in it.
-      ValueError: a file that is not a 2-D float array; the message names it.
-    """
-    directory = pathlib.Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"--activations {str(directory)!r} is not a directory of .npy activation files")
-    files = sorted(directory.glob("*.npy"))
-    if not files:
-        raise FileNotFoundError(f"{directory} holds no .npy files; expected float32 arrays [tokens, d]")
-    arrays = [np.load(f, mmap_mode="r") for f in files]
-    for f, a in zip(files, arrays):
-        if a.ndim != 2 or not np.issubdtype(a.dtype, np.floating):
-            raise ValueError(f"{f}: activations must be a float array [tokens, d], got {a.dtype} {list(a.shape)}")
-    return arrays
-
-
 def _limit(arrays: Iterable[np.ndarray], max_tokens: int | None) -> Iterator[np.ndarray]:
     """The first ``max_tokens`` rows of a stream of arrays (all rows when None)."""
     left = math.inf if max_tokens is None else max_tokens
@@ -443,7 +423,7 @@ def evaluate_saes(
             record.update(result)
     for record, params in zip(records, saes):
         if activations:
-            shards = _limit(activation_files(activations), max_tokens)
+            shards = _limit(open_shards(activations)[0], max_tokens)
             record.update(activation_metrics(params, shards, batch_size=batch_size))
         print(json.dumps(_json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
               flush=True)
@@ -465,7 +445,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m gemma_scope.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sae", action="append", required=True,
                         help="params.npz, SAE directory or release root; repeatable")
-    parser.add_argument("--activations", help="directory of cached activation shards (*.npy, float [tokens, d])")
+    parser.add_argument("--activations", help="directory of cached activation shards (*.npy [tokens, d], see gemma_scope.activations)")
     parser.add_argument("--max_tokens", type=int, help="evaluate on at most this many cached activations")
     parser.add_argument("--batch_size", type=int, help="activations per jitted batch (default: by SAE width)")
     parser.add_argument("--model", help="LM for delta LM loss: a registry name (gemma3_270m), HF dir or orbax path")

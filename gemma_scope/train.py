@@ -371,15 +371,16 @@ def write_release(config, source, groups: dict[str, list[str]], release_sites: d
 
 def _check_overrides(argv: list[str]) -> None:
     """Exits with a clear message if a ``--config.<path>=`` override names a key the config file lacks."""
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None:
+    spec_text = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec_text is None:
         return
+    path, sep, config_arg = spec_text.partition(":")  # "FILE:ARG" passes ARG to get_config, as config_flags does
     spec = importlib.util.spec_from_file_location("_gemma_scope_config", path)
     if spec is None or not pathlib.Path(path).is_file():
         raise app.UsageError(f"--config={path}: no such config file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(config_arg) if sep else module.get_config()
     for arg in argv:
         if not arg.startswith("--config."):
             continue
@@ -396,7 +397,7 @@ def _check_overrides(argv: list[str]) -> None:
 def _parse_flags(argv: list[str]):
     try:
         _check_overrides(argv)
-    except app.UsageError as e:
+    except (app.UsageError, ValueError) as e:  # ValueError: a bad "FILE:ARG" argument to get_config
         sys.exit(f"FATAL config error: {e}")
     return flags.FLAGS(argv)
 

@@ -68,3 +68,34 @@ def test_bad_arguments_raise_clear_errors(lm):
         ModelSource(lm, FakeReader(), SITES, chunk_sequences=5, forward_batch=2)
     with pytest.raises(ValueError, match="beyond"):
         ModelSource(lm, FakeReader(), [Site("res", 9)], chunk_sequences=4, forward_batch=2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_written_shards_read_back_with_manifest(lm, tmp_path, dtype):
+    from gemma_scope.activations import NpyShardSource, open_shards, write_shards
+
+    src = source(lm)
+    dirs = write_shards(src, tmp_path, tokens=41, storage_dtype=dtype, token_source={"split": "train"})
+    assert sorted(dirs) == ["att.1", "mlp.1", "res.0"]
+    arrays, manifest = open_shards(dirs["mlp.1"])
+    first = content_activations(lm, 0)["mlp.1"]
+    assert manifest["site"] == "mlp.1" and manifest["dtype"] == dtype and manifest["d"] == 64
+    assert manifest["count"] == sum(len(a) for a in arrays) > len(first) and len(arrays) == 2  # chunk 0 is 40
+    tolerance = 1e-5 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(np.asarray(arrays[0], np.float32), first, rtol=tolerance, atol=tolerance)
+    npy = NpyShardSource(dirs["mlp.1"])  # the site comes from the manifest
+    batch = next(npy.batches(8))
+    assert npy.sites == ["mlp.1"] and batch["mlp.1"].dtype == np.float32 and batch["mlp.1"].shape == (8, 64)
+
+
+def test_corrupt_or_refused_shards_give_clear_errors(lm, tmp_path):
+    from gemma_scope.activations import open_shards, write_shards
+
+    dirs = write_shards(source(lm), tmp_path, tokens=1)
+    np.save(dirs["res.0"] / "shard_00000.npy", np.zeros((3, 64), np.float32))  # truncated shard
+    with pytest.raises(ValueError, match="disagrees with"):
+        open_shards(dirs["res.0"])
+    with pytest.raises(ValueError, match="not empty"):
+        write_shards(source(lm), tmp_path, tokens=1)
+    with pytest.raises(FileNotFoundError, match="no .npy files"):
+        open_shards(tmp_path)

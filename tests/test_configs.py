@@ -62,3 +62,14 @@ def test_model_source_without_a_checkpoint_says_what_to_pass():
     config = load(EXPERIMENTS_DIR / "9b_res.py")
     with pytest.raises(ValueError, match="data.model"):
         activations.make_source(config.data, seed=0)
+
+
+def test_config_file_argument_reaches_get_config_and_bad_ones_are_clear_errors():
+    from absl import app
+
+    path = EXPERIMENTS_DIR / "2b_res.py"
+    train._check_overrides([f"--config={path}:layer=3", "--config.sae.width=8"])  # accepted
+    with pytest.raises(app.UsageError, match="unknown config key 'widht'"):
+        train._check_overrides([f"--config={path}:layer=3", "--config.sae.widht=8"])
+    with pytest.raises(ValueError, match="bad config argument"):
+        train._check_overrides([f"--config={path}:depth=3"])
