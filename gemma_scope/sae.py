@@ -164,6 +164,83 @@ def encode(params: dict, x: jax.Array) -> jax.Array:
     return (pre > params["threshold"]) * jax.nn.relu(pre)
 
 
+def _transposed(a: jax.Array, compute_dtype) -> jax.Array:
+    """``a.T`` in ``compute_dtype`` as a row-major copy, to be a matmul's left operand.
+
+    XLA's CPU backend lays a bare transpose out column-major, and its YNNPACK dot takes no column-major left
+    operand: it would upcast both operands of a bfloat16 matmul to float32 and run it ≈ 2× slower, with a float32
+    copy of the large one. Two reversals hide the transpose from that early check and cancel later, leaving one
+    row-major copy (only ever of a small operand: ``x``, ``W_enc``, ``W_dec``).
+    """
+    a_t = jnp.swapaxes(a.astype(compute_dtype), -1, -2)
+    return jnp.flip(jnp.flip(a_t, -1), -1)
+
+
+def _dot(a: jax.Array, b: jax.Array, b_contracting: int, compute_dtype) -> jax.Array:
+    """``a [m, k]`` times ``b [k, n]`` (``b_contracting=0``) or ``b [n, k]`` (``1``), float32 ``[m, n]``.
+
+    Inputs in ``compute_dtype``, float32 accumulation. ``a`` always contracts its last (row-major) axis, the one
+    layout XLA's CPU backend runs at full speed; never transpose the result either (XLA would fold the
+    transpose back into the operands).
+    """
+    dims = (((a.ndim - 1,), (b_contracting,)), ((), ()))
+    return jax.lax.dot_general(a.astype(compute_dtype), b.astype(compute_dtype), dims,
+                               preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _reconstruction_and_l0(params: dict, x: jax.Array, bandwidth: float, compute_dtype):
+    """``(mse, l0, fired)`` of ``loss``, computed latent-major with a hand-written backward pass.
+
+    The ``[B, M]`` arrays are held transposed, ``[M, B]``: then every large matmul of the forward and backward
+    passes contracts row-major axes and only small operands (``x``, ``W_enc``, ``W_dec``) are ever transposed.
+    """
+    return _reconstruction_and_l0_fwd(params, x, bandwidth, compute_dtype)[0]
+
+
+def _reconstruction_and_l0_fwd(params, x, bandwidth, compute_dtype):
+    w_enc = params["W_enc"]
+    bias = params["b_enc"] - params["b_dec"] @ w_enc  # (x − b_dec) W_enc + b_enc = x W_enc + bias (§3)
+    z_t = _dot(_transposed(w_enc, compute_dtype), x, 1, compute_dtype) + bias[:, None]  # zᵀ [M, B]
+    active = z_t > params["threshold"][:, None]
+    f_t = jnp.where(active, z_t, 0.0)  # jumprelu(z)ᵀ
+    x_hat_t = _dot(_transposed(params["W_dec"], compute_dtype), f_t, 0, compute_dtype) + params["b_dec"][:, None]
+    err_t = x_hat_t - x.astype(jnp.float32).T  # (x̂ − x)ᵀ [d, B]
+    mse = jnp.mean(jnp.sum(err_t**2, axis=0))
+    l0 = jnp.mean(jnp.sum(active.astype(jnp.float32), axis=0))  # Σ_i step(z_i)
+    fired = jnp.any(f_t != 0, axis=1)
+    return (mse, l0, fired), (params, x, z_t, f_t.astype(compute_dtype), err_t)
+
+
+def _reconstruction_and_l0_bwd(bandwidth, compute_dtype, res, cotangents):
+    """With ``g = ∂/∂x̂ = 2·g_mse·(x̂ − x)/B``: ``∂W_dec = fᵀ g``, ``∂f = g W_decᵀ``; ``jumprelu`` and ``step`` give
+    ``∂z`` and ``∂θ`` (their pseudo-derivatives, JumpReLU paper Eq. 11–12); ``∂W_enc = (x − b_dec)ᵀ ∂z``,
+    ``∂b_enc = Σ_B ∂z``, ``∂b_dec = Σ_B g − W_enc ∂b_enc``."""
+    params, x, z_t, f_t, err_t = res
+    g_mse, g_l0, _ = cotangents
+    batch = x.shape[0]
+    threshold = params["threshold"][:, None]
+    g_t = (2.0 / batch) * g_mse * err_t  # [d, B]
+    d_f_t = _dot(params["W_dec"], g_t, 0, compute_dtype)  # [M, B]
+    d_z_t, d_theta_recon = _jumprelu_bwd(bandwidth, (z_t, threshold), d_f_t)
+    _, d_theta_l0 = _step_bwd(bandwidth, (z_t, threshold), jnp.broadcast_to(g_l0 / batch, z_t.shape))
+    d_b_enc = jnp.sum(d_z_t, axis=1)
+    grads = {
+        "W_enc": _dot(_transposed(x, compute_dtype), d_z_t, 1, compute_dtype)
+        - jnp.outer(params["b_dec"], d_b_enc),
+        "b_enc": d_b_enc,
+        "W_dec": _dot(f_t, g_t, 1, compute_dtype),
+        "b_dec": jnp.sum(g_t, axis=1) - params["W_enc"] @ d_b_enc,
+        "threshold": (d_theta_recon + d_theta_l0)[:, 0],
+    }
+    # ∂x (dropped by XLA when only params are differentiated, as in training).
+    d_x = jax.lax.dot_general(d_z_t, params["W_enc"], (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return grads, (d_x - g_t.T).astype(x.dtype)
+
+
+_reconstruction_and_l0.defvjp(_reconstruction_and_l0_fwd, _reconstruction_and_l0_bwd)
+
+
 def loss(
     params: dict,
     x: jax.Array,
@@ -174,7 +251,8 @@ def loss(
     """Gemma Scope loss (Eq. 4): ``mean_batch ||x − x̂||² + λ · mean_batch Σ_i H(z_i − θ_i)``.
 
     The L0 term is taken on the pre-activations z through ``step`` (trains θ only); the reconstruction goes
-    through ``jumprelu``.
+    through ``jumprelu``. The backward pass is written by hand (same gradients, every large matmul in the
+    layout XLA's CPU backend runs fastest; see ``_reconstruction_and_l0``).
 
     Args:
       params: single-SAE params (training convention).
@@ -188,17 +266,11 @@ def loss(
       ``fvu`` (squared error / squared distance to the batch mean), ``l0`` (mean active latents), and
       ``fired`` bool ``[M]`` (latent active on some token of the batch).
     """
-    z = pre_activations_train(params, x, compute_dtype)
-    f = jumprelu(z, params["threshold"], bandwidth)
-    x_hat = decode(params, f, compute_dtype)
-    x = x.astype(jnp.float32)
-    sq_err = jnp.sum((x - x_hat) ** 2, axis=-1)
-    mse = jnp.mean(sq_err)
-    l0 = jnp.mean(jnp.sum(step(z, params["threshold"], bandwidth), axis=-1))
+    mse, l0, fired = _reconstruction_and_l0(params, x, bandwidth, compute_dtype)
     total = mse + l0_coefficient * l0
+    x = x.astype(jnp.float32)
     variance = jnp.mean(jnp.sum((x - x.mean(axis=0)) ** 2, axis=-1))
-    aux = {"mse": mse, "fvu": mse / variance, "l0": l0, "fired": jnp.any(f != 0, axis=0)}
-    return total, aux
+    return total, {"mse": mse, "fvu": mse / variance, "l0": l0, "fired": fired}
 
 
 def remove_parallel_component(w_dec: jax.Array, grad: jax.Array) -> jax.Array:
