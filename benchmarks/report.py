@@ -81,16 +81,18 @@ def render(results: dict) -> str:
                            f"{r['sys_s_per_call']:.2f} | {r['minor_faults_per_call']:.0f} |")
         out.append("")
 
-    out += ["## Dense matmul peak", "", "| backend | N (square) | s/call | GFLOP/s |", "| --- | --- | --- | --- |"]
+    out += ["## Dense matmul peak", "", "| backend | best shape m×k×n | s/call | GFLOP/s |", "| --- | --- | --- | --- |"]
     for name, r in sorted(results["matmul"].items()):
-        out.append(f"| {name} | {r['n']} | {_ms(r)} | {r['gflops']:.0f} |")
+        out.append(f"| {name} | {'×'.join(map(str, r['shape']))} | {_ms(r)} | {r['gflops']:.0f} |")
     peaks = results["peak_gflops"]
     out += ["", "Peak used below (best backend per dtype, best of a measurement before and one after the SAE "
             "steps): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in sorted(peaks.items())) + ". A step above "
             "100% of it means noise depressed the peak measurements.", ""]
 
     out += ["## SAE train step", "",
-            "One JumpReLU SAE, random N(0, 1) activations; GFLOP/s counts 12·d·width FLOPs per token; "
+            "One JumpReLU SAE, random N(0, 1) activations; GFLOP/s counts 12·d·width FLOPs per token (the "
+            "issue's convention: six d×width matmuls; ours computes five, skipping the input gradient, so its "
+            "real matmul work is 10·d·width and its % peak overstates utilisation by 6/5); "
             "% peak against the same-dtype peak above. Ours: `gemma_scope.step.build_benchmark_step` "
             "(forward, loss, backward, decoder-gradient projection, Adam, decoder renormalisation). SAELens: "
             "`SAETrainer.step` on `JumpReLUTrainingSAE` (bf16 = its autocast).", "",

@@ -76,7 +76,7 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "matmul": {}, "sae_step": []}
     if not args.no_matmul:
         for dtype in DTYPES:
-            result["matmul"][f"torch_{dtype}"] = dict(bench_matmul(dtype, args.warmup, args.steps), n=MATMUL_N)
+            result["matmul"][f"torch_{dtype}"] = dict(bench_matmul(dtype, args.warmup, args.steps), shape=[MATMUL_N] * 3)
     for d_model, width, batch in shapes:
         for dtype in args.dtypes.split(","):
             entry = {"d_model": d_model, "width": width, "batch": batch, "dtype": dtype}
