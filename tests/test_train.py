@@ -19,15 +19,6 @@ from_activations = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(from_activations)
 
 
-def _npy_dir(tmp_path, rows=(600, 424), d=16, scale=5.0):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "acts"
-    path.mkdir()
-    for i, n in enumerate(rows):
-        np.save(path / f"part{i:02d}.npy", (rng.normal(size=(n, d)) * scale).astype(np.float32))
-    return path
-
-
 def _config(workdir, data_path, **train_overrides):
     config = from_activations.get_config()
     config.workdir = str(workdir)
@@ -91,8 +82,8 @@ def _release_files(workdir):
     return sorted(pathlib.Path(workdir, "release").rglob("params.npz"))
 
 
-def test_resume_after_interruption_equals_uninterrupted(tmp_path):
-    data = _npy_dir(tmp_path)
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, make_npy_dir):
+    data = make_npy_dir()
     straight = train.run(_config(tmp_path / "straight", data))
     config = _config(tmp_path / "resumed", data)
     with pytest.raises(KeyboardInterrupt):
@@ -110,8 +101,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     assert sorted(p.name for p in (tmp_path / "resumed/checkpoints").iterdir()) == ["12", "8"]  # keep last 2
 
 
-def test_release_is_folded_and_measures_average_l0(tmp_path):
-    data = _npy_dir(tmp_path)
+def test_release_is_folded_and_measures_average_l0(tmp_path, make_npy_dir):
+    data = make_npy_dir()
     config = _config(tmp_path / "run", data, steps=4, log_every=2)
     config.sae.l0_coefficient = (1e-3,)
     (path,) = train.run(config)
@@ -127,8 +118,8 @@ def test_release_is_folded_and_measures_average_l0(tmp_path):
     assert np.median(params["threshold"]) > 0.004  # θ' = C·θ, C ≈ 20, θ ≈ 0.001
 
 
-def test_nonfinite_loss_names_the_step_and_keeps_good_checkpoint(tmp_path):
-    data = _npy_dir(tmp_path)
+def test_nonfinite_loss_names_the_step_and_keeps_good_checkpoint(tmp_path, make_npy_dir):
+    data = make_npy_dir()
     config = _config(tmp_path / "run", data, learning_rate=1e30, lr_warmup_steps=0)
     with pytest.raises(train.NonFiniteError, match=r"at step \d+") as err:
         train.run(config)
@@ -136,8 +127,8 @@ def test_nonfinite_loss_names_the_step_and_keeps_good_checkpoint(tmp_path):
     assert not _release_files(tmp_path / "run")
 
 
-def test_nonfinite_activations_are_rejected(tmp_path):
-    data = _npy_dir(tmp_path, rows=(64 * 3,))
+def test_nonfinite_activations_are_rejected(tmp_path, make_npy_dir):
+    data = make_npy_dir(rows=(64 * 3,))
     array = np.load(data / "part00.npy")
     array[5, 3] = np.nan
     np.save(data / "part00.npy", array)
@@ -155,8 +146,8 @@ def test_nonfinite_activations_are_rejected(tmp_path):
     ("data.path", "", "needs data.path"),
     ("data.site", "resid.3", "unknown site kind"),
 ])
-def test_bad_configs_give_clear_errors(tmp_path, field, value, message):
-    config = _config(tmp_path / "run", _npy_dir(tmp_path))
+def test_bad_configs_give_clear_errors(tmp_path, field, value, message, make_npy_dir):
+    config = _config(tmp_path / "run", make_npy_dir())
     section, key = field.split(".")
     with config.unlocked():
         config[section][key] = value
@@ -164,8 +155,8 @@ def test_bad_configs_give_clear_errors(tmp_path, field, value, message):
         train.run(config)
 
 
-def test_width_must_split_over_the_model_axis(tmp_path):
-    config = _config(tmp_path / "run", _npy_dir(tmp_path))
+def test_width_must_split_over_the_model_axis(tmp_path, make_npy_dir):
+    config = _config(tmp_path / "run", make_npy_dir())
     config.sae.width, config.mesh.model = 36, "8"
     with pytest.raises(ValueError, match="sae.width=36 must be divisible by the mesh's model size 8"):
         train.run(config)
@@ -180,8 +171,8 @@ def test_bad_data_dir_gives_clear_errors(tmp_path):
         activations.NpyShardSource(str(tmp_path / "bad"))
 
 
-def test_npy_source_is_a_pure_function_of_batch_number_and_shards_rows(tmp_path):
-    data = _npy_dir(tmp_path, rows=(50, 30), d=4)
+def test_npy_source_is_a_pure_function_of_batch_number_and_shards_rows(tmp_path, make_npy_dir):
+    data = make_npy_dir(rows=(50, 30), d=4)
     source = activations.NpyShardSource(str(data), seed=3)
     first = [b["custom"] for _, b in zip(range(6), source.batches(32))]
     later = [b["custom"] for _, b in zip(range(2), activations.NpyShardSource(str(data), seed=3).batches(32, 4))]

@@ -16,22 +16,13 @@ from gemma_scope import release
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _npy_dir(tmp_path, rows=(600, 424), d=16, scale=5.0):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "acts"
-    path.mkdir()
-    for i, n in enumerate(rows):
-        np.save(path / f"part{i:02d}.npy", (rng.normal(size=(n, d)) * scale).astype(np.float32))
-    return path
-
-
 def _release_files(workdir):
     return sorted(pathlib.Path(workdir, "release").rglob("params.npz"))
 
 
 @pytest.mark.slow
-def test_from_activations_cli_writes_release(tmp_path):
-    data = _npy_dir(tmp_path)
+def test_from_activations_cli_writes_release(tmp_path, make_npy_dir):
+    data = make_npy_dir()
     workdir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "gemma_scope.train", "--config=experiments/from_activations.py",
@@ -48,9 +39,9 @@ def test_from_activations_cli_writes_release(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_moment_then_same_command_resumes_exactly(tmp_path):
+def test_sigkill_at_a_random_moment_then_same_command_resumes_exactly(tmp_path, make_npy_dir):
     """A real kill -9 while training (possibly mid-checkpoint); rerunning the same command ends bit-identical."""
-    data = _npy_dir(tmp_path)
+    data = make_npy_dir()
 
     def command(workdir):
         return [sys.executable, "-m", "gemma_scope.train", "--config=experiments/from_activations.py",
