@@ -94,3 +94,24 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     print(f"wrote {path}", file=sys.stderr)
+
+
+def step_worker_args(description: str) -> argparse.ArgumentParser:
+    """``worker_args`` plus the SAE-step workers' ``--shapes`` and ``--dtypes``."""
+    parser = worker_args(description)
+    parser.add_argument("--shapes", default="all", help="'all' or comma list like 640x4096x4096")
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    return parser
+
+
+def sae_step_rows(args: argparse.Namespace, bench_step: Callable[..., dict]) -> list[dict]:
+    """One row per (shape, dtype) of ``args``: the shape and dtype, and what
+    ``bench_step(d_model, width, batch, dtype, warmup, steps)`` measured."""
+    shapes = SAE_SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    rows = []
+    for d_model, width, batch in shapes:
+        for dtype in args.dtypes.split(","):
+            entry = {"d_model": d_model, "width": width, "batch": batch, "dtype": dtype}
+            entry.update(bench_step(d_model, width, batch, dtype, args.warmup, args.steps))
+            rows.append(entry)
+    return rows

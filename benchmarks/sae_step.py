@@ -10,8 +10,7 @@ import jaxlib
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from benchmarks.common import (DTYPES, SAE_SHAPES, sae_step_flops_per_token, throughput, time_calls, worker_args,
-                               write_json)
+from benchmarks.common import (sae_step_flops_per_token, sae_step_rows, step_worker_args, throughput, time_calls, write_json)
 from gemma_scope import step
 
 
@@ -39,19 +38,9 @@ def bench_step(d_model: int, width: int, batch: int, dtype: str, warmup: int, st
 
 
 def main() -> None:
-    parser = worker_args(__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="all", help="'all' or comma list like 640x4096x4096")
-    parser.add_argument("--dtypes", default=",".join(DTYPES))
-    args = parser.parse_args()
-    shapes = SAE_SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
-    result = {"versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__},
-              "devices": [str(d) for d in jax.devices()], "sae_step": []}
-    for d_model, width, batch in shapes:
-        for dtype in args.dtypes.split(","):
-            entry = {"d_model": d_model, "width": width, "batch": batch, "dtype": dtype}
-            entry.update(bench_step(d_model, width, batch, dtype, args.warmup, args.steps))
-            result["sae_step"].append(entry)
-    write_json(args.out, result)
+    args = step_worker_args(__doc__.splitlines()[0]).parse_args()
+    write_json(args.out, {"versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__},
+                          "devices": [str(d) for d in jax.devices()], "sae_step": sae_step_rows(args, bench_step)})
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-from benchmarks.common import (DTYPES, SAE_SHAPES, sae_step_flops_per_token, throughput, time_calls, worker_args,
-                               write_json)
+from benchmarks.common import (DTYPES, sae_step_flops_per_token, sae_step_rows, step_worker_args, throughput, time_calls, write_json)
 
 MATMUL_N = 3072  # square matmul size for the dense peak
 
@@ -65,23 +64,15 @@ def bench_matmul(dtype: str, warmup: int, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = worker_args(__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="all", help="'all' or comma list like 640x4096x4096")
-    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser = step_worker_args(__doc__.splitlines()[0])
     parser.add_argument("--no-matmul", action="store_true", help="skip the matmul peak")
     args = parser.parse_args()
-    shapes = SAE_SHAPES if args.shapes == "all" else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     versions = {"torch": torch.__version__, "sae_lens": sae_lens_version, "python": platform.python_version()}
-    result = {"versions": versions,
-              "torch_threads": torch.get_num_threads(), "matmul": {}, "sae_step": []}
+    result = {"versions": versions, "torch_threads": torch.get_num_threads(), "matmul": {}}
     if not args.no_matmul:
         for dtype in DTYPES:
             result["matmul"][f"torch_{dtype}"] = dict(bench_matmul(dtype, args.warmup, args.steps), shape=[MATMUL_N] * 3)
-    for d_model, width, batch in shapes:
-        for dtype in args.dtypes.split(","):
-            entry = {"d_model": d_model, "width": width, "batch": batch, "dtype": dtype}
-            entry.update(bench_step(d_model, width, batch, dtype, args.warmup, args.steps))
-            result["sae_step"].append(entry)
+    result["sae_step"] = sae_step_rows(args, bench_step)
     write_json(args.out, result)
 
 
