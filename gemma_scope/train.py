@@ -265,8 +265,10 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
             raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} does not match this config (changed "
                              f"sae.width, sites or number of l0_coefficient values?); use a fresh workdir: {e}") from e
     else:
-        scales = {g: normalisation_constants(source, sites, local_batch, config.train.norm_batches)
-                  for g, sites in groups.items()}
+        # One pass over the first batches for every site (a source may recompute batches it no longer caches).
+        constants = dict(zip(source.sites, normalisation_constants(source, source.sites, local_batch,
+                                                                   config.train.norm_batches)))
+        scales = {g: np.array([constants[s] for s in sites], np.float32) for g, sites in groups.items()}
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
     if jax.process_index() == 0:
         _truncate_metrics(workdir / "metrics.jsonl", last_good or 0)
