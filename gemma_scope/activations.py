@@ -29,6 +29,7 @@ import numpy as np
 import tqdm
 
 from gemma_scope import model
+from gemma_scope.files import atomic_path
 
 CUSTOM_SITE = "custom"  # site name of activations not tied to a model site (released under custom/layer_0)
 
@@ -186,10 +187,8 @@ def write_shards(source: "ModelSource", out: str | os.PathLike, tokens: int, sto
             for site, x in chunk.items():
                 name = f"shard_{k:05d}.npy"
                 data = np.ascontiguousarray(x.astype(STORAGE_DTYPES[storage_dtype]))
-                tmp = dirs[site] / f".{name}.tmp"
-                with open(tmp, "wb") as f:
+                with atomic_path(dirs[site] / name) as tmp, open(tmp, "wb") as f:
                     np.save(f, data)
-                os.replace(tmp, dirs[site] / name)
                 shards[site][name] = {"shape": list(data.shape), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
             n = len(chunk[source.sites[0]])
             written, k = written + n, k + 1
@@ -197,8 +196,8 @@ def write_shards(source: "ModelSource", out: str | os.PathLike, tokens: int, sto
     for site, directory in dirs.items():
         manifest = {"model": source.model_name, "site": site, "dtype": storage_dtype, "d": source.d_in[site],
                     "count": written, "token_source": token_source or {}, "shards": shards[site]}
-        (directory / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(directory / f".{MANIFEST}.tmp", directory / MANIFEST)
+        with atomic_path(directory / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     return dirs
 
 

