@@ -52,7 +52,9 @@ def render(results: dict) -> str:
     """The Markdown block for RESULTS.md from the ``results.json`` dict written by ``benchmarks.run``."""
     out = ["# Benchmarks", "",
            f"Generated {results['date']} by `{results['command']}`: medians over {results['settings']['steps']} "
-           f"timed steps after {results['settings']['warmup']} warm-up steps, (min–max) in brackets, seconds.",
+           f"timed steps after {results['settings']['warmup']} warm-up steps, (min–max) in brackets, seconds. "
+           f"SAE steps: the fastest median of {results['settings'].get('repeats', 1)} runs of each side's worker, "
+           "the sides alternating.",
            "Load average before/after the run: "
            f"{results['machine']['loadavg_before']} / {results['machine']['loadavg_after']} "
            "(a load above the core count means other work shared the CPU and the numbers are noisy).", ""]

@@ -38,6 +38,21 @@ def test_peak_is_best_backend_per_dtype_and_best_run_per_backend():
     assert run._peaks(best | {"torch_bfloat16": {"gflops": 385.0}}) == {"float32": 210.0, "bfloat16": 385.0}
 
 
+def test_repeated_step_runs_keep_the_fastest_median_per_shape():
+    def entry(dtype, median):
+        return {"d_model": 640, "width": 4096, "batch": 4096, "dtype": dtype, "median_s": median}
+    first = {"sae_step": [entry("float32", 0.5), entry("bfloat16", 0.2)], "max_rss_gib": 2.0,
+             "matmul": {"torch_float32": {"gflops": 150.0}}, "versions": {"torch": "2.13.0"}}
+    second = {"sae_step": [entry("float32", 0.3), entry("bfloat16", 0.4)], "max_rss_gib": 2.5,
+              "matmul": {"torch_float32": {"gflops": 200.0}}}
+    merged = run._fastest_steps(first, {"error": "worker crashed"}, second)
+    assert {e["dtype"]: e["median_s"] for e in merged["sae_step"]} == {"float32": 0.3, "bfloat16": 0.2}
+    assert merged["max_rss_gib"] == 2.5 and merged["matmul"]["torch_float32"]["gflops"] == 200.0
+    assert merged["versions"] == {"torch": "2.13.0"}
+    assert run._fastest_steps({"error": "a"}, {"error": "b"}) == {"error": "a"}
+    assert run._fastest_steps() == {}
+
+
 def test_flops_per_token_rejects_empty_shapes():
     with pytest.raises(ValueError, match="d_model=0"):
         sae_step_flops_per_token(0, 16)
