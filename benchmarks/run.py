@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
 
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                "command": shlex.join(["python", "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
-               "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats}, "machine": machine_info(),
+               "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats},
+               "machine": machine_info(),
                "versions": _versions(), "errors": errors, "notes": notes, "matmul": {}}
     results["allocator"] = {"library": preload, "note": (
         f"Both sides ran with `LD_PRELOAD={preload}` (Debian libtcmalloc-minimal4)." if preload else

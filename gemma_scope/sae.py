@@ -165,7 +165,7 @@ def encode(params: dict, x: jax.Array) -> jax.Array:
 
 
 def _transposed(a: jax.Array, compute_dtype) -> jax.Array:
-    """``a.T`` in ``compute_dtype`` as a row-major copy, to be a matmul's left operand or a gradient.
+    """``a.T`` in ``compute_dtype`` as a row-major copy, to be a matmul's left operand.
 
     XLA's CPU backend lays a bare transpose out column-major, and its YNNPACK dot takes no column-major left
     operand: it would upcast both operands of a bfloat16 matmul to float32 and run it ≈ 2× slower, with a float32
