@@ -1,6 +1,6 @@
 """Run every benchmark of issue 6 side by side and write benchmarks/RESULTS.md and benchmarks/results.json.
 
-    python -m benchmarks.run                 # everything, ≥ 8 timed steps each (≈ 12–15 min on 2 cores)
+    python -m benchmarks.run                 # everything, ≥ 8 timed steps each (≈ 9 min on 2 cores)
     python -m benchmarks.run --steps 2 --warmup 1 --shapes 640x4096x4096   # a quick harness check
 
 Each worker runs in its own process (ours: this interpreter; SAELens: the optional venv made by
