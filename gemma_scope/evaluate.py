@@ -30,7 +30,7 @@ import numpy as np
 import tqdm
 
 from gemma_scope import model, release, sae
-from gemma_scope.activations import open_shards
+from gemma_scope.shards import open_shards
 from gemma_scope.sites import Site
 
 # Latent activations of one batch may take this many bytes (float32 [batch, M]) when batch_size is not given.
