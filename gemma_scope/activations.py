@@ -1,9 +1,9 @@
 """Sources of site activations for the trainer: the ``ActivationSource`` protocol and its implementations.
 
-A source names its sites (``"res.3"``, or ``"custom"`` for activations not tied to a model site) and yields
-numbered batches ``{site: float32 [batch_size, d]}``. Batch ``b`` is a pure function of (source config, seed, b),
-so a resumed run sees exactly the batches an uninterrupted run would have seen. On multi-host runs each process
-builds its source with its own ``shard_index`` and gets its own rows of every global batch.
+A source names its sites (``"res.3"``, or ``sites.CUSTOM`` = ``"custom"`` for activations not tied to a model site)
+and yields numbered batches ``{site: float32 [batch_size, d]}``. Batch ``b`` is a pure function of (source config,
+seed, b), so a resumed run sees exactly the batches an uninterrupted run would have seen. On multi-host runs each
+process builds its source with its own ``shard_index`` and gets its own rows of every global batch.
 
 Activations can also be written to disk once and reused (e.g. by a λ sweep), one directory per site:
 
@@ -25,10 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_scope import model
+from gemma_scope.sites import CUSTOM
 from gemma_scope.shards import STORAGE_DTYPES, open_shards, write_shards
-
-CUSTOM_SITE = "custom"  # site name of activations not tied to a model site (released under custom/layer_0)
-
 
 class ActivationSource(Protocol):
     """Numbered batches of activations of one or more sites (see the module docstring)."""
@@ -51,7 +49,7 @@ class NpyShardSource:
 
     Args:
       path: directory holding the ``.npy`` files (sorted by name) — all float32, 2-D, with the same d.
-      site: name of the site the activations come from (``"res.12"``), or ``CUSTOM_SITE`` (then the site of the
+      site: name of the site the activations come from (``"res.12"``), or ``CUSTOM`` (then the site of the
         directory's manifest, if it has one).
       seed: shuffling seed.
       shard_index, shard_count: this process's part of each global batch (``jax.process_index/count``).
@@ -60,9 +58,9 @@ class NpyShardSource:
       FileNotFoundError / ValueError: as ``open_shards``; a bad shard index.
     """
 
-    def __init__(self, path: str, site: str = CUSTOM_SITE, seed: int = 0, shard_index: int = 0, shard_count: int = 1):
+    def __init__(self, path: str, site: str = CUSTOM, seed: int = 0, shard_index: int = 0, shard_count: int = 1):
         self._arrays, manifest = open_shards(path)
-        site = site if site != CUSTOM_SITE or manifest is None else manifest["site"]
+        site = site if site != CUSTOM or manifest is None else manifest["site"]
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index {shard_index} must lie in [0, shard_count={shard_count})")
         self.sites = [site]
@@ -210,7 +208,7 @@ def make_source(data_config, seed: int, shard_index: int = 0, shard_count: int =
     """Builds the activation source a config's ``data`` block describes.
 
     ``data.source``:
-      ``"npy"``: ``NpyShardSource(data.path, data.site or CUSTOM_SITE, seed, ...)``;
+      ``"npy"``: ``NpyShardSource(data.path, data.site or CUSTOM, seed, ...)``;
       ``"model"``: ``ModelSource`` over ``data.model`` (``model.load``) reading ``data.sites`` from the corpus
         ``data.corpus`` (split ``train``, ``data.seq_len`` tokens per sequence, ``data.packing``).
 
@@ -221,7 +219,7 @@ def make_source(data_config, seed: int, shard_index: int = 0, shard_count: int =
     if data_config.source == "npy":
         if not data_config.get("path"):
             raise ValueError("data.source='npy' needs data.path: a directory of float32 .npy files [N, d]")
-        return NpyShardSource(data_config.path, data_config.get("site") or CUSTOM_SITE, seed, shard_index, shard_count)
+        return NpyShardSource(data_config.path, data_config.get("site") or CUSTOM, seed, shard_index, shard_count)
     if data_config.source == "model":
         from gemma_scope.data import SequenceReader
         from gemma_scope.sites import parse_sites

@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 from gemma_scope import activations, evaluate, release, sae, step as step_lib
 from gemma_scope.checkpoint import Checkpointer
-from gemma_scope.sites import Site
+from gemma_scope.sites import CUSTOM, Site
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (experiments/<name>.py)")
 DTYPES = ("float32", "bfloat16")
@@ -215,8 +215,8 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 
 
 def _site_of(name: str) -> Site | None:
-    """The release site of a source's site name (None for ``activations.CUSTOM_SITE``); ValueError if malformed."""
-    return None if name == activations.CUSTOM_SITE else Site.parse(name)
+    """The release site of a source's site name (None for ``sites.CUSTOM``); ValueError if malformed."""
+    return None if name == CUSTOM else Site.parse(name)
 
 
 def run(config: ml_collections.ConfigDict, source: activations.ActivationSource | None = None) -> list[pathlib.Path]:
@@ -412,7 +412,7 @@ def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
              f"({config.train.steps:,} steps × {config.train.batch_size:,}); evaluated on "
              f"{config.eval.num_sequences} held-out sequences × {config.eval.seq_len} tokens.")
     return evaluate.evaluate_saes(
-        paths, model_name=config.data.model, corpus=config.data.corpus or None, packing=config.data.packing,
+        paths, model_name=config.data.model, model_config=config.data.get("model_config") or None, corpus=config.data.corpus or None, packing=config.data.packing,
         num_sequences=config.eval.num_sequences, seq_len=config.eval.seq_len,
         lm_batch_size=config.eval.lm_batch_size, out=pathlib.Path(config.workdir) / "report", notes=notes)
 
