@@ -26,7 +26,7 @@ def load(path, arg=None):
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_validates(path):
     config = load(path)
-    train.validate_config(config)
+    configs.validate_config(config)
     if config.data.source == "model":
         name = config.data.model_config or config.data.model
         parse_sites(config.data.sites, model_config(name).num_layers)  # sites exist in that model
