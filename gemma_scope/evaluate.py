@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import pathlib
 import sys
 from collections.abc import Iterable, Iterator
@@ -30,7 +29,8 @@ import numpy as np
 import tqdm
 
 from gemma_scope import model, release, sae
-from gemma_scope.shards import open_shards
+from gemma_scope.files import json_ready
+from gemma_scope.shards import first_rows, open_shards
 from gemma_scope.sites import CUSTOM, Site
 
 # Latent activations of one batch may take this many bytes (float32 [batch, M]) when batch_size is not given.
@@ -306,16 +306,6 @@ def delta_lm_loss(params_lm, cfg, tokens: np.ndarray, mask: np.ndarray, site: Si
     return evaluate_grid(params_lm, cfg, tokens, mask, [(site, sae_params)], batch_size, progress)[0]
 
 
-def _limit(arrays: Iterable[np.ndarray], max_tokens: int | None) -> Iterator[np.ndarray]:
-    """The first ``max_tokens`` rows of a stream of arrays (all rows when None)."""
-    left = math.inf if max_tokens is None else max_tokens
-    for array in arrays:
-        if left <= 0:
-            return
-        yield array[: int(min(left, len(array)))]
-        left -= len(array)
-
-
 def _load_lm(name: str, model_config: str | None, corpus: str | None, num_sequences: int, seq_len: int, packing: str):
     """The LM (``model.load(name, config=model_config)``) and ``(tokens [N, T], mask [N, T])``: the first N
     sequences of the corpus's held-out split."""
@@ -329,21 +319,6 @@ def _load_lm(name: str, model_config: str | None, corpus: str | None, num_sequen
         num_sequences = reader.sequences_per_epoch
     rows = [reader.sequence(i) for i in range(num_sequences)]
     return lm, (np.stack([t for t, _ in rows]), np.stack([m for _, m in rows]))
-
-
-def _json_ready(value):
-    """Arrays to lists and non-finite floats to None, so the output is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def evaluate_saes(
@@ -394,9 +369,9 @@ def evaluate_saes(
             record.update(result)
     for record, params in zip(records, saes):
         if activations:
-            shards = _limit(open_shards(activations)[0], max_tokens)
+            shards = first_rows(open_shards(activations)[0], max_tokens)
             record.update(activation_metrics(params, shards, batch_size=batch_size))
-        print(json.dumps(_json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
+        print(json.dumps(json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
               flush=True)
     if out:
         from gemma_scope import report  # matplotlib only when a report is asked for
@@ -404,7 +379,7 @@ def evaluate_saes(
         out = pathlib.Path(out)
         out.mkdir(parents=True, exist_ok=True)
         metrics = [{k: v for k, v in r.items() if k != "frequencies"} for r in records]
-        (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=1) + "\n")
+        (out / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=1) + "\n")
         notes = notes or f"Model: {model_name or '–'}; activations: {activations or '–'}."
         path = report.write_report(records, out, notes=notes)
         print(f"report: {path}", file=sys.stderr)

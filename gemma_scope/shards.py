@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pathlib
+from collections.abc import Iterable, Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +100,13 @@ def write_shards(source, out: str | os.PathLike, tokens: int, storage_dtype: str
         with atomic_path(directory / MANIFEST) as tmp:
             tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     return dirs
+
+
+def first_rows(arrays: Iterable[np.ndarray], max_tokens: int | None) -> Iterator[np.ndarray]:
+    """The first ``max_tokens`` rows of a stream of arrays (all rows when None)."""
+    left = math.inf if max_tokens is None else max_tokens
+    for array in arrays:
+        if left <= 0:
+            return
+        yield array[: int(min(left, len(array)))]
+        left -= len(array)

@@ -12,9 +12,7 @@ Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
-import sys
 
 import jax
 import ml_collections
@@ -22,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gemma_scope import activations, evaluate, feed, step as step_lib
+from gemma_scope import activations, cli, evaluate, feed, step as step_lib
 from gemma_scope.checkpoint import Checkpointer
 from gemma_scope.configs import hyperparams, validate_config
 from gemma_scope.export import write_release
@@ -138,39 +136,6 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     return write_release(config, source, groups, grid, release_sites, state)
 
 
-def _check_overrides(argv: list[str]) -> None:
-    """Exits with a clear message if a ``--config.<path>=`` override names a key the config file lacks."""
-    spec_text = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec_text is None:
-        return
-    path, sep, config_arg = spec_text.partition(":")  # "FILE:ARG" passes ARG to get_config, as config_flags does
-    spec = importlib.util.spec_from_file_location("_gemma_scope_config", path)
-    if spec is None or not pathlib.Path(path).is_file():
-        raise app.UsageError(f"--config={path}: no such config file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(config_arg) if sep else module.get_config()
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        node, keys = config, arg[len("--config."):].split("=", 1)[0].split(".")
-        for depth, key in enumerate(keys):
-            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-                where = ".".join(["config", *keys[:depth]])
-                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                raise app.UsageError(f"{arg.split('=', 1)[0]}: unknown config key {key!r} under {where!r} of "
-                                     f"{path}; known keys: {known}")
-            node = node[key]
-
-
-def _parse_flags(argv: list[str]):
-    try:
-        _check_overrides(argv)
-    except (app.UsageError, ValueError) as e:  # ValueError: a bad "FILE:ARG" argument to get_config
-        sys.exit(f"FATAL config error: {e}")
-    return flags.FLAGS(argv)
-
-
 def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
     """Evaluates a finished model-source run's released SAEs on held-out text (Gemma Scope §4) and writes
     ``<workdir>/report/{report.md, metrics.json, *.png}``; returns the metric records."""
@@ -213,4 +178,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run_app(main)
