@@ -238,39 +238,40 @@ def make_source(data_config, seed: int, shard_index: int = 0, shard_count: int =
     raise ValueError(f"unknown data.source {data_config.source!r}; expected one of ['npy', 'model']")
 
 
-def main(argv: list[str] | None = None) -> dict[str, pathlib.Path]:
-    """``python -m gemma_scope.activations``: writes activation shards of a model's sites (module docstring)."""
-    import argparse
+_CONFIG = None  # the --config flag, defined when run as a command (train defines its own)
 
-    from gemma_scope import configs
 
-    parser = argparse.ArgumentParser(prog="python -m gemma_scope.activations",
-                                     description="Write site activations of a Gemma model on the corpus to disk.")
-    parser.add_argument("--out", required=True, help="output directory (one subdirectory per site)")
-    parser.add_argument("--tokens", type=int, required=True, help="content-token activations to write per site")
-    parser.add_argument("--model", default="gemma3_270m", help="gemma3_270m, or a checkpoint path")
-    parser.add_argument("--model_config", default="", help="architecture name for an orbax checkpoint")
-    parser.add_argument("--sites", default="res.*", help="site spec, e.g. 'res.*' or 'res.8,att.8,mlp.8'")
-    parser.add_argument("--corpus", default="", help="built corpus (default: $GEMMA_SCOPE_CORPUS or ./corpus)")
-    parser.add_argument("--seq_len", type=int, default=1024)
-    parser.add_argument("--packing", default="packed", choices=("packed", "document"))
-    parser.add_argument("--forward_batch", type=int, default=8, help="sequences per forward pass")
-    parser.add_argument("--chunk_sequences", type=int, default=64, help="sequences per shard")
-    parser.add_argument("--storage_dtype", default="float32", choices=sorted(STORAGE_DTYPES))
-    parser.add_argument("--seed", type=int, default=0, help="sequence order seed")
-    args = parser.parse_args(argv)
-    data = configs.lm_data(args.model, args.sites)
-    data.update(model_config=args.model_config, corpus=args.corpus, seq_len=args.seq_len, packing=args.packing,
-                forward_batch=args.forward_batch, chunk_sequences=args.chunk_sequences)
-    source = make_source(data, args.seed)
-    token_source = {"model": args.model, "corpus": args.corpus or "default", "split": "train",
-                    "seq_len": args.seq_len, "packing": args.packing, "seed": args.seed,
-                    "chunk_sequences": args.chunk_sequences}
-    dirs = write_shards(source, args.out, args.tokens, args.storage_dtype, token_source)
+def main(argv: list[str]) -> dict[str, pathlib.Path]:
+    """``python -m gemma_scope.activations``: writes activation shards of the config's model sites (module
+    docstring); ``data`` and ``seed`` come from the config (``configs.lm_data`` defaults)."""
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config=experiments/<name>.py is required")
+    config, out = _CONFIG.value, flags.FLAGS.out
+    if config.data.source != "model":
+        raise ValueError(f"data.source must be 'model' to write activations, got {config.data.source!r}")
+    source = make_source(config.data, config.seed)
+    data = config.data
+    token_source = {"model": data.model, "corpus": data.corpus or "default", "split": "train",
+                    "seq_len": data.seq_len, "packing": data.packing, "seed": config.seed,
+                    "chunk_sequences": data.chunk_sequences}
+    dirs = write_shards(source, out, flags.FLAGS.tokens, flags.FLAGS.storage_dtype, token_source)
     for directory in dirs.values():
         print(directory)
     return dirs
 
 
 if __name__ == "__main__":
-    main()
+    from absl import flags
+    from ml_collections import config_flags
+
+    from gemma_scope import cli
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/<name>.py)")
+    flags.DEFINE_string("out", None, "output directory (one subdirectory per site)", required=True)
+    flags.DEFINE_integer("tokens", None, "content-token activations to write per site", required=True)
+    flags.DEFINE_enum("storage_dtype", "float32", sorted(STORAGE_DTYPES), "dtype of the written shards")
+    cli.run_app(main)

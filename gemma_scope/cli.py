@@ -107,7 +107,7 @@ def run_app(main: Callable[[list[str]], object]) -> None:
 
     def guarded(argv):
         try:
-            return main(argv)
+            main(argv)  # its return value is for Python callers; absl would print it
         except USER_ERRORS as e:
             if verbose:
                 raise
