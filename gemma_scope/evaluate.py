@@ -16,7 +16,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import pathlib
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gemma_scope import model, release, sae
+from gemma_scope import cli, model, release, sae
 from gemma_scope.files import json_ready
 from gemma_scope.shards import first_rows, open_shards
 from gemma_scope.sites import CUSTOM, Site
@@ -388,7 +387,7 @@ def evaluate_saes(
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """``python -m gemma_scope.evaluate``: prints one JSON line of metrics per SAE; returns the records."""
-    parser = argparse.ArgumentParser(prog="python -m gemma_scope.evaluate", description=__doc__.split("\n\n")[0])
+    parser = cli.parser("python -m gemma_scope.evaluate", __doc__.split("\n\n")[0])
     parser.add_argument("--sae", action="append", required=True,
                         help="params.npz, SAE directory or release root; repeatable")
     parser.add_argument("--activations", help="directory of cached activation shards (*.npy [tokens, d], see gemma_scope.activations)")
@@ -415,4 +414,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
