@@ -90,18 +90,28 @@ def lm_data(model: str, sites: str) -> ml_collections.ConfigDict:
     return data
 
 
-def paper_run(name: str, kind: str, layers: tuple[int, ...], arg: str | None) -> ml_collections.ConfigDict:
+def paper_run(name: str, kind: str, layers: tuple[int, ...], arg: str | None,
+              width: int = 2**14) -> ml_collections.ConfigDict:
     """A run of the Gemma Scope grid (``name`` such as "gemma2_9b"): one site kind at ``layers``, width and λ sweep
-    as released. ``data.model`` is left empty: the user points it at their checkpoint.
+    as released; the paper configs ``experiments/{2b,9b}_{res,att,mlp}.py``, ``9b_it_res.py`` and ``27b_res.py``
+    are one call each. Usage::
+
+        python -m gemma_scope.data.build --out=corpus --tokenizer=/path/to/gemma-2-9b/tokenizer.model
+        python -m gemma_scope.train --config=experiments/9b_res.py --config.data.model=/path/to/gemma-2-9b \
+            [--config=experiments/9b_res.py:layer=all,width=65536]
+
+    ``data.model`` is left empty: the user points it at a local checkpoint, a Hugging Face directory
+    (config.json + *.safetensors + tokenizer.model) or a gemma-library/Kaggle orbax checkpoint; build the corpus
+    with that model's tokenizer first (above). Recipe, widths and token budgets as in arXiv 2408.05147 §3.
 
     ``arg`` (the text after ``:`` in ``--config=experiments/9b_res.py:layer=20,width=131072``) may set ``layer``
-    (one layer, or ``all``) and ``width``; the token budget follows the width (§3). Other layer sets:
-    ``--config.data.sites=res.9,res.20``.
+    (one layer, or ``all``) and ``width`` (default ``width``); the token budget follows the width (§3). Other
+    layer sets: ``--config.data.sites=res.9,res.20``.
 
     Raises:
       ValueError: an unknown key or bad value in ``arg``.
     """
-    options = dict(layer=None, width=str(2**14))
+    options = dict(layer=None, width=str(width))
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in options:
