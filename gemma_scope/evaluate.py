@@ -375,13 +375,8 @@ def evaluate_saes(
     if out:
         from gemma_scope import report  # matplotlib only when a report is asked for
 
-        out = pathlib.Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = [{k: v for k, v in r.items() if k != "frequencies"} for r in records]
-        (out / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=1) + "\n")
         notes = notes or f"Model: {model_name or '–'}; activations: {activations or '–'}."
-        path = report.write_report(records, out, notes=notes)
-        print(f"report: {path}", file=sys.stderr)
+        print(f"report: {report.write_evaluation(records, out, notes)}", file=sys.stderr)
     return records
 
 

@@ -6,8 +6,8 @@ prefetched batches (``feed``) logging metrics (``metrics``) and checkpointing, t
 (``export``). A run killed at any moment and restarted with the same command resumes from its newest checkpoint
 and ends with exactly the parameters of an uninterrupted run (batches are numbered; the state holds everything else).
 
-Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step),
-``config.json`` and ``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/params.npz``.
+Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step) and
+the same metrics as TensorBoard event files, ``config.json`` and ``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/params.npz``.
 """
 
 from __future__ import annotations
