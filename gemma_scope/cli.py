@@ -16,7 +16,6 @@ import argparse
 import sys
 from collections.abc import Callable
 
-import ml_collections
 from absl import app, flags
 
 # Errors that mean the user asked for something wrong (extend here; every entry point uses this tuple).
@@ -53,40 +52,23 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
         _fail(e)
 
 
-def unknown_override(config: ml_collections.ConfigDict, override: str, source: str) -> str | None:
-    """Why ``--config.a.b=v`` names no field of ``config`` (None if it does): the unknown key, where, and the
-    known keys there."""
-    node, keys = config, override.removeprefix("--").split("=", 1)[0].split(".")[1:]
-    for depth, key in enumerate(keys):
-        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-            where = ".".join(["config", *keys[:depth]])
-            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            return f"--config.{'.'.join(keys)}: unknown config key {key!r} under {where!r} of {source}; known keys: {known}"
-        node = node[key]
-    return None
-
-
 def parse_config_flags(argv: list[str]) -> list[str]:
     """``flags.FLAGS(argv)`` for an entry point with a ``--config`` config-file flag. The config file is loaded
-    once (by ``config_flags``); an override naming no field of it is explained by ``unknown_override``.
+    once, by ``config_flags``, which also checks each ``--config.a.b=v`` override against it; its refusals become
+    one clear message.
 
     Raises:
-      ValueError: an unknown flag or config key, or a bad ``--config`` value (e.g. ``FILE:ARG`` refused by
-        ``get_config``).
+      ValueError: an unknown flag or config key (named, with where it was looked up), or a bad ``--config`` value
+        (e.g. ``FILE:ARG`` refused by ``get_config``: its error's last line).
     """
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError) as e:  # config_flags raises AttributeError for unknown keys
-        config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
         source = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "the config")
-        if isinstance(config, ml_collections.ConfigDict):
-            for arg in argv:
-                if arg.startswith("--config.") and (why := unknown_override(config, arg, source)):
-                    raise ValueError(why) from None
-        for arg in argv:  # app.run may leave the flag unset: name the key config_flags refused
+        for arg in argv if isinstance(e, (AttributeError, KeyError)) else ():
             keys = arg.split("=", 1)[0].removeprefix("--").split(".")
             if keys[0] == "config" and len(keys) > 1 and keys[-1] in str(e):
-                hint = str(e).strip("'\"").split("\\n")[-1]
+                hint = str(e).strip("'\"").split("\\n")[-1]  # config_dict's "Did you mean ..."
                 raise ValueError(f"--{'.'.join(keys)}: unknown config key {keys[-1]!r} under "
                                  f"{'.'.join(keys[:-1])!r} of {source}. {hint}") from None
         text = str(e).strip()  # get_config's traceback, when it raised, is embedded in the message: keep its last line
