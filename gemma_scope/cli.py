@@ -58,11 +58,17 @@ def parse_config_flags(argv: list[str]) -> list[str]:
     one clear message.
 
     Raises:
+      FileNotFoundError: a ``--config`` file that cannot be loaded.
       ValueError: an unknown flag or config key (named, with where it was looked up), or a bad ``--config`` value
         (e.g. ``FILE:ARG`` refused by ``get_config``: its error's last line).
     """
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        if flags.FLAGS["config"].value is not None:
+            flags.FLAGS["config"].value.keys()  # a file config_flags could not load gives OSError here
+        return rest
+    except OSError as e:
+        raise FileNotFoundError(f"--config: {str(e).splitlines()[-1].strip()}") from None
     except (flags.Error, AttributeError, KeyError) as e:  # config_flags raises AttributeError for unknown keys
         source = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "the config")
         for arg in argv if isinstance(e, (AttributeError, KeyError)) else ():

@@ -70,3 +70,9 @@ def test_unknown_config_key_names_the_key_and_where():
     result = _run(["-m", "gemma_scope.train", "--config=experiments/from_activations.py", "--config.sae.widht=8"])
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "unknown config key 'widht' under 'config.sae'" in result.stderr
+
+
+def test_missing_config_file_is_one_line():
+    result = _run(["-m", "gemma_scope.train", "--config=experiments/no_such_config.py"])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "No such file or directory: 'experiments/no_such_config.py'" in result.stderr
