@@ -30,6 +30,14 @@ def train_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.sae = ml_collections.ConfigDict()
     config.sae.width = 2**14
     config.sae.l0_coefficient = (1e-3,)  # λ; several values train a sweep in one step
+    # The sparsity recipe (gemma_scope.sae.loss). "l0": Gemma Scope's λ·L0. "target_l0": λ·(L0/target − 1)²
+    # towards each value of sae.target_l0 (several train a sweep in one step, λ one value or one per target).
+    config.sae.sparsity_loss = "l0"
+    config.sae.target_l0 = (100.0,)
+    config.sae.frequency_coefficient = 0.0  # c_f of the penalty on latents firing on > frequency_threshold of tokens
+    config.sae.frequency_threshold = 0.1
+    config.sae.matryoshka_prefixes = ()  # e.g. (128, 512): nested prefixes that must reconstruct on their own
+    config.sae.b_dec_init = "zero"  # "zero" (the paper) | "mean" | "geometric_median" of the first norm_batches
     config.sae.bandwidth = 0.001  # ε of the pseudo-derivatives
     config.sae.threshold_init = 0.001
     config.sae.dtype = "float32"  # matmul input dtype: "float32" or "bfloat16" (accumulation always float32)
