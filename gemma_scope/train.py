@@ -81,7 +81,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
       ValueError: a bad config or bad activations (the message names the field / batch).
       NonFiniteError: a NaN/Inf loss, naming the step; the last good checkpoint is kept.
     """
-    lambdas = validate_config(config)
+    lambdas, targets = validate_config(config)
     if config.mesh.distributed:
         jax.distributed.initialize()
     hp = hyperparams(config)
@@ -91,7 +91,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         source = activations.make_source(config.data, config.seed, jax.process_index(), jax.process_count())
     release_sites = {name: _site_of(name) for name in source.sites}  # fail early on a bad data.site
     groups = group_sites(source)
-    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, lambdas)
+    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, lambdas, targets)
             for g, sites in groups.items()}
     batch_size, steps = config.train.batch_size, config.train.steps
     mesh = _make_mesh(config, batch_size)
@@ -106,10 +106,15 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
                              f"sae.width, sites or number of l0_coefficient values?); use a fresh workdir: {e}") from e
     else:
         # One pass over the first batches for every site (a source may recompute batches it no longer caches).
-        constants = dict(zip(source.sites, feed.normalisation_constants(
-            source, source.sites, batch_size // jax.process_count(), config.train.norm_batches)))
+        constants, b_dec = feed.normalisation_constants(
+            source, source.sites, batch_size // jax.process_count(), config.train.norm_batches, config.sae.b_dec_init)
+        constants = dict(zip(source.sites, constants))
         scales = {g: np.array([constants[s] for s in sites], np.float32) for g, sites in groups.items()}
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
+        if config.sae.b_dec_init != "zero":  # site-major like the stacked params (step.Group.sae)
+            state["params"] = {g: dict(p, b_dec=jax.device_put(
+                np.repeat(np.stack([b_dec[s] for s in groups[g]]), len(lambdas), axis=0), p["b_dec"].sharding))
+                for g, p in state["params"].items()}
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
