@@ -69,6 +69,8 @@ def validate_config(config) -> None:
     for name, value in positive.items():
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(config.seed, int) or config.seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {config.seed!r}")
     for name in ("learning_rate", "adam_eps"):
         value = config.train[name]
         if not value > 0:
@@ -386,6 +388,9 @@ def _check_overrides(argv: list[str]) -> None:
         raise app.UsageError(f"--config={path}: no such config file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise app.UsageError(f"--config={path}: the file defines no get_config() returning an ml_collections "
+                             "ConfigDict (see experiments/from_activations.py)")
     config = module.get_config(config_arg) if sep else module.get_config()
     for arg in argv:
         if not arg.startswith("--config."):
