@@ -12,8 +12,8 @@ shard index carries a crc32c), so a flipped byte would be restored silently. Hen
 - Verification: when a ``Checkpointer`` opens a directory it verifies the newest step; a corrupt, unreadable or
   unsealed one is reported on stderr and moved to ``<directory>-corrupt/<step>`` (never deleted), and the next
   older step is tried, so training resumes from the newest intact checkpoint.
-- Rotation (ours, not Orbax's ``max_to_keep``): only after a newer step is finalised are the oldest steps beyond
-  ``keep`` removed, so the newest verified checkpoint is never removed.
+- Rotation (ours, not Orbax's ``max_to_keep``): only after a newer step is finalised and verified on disk are
+  the oldest steps beyond ``keep`` removed, so the newest verified checkpoint is never removed.
 """
 
 from __future__ import annotations
@@ -145,17 +145,27 @@ class Checkpointer:
         """Saves ``state`` as ``step`` if the interval says so (or ``force``); asynchronous after the device copy.
         First waits for the previous save and rotates old checkpoints out."""
         self.wait()
-        self._pending = step
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        self._pending = step  # read by _seal
+        saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        if not saved:
+            self._pending = self._latest
+        return saved
 
     def wait(self) -> None:
-        """Blocks until pending saves are on disk, then removes the oldest checkpoints beyond ``keep``."""
+        """Blocks until pending saves are on disk and verifies the newest; if it is intact, removes the oldest
+        checkpoints beyond ``keep`` (otherwise it says so on stderr and removes nothing)."""
         self._manager.wait_until_finished()
-        steps = self._steps_on_disk()
-        if self._pending is not None and self._pending in steps:
-            self._latest = self._pending
+        if self._pending is None or self._pending == self._latest:
+            return
+        problem = verify(self._root / str(self._pending))
+        if problem is not None:
+            print(f"checkpoint {self._root / str(self._pending)} fails verification right after saving: {problem}; "
+                  f"keeping the older checkpoints (the newest intact one is step {self._latest})", file=sys.stderr)
+            self._pending = self._latest
+            return
+        self._latest = self._pending
         if jax.process_index() == 0:
-            for step in steps[self._keep:]:
+            for step in self._steps_on_disk()[self._keep:]:
                 self._manager.delete(step)
 
     def close(self) -> None:
