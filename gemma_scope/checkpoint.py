@@ -12,14 +12,16 @@ shard index carries a crc32c), so a flipped byte would be restored silently. Hen
 - Verification: when a ``Checkpointer`` opens a directory it verifies the newest step; a corrupt, unreadable or
   unsealed one is reported on stderr and moved to ``<directory>-corrupt/<step>`` (never deleted), and the next
   older step is tried, so training resumes from the newest intact checkpoint.
-- Rotation (ours, not Orbax's ``max_to_keep``): only after a newer step is finalised and verified on disk are
-  the oldest steps beyond ``keep`` removed, so the newest verified checkpoint is never removed.
+- Rotation (ours, not Orbax's ``max_to_keep``): only after a newer step is in place with its checksums are the
+  oldest steps beyond ``keep`` removed, so the newest verified checkpoint is never removed.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -38,10 +40,11 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
-    """sha256 (hex) of every file below the item directories of a step directory, by relative path."""
-    return {p.relative_to(step_dir).as_posix(): _sha256(p)
-            for item in sorted(step_dir.iterdir()) if item.is_dir()
-            for p in sorted(item.rglob("*")) if p.is_file()}
+    """sha256 (hex) of every file below the item directories of a step directory, by relative path (hashed in
+    threads: sha256 runs at roughly 0.5–2 GB/s per core)."""
+    files = [p for item in sorted(step_dir.iterdir()) if item.is_dir() for p in sorted(item.rglob("*")) if p.is_file()]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return {p.relative_to(step_dir).as_posix(): digest for p, digest in zip(files, pool.map(_sha256, files))}
 
 
 def verify(step_dir: pathlib.Path) -> str | None:
@@ -152,15 +155,15 @@ class Checkpointer:
         return saved
 
     def wait(self) -> None:
-        """Blocks until pending saves are on disk and verifies the newest; if it is intact, removes the oldest
-        checkpoints beyond ``keep`` (otherwise it says so on stderr and removes nothing)."""
+        """Blocks until pending saves are on disk; once the newest is in place with its checksums, removes the
+        oldest checkpoints beyond ``keep`` (otherwise it says so on stderr and removes nothing). (Re-hashing the
+        files just written would read them back from the page cache, so it would prove nothing.)"""
         self._manager.wait_until_finished()
         if self._pending is None or self._pending == self._latest:
             return
-        problem = verify(self._root / str(self._pending))
-        if problem is not None:
-            print(f"checkpoint {self._root / str(self._pending)} fails verification right after saving: {problem}; "
-                  f"keeping the older checkpoints (the newest intact one is step {self._latest})", file=sys.stderr)
+        if not (self._root / str(self._pending) / CHECKSUMS_FILE).is_file():
+            print(f"checkpoint {self._root / str(self._pending)} is not in place with its {CHECKSUMS_FILE}; keeping "
+                  f"the older checkpoints (the newest intact one is step {self._latest})", file=sys.stderr)
             self._pending = self._latest
             return
         self._latest = self._pending
