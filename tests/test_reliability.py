@@ -183,9 +183,14 @@ def shard_dir(tmp_path):
     return activations.write_shards(_FakeModelSource(), tmp_path / "acts", tokens=300)["res.3"]
 
 
-def test_intact_shards_open(shard_dir):
+def test_intact_shards_open_and_bfloat16_shards_are_verified_too(shard_dir, tmp_path):
     arrays, manifest = activations.open_shards(shard_dir)
     assert [a.shape for a in arrays] == [(100, 8)] * 3 and manifest["site"] == "res.3"
+    bf16 = activations.write_shards(_FakeModelSource(), tmp_path / "bf16", tokens=100, storage_dtype="bfloat16")
+    assert activations.open_shards(bf16["res.3"])[0][0].dtype.name == "bfloat16"
+    _flip_byte(bf16["res.3"] / "shard_00000.npy", 200)
+    with pytest.raises(ValueError, match="shard_00000.npy: sha256"):
+        activations.open_shards(bf16["res.3"])
 
 
 @pytest.mark.parametrize("damage, error, message", [
