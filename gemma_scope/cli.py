@@ -19,7 +19,9 @@ from collections.abc import Callable
 from absl import app, flags
 
 # Errors that mean the user asked for something wrong (extend here; every entry point uses this tuple).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+# FloatingPointError: training diverged (train.NonFiniteError); its message names the step and the checkpoint to
+# resume from, which is all a user needs.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, FloatingPointError)
 VERBOSE_HELP = "on an error, show the traceback instead of one line"
 EXIT_USER_ERROR = 2
 
