@@ -63,7 +63,7 @@ def test_running_topk_equals_brute_force_topk():
 
 def _tiny_lm():
     cfg = model.get_config("gemma3_tiny")
-    params = model.init_params(cfg, jax.random.key(0))
+    params = jax.jit(lambda key: model.init_params(cfg, key))(jax.random.key(0))
     params["final_norm"]["scale"] = jax.random.normal(jax.random.key(1), params["final_norm"]["scale"].shape)
     return cfg, params
 
