@@ -250,12 +250,14 @@ def test_site_in_headless_chromium_lists_latents_and_shows_highlighted_contexts(
         browser.wait_event("Page.loadEventFired")
         assert browser.evaluate("document.querySelectorAll('#index tbody tr').length") == 12
         assert browser.evaluate("document.querySelector('#index tbody tr[data-id=\"0\"] .flag.dead') !== null")
-        # sorted by frequency, descending, on load; a click on the header sorts by max activation
-        shown = browser.evaluate("[...document.querySelectorAll('#index tbody tr')].map(r => +r.dataset.id)")
-        assert shown == sorted(range(12), key=lambda i: (-round(stats.count[i] / int(stats.tokens), 4), i))
+        # in latent order on load; a click on a header sorts by that column, descending
+        listed = "[...document.querySelectorAll('#index tbody tr')].map(r => +r.dataset.id)"
+        assert browser.evaluate(listed) == list(range(12))
+        browser.click("th[data-key='frequency']")
+        by_frequency = sorted(range(12), key=lambda i: (-round(stats.count[i] / int(stats.tokens), 4), i))
+        assert browser.evaluate(listed) == by_frequency
         browser.click("th[data-key='max']")
-        shown = browser.evaluate("[...document.querySelectorAll('#index tbody tr')].map(r => +r.dataset.id)")
-        assert shown[0] == int(np.argmax(stats.top.keys[:, 0]))
+        assert browser.evaluate(listed)[0] == int(np.argmax(stats.top.keys[:, 0]))
 
         latent = int(np.argmax(stats.count))
         browser.click(f"#index tbody tr[data-id='{latent}']")
@@ -280,5 +282,9 @@ def test_site_in_headless_chromium_lists_latents_and_shows_highlighted_contexts(
         matches = browser.evaluate("[...document.querySelectorAll('#index tbody tr')].map(r => +r.dataset.id)")
         assert latent in matches and len(matches) < 12
         assert browser.errors() == []
+        # a missing latent file shows a message, and the error check sees the failed load
+        browser.evaluate("location.hash = 'latent=99'")
+        browser.wait_for("document.querySelector('#detail .missing') !== null")
+        assert browser.errors()
     finally:
         browser.close()

@@ -12,7 +12,7 @@ const BROWSE = (() => {
     id: r[col.id], frequency: r[col.frequency], max: r[col.max], mean: r[col.mean], flag: r[col.flag],
     promoted: r[col.promoted], search: (r[col.promoted].join("\u0001") + "\u0001" + r[col.text]).toLowerCase(),
   }));
-  const state = { key: "frequency", desc: true, query: "", hideDead: false, selected: null };
+  const state = { key: "id", desc: false, query: "", hideDead: false, selected: null };
 
   function el(tag, attrs = {}, ...children) {
     const node = document.createElement(tag);
@@ -99,7 +99,9 @@ const BROWSE = (() => {
     });
     add("text", { x: 0, y: pad + 8 }, String(top));
     add("text", { x: 0, y: pad + height }, "0");
-    for (const i of [0, Math.floor(n / 2), n]) add("text", { x: 40 + i * bar - 8, y: height + 2 * pad - 2 }, fmt(h.edges[i]));
+    for (const [i, anchor] of [[0, "start"], [Math.floor(n / 2), "middle"], [n, "end"]]) {
+      add("text", { x: 40 + i * bar, y: height + 2 * pad - 2, "text-anchor": anchor }, fmt(h.edges[i]));
+    }
     return svg;
   }
 
