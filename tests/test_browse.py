@@ -90,11 +90,11 @@ def _tiny_sae(cfg, width=12, seed=0):
             "threshold": np.full(width, 0.5, np.float32)}
 
 
-def tiny_site(out, width=12):
-    """A browser site of a random SAE at res.2 of a random tiny Gemma 3 on random tokens; returns
-    (index.html path, stats, tokens).
-
-    Latent 0 is made dead (threshold above any activation)."""
+@pytest.fixture(scope="module")
+def tiny_site(tmp_path_factory):
+    """A browser site of a random SAE (12 latents) at res.2 of a random tiny Gemma 3 on random tokens:
+    (index.html path, stats, tokens). Latent 0 is made dead (threshold above any activation)."""
+    out, width = tmp_path_factory.mktemp("site"), 12
     cfg, params = _tiny_lm()
     sae_params = _tiny_sae(cfg, width)
     sae_params["threshold"][0] = 1e9
@@ -110,13 +110,14 @@ def tiny_site(out, width=12):
     return index, stats, tokens
 
 
-def test_site_files_hold_the_pass(tmp_path):
-    index, stats, tokens = tiny_site(tmp_path / "site")
-    data = json.loads((tmp_path / "site/data/index.js").read_text().removeprefix("var BROWSE_INDEX = ").rstrip(";\n"))
+def test_site_files_hold_the_pass(tiny_site):
+    index, stats, tokens = tiny_site
+    site = index.parent
+    data = json.loads((site / "data/index.js").read_text().removeprefix("var BROWSE_INDEX = ").rstrip(";\n"))
     rows = {row[0]: dict(zip(data["columns"], row)) for row in data["latents"]}
     assert sorted(rows) == list(range(12)) and rows[0]["flag"] == "dead" and rows[0]["frequency"] == 0
     assert data["tokens"] == 8 * 23
-    latent = json.loads((tmp_path / "site/data/latents/3.js").read_text().removeprefix("BROWSE.showLatent(")
+    latent = json.loads((site / "data/latents/3.js").read_text().removeprefix("BROWSE.showLatent(")
                         .rstrip(");\n"))
     assert latent["count"] == stats.count[3] > 0
     assert latent["max"] == pytest.approx(float(stats.top.keys[3, 0]), rel=1e-3)
@@ -128,7 +129,7 @@ def test_site_files_hold_the_pass(tmp_path):
     for group in latent["samples"]:
         for context in group["contexts"]:
             assert 0 < context["act"] <= latent["max"]
-    assert (tmp_path / "site/index.html").is_file() and (tmp_path / "site/browser.js").is_file()
+    assert index.is_file() and (site / "browser.js").is_file() and (site / "style.css").is_file()
 
 
 class _Chromium:
@@ -241,9 +242,9 @@ def _chromium_executable():
     return found
 
 
-def test_site_in_headless_chromium_lists_latents_and_shows_highlighted_contexts(tmp_path):
+def test_site_in_headless_chromium_lists_latents_and_shows_highlighted_contexts(tiny_site, tmp_path):
     executable = _chromium_executable()
-    index, stats, tokens = tiny_site(tmp_path / "site")
+    index, stats, tokens = tiny_site
     browser = _Chromium(executable, tmp_path / "profile")
     try:
         browser.call("Page.navigate", session=browser.session, url=index.resolve().as_uri())

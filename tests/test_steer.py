@@ -63,4 +63,5 @@ def test_latent_out_of_range_is_a_clear_error(tmp_path, capsys):
 
 def test_side_by_side_wraps_columns_and_keeps_newlines():
     text = steer.side_by_side("one two three\nfour", "five", ("left", "right"), width=8)
-    assert text.split("\n") == ["left     | right", "-------- | --------", "one two  | five", "three    |", "four     |"]
+    assert text.split("\n") == ["left     | right", "-------- | --------", "one two  | five", "three    |",
+                                "four     |"]

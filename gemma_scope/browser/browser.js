@@ -25,7 +25,8 @@ const BROWSE = (() => {
     return node;
   }
 
-  const fmt = (x) => (x === 0 ? "0" : Math.abs(x) >= 1000 || Math.abs(x) < 0.01 ? x.toExponential(2) : x.toPrecision(3));
+  const fmt = (x) => (x === 0 ? "0"
+    : Math.abs(x) >= 1000 || Math.abs(x) < 0.01 ? x.toExponential(2) : x.toPrecision(3));
   const pct = (x) => (x === 0 ? "0" : x < 1e-4 ? (100 * x).toExponential(1) + "%" : (100 * x).toPrecision(3) + "%");
   const shown = (text) => text.replace(/\n/g, "↵").replace(/\t/g, "→");
 
@@ -38,7 +39,9 @@ const BROWSE = (() => {
     document.getElementById("title").textContent = index.title;
     document.title = index.title;
     const meta = document.getElementById("meta");
-    for (const [name, value] of Object.entries(index.meta)) meta.append(el("dt", {}, name), el("dd", {}, String(value)));
+    for (const [name, value] of Object.entries(index.meta)) {
+      meta.append(el("dt", {}, name), el("dd", {}, String(value)));
+    }
   }
 
   function renderList() {
@@ -76,31 +79,27 @@ const BROWSE = (() => {
   }
 
   function histogram(h) {
-    const width = 480, height = 110, pad = 18;
-    const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-    svg.setAttribute("class", "hist");
-    svg.setAttribute("width", width);
-    svg.setAttribute("height", height + 2 * pad);
+    // bars of counts per log-spaced bin; hover a bar for its range and count
     const n = h.counts.length;
     if (!n) return el("p", { class: "hint" }, "never fired");
-    const top = Math.max(...h.counts), bar = (width - 40) / n;
-    const add = (tag, attrs, text) => {
+    const width = 480, height = 110, pad = 18, left = 40;
+    const svgNode = (tag, attrs, ...children) => {
       const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
       for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
-      if (text !== undefined) node.textContent = text;
-      svg.append(node);
+      node.append(...children);
+      return node;
     };
+    const top = Math.max(...h.counts), bar = (width - left) / n;
+    const svg = svgNode("svg", { class: "hist", width, height: height + 2 * pad });
     h.counts.forEach((count, i) => {
       const y = height * count / top;
-      add("rect", { x: 40 + i * bar, y: pad + height - y, width: Math.max(1, bar - 1), height: y },
-          undefined);
-      svg.lastChild.append(Object.assign(document.createElementNS("http://www.w3.org/2000/svg", "title"),
-        { textContent: `${fmt(h.edges[i])}–${fmt(h.edges[i + 1])}: ${count}` }));
+      svg.append(svgNode("rect", { x: left + i * bar, y: pad + height - y, width: Math.max(1, bar - 1), height: y },
+        svgNode("title", {}, `${fmt(h.edges[i])}–${fmt(h.edges[i + 1])}: ${count}`)));
     });
-    add("text", { x: 0, y: pad + 8 }, String(top));
-    add("text", { x: 0, y: pad + height }, "0");
+    svg.append(svgNode("text", { x: 0, y: pad + 8 }, String(top)), svgNode("text", { x: 0, y: pad + height }, "0"));
     for (const [i, anchor] of [[0, "start"], [Math.floor(n / 2), "middle"], [n, "end"]]) {
-      add("text", { x: 40 + i * bar, y: height + 2 * pad - 2, "text-anchor": anchor }, fmt(h.edges[i]));
+      const label = { x: left + i * bar, y: height + 2 * pad - 2, "text-anchor": anchor };
+      svg.append(svgNode("text", label, fmt(h.edges[i])));
     }
     return svg;
   }
@@ -141,7 +140,9 @@ const BROWSE = (() => {
 
   function load(id) {
     state.selected = id;
-    for (const tr of document.querySelectorAll("#index tbody tr")) tr.classList.toggle("selected", +tr.dataset.id === id);
+    for (const tr of document.querySelectorAll("#index tbody tr")) {
+      tr.classList.toggle("selected", +tr.dataset.id === id);
+    }
     document.getElementById("latent-data")?.remove();
     const script = el("script", { id: "latent-data", src: `data/latents/${id}.js` });
     script.onerror = () => document.getElementById("detail").replaceChildren(
@@ -157,7 +158,10 @@ const BROWSE = (() => {
   function init() {
     renderHeader();
     document.getElementById("search").addEventListener("input", (e) => { state.query = e.target.value; renderList(); });
-    document.getElementById("hide-dead").addEventListener("change", (e) => { state.hideDead = e.target.checked; renderList(); });
+    document.getElementById("hide-dead").addEventListener("change", (e) => {
+      state.hideDead = e.target.checked;
+      renderList();
+    });
     for (const th of document.querySelectorAll("th[data-key]")) {
       th.addEventListener("click", () => {
         state.desc = th.dataset.key === state.key ? !state.desc : th.dataset.key !== "id";
