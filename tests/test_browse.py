@@ -289,3 +289,51 @@ def test_site_in_headless_chromium_lists_latents_and_shows_highlighted_contexts(
         assert browser.errors()
     finally:
         browser.close()
+
+
+class ByteTokenizer:
+    """Token id = ASCII byte + 3 (pad 0, EOS 1, BOS 2), as in tests/test_data.py, with the pieces the site shows."""
+
+    vocab_size, bos_id, eos_id, pad_id = 259, 2, 1, 0
+    model_proto = b"bytes+3"
+
+    def encode(self, text):
+        return [b + 3 for b in text.encode()]
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return bytes(int(i) - 3 for i in ids if int(i) > 2).decode()
+
+    def id_to_piece(self, i):
+        return chr(i - 3) if i > 2 else ["<pad>", "<eos>", "<bos>"][i]
+
+
+def test_cli_writes_the_site_of_a_released_sae_from_held_out_text(tmp_path, monkeypatch, capsys):
+    from gemma_scope import release
+    from gemma_scope.data import SequenceReader, TextFiles, build_corpus
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "text").mkdir()
+    for k in range(30):
+        (tmp_path / "text" / f"doc{k}.txt").write_text(" ".join(rng.choice(["cat", "dog", "sun"], size=80)))
+    build_corpus([TextFiles([str(tmp_path / "text" / "*.txt")], name="words")], tmp_path / "corpus", ByteTokenizer(),
+                 heldout_fraction=0.3, log=lambda *_: None)
+    cfg, params = _tiny_lm()
+    lm = model.LoadedModel(config=cfg, params=params, make_tokenizer=ByteTokenizer)
+    monkeypatch.setattr(model, "load", lambda name: lm)
+    sae_file = release.write_sae(tmp_path / "release", Site("res", 2), _tiny_sae(cfg), average_l0=4)
+
+    index = browse.main([f"--sae={sae_file.parent}", f"--out={tmp_path / 'site'}", f"--corpus={tmp_path / 'corpus'}",
+                         "--tokens=256", "--seq_len=32", "--lm_batch_size=4", "--top_k=3"])
+    assert capsys.readouterr().out.strip() == str(index)
+    data = json.loads((index.parent / "data/index.js").read_text().removeprefix("var BROWSE_INDEX = ").rstrip(";\n"))
+    assert data["meta"]["site"] == "res.2" and len(data["latents"]) == 12
+    reader = SequenceReader(tmp_path / "corpus", split="heldout", seq_len=32)
+    assert data["tokens"] == sum(reader.sequence(i)[1].sum() for i in range(8))  # 256 tokens: 8 sequences
+    live = [row for row in data["latents"] if row[4] != "dead"]
+    assert live and all(set(row[6]) <= set("catdogsun <eos><bos>") for row in live)  # context text is held-out text
+    latent = json.loads((index.parent / f"data/latents/{live[0][0]}.js").read_text()
+                        .removeprefix("BROWSE.showLatent(").rstrip(");\n"))
+    assert len(latent["top"]) == 3 and len(latent["promoted"]) == 10

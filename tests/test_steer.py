@@ -65,3 +65,36 @@ def test_side_by_side_wraps_columns_and_keeps_newlines():
     text = steer.side_by_side("one two three\nfour", "five", ("left", "right"), width=8)
     assert text.split("\n") == ["left     | right", "-------- | --------", "one two  | five", "three    |",
                                 "four     |"]
+
+
+class _Letters:
+    """A tokenizer of lowercase letters: id = ord(c) - 94 (3..28); BOS 2, EOS 1."""
+
+    bos_id, eos_id = 2, 1
+
+    def encode(self, text):
+        return [ord(c) - 94 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i + 94) if 3 <= i < 29 else f"<{i}>" for i in ids)
+
+
+def test_cli_prints_plain_and_steered_generations_side_by_side(tiny, tmp_path, monkeypatch, capsys):
+    cfg, params = tiny
+    rng = np.random.default_rng(1)
+    d, width = cfg.d_model, 8
+    sae_params = {"W_enc": rng.normal(size=(d, width)), "W_dec": rng.normal(size=(width, d)) * 10,
+                  "b_enc": np.zeros(width), "b_dec": np.zeros(d), "threshold": np.zeros(width)}
+    path = release.write_sae(tmp_path, Site("res", 3), sae_params, average_l0=3)
+    monkeypatch.setattr(model, "load", lambda name: model.LoadedModel(cfg, params, make_tokenizer=_Letters))
+    plain, steered = steer.main([f"--sae={path}", "--latent=5", "--alpha=20", "--prompt=abc", "--tokens=5"])
+    out = capsys.readouterr().out
+    assert "prompt: 'abc'  (res.3, latent 5, alpha 20)" in out
+    titles = out.split("\n")[2].split(" | ")
+    assert [t.strip() for t in titles] == ["without steering", "with 20 × W_dec[5]"]
+    ids = [2] + _Letters().encode("abc")
+    expected = steer.generate(params, cfg, ids, 5, replace=steer.steering(Site("res", 3), sae_params["W_dec"][5], 20),
+                              stop_id=1)
+    assert steered == _Letters().decode(expected)
+    assert plain == _Letters().decode(steer.generate(params, cfg, ids, 5, stop_id=1))
+    assert plain != steered
