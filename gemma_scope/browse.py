@@ -29,10 +29,8 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import pathlib
 import shutil
-import sys
 from collections.abc import Callable, Iterable
 
 import jax
