@@ -25,7 +25,6 @@ the "high-frequency" cut of the JumpReLU paper, arXiv 2407.14435 §5) are flagge
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gemma_scope import evaluate, model, release, sae
+from gemma_scope import cli, model, release, sae
 from gemma_scope.sites import Site
 
 ASSETS = pathlib.Path(__file__).with_name("browser")
@@ -60,12 +59,12 @@ def load_sae(path: str | pathlib.Path, site: str | None) -> tuple[pathlib.Path, 
       FileNotFoundError: nothing SAE-like at path. ValueError: several SAEs under path, an unknown site, or a
       malformed SAE file (`release.load_params`).
     """
-    found = evaluate.find_saes(path)
+    found = release.find_saes(path)
     if len(found) != 1:
         listed = "\n  ".join(map(str, found))
         raise ValueError(f"{path} holds {len(found)} SAEs; pass one of them:\n  {listed}")
     file = found[0]
-    site = site or evaluate.sae_info(file)["site"]
+    site = site or release.sae_info(file)["site"]
     if site is None:
         raise ValueError(f"{file}: cannot tell which site the SAE reads; pass --site (e.g. --site=res.8)")
     return file, release.load_params(file), Site.parse(site)
@@ -375,7 +374,7 @@ def browse(sae_path: str | pathlib.Path, out: str | pathlib.Path, *, model_name:
 
 def main(argv: list[str] | None = None) -> pathlib.Path:
     """``python -m gemma_scope.browse``: writes the browser and prints the path of its index.html."""
-    parser = argparse.ArgumentParser(prog="python -m gemma_scope.browse", description=__doc__.split("\n\n")[0])
+    parser = cli.parser("python -m gemma_scope.browse", __doc__.split("\n\n")[0])
     parser.add_argument("--sae", required=True, help="params.npz, SAE directory or SAELens directory (one SAE)")
     parser.add_argument("--model", default="gemma3_270m", help="registry name (gemma3_270m), HF dir or orbax path")
     parser.add_argument("--out", required=True, help="directory for the site (index.html and data/)")
@@ -399,4 +398,4 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -17,13 +17,14 @@ import pathlib
 import numpy as np
 import safetensors.numpy
 
+from gemma_scope import sites
 from gemma_scope.files import atomic_path
+from gemma_scope.sae import PARAM_KEYS
 from gemma_scope.sites import Site
 
 PARAMS_FILE = "params.npz"
 SAELENS_CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
-PARAM_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 # The SAELens version whose config layout cfg.json follows (model_name, hook_name, ... under "metadata").
 SAELENS_FORMAT_VERSION = "6.0.0"
 # TransformerLens hook names SAELens uses for Gemma Scope's three sites.
@@ -51,14 +52,14 @@ def width_label(width: int) -> str:
 def sae_dir(root: str | os.PathLike, site: Site | None, width: int, average_l0: float) -> pathlib.Path:
     """The release directory ``<root>/<kind>/layer_<L>/width_<W>/average_l0_<K>`` (K = round(average_l0)).
 
-    ``site=None`` gives ``<root>/custom/layer_0/...`` for SAEs not tied to a model site.
+    ``site=None`` gives ``<root>/custom/layer_0/...`` (``sites.CUSTOM``) for SAEs not tied to a model site.
 
     Raises:
       ValueError: average_l0 negative or not finite.
     """
     if not (math.isfinite(average_l0) and average_l0 >= 0):
         raise ValueError(f"average_l0 must be a finite number >= 0, got {average_l0!r}")
-    kind, layer = ("custom", 0) if site is None else (site.kind, site.layer)
+    kind, layer = (sites.CUSTOM, 0) if site is None else (site.kind, site.layer)
     return pathlib.Path(root) / kind / f"layer_{layer}" / f"width_{width_label(width)}" / f"average_l0_{round(average_l0)}"
 
 
@@ -109,7 +110,9 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises:
       FileNotFoundError: nothing SAE-like at path.
       ValueError: unreadable file, missing key, wrong shape, non-float dtype, non-finite values, negative
-        threshold, or a SAELens normalisation other than "none"; the message names the file and the key.
+        threshold; a ``cfg.json`` beside it that is not JSON, names another architecture than "jumprelu", gives
+        a d_in/d_sae other than the weights' or a normalisation other than "none"; the message names the file
+        and the key.
     """
     path = pathlib.Path(path)
     if path.is_dir():
@@ -129,9 +132,44 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:  # numpy/safetensors raise many types for corrupt files; report them uniformly.
         raise ValueError(f"{path}: cannot read SAE parameters ({type(e).__name__}: {e})") from e
     params = validate_params(raw, source=str(path))
-    if path.suffix == ".safetensors":
-        params = _fold_saelens_cfg(params, path.parent / SAELENS_CFG_FILE)
+    cfg_path = path.parent / SAELENS_CFG_FILE
+    if cfg_path.is_file():
+        cfg = _check_saelens_cfg(params, cfg_path)
+        if path.suffix == ".safetensors":
+            params = _fold_saelens_cfg(params, cfg, cfg_path)
     return params
+
+
+def find_saes(path: str | pathlib.Path) -> list[pathlib.Path]:
+    """SAE files named by a command-line path: a ``params.npz`` / ``sae_weights.safetensors`` file, an SAE
+    directory, or a release root (every ``params.npz`` below it, sorted).
+
+    Raises:
+      FileNotFoundError: nothing SAE-like at or below path.
+    """
+    path = pathlib.Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = [path / PARAMS_FILE] if (path / PARAMS_FILE).is_file() else []
+        found = found or sorted(path.rglob(PARAMS_FILE))
+        found = found or ([path / SAELENS_WEIGHTS_FILE] if (path / SAELENS_WEIGHTS_FILE).is_file() else [])
+        if found:
+            return found
+    raise FileNotFoundError(f"no SAE at {path}: expected a params.npz, an SAE directory or a release root")
+
+
+def sae_info(path: pathlib.Path) -> dict:
+    """What a release says about an SAE file: ``site`` (from the ``<kind>/layer_<L>/width_<W>/average_l0_<K>``
+    layout or SAELens ``cfg.json`` metadata) and ``l0_coefficient`` (from the metadata), None when unknown."""
+    cfg_path = path.parent / SAELENS_CFG_FILE
+    meta = json.loads(cfg_path.read_text()).get("metadata", {}) if cfg_path.is_file() else {}
+    site = meta.get("site")
+    parts = path.parent.parts
+    if site is None and len(parts) >= 4 and parts[-3].startswith("layer_") and parts[-3][6:].isdigit():
+        kind = parts[-4]
+        site = f"{kind}.{parts[-3][6:]}" if kind in sites.KINDS else None
+    return {"site": site, "l0_coefficient": meta.get("l0_coefficient")}
 
 
 def validate_params(params: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
@@ -171,7 +209,7 @@ def validate_params(params: dict[str, np.ndarray], source: str) -> dict[str, np.
 
 def _saelens_cfg(site: Site | None, d: int, width: int, average_l0: float, metadata: dict) -> dict:
     """A SAELens >= 6 JumpReLU config; model_name/hook_name also at top level for pre-6 readers."""
-    hook_name = metadata.get("hook_name") or (_HOOK_NAMES[site.kind].format(site.layer) if site else "custom")
+    hook_name = metadata.get("hook_name") or (_HOOK_NAMES[site.kind].format(site.layer) if site else sites.CUSTOM)
     meta = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": SAELENS_FORMAT_VERSION,
@@ -199,11 +237,27 @@ def _saelens_cfg(site: Site | None, d: int, width: int, average_l0: float, metad
     }
 
 
-def _fold_saelens_cfg(params: dict[str, np.ndarray], cfg_path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Applies a SAELens cfg.json (if present) so that params follow the Gemma Scope inference convention."""
-    if not cfg_path.is_file():
-        return params
-    cfg = json.loads(cfg_path.read_text())
+def _check_saelens_cfg(params: dict[str, np.ndarray], cfg_path: pathlib.Path) -> dict:
+    """The SAELens config beside an SAE file, checked against its weights (the architecture, when given, must be
+    "jumprelu"; d_in and d_sae, when given, must be the weights' d and width). Raises ValueError naming the key."""
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: cannot read the SAELens config ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("architecture", "jumprelu") != "jumprelu":
+        raise ValueError(f"{cfg_path}: architecture {cfg['architecture']!r}; only 'jumprelu' SAEs can be read "
+                         "(their weights hold a threshold)")
+    d, width = params["W_enc"].shape
+    for key, value in (("d_in", d), ("d_sae", width)):
+        if key in cfg and cfg[key] != value:
+            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} disagrees with the weights' {value} (W_enc {[d, width]})")
+    return cfg
+
+
+def _fold_saelens_cfg(params: dict[str, np.ndarray], cfg: dict, cfg_path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Applies a SAELens cfg.json so that params follow the Gemma Scope inference convention."""
     if cfg.get("normalize_activations", "none") not in ("none", False):
         raise ValueError(
             f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} cannot be expressed as raw-activation "

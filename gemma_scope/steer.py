@@ -12,7 +12,6 @@ from the same random stream (``--seed``), so that they differ only by the steeri
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import shutil
 import textwrap
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_scope import model
+from gemma_scope import cli, model
 from gemma_scope.browse import load_sae
 from gemma_scope.model.forward import Replacement
 from gemma_scope.sites import Site
@@ -105,7 +104,7 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> 
 
 def main(argv: list[str] | None = None) -> tuple[str, str]:
     """``python -m gemma_scope.steer``: prints the plain and the steered continuation side by side."""
-    parser = argparse.ArgumentParser(prog="python -m gemma_scope.steer", description=__doc__.split("\n\n")[0])
+    parser = cli.parser("python -m gemma_scope.steer", __doc__.split("\n\n")[0])
     parser.add_argument("--sae", required=True, help="params.npz, SAE directory or SAELens directory (one SAE)")
     parser.add_argument("--latent", type=int, required=True, help="index of the latent to steer with")
     parser.add_argument("--alpha", type=float, required=True, help="multiple of W_dec[latent] added (activation units)")
@@ -119,10 +118,7 @@ def main(argv: list[str] | None = None) -> tuple[str, str]:
     if args.tokens < 1 or args.temperature < 0:
         parser.error(f"--tokens must be >= 1 and --temperature >= 0 (got {args.tokens}, {args.temperature})")
     _, sae_params, site = load_sae(args.sae, args.site)
-    try:
-        check_latent(sae_params, args.latent)
-    except ValueError as e:
-        parser.error(f"--latent: {e}")
+    check_latent(sae_params, args.latent)  # before the model loads
     plain, steered = steer(model.load(args.model), sae_params, site, args.latent, args.alpha, args.prompt,
                            args.tokens, args.temperature, args.seed)
     column = max(20, min(60, (shutil.get_terminal_size().columns - 3) // 2))
@@ -132,4 +128,4 @@ def main(argv: list[str] | None = None) -> tuple[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_scope import model, release, steer
+from gemma_scope import cli, model, release, steer
 from gemma_scope.sites import Site
 
 
@@ -56,9 +56,10 @@ def test_latent_out_of_range_is_a_clear_error(tmp_path, capsys):
     path = release.write_sae(tmp_path, Site("res", 2), params, average_l0=3)
     with pytest.raises(ValueError, match=r"latent 8 is out of range: this SAE has 8 latents \(0..7\)"):
         steer.check_latent(release.load_params(path), 8)
-    with pytest.raises(SystemExit):
-        steer.main([f"--sae={path}", "--latent=-1", "--alpha=1", "--prompt=x"])
-    assert "--latent: latent -1 is out of range: this SAE has 8 latents (0..7)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # on the command line: one line, exit status 2, before the model loads
+        cli.run(steer.main, [f"--sae={path}", "--latent=-1", "--alpha=1", "--prompt=x"])
+    assert exit_.value.code == cli.EXIT_USER_ERROR
+    assert capsys.readouterr().err == "error: latent -1 is out of range: this SAE has 8 latents (0..7)\n"
 
 
 def test_side_by_side_wraps_columns_and_keeps_newlines():
