@@ -316,38 +316,6 @@ def _limit(arrays: Iterable[np.ndarray], max_tokens: int | None) -> Iterator[np.
         left -= len(array)
 
 
-def find_saes(path: str | pathlib.Path) -> list[pathlib.Path]:
-    """SAE files named by a command-line path: a ``params.npz`` / ``sae_weights.safetensors`` file, an SAE
-    directory, or a release root (every ``params.npz`` below it, sorted).
-
-    Raises:
-      FileNotFoundError: nothing SAE-like at or below path.
-    """
-    path = pathlib.Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = [path / release.PARAMS_FILE] if (path / release.PARAMS_FILE).is_file() else []
-        found = found or sorted(path.rglob(release.PARAMS_FILE))
-        found = found or ([path / release.SAELENS_WEIGHTS_FILE] if (path / release.SAELENS_WEIGHTS_FILE).is_file() else [])
-        if found:
-            return found
-    raise FileNotFoundError(f"no SAE at {path}: expected a params.npz, an SAE directory or a release root")
-
-
-def sae_info(path: pathlib.Path) -> dict:
-    """What a release says about an SAE file: ``site`` (from the ``<kind>/layer_<L>/width_<W>/average_l0_<K>``
-    layout or SAELens ``cfg.json`` metadata) and ``l0_coefficient`` (from the metadata), None when unknown."""
-    cfg_path = path.parent / release.SAELENS_CFG_FILE
-    meta = json.loads(cfg_path.read_text()).get("metadata", {}) if cfg_path.is_file() else {}
-    site = meta.get("site")
-    parts = path.parent.parts
-    if site is None and len(parts) >= 4 and parts[-3].startswith("layer_") and parts[-3][6:].isdigit():
-        kind = parts[-4]
-        site = f"{kind}.{parts[-3][6:]}" if kind in ("res", "att", "mlp") else None
-    return {"site": site, "l0_coefficient": meta.get("l0_coefficient")}
-
-
 def _load_lm(name: str, corpus: str | None, num_sequences: int, seq_len: int, packing: str):
     """The LM and ``(tokens [N, T], mask [N, T])``: the first N sequences of the corpus's held-out split."""
     from gemma_scope.data.reader import SequenceReader
@@ -409,7 +377,9 @@ def evaluate_saes(
     records, saes = [], []
     for path in sae_paths:
         params = release.load_params(path)
-        info = sae_info(path)
+        info = release.sae_info(path)
+        if info["site_out"] != info["site"]:
+            raise ValueError(f"{path}: a transcoder ({info['site']} -> {info['site_out']}); evaluate_saes takes SAEs")
         if model_name and site is None and info["site"] is None:
             raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
         records.append({"sae": str(path), "site": site or info["site"] or "custom",
@@ -460,7 +430,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if not (args.activations or args.model):
         parser.error("give --activations=DIR (cached activations) and/or --model=NAME (delta LM loss)")
-    sae_paths = [p for spec in args.sae for p in find_saes(spec)]
+    sae_paths = [p for spec in args.sae for p in release.find_saes(spec)]
     return evaluate_saes(sae_paths, model_name=args.model, site=args.site, corpus=args.corpus, packing=args.packing,
                          num_sequences=args.num_sequences, seq_len=args.seq_len, lm_batch_size=args.lm_batch_size,
                          activations=args.activations, max_tokens=args.max_tokens, batch_size=args.batch_size,

@@ -1,12 +1,15 @@
 """Activation sites of a Gemma decoder, named as in Gemma Scope (arXiv 2408.05147, §3.1, Fig. 1).
 
 A Gemma 2/3 block computes ``a = post_attention_norm(attn(pre_attention_norm(x))); h = x + a;
-m = post_ffw_norm(mlp(pre_ffw_norm(h))); out = h + m``. Its three sites, layers zero-based:
+m = post_ffw_norm(mlp(pre_ffw_norm(h))); out = h + m``. Its sites, layers zero-based:
 
 - ``res``: the block output ``out`` (residual stream after the block), ``d_model`` wide;
 - ``att``: per-head attention outputs concatenated over heads, before the output projection W_O,
   ``num_heads * head_dim`` wide;
-- ``mlp``: ``m``, the MLP output after post_ffw_norm and before the residual add, ``d_model`` wide.
+- ``mlp``: ``m``, the MLP output after post_ffw_norm and before the residual add, ``d_model`` wide;
+- ``mlp_in``: ``pre_ffw_norm(h)``, the MLP's input, ``d_model`` wide (Hugging Face
+  ``model.layers.L.pre_feedforward_layernorm.output``): what a transcoder reads to predict ``mlp``
+  (Gemma Scope 2; GS1 has no SAEs here).
 
 A site is written ``"<kind>.<layer>"`` (``"res.12"``). A spec lists sites separated by commas, and ``*`` stands for
 every layer: ``"res.*"``, ``"res.3,att.3,mlp.3"``, ``"mlp.0-5"``.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-KINDS = ("res", "att", "mlp")
+KINDS = ("res", "att", "mlp", "mlp_in")
 
 
 @dataclasses.dataclass(frozen=True, order=True)

@@ -10,6 +10,7 @@ import pytest
 
 from gemma_scope import evaluate, release
 from gemma_scope.sites import Site
+from test_release import write_gs2_by_hand
 
 
 def random_sae(d=8, width=32, seed=0):
@@ -242,6 +243,26 @@ def test_cli_max_tokens_and_malformed_sae(tmp_path, capsys):
     np.savez(tmp_path / "params.npz", **dict(random_sae(), W_dec=np.zeros((32, 7), np.float32)))
     with pytest.raises(ValueError, match=r"'W_dec' has shape \(32, 7\); expected \(32, 8\)"):
         evaluate.main([f"--sae={tmp_path / 'params.npz'}", f"--activations={tmp_path / 'acts'}"])
+
+
+def test_cli_gs2_directory_evaluates_like_the_same_weights_in_gs1_layout(tmp_path, capsys):
+    """A Gemma Scope 2 directory written from the published key names (not by release.py) and the same weights in
+    a Gemma Scope 1 params.npz give identical metrics; and both reach those of the weights in memory."""
+    x = activations(n=300)
+    (tmp_path / "acts").mkdir()
+    np.save(tmp_path / "acts" / "a.npy", x)
+    params = random_sae()
+    np.savez(tmp_path / "params.npz", **params)
+    gs2 = write_gs2_by_hand(tmp_path / "gs2" / "resid_post_all" / "layer_4_width_32_l0_small", params,
+                            "model.layers.4.output")
+    for sae in (tmp_path / "params.npz", gs2, tmp_path / "gs2"):
+        evaluate.main([f"--sae={sae}", f"--activations={tmp_path / 'acts'}"])
+    gs1, gs2_dir, gs2_root = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert gs2_dir["site"] == gs2_root["site"] == "res.4"
+    want = evaluate.activation_metrics(params, x)
+    for key in ("l0", "fvu", "mse", "dead_fraction", "n_tokens"):
+        assert gs1[key] == gs2_dir[key] == gs2_root[key], key
+        np.testing.assert_allclose(gs1[key], want[key], rtol=1e-6, err_msg=key)
 
 
 @pytest.mark.slow
