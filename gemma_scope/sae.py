@@ -164,6 +164,13 @@ def encode(params: dict, x: jax.Array) -> jax.Array:
     return (pre > params["threshold"]) * jax.nn.relu(pre)
 
 
+def predict(params: dict, x: jax.Array) -> jax.Array:
+    """Release/inference output on raw input ``x [B, d_in]``: ``decode(encode(x))``, plus ``x @ W_skip`` for a
+    transcoder with an affine skip connection (Gemma Scope 2); float32 ``[B, d_out]``."""
+    out = decode(params, encode(params, x))
+    return out + x.astype(jnp.float32) @ params["W_skip"] if "W_skip" in params else out
+
+
 def _transposed(a: jax.Array, compute_dtype) -> jax.Array:
     """``a.T`` in ``compute_dtype`` as a row-major copy, to be a matmul's left operand.
 
