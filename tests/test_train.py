@@ -31,14 +31,9 @@ def _config(workdir, data_path, **train_overrides):
     return config
 
 
-def test_sharded_step_equals_single_device():
-    grid = {"d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2)),
-            "d8": step_lib.Group(n_sites=1, d_model=8, width=64, l0_coefficients=(1e-3, 3e-2))}
-    hp = step_lib.Hyperparams(learning_rate=1e-2, lr_warmup_steps=2, l0_warmup_steps=2)
-    rng = np.random.default_rng(0)
-    batches = [{"d16": rng.normal(size=(2, 64, 16)).astype(np.float32),
-                "d8": rng.normal(size=(1, 64, 8)).astype(np.float32)} for _ in range(3)]
-    scales = {"d16": np.array([1.5, 2.0], np.float32), "d8": np.array([0.5], np.float32)}
+def _sharded_equals_single_device(grid, batches, scales, hp):
+    """Runs the step on one device and on 8 (data 8 × model 1, data 2 × model 4); returns the single-device state
+    after asserting every sharded state and metric equals it."""
 
     def run(mesh):
         state = step_lib.init_state(jax.random.key(0), grid, hp, mesh, scales)
@@ -54,8 +49,49 @@ def test_sharded_step_equals_single_device():
         sharded, metrics = run(mesh)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single, sharded)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single_metrics, metrics)
-    assert single["step"] == 3 and not np.array_equal(single["params"]["d16"]["b_dec"], 0)
+    assert single["step"] == len(batches)
+    return single
+
+
+def test_sharded_step_equals_single_device():
+    grid = {"d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2)),
+            "d8": step_lib.Group(n_sites=1, d_model=8, width=64, l0_coefficients=(1e-3, 3e-2))}
+    hp = step_lib.Hyperparams(learning_rate=1e-2, lr_warmup_steps=2, l0_warmup_steps=2)
+    rng = np.random.default_rng(0)
+    batches = [{"d16": rng.normal(size=(2, 64, 16)).astype(np.float32),
+                "d8": rng.normal(size=(1, 64, 8)).astype(np.float32)} for _ in range(3)]
+    scales = {"d16": np.array([1.5, 2.0], np.float32), "d8": np.array([0.5], np.float32)}
+    single = _sharded_equals_single_device(grid, batches, scales, hp)
+    assert not np.array_equal(single["params"]["d16"]["b_dec"], 0)
     np.testing.assert_allclose(np.linalg.norm(single["params"]["d16"]["W_dec"], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_sharded_transcoder_grid_equals_single_device():
+    """SAEs and transcoders with and without the affine skip in one grid, one batch each step."""
+    grid = {"d16": step_lib.Group(n_sites=1, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2)),
+            "tc_d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2), transcoder=True),
+            "tc_skip_d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3,), transcoder=True,
+                                          skip=True)}
+    hp = step_lib.Hyperparams(learning_rate=1e-2, lr_warmup_steps=2, l0_warmup_steps=2)
+    rng = np.random.default_rng(1)
+
+    def pair():
+        x = rng.normal(size=(2, 64, 16)).astype(np.float32)
+        return x, (np.tanh(x) * 3 + rng.normal(size=x.shape) * 0.1).astype(np.float32)
+
+    batches = []
+    for _ in range(3):
+        x, y = pair()
+        batches.append({"d16": x[:1], "tc_d16": (x, y), "tc_skip_d16": (x, y)})
+    scales = {"d16": np.array([1.5], np.float32), "tc_d16": np.array([[1.5, 3.0], [2.0, 0.5]], np.float32),
+              "tc_skip_d16": np.array([[1.5, 3.0], [2.0, 0.5]], np.float32)}
+    single = _sharded_equals_single_device(grid, batches, scales, hp)
+    params = single["params"]
+    assert "W_skip" not in params["tc_d16"] and params["tc_skip_d16"]["W_skip"].shape == (2, 16, 16)
+    assert np.abs(params["tc_skip_d16"]["W_skip"]).max() > 1e-3  # trained away from its zero init
+    np.testing.assert_allclose(np.linalg.norm(params["tc_skip_d16"]["W_dec"], axis=-1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="transcoder groups only"):
+        step_lib.Group(n_sites=1, d_model=16, width=64, l0_coefficients=(1e-3,), skip=True)
 
 
 def test_latent_axis_is_sharded_on_the_model_axis():
