@@ -145,6 +145,24 @@ def l0_bucket(average_l0: float) -> str:
     return names[-1]
 
 
+def gs2_choice(average_l0s: list[float]) -> dict[str, int]:
+    """Which of several SAEs of one site and width (a λ or target-L0 sweep) Gemma Scope 2's layout holds: per L0
+    bucket (``l0_bucket``) the index of the SAE whose L0 is nearest the bucket's band, on a log scale, to its
+    geometric centre (GS2 has one directory per bucket). ``{bucket: index}`` for the buckets some SAE falls in.
+
+    Raises:
+      ValueError: an average L0 that is negative or not finite.
+    """
+    chosen: dict[str, int] = {}
+    for i, l0 in enumerate(average_l0s):
+        bucket = l0_bucket(l0)
+        centre = math.sqrt(math.prod(L0_BUCKETS[bucket]))
+        off = lambda j: abs(math.log(max(average_l0s[j], 1e-9) / centre))  # noqa: E731
+        if bucket not in chosen or off(i) < off(chosen[bucket]):
+            chosen[bucket] = i
+    return chosen
+
+
 def gs2_dir(root: str | os.PathLike, site: Site, width: int, average_l0: float, *, transcoder: bool = False,
             affine: bool = False) -> pathlib.Path:
     """The Gemma Scope 2 directory ``<root>/<folder>/layer_<L>_width_<W>_l0_<bucket>[_affine]`` of an SAE on

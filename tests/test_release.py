@@ -167,6 +167,13 @@ def test_l0_bucket_bands_and_the_log_midpoints_between_them(l0, bucket):
     assert release.l0_bucket(l0) == bucket
 
 
+def test_gs2_choice_keeps_per_bucket_the_l0_nearest_its_centre():
+    # centres: small √200 ≈ 14.1, medium √1800 ≈ 42.4, big √13500 ≈ 116.2
+    assert release.gs2_choice([8.0, 13.0, 22.0, 35.0, 50.0, 200.0, 120.0]) == {"small": 1, "medium": 4, "big": 6}
+    assert release.gs2_choice([0.0, 3.0]) == {"small": 1}
+    assert release.gs2_choice([]) == {}
+
+
 def test_l0_bucket_rejects_negative_and_nan():
     for bad in (-1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="average_l0"):
