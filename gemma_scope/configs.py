@@ -34,6 +34,12 @@ def train_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.sae.threshold_init = 0.001
     config.sae.dtype = "float32"  # matmul input dtype: "float32" or "bfloat16" (accumulation always float32)
 
+    # Transcoders (Gemma Scope 2) beside the SAEs, same width and sparsity sweep, fed by the same LM pass: each of
+    # these layers' mlp_in.L predicts its mlp.L ("4,8,12", "*", "0-5"; "" for none; data.source "model" only).
+    config.transcoder = ml_collections.ConfigDict()
+    config.transcoder.layers = ""
+    config.transcoder.skip = (False,)  # which variants: (False,), (True,) or (False, True) (affine skip x @ W_skip)
+
     config.train = ml_collections.ConfigDict()
     config.train.steps = paper_tokens(2**14) // PAPER_BATCH_SIZE
     config.train.batch_size = PAPER_BATCH_SIZE

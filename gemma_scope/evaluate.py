@@ -34,7 +34,7 @@ import tqdm
 
 from gemma_scope import model, release, sae
 from gemma_scope.activations import open_shards
-from gemma_scope.sites import Site
+from gemma_scope.sites import Site, transcoder_label
 
 # Latent activations of one batch may take this many bytes (float32 [batch, M]) when batch_size is not given.
 _LATENT_BYTES_PER_BATCH = 2**28
@@ -408,7 +408,7 @@ def evaluate_saes(
                 raise ValueError(f"{path}: a transcoder ({info['site']} -> {info['site_out']}) needs activations of "
                                  "both sites; evaluate it with --model instead of --activations")
             sites = (info["site"], info["site_out"])
-            label = f"{info['site']}→{info['site_out']}" + (" +skip" if release.SKIP_KEY in params else "")
+            label = transcoder_label(Site.parse(info["site"]), release.SKIP_KEY in params)
         else:
             if model_name and site is None and info["site"] is None:
                 raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")

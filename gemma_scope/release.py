@@ -145,28 +145,26 @@ def l0_bucket(average_l0: float) -> str:
     return names[-1]
 
 
-def gs2_choice(average_l0s: list[float]) -> dict[str, int]:
-    """Which of several SAEs of one site and width (a λ or target-L0 sweep) Gemma Scope 2's layout holds: per L0
-    bucket (``l0_bucket``) the index of the SAE whose L0 is nearest the bucket's band, on a log scale, to its
-    geometric centre (GS2 has one directory per bucket). ``{bucket: index}`` for the buckets some SAE falls in.
+def gs2_labels(average_l0s: list[float]) -> list[str]:
+    """The ``l0_<label>`` of each of several SAEs of one site and width (a λ or target-L0 sweep) in the Gemma
+    Scope 2 layout, which has one directory per bucket: per bucket (``l0_bucket``) the SAE whose L0 is nearest,
+    on a log scale, to the geometric centre of the bucket's band gets the bucket's name; any other gets its rounded
+    L0 (``"37"``: OUR extension of GS2's names, so that a whole sweep is released; its config.json is GS2's).
 
     Raises:
       ValueError: an average L0 that is negative or not finite.
     """
-    chosen: dict[str, int] = {}
-    for i, l0 in enumerate(average_l0s):
-        bucket = l0_bucket(l0)
-        centre = math.sqrt(math.prod(L0_BUCKETS[bucket]))
-        off = lambda j: abs(math.log(max(average_l0s[j], 1e-9) / centre))  # noqa: E731
-        if bucket not in chosen or off(i) < off(chosen[bucket]):
-            chosen[bucket] = i
-    return chosen
+    buckets = [l0_bucket(l0) for l0 in average_l0s]
+    off = [abs(math.log(max(l0, 1e-9) / math.sqrt(math.prod(L0_BUCKETS[b])))) for l0, b in zip(average_l0s, buckets)]
+    nearest = {b: min((i for i in range(len(buckets)) if buckets[i] == b), key=off.__getitem__) for b in set(buckets)}
+    return [b if nearest[b] == i else str(round(l0)) for i, (b, l0) in enumerate(zip(buckets, average_l0s))]
 
 
 def gs2_dir(root: str | os.PathLike, site: Site, width: int, average_l0: float, *, transcoder: bool = False,
-            affine: bool = False) -> pathlib.Path:
-    """The Gemma Scope 2 directory ``<root>/<folder>/layer_<L>_width_<W>_l0_<bucket>[_affine]`` of an SAE on
-    ``site`` (folder by site kind, ``GS2_FOLDERS``) or of a transcoder of layer ``site.layer``.
+            affine: bool = False, l0_label: str | None = None) -> pathlib.Path:
+    """The Gemma Scope 2 directory ``<root>/<folder>/layer_<L>_width_<W>_l0_<label>[_affine]`` of an SAE on
+    ``site`` (folder by site kind, ``GS2_FOLDERS``) or of a transcoder of layer ``site.layer``; the label is
+    ``l0_label`` (``gs2_labels``) or the L0's bucket.
 
     Raises:
       ValueError: an SAE site kind GS2 has no folder for (``mlp_in``), or a bad average_l0.
@@ -175,12 +173,13 @@ def gs2_dir(root: str | os.PathLike, site: Site, width: int, average_l0: float, 
         raise ValueError(f"Gemma Scope 2 has no layout for SAEs on {site}; expected a site of kind "
                          f"{[k for k in GS2_FOLDERS if k != 'transcoder']}")
     folder = GS2_FOLDERS["transcoder" if transcoder else site.kind]
-    name = f"layer_{site.layer}_width_{width_label(width)}_l0_{l0_bucket(average_l0)}{'_affine' if affine else ''}"
+    label = l0_label or l0_bucket(average_l0)
+    name = f"layer_{site.layer}_width_{width_label(width)}_l0_{label}{'_affine' if affine else ''}"
     return pathlib.Path(root) / folder / name
 
 
 def write_gs2(root: str | os.PathLike, site: Site, params: dict[str, np.ndarray], average_l0: float, *,
-              model_name: str, site_out: Site | None = None) -> pathlib.Path:
+              model_name: str, site_out: Site | None = None, l0_label: str | None = None) -> pathlib.Path:
     """Writes an SAE or transcoder in the Gemma Scope 2 layout (module docstring); returns the params file path.
 
     Args:
@@ -191,6 +190,7 @@ def write_gs2(root: str | os.PathLike, site: Site, params: dict[str, np.ndarray]
       average_l0: mean L0 on evaluation tokens; gives the bucket (``l0_bucket``) and config.json's ``l0``.
       model_name: config.json's ``model_name`` (GS2 writes the Hugging Face id, e.g. "google/gemma-3-270m-pt").
       site_out: the site it predicts: None or ``site`` for an SAE; ``mlp.L`` for a transcoder reading ``mlp_in.L``.
+      l0_label: the directory's ``l0_`` label (``gs2_labels``, for a sweep); default the L0's bucket.
 
     Raises:
       ValueError: params failing ``validate_params``; sites GS2 has no layout for; a bad average_l0.
@@ -202,7 +202,7 @@ def write_gs2(root: str | os.PathLike, site: Site, params: dict[str, np.ndarray]
     params = validate_params({k: np.asarray(v) for k, v in params.items()}, "params to write", transcoder=transcoder)
     width = params["W_enc"].shape[1]
     affine = SKIP_KEY in params
-    out = gs2_dir(root, site, width, average_l0, transcoder=transcoder, affine=affine)
+    out = gs2_dir(root, site, width, average_l0, transcoder=transcoder, affine=affine, l0_label=l0_label)
     with atomic_path(out / GS2_PARAMS_FILE) as tmp:
         safetensors.numpy.save_file({GS2_TENSORS[k]: v for k, v in params.items()}, tmp)
     config = dict(zip(GS2_CONFIG_KEYS, (

@@ -1,4 +1,5 @@
-"""Train a grid of JumpReLU SAEs: ``python -m gemma_scope.train --config=experiments/<name>.py [--config.x.y=v]``.
+"""Train a grid of JumpReLU SAEs and transcoders: ``python -m gemma_scope.train --config=experiments/<name>.py
+[--config.x.y=v]``.
 
 Wires an activation source (``activations.make_source``), the sharded jitted step (``step.py``), Orbax
 checkpoints (``checkpoint.py``), metrics and the Gemma Scope release (``release.write_sae``). A run killed at any
@@ -6,7 +7,8 @@ moment and restarted with the same command resumes from its newest checkpoint an
 parameters of an uninterrupted run (batches are numbered; the state holds everything else).
 
 Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step),
-``config.json`` and ``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/params.npz``.
+``config.json``, the SAEs in the Gemma Scope 1 layout ``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/`` and
+SAEs and transcoders in the Gemma Scope 2 layout under ``release_gs2/`` (``gemma_scope.release``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ml_collections import config_flags
 
 from gemma_scope import activations, evaluate, release, sae, step as step_lib
 from gemma_scope.checkpoint import Checkpointer
-from gemma_scope.sites import Site
+from gemma_scope.sites import Site, parse_sites, transcoder_label, transcoder_spec, transcoder_target
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (experiments/<name>.py)")
 DTYPES = ("float32", "bfloat16")
@@ -83,6 +85,12 @@ def validate_config(config) -> None:
                          f"{config.sae.threshold_init}")
     if config.sae.dtype not in DTYPES:
         raise ValueError(f"sae.dtype must be one of {DTYPES}, got {config.sae.dtype!r}")
+    skips = tuple(config.transcoder.skip) if isinstance(config.transcoder.skip, (tuple, list)) else None
+    if not skips or not all(isinstance(v, bool) for v in skips) or len(set(skips)) != len(skips):
+        raise ValueError(f"transcoder.skip must be (False,), (True,) or (False, True), got {config.transcoder.skip!r}")
+    if config.transcoder.layers.strip() and config.data.source != "model":
+        raise ValueError(f"transcoder.layers={config.transcoder.layers!r} needs data.source='model' (a transcoder "
+                         f"reads mlp_in.L and mlp.L of one LM pass), got data.source={config.data.source!r}")
     if not config.workdir:
         raise ValueError("workdir must name an output directory")
 
@@ -110,12 +118,39 @@ def hyperparams(config) -> step_lib.Hyperparams:
         dead_window_steps=t.dead_window_steps)
 
 
-def group_sites(source: activations.ActivationSource) -> dict[str, list[str]]:
-    """Sites grouped by input width (one stacked group each): ``{"d<width>": [site, ...]}``."""
+def group_sites(source: activations.ActivationSource, sae_sites: list[str], transcoder_sites: list[str],
+                config) -> tuple[dict[str, list[str]], dict[str, step_lib.Group]]:
+    """The grid: SAE sites grouped by input width (``{"d<width>": [site, ...]}``) and the transcoders' input sites
+    once per skip variant (``"tc_d<width>"``, ``"tc_skip_d<width>"``), with each group's ``step.Group``."""
+    lambdas = lambdas_of(config)
     groups: dict[str, list[str]] = {}
-    for site in source.sites:
+    for site in sae_sites:
         groups.setdefault(f"d{source.d_in[site]}", []).append(site)
-    return groups
+    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, lambdas) for g, sites in groups.items()}
+    for skip in config.transcoder.skip if transcoder_sites else ():
+        d = source.d_in[transcoder_sites[0]]
+        g = f"tc{'_skip' if skip else ''}_d{d}"
+        groups[g] = list(transcoder_sites)
+        grid[g] = step_lib.Group(len(transcoder_sites), d, config.sae.width, lambdas, transcoder=True, skip=skip)
+    return groups, grid
+
+
+def split_sites(config, source: activations.ActivationSource) -> tuple[list[str], list[str]]:
+    """``(SAE sites, transcoder input sites)`` among the source's: ``data.sites`` and the ``mlp_in.L`` of
+    ``transcoder.layers`` (the source holds both and each transcoder's ``mlp.L``). Without transcoders every source
+    site gets SAEs."""
+    if not config.transcoder.layers.strip():
+        return list(source.sites), []
+    n = source.num_layers
+    sae_sites = [str(s) for s in parse_sites(config.data.sites, n)] if config.data.sites.strip() else []
+    inputs = [str(s) for s in parse_sites(transcoder_spec(config.transcoder.layers), n) if s.kind == "mlp_in"]
+    return sae_sites, inputs
+
+
+def _labels(groups: dict[str, list[str]], grid: dict[str, step_lib.Group]) -> dict[str, list[str]]:
+    """Each group's site names as metrics and reports show them (a transcoder's: ``sites.transcoder_label``)."""
+    return {g: [transcoder_label(Site.parse(s), grid[g].skip) if grid[g].transcoder else s for s in sites]
+            for g, sites in groups.items()}
 
 
 def _global_mean(values: np.ndarray) -> np.ndarray:
@@ -158,7 +193,8 @@ def normalisation_constants(source, sites: list[str], batch_size: int, n_batches
 class _Prefetcher:
     """Reads, checks and places batches ``start, start+1, ...`` on the mesh in a background thread."""
 
-    def __init__(self, source, groups: dict[str, list[str]], batch_size: int, start: int, count: int, mesh):
+    def __init__(self, source, groups: dict[str, list[str]], grid: dict[str, step_lib.Group], batch_size: int,
+                 start: int, count: int, mesh):
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         sharding = step_lib.batch_sharding(mesh)
@@ -170,8 +206,12 @@ class _Prefetcher:
                     placed = {}
                     _check_finite_batch(batch, number)
                     for g, sites in groups.items():
-                        x = np.stack([batch[s] for s in sites])
-                        placed[g] = jax.make_array_from_process_local_data(sharding, x, (len(sites), batch_size, x.shape[-1]))
+                        stacks = [np.stack([batch[s] for s in sites])]
+                        if grid[g].transcoder:  # (x, y): the inputs and the sites they predict
+                            stacks.append(np.stack([batch[str(transcoder_target(Site.parse(s)))] for s in sites]))
+                        placed[g] = tuple(jax.make_array_from_process_local_data(
+                            sharding, x, (len(sites), batch_size, x.shape[-1])) for x in stacks)
+                        placed[g] = placed[g] if grid[g].transcoder else placed[g][0]
                     if not self._put(placed):
                         return
             except BaseException as e:  # handed to the training loop, which re-raises it
@@ -242,11 +282,14 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if source is None:
-        source = activations.make_source(config.data, config.seed, jax.process_index(), jax.process_count())
+        data = config.data
+        if config.transcoder.layers.strip():  # the source also reads the transcoders' mlp_in.L and mlp.L
+            data = ml_collections.ConfigDict(config.data.to_dict())
+            data.sites = ",".join(filter(None, (config.data.sites.strip(), transcoder_spec(config.transcoder.layers))))
+        source = activations.make_source(data, config.seed, jax.process_index(), jax.process_count())
+    sae_sites, transcoder_sites = split_sites(config, source)
     release_sites = {name: _site_of(name) for name in source.sites}  # fail early on a bad data.site
-    groups = group_sites(source)
-    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, lambdas)
-            for g, sites in groups.items()}
+    groups, grid = group_sites(source, sae_sites, transcoder_sites, config)
     mesh = step_lib.make_mesh(config.mesh.data, model_axis_size(config, jax.device_count()))
     batch_size, steps = config.train.batch_size, config.train.steps
     if batch_size % (mesh.shape["data"] * jax.process_count()):
@@ -268,7 +311,8 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         # One pass over the first batches for every site (a source may recompute batches it no longer caches).
         constants = dict(zip(source.sites, normalisation_constants(source, source.sites, local_batch,
                                                                    config.train.norm_batches)))
-        scales = {g: np.array([constants[s] for s in sites], np.float32) for g, sites in groups.items()}
+        scales = {g: np.array([[constants[s], constants[str(transcoder_target(Site.parse(s)))]] if grid[g].transcoder
+                               else constants[s] for s in sites], np.float32) for g, sites in groups.items()}
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
     if jax.process_index() == 0:
         _truncate_metrics(workdir / "metrics.jsonl", last_good or 0)
@@ -276,8 +320,8 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
 
     start = int(jax.device_get(state["step"]))
     train_step = step_lib.make_train_step(grid, hp, mesh)
-    prefetch = _Prefetcher(source, groups, batch_size, start, max(steps - start, 0), mesh)
-    log = _MetricsLog(workdir / "metrics.jsonl", groups, lambdas, batch_size, start, steps)
+    prefetch = _Prefetcher(source, groups, grid, batch_size, start, max(steps - start, 0), mesh)
+    log = _MetricsLog(workdir / "metrics.jsonl", _labels(groups, grid), lambdas, batch_size, start, steps)
     try:
         for number in range(start, steps):
             state, metrics = train_step(state, prefetch.get())
@@ -294,7 +338,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         log.close()
         checkpointer.wait()
     checkpointer.close()
-    return write_release(config, source, groups, release_sites, state)
+    return write_release(config, source, groups, grid, release_sites, state)
 
 
 class _MetricsLog:
@@ -332,13 +376,18 @@ class _MetricsLog:
         self._bar.close()
 
 
-def write_release(config, source, groups: dict[str, list[str]], release_sites: dict[str, Site | None],
-                  state: dict) -> list[pathlib.Path]:
-    """Folds every SAE of the grid (``sae.fold_normalisation``), measures its average L0 on the
-    ``train.eval_batches`` batches after training, and writes it with ``release.write_sae`` (process 0).
+def write_release(config, source, groups: dict[str, list[str]], grid: dict[str, step_lib.Group],
+                  release_sites: dict[str, Site | None], state: dict) -> list[pathlib.Path]:
+    """Folds every SAE and transcoder of the grid (``sae.fold_normalisation``), measures its average L0 on the
+    ``train.eval_batches`` batches after training, and writes it (process 0): SAEs in the Gemma Scope 1 layout under
+    ``<workdir>/release`` (``release.write_sae``), SAEs on res/att/mlp sites and transcoders in the Gemma Scope 2
+    layout under ``<workdir>/release_gs2`` (``release.write_gs2``; a sweep's directories labelled by
+    ``release.gs2_labels``).
 
-    SAEs of one site whose rounded average L0 coincide would share a release directory; the later ones are skipped
-    with a warning (they remain in the checkpoint).
+    Returns the files to evaluate: the SAEs' ``params.npz`` and the transcoders' ``params.safetensors``.
+
+    SAEs (transcoders) of one site (and skip variant) whose rounded average L0 coincide would share a release
+    directory; the later ones are skipped with a warning (they remain in the checkpoint).
     """
     lambdas = lambdas_of(config)
     params = _to_host(state["params"])
@@ -346,28 +395,41 @@ def write_release(config, source, groups: dict[str, list[str]], release_sites: d
     batch_size = config.train.batch_size // jax.process_count()
     batches = list(zip(range(config.train.eval_batches), source.batches(batch_size, config.train.steps)))
     l0_of = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(sae.encode(p, x) > 0, axis=-1)), in_axes=(0, None)))
+    workdir = pathlib.Path(config.workdir)
     written, used = [], set()
     for g, sites in groups.items():
-        folded = [jax.vmap(sae.fold_normalisation, in_axes=(0, None))(
-            jax.tree.map(lambda a: a[i * len(lambdas):(i + 1) * len(lambdas)], params[g]), scales[g][i])
-            for i in range(len(sites))]
+        grp = grid[g]
         for i, site in enumerate(sites):
-            l0 = np.mean([np.asarray(l0_of(folded[i], b[site])) for _, b in batches], axis=0)
-            l0 = _global_mean(l0)
+            trained = jax.tree.map(lambda a: a[i * len(lambdas):(i + 1) * len(lambdas)], params[g])
+            if grp.transcoder:  # scales[g][i] = (C of mlp_in.L, C of mlp.L)
+                folded = jax.vmap(sae.fold_normalisation, in_axes=(0, None, None))(trained, *scales[g][i])
+            else:
+                folded = jax.vmap(sae.fold_normalisation, in_axes=(0, None))(trained, scales[g][i])
+            l0 = _global_mean(np.mean([np.asarray(l0_of(folded, b[site])) for _, b in batches], axis=0))
+            labels = release.gs2_labels([float(v) for v in l0])
             for j, lam in enumerate(lambdas):
-                key = (site, round(float(l0[j])))
+                key = (g, site, round(float(l0[j])))
                 if key in used:
-                    print(f"warning: SAE of site {site} with l0_coefficient={lam} has the same rounded average L0 "
-                          f"({key[1]}) as another; not released (it stays in the checkpoint)", file=sys.stderr)
+                    print(f"warning: {'transcoder' if grp.transcoder else 'SAE'} of site {site} with l0_coefficient={lam} "
+                          f"has the same rounded average L0 ({key[2]}) as another; not released (it stays in the "
+                          "checkpoint)", file=sys.stderr)
                     continue
                 used.add(key)
-                if jax.process_index() == 0:
-                    one = {k: np.asarray(v[j], np.float32) for k, v in folded[i].items()}
-                    meta = {"l0_coefficient": lam, "training_steps": config.train.steps,
-                            "training_tokens": config.train.steps * config.train.batch_size,
-                            "normalisation_constant": float(scales[g][i]), "seed": config.seed}
-                    written.append(release.write_sae(pathlib.Path(config.workdir) / "release", release_sites[site], one,
-                                                     float(l0[j]), meta))
+                if jax.process_index() != 0:
+                    continue
+                one = {k: np.asarray(v[j], np.float32) for k, v in folded.items()}
+                gs2 = dict(model_name=config.data.get("model") or "", l0_label=labels[j])
+                if grp.transcoder:
+                    in_site = Site.parse(site)
+                    written.append(release.write_gs2(workdir / "release_gs2", in_site, one, float(l0[j]),
+                                                     site_out=transcoder_target(in_site), **gs2))
+                    continue
+                meta = {"l0_coefficient": lam, "training_steps": config.train.steps,
+                        "training_tokens": config.train.steps * config.train.batch_size,
+                        "normalisation_constant": float(scales[g][i]), "seed": config.seed}
+                written.append(release.write_sae(workdir / "release", release_sites[site], one, float(l0[j]), meta))
+                if release_sites[site] is not None and release_sites[site].kind in release.GS2_FOLDERS:
+                    release.write_gs2(workdir / "release_gs2", release_sites[site], one, float(l0[j]), **gs2)
     return written
 
 

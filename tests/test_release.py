@@ -167,11 +167,12 @@ def test_l0_bucket_bands_and_the_log_midpoints_between_them(l0, bucket):
     assert release.l0_bucket(l0) == bucket
 
 
-def test_gs2_choice_keeps_per_bucket_the_l0_nearest_its_centre():
+def test_gs2_labels_name_per_bucket_the_l0_nearest_its_centre():
     # centres: small √200 ≈ 14.1, medium √1800 ≈ 42.4, big √13500 ≈ 116.2
-    assert release.gs2_choice([8.0, 13.0, 22.0, 35.0, 50.0, 200.0, 120.0]) == {"small": 1, "medium": 4, "big": 6}
-    assert release.gs2_choice([0.0, 3.0]) == {"small": 1}
-    assert release.gs2_choice([]) == {}
+    assert release.gs2_labels([8.0, 13.0, 22.0, 35.0, 50.0, 200.0, 120.4]) == [
+        "8", "small", "22", "35", "medium", "200", "big"]
+    assert release.gs2_labels([0.0, 3.0]) == ["0", "small"]
+    assert release.gs2_labels([]) == []
 
 
 def test_l0_bucket_rejects_negative_and_nan():
@@ -220,6 +221,12 @@ def test_gs2_transcoder_round_trip_is_bitwise(tmp_path, affine):
     for key, value in params.items():
         assert loaded[key].tobytes() == value.tobytes()
     assert release.sae_info(path) == {"site": "mlp_in.7", "site_out": "mlp.7", "l0_coefficient": None}
+
+
+def test_write_gs2_with_a_sweep_label(tmp_path):
+    path = release.write_gs2(tmp_path, Site("res", 1), random_params(), 37.2, model_name="m", l0_label="37")
+    assert path.parent.name == "layer_1_width_16_l0_37"
+    assert json.loads((path.parent / "config.json").read_text())["l0"] == 37
 
 
 def test_write_gs2_rejects_what_gs2_has_no_layout_for(tmp_path):

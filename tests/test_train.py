@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_scope import activations, release, train
+from gemma_scope import activations, release, sae, train
 from gemma_scope import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -240,3 +240,50 @@ def test_benchmark_step_runs_the_real_step_on_a_sharded_mesh():
         assert int(state["step"]) == 2 and not np.allclose(results[-1]["W_enc"], before)
         np.testing.assert_allclose(np.linalg.norm(results[-1]["W_dec"], axis=-1), 1.0, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
+
+
+class _MlpSource:
+    """A stand-in model source: sites res.0, mlp_in.0 and mlp.0 with mlp = x @ A + relu(x) @ B (a mostly linear
+    map, as an affine skip can fit), batch ``b`` a pure function of b."""
+
+    num_layers = 1
+    sites = ["mlp.0", "mlp_in.0", "res.0"]
+    d_in = {site: 16 for site in sites}
+
+    def batches(self, batch_size, start=0):
+        rng = np.random.default_rng(0)
+        a, b = rng.normal(size=(16, 16)) * 0.5, rng.normal(size=(16, 16)) * 0.2
+        number = start
+        while True:
+            x = np.random.default_rng(number + 1).normal(size=(batch_size, 16))
+            yield {"mlp_in.0": (3 * x).astype(np.float32), "mlp.0": (x @ a + np.maximum(x, 0) @ b).astype(np.float32),
+                   "res.0": (x[:, ::-1] + 1).astype(np.float32)}
+            number += 1
+
+
+def test_transcoders_train_beside_saes_and_release_in_both_layouts(tmp_path):
+    config = _config(tmp_path / "run", tmp_path, steps=200, log_every=50, checkpoint_every=200, l0_warmup_steps=10,
+                     learning_rate=3e-3, eval_batches=4)
+    config.data.source, config.data.sites, config.data.model = "model", "res.0", "stand-in"
+    config.transcoder.layers, config.transcoder.skip = "0", (False, True)
+    config.sae.l0_coefficient = (1e-3,)
+    paths = train.run(config, source=_MlpSource())
+    root = tmp_path / "run"
+    gs2 = sorted(str(p.parent.relative_to(root / "release_gs2")) for p in (root / "release_gs2").rglob("config.json"))
+    assert [p.split("/")[0] for p in gs2] == ["resid_post_all", "transcoder_all", "transcoder_all"]
+    assert gs2[2].endswith("_affine") and not gs2[1].endswith("_affine")
+    assert [p.suffix for p in paths] == [".npz", ".safetensors", ".safetensors"]
+    assert release.sae_info(paths[1]) == {"site": "mlp_in.0", "site_out": "mlp.0", "l0_coefficient": None}
+    labels = {json.loads(line)["site"] for line in (root / "metrics.jsonl").read_text().splitlines()}
+    assert labels == {"res.0", "mlp_in.0→mlp.0", "mlp_in.0→mlp.0 +skip"}
+    # The released transcoders work on raw activations; the affine one fits the mostly linear map better.
+    batch = next(_MlpSource().batches(2048, 1000))
+    x, y = batch["mlp_in.0"], batch["mlp.0"]
+    fvu = {}
+    for path in paths[1:]:
+        params = release.load_params(path)
+        fvu["W_skip" in params] = np.sum((np.asarray(sae.predict(params, x)) - y) ** 2) / np.sum((y - y.mean(0)) ** 2)
+    assert fvu[True] < fvu[False] < 0.9, fvu
+    with pytest.raises(ValueError, match="transcoder.layers='0' needs data.source='model'"):
+        config.data.source = "npy"
+        train.run(config, source=_MlpSource())
