@@ -13,34 +13,20 @@ that dominate its normalised norm. The release is ``release_gs2/transcoder_all/l
 (Gemma Scope 2 layout) and the evaluation splices each transcoder's prediction in place of ``mlp.L``.
 """
 
-from gemma_scope import configs
+import importlib.util
+import pathlib
 
 
 def get_config():
     """The transcoder run (module docstring); every field can be overridden with ``--config.<path>=``."""
-    config = configs.train_config(configs.lm_data(model="gemma3_270m", sites=""))
+    path = pathlib.Path(__file__).with_name("gemma3_270m_res.py")  # the embedded default's knobs, reused
+    spec = importlib.util.spec_from_file_location("gemma3_270m_res", path)
+    embedded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(embedded)
+    config = embedded.get_config()
     config.workdir = "runs/gemma3_270m_transcoder"
+    config.data.sites = ""
     config.transcoder.layers = "4,8,12"
     config.transcoder.skip = (False, True)
-    config.data.seq_len = 256
-    config.data.chunk_sequences = 64
-    config.data.forward_batch = 8
-    config.data.passes = 2
-
-    config.sae.width = 2048
     config.sae.l0_coefficient = (3e-4, 1e-3, 3e-3)
-
-    config.train.steps = 1600
-    config.train.batch_size = 256
-    config.train.learning_rate = 5e-4
-    config.train.lr_warmup_steps = 50
-    config.train.l0_warmup_steps = 400
-    config.train.checkpoint_every = 400
-    config.train.log_every = 100
-    config.train.dead_window_steps = 400
-    config.train.norm_batches = 16
-
-    config.eval.num_sequences = 16
-    config.eval.seq_len = 256
-    config.eval.lm_batch_size = 4
     return config
