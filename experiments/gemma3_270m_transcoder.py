@@ -3,14 +3,14 @@ laptop CPU.
 
     python -m gemma_scope.train --config=experiments/gemma3_270m_transcoder.py
 
-One forward pass per batch of text feeds 18 transcoders: at layers 4, 8 and 12 each reads ``mlp_in.L`` (the
+One forward pass per batch of text feeds 12 transcoders: at layers 4, 8 and 12 each reads ``mlp_in.L`` (the
 pre-feed-forward RMSNorm's output) and predicts ``mlp.L`` (after the post-feed-forward norm, before the residual
-add), without and with ``x @ W_skip``, each with a sweep of three λ values, so the report shows an L0–FVU and
-L0–delta-LM-loss frontier per layer and variant and the two can be compared at equal L0. The knobs are the
-embedded SAE default's (experiments/gemma3_270m_res.py: batch 256 × 1,600 steps, width 2,048, 256-token context,
-learning rate 5e-4); λ is larger because the MLP output, unlike the residual stream, has no massive dimensions
-that dominate its normalised norm. The release is ``release_gs2/transcoder_all/layer_L_width_2k_l0_<label>[_affine]``
-(Gemma Scope 2 layout) and the evaluation splices each transcoder's prediction in place of ``mlp.L``.
+add), without and with ``x @ W_skip``, each pulled towards target L0 15 and 45 (Gemma Scope 2's small and medium
+buckets), so the two variants are compared at equal L0. Every other knob is the embedded SAE default's
+(experiments/gemma3_270m_res.py: the target-L0 loss with λ 0.1, b_dec from the mean (of mlp.L here), batch 256 ×
+1,600 steps, width 2,048, 256-token context, learning rate 5e-4). The release is
+``release_gs2/transcoder_all/layer_L_width_2k_l0_{small|medium}[_affine]`` (Gemma Scope 2 layout) and the
+evaluation splices each transcoder's prediction in place of ``mlp.L``.
 """
 
 import importlib.util
@@ -28,5 +28,5 @@ def get_config():
     config.data.sites = ""
     config.transcoder.layers = "4,8,12"
     config.transcoder.skip = (False, True)
-    config.sae.l0_coefficient = (3e-4, 1e-3, 3e-3)
+    config.sae.target_l0 = (15.0, 45.0)  # in Gemma Scope 2's L0 buckets small (10–20) and medium (30–60)
     return config

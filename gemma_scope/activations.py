@@ -1,9 +1,9 @@
 """Sources of site activations for the trainer: the ``ActivationSource`` protocol and its implementations.
 
-A source names its sites (``"res.3"``, or ``"custom"`` for activations not tied to a model site) and yields
-numbered batches ``{site: float32 [batch_size, d]}``. Batch ``b`` is a pure function of (source config, seed, b),
-so a resumed run sees exactly the batches an uninterrupted run would have seen. On multi-host runs each process
-builds its source with its own ``shard_index`` and gets its own rows of every global batch.
+A source names its sites (``"res.3"``, or ``sites.CUSTOM`` = ``"custom"`` for activations not tied to a model site)
+and yields numbered batches ``{site: float32 [batch_size, d]}``. Batch ``b`` is a pure function of (source config,
+seed, b), so a resumed run sees exactly the batches an uninterrupted run would have seen. On multi-host runs each
+process builds its source with its own ``shard_index`` and gets its own rows of every global batch.
 
 Activations can also be written to disk once and reused (e.g. by a λ sweep), one directory per site:
 
@@ -17,22 +17,16 @@ writes ``DIR/<site>/shard_<k>.npy`` (``[n_k, d]``, content tokens of chunk k in 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import pathlib
 from typing import Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from gemma_scope import model
-from gemma_scope.files import atomic_path
-
-CUSTOM_SITE = "custom"  # site name of activations not tied to a model site (released under custom/layer_0)
-
+from gemma_scope.sites import CUSTOM
+from gemma_scope.shards import STORAGE_DTYPES, open_shards, write_shards
 
 class ActivationSource(Protocol):
     """Numbered batches of activations of one or more sites (see the module docstring)."""
@@ -55,7 +49,7 @@ class NpyShardSource:
 
     Args:
       path: directory holding the ``.npy`` files (sorted by name) — all float32, 2-D, with the same d.
-      site: name of the site the activations come from (``"res.12"``), or ``CUSTOM_SITE`` (then the site of the
+      site: name of the site the activations come from (``"res.12"``), or ``CUSTOM`` (then the site of the
         directory's manifest, if it has one).
       seed: shuffling seed.
       shard_index, shard_count: this process's part of each global batch (``jax.process_index/count``).
@@ -64,9 +58,9 @@ class NpyShardSource:
       FileNotFoundError / ValueError: as ``open_shards``; a bad shard index.
     """
 
-    def __init__(self, path: str, site: str = CUSTOM_SITE, seed: int = 0, shard_index: int = 0, shard_count: int = 1):
+    def __init__(self, path: str, site: str = CUSTOM, seed: int = 0, shard_index: int = 0, shard_count: int = 1):
         self._arrays, manifest = open_shards(path)
-        site = site if site != CUSTOM_SITE or manifest is None else manifest["site"]
+        site = site if site != CUSTOM or manifest is None else manifest["site"]
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index {shard_index} must lie in [0, shard_count={shard_count})")
         self.sites = [site]
@@ -115,90 +109,6 @@ class NpyShardSource:
             rows = self._rows(b * global_size + self._shard_index * batch_size, batch_size)
             yield {self.sites[0]: self._gather(rows)}
             b += 1
-
-
-MANIFEST = "manifest.json"
-STORAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
-
-
-def open_shards(path: str | os.PathLike) -> tuple[list[np.ndarray], dict | None]:
-    """Memory-maps a directory of activation shards: its ``*.npy`` files sorted by name, each ``[N_i, d]``.
-
-    Files are float32, or bfloat16 when the directory's ``manifest.json`` (written by ``write_shards``) says so
-    (NumPy stores bfloat16 as raw 2-byte records). With a manifest, each file's shape must match it.
-
-    Returns:
-      (arrays, manifest or None).
-
-    Raises:
-      FileNotFoundError: not a directory, or no ``.npy`` file in it.
-      ValueError: a file that is not a 2-D array of the expected dtype, widths that differ, or a file whose
-        shape disagrees with the manifest; the message names the file.
-    """
-    directory = pathlib.Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{str(path)!r} is not a directory of .npy activation files")
-    files = sorted(directory.glob("*.npy"))
-    if not files:
-        raise FileNotFoundError(f"{str(path)!r} holds no .npy files; expected float32 arrays [N, d]")
-    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).is_file() else None
-    dtype = STORAGE_DTYPES[manifest["dtype"]] if manifest else STORAGE_DTYPES["float32"]
-    arrays = []
-    for f in files:
-        a = np.load(f, mmap_mode="r")
-        a = a.view(dtype) if a.dtype.kind == "V" and a.dtype.itemsize == dtype.itemsize else a
-        if a.dtype != dtype or a.ndim != 2:
-            raise ValueError(f"{f}: activations must be {dtype.name} [N, d], got {a.dtype} {list(a.shape)}")
-        if a.shape[1] != (arrays[0] if arrays else a).shape[1]:
-            raise ValueError(f"{f}: width d={a.shape[1]} differs from {files[0].name}'s d={arrays[0].shape[1]}")
-        expected = manifest["shards"].get(f.name, {}).get("shape") if manifest else None
-        if manifest and expected != list(a.shape):
-            raise ValueError(f"{f}: shape {list(a.shape)} disagrees with {directory / MANIFEST} ({expected}); "
-                             "the directory is incomplete or corrupt: regenerate it")
-        arrays.append(a)
-    return arrays, manifest
-
-
-def write_shards(source: "ModelSource", out: str | os.PathLike, tokens: int, storage_dtype: str = "float32",
-                 token_source: dict | None = None) -> dict[str, pathlib.Path]:
-    """Writes at least ``tokens`` content-token activations of every site of ``source`` to disk.
-
-    One shard per chunk (``ModelSource.chunk``) and site, written atomically (temporary name, then rename), and
-    a ``manifest.json`` per site written last: model, site, dtype, d, count, ``token_source`` and each shard's
-    shape and sha256. Returns ``{site: directory}``.
-
-    Raises:
-      ValueError: ``tokens`` < 1, an unknown storage dtype, or an existing non-empty site directory.
-    """
-    if tokens < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
-    if storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
-    dirs = {site: pathlib.Path(out) / site for site in source.sites}
-    for directory in dirs.values():
-        if directory.exists() and any(directory.iterdir()):
-            raise ValueError(f"{directory} is not empty; choose another --out or delete it")
-        directory.mkdir(parents=True, exist_ok=True)
-    shards = {site: {} for site in source.sites}
-    written, k = 0, 0
-    with tqdm.tqdm(total=tokens, unit="tok", desc="activations") as bar:
-        while written < tokens:
-            chunk = source.chunk(k)
-            for site, x in chunk.items():
-                name = f"shard_{k:05d}.npy"
-                data = np.ascontiguousarray(x.astype(STORAGE_DTYPES[storage_dtype]))
-                with atomic_path(dirs[site] / name) as tmp, open(tmp, "wb") as f:
-                    np.save(f, data)
-                shards[site][name] = {"shape": list(data.shape), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
-            n = len(chunk[source.sites[0]])
-            written, k = written + n, k + 1
-            bar.update(n)
-    for site, directory in dirs.items():
-        manifest = {"model": source.model_name, "site": site, "dtype": storage_dtype, "d": source.d_in[site],
-                    "count": written, "token_source": token_source or {}, "shards": shards[site]}
-        with atomic_path(directory / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    return dirs
 
 
 class ModelSource:
@@ -299,7 +209,7 @@ def make_source(data_config, seed: int, shard_index: int = 0, shard_count: int =
     """Builds the activation source a config's ``data`` block describes.
 
     ``data.source``:
-      ``"npy"``: ``NpyShardSource(data.path, data.site or CUSTOM_SITE, seed, ...)``;
+      ``"npy"``: ``NpyShardSource(data.path, data.site or CUSTOM, seed, ...)``;
       ``"model"``: ``ModelSource`` over ``data.model`` (``model.load``) reading ``data.sites`` from the corpus
         ``data.corpus`` (split ``train``, ``data.seq_len`` tokens per sequence, ``data.packing``).
 
@@ -310,7 +220,7 @@ def make_source(data_config, seed: int, shard_index: int = 0, shard_count: int =
     if data_config.source == "npy":
         if not data_config.get("path"):
             raise ValueError("data.source='npy' needs data.path: a directory of float32 .npy files [N, d]")
-        return NpyShardSource(data_config.path, data_config.get("site") or CUSTOM_SITE, seed, shard_index, shard_count)
+        return NpyShardSource(data_config.path, data_config.get("site") or CUSTOM, seed, shard_index, shard_count)
     if data_config.source == "model":
         from gemma_scope.data import SequenceReader
         from gemma_scope.sites import parse_sites
@@ -329,39 +239,40 @@ def make_source(data_config, seed: int, shard_index: int = 0, shard_count: int =
     raise ValueError(f"unknown data.source {data_config.source!r}; expected one of ['npy', 'model']")
 
 
-def main(argv: list[str] | None = None) -> dict[str, pathlib.Path]:
-    """``python -m gemma_scope.activations``: writes activation shards of a model's sites (module docstring)."""
-    import argparse
+_CONFIG = None  # the --config flag, defined when run as a command (train defines its own)
 
-    from gemma_scope import configs
 
-    parser = argparse.ArgumentParser(prog="python -m gemma_scope.activations",
-                                     description="Write site activations of a Gemma model on the corpus to disk.")
-    parser.add_argument("--out", required=True, help="output directory (one subdirectory per site)")
-    parser.add_argument("--tokens", type=int, required=True, help="content-token activations to write per site")
-    parser.add_argument("--model", default="gemma3_270m", help="gemma3_270m, or a checkpoint path")
-    parser.add_argument("--model_config", default="", help="architecture name for an orbax checkpoint")
-    parser.add_argument("--sites", default="res.*", help="site spec, e.g. 'res.*' or 'res.8,att.8,mlp.8'")
-    parser.add_argument("--corpus", default="", help="built corpus (default: $GEMMA_SCOPE_CORPUS or ./corpus)")
-    parser.add_argument("--seq_len", type=int, default=1024)
-    parser.add_argument("--packing", default="packed", choices=("packed", "document"))
-    parser.add_argument("--forward_batch", type=int, default=8, help="sequences per forward pass")
-    parser.add_argument("--chunk_sequences", type=int, default=64, help="sequences per shard")
-    parser.add_argument("--storage_dtype", default="float32", choices=sorted(STORAGE_DTYPES))
-    parser.add_argument("--seed", type=int, default=0, help="sequence order seed")
-    args = parser.parse_args(argv)
-    data = configs.lm_data(args.model, args.sites)
-    data.update(model_config=args.model_config, corpus=args.corpus, seq_len=args.seq_len, packing=args.packing,
-                forward_batch=args.forward_batch, chunk_sequences=args.chunk_sequences)
-    source = make_source(data, args.seed)
-    token_source = {"model": args.model, "corpus": args.corpus or "default", "split": "train",
-                    "seq_len": args.seq_len, "packing": args.packing, "seed": args.seed,
-                    "chunk_sequences": args.chunk_sequences}
-    dirs = write_shards(source, args.out, args.tokens, args.storage_dtype, token_source)
+def main(argv: list[str]) -> dict[str, pathlib.Path]:
+    """``python -m gemma_scope.activations``: writes activation shards of the config's model sites (module
+    docstring); ``data`` and ``seed`` come from the config (``configs.lm_data`` defaults)."""
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config=experiments/<name>.py is required")
+    config, out = _CONFIG.value, flags.FLAGS.out
+    if config.data.source != "model":
+        raise ValueError(f"data.source must be 'model' to write activations, got {config.data.source!r}")
+    source = make_source(config.data, config.seed)
+    data = config.data
+    token_source = {"model": data.model, "corpus": data.corpus or "default", "split": "train",
+                    "seq_len": data.seq_len, "packing": data.packing, "seed": config.seed,
+                    "chunk_sequences": data.chunk_sequences}
+    dirs = write_shards(source, out, flags.FLAGS.tokens, flags.FLAGS.storage_dtype, token_source)
     for directory in dirs.values():
         print(directory)
     return dirs
 
 
 if __name__ == "__main__":
-    main()
+    from absl import flags
+    from ml_collections import config_flags
+
+    from gemma_scope import cli
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/<name>.py)")
+    flags.DEFINE_string("out", None, "output directory (one subdirectory per site)", required=True)
+    flags.DEFINE_integer("tokens", None, "content-token activations to write per site", required=True)
+    flags.DEFINE_enum("storage_dtype", "float32", sorted(STORAGE_DTYPES), "dtype of the written shards")
+    cli.run_app(main)

@@ -29,15 +29,16 @@ import re
 import numpy as np
 import safetensors.numpy
 
+from gemma_scope import sites
 from gemma_scope.files import atomic_path
-from gemma_scope.sites import KINDS, Site
+from gemma_scope.sae import PARAM_KEYS
+from gemma_scope.sites import Site
 
 PARAMS_FILE = "params.npz"
 SAELENS_CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 GS2_PARAMS_FILE = "params.safetensors"
 GS2_CONFIG_FILE = "config.json"
-PARAM_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 SKIP_KEY = "W_skip"  # a transcoder's affine skip connection [d_in, d_out] (Gemma Scope 2)
 # Gemma Scope 2's tensor names for ours.
 GS2_TENSORS = {"W_enc": "w_enc", "W_dec": "w_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold",
@@ -80,13 +81,13 @@ def width_label(width: int) -> str:
 def sae_dir(root: str | os.PathLike, site: Site | None, width: int, average_l0: float) -> pathlib.Path:
     """The release directory ``<root>/<kind>/layer_<L>/width_<W>/average_l0_<K>`` (K = round(average_l0)).
 
-    ``site=None`` gives ``<root>/custom/layer_0/...`` for SAEs not tied to a model site.
+    ``site=None`` gives ``<root>/custom/layer_0/...`` (``sites.CUSTOM``) for SAEs not tied to a model site.
 
     Raises:
       ValueError: average_l0 negative or not finite.
     """
     _check_average_l0(average_l0)
-    kind, layer = ("custom", 0) if site is None else (site.kind, site.layer)
+    kind, layer = (sites.CUSTOM, 0) if site is None else (site.kind, site.layer)
     return pathlib.Path(root) / kind / f"layer_{layer}" / f"width_{width_label(width)}" / f"average_l0_{round(average_l0)}"
 
 
@@ -281,7 +282,7 @@ def sae_info(path: pathlib.Path) -> dict:
     parts = path.parent.parts
     if site is None and len(parts) >= 4 and parts[-3].startswith("layer_") and parts[-3][6:].isdigit():
         kind = parts[-4]
-        site = f"{kind}.{parts[-3][6:]}" if kind in KINDS else None
+        site = f"{kind}.{parts[-3][6:]}" if kind in sites.KINDS else None
     return {"site": site, "site_out": site, "l0_coefficient": meta.get("l0_coefficient")}
 
 
@@ -408,7 +409,7 @@ def _gs2_sites(config: dict, source: pathlib.Path | str = "config.json") -> tupl
     site_out = _site_of_hook_point(config.get("hf_hook_point_out", config.get("hf_hook_point_in")),
                                    "hf_hook_point_out", source)
     wanted = (Site("mlp_in", site.layer), Site("mlp", site.layer)) if config["type"] == "transcoder" else (site, site)
-    if (site, site_out) != wanted or site.kind not in (("mlp_in",) if config["type"] == "transcoder" else KINDS):
+    if (site, site_out) != wanted or site.kind not in (("mlp_in",) if config["type"] == "transcoder" else sites.KINDS):
         raise ValueError(f"{source}: a GS2 {config['type']} reading {config.get('hf_hook_point_in')!r} writes "
                          f"{config.get('hf_hook_point_out')!r}; expected hook points "
                          f"{HF_HOOK_POINTS[wanted[0].kind].format(site.layer)!r} -> "
@@ -429,7 +430,7 @@ def _site_of_hook_point(point, key: str, source) -> Site:
 
 def _saelens_cfg(site: Site | None, d: int, width: int, average_l0: float, metadata: dict) -> dict:
     """A SAELens >= 6 JumpReLU config; model_name/hook_name also at top level for pre-6 readers."""
-    hook_name = metadata.get("hook_name") or (_HOOK_NAMES[site.kind].format(site.layer) if site else "custom")
+    hook_name = metadata.get("hook_name") or (_HOOK_NAMES[site.kind].format(site.layer) if site else sites.CUSTOM)
     meta = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": SAELENS_FORMAT_VERSION,

@@ -2,7 +2,7 @@
 Scope §3, §3.3).
 
 A grid is a dict of groups; a group is ``n_sites`` sites of equal width d (e.g. ``res`` of every layer) times the
-λ values of a sweep. Its params are stacked ``[n, ...]`` with ``n = n_sites * n_lambdas``, site-major
+λ values (or target L0s) of a sweep. Its params are stacked ``[n, ...]`` with ``n = n_sites * n_lambdas``, site-major
 (SAE ``i`` reads site ``i // n_lambdas`` and uses λ ``l0_coefficients[i % n_lambdas]``). One activation batch per
 step, ``{group: float32/bfloat16 [n_sites, B, d]}``, feeds every SAE of its group. A transcoder group's "site" is
 a layer's pair (``mlp_in.L`` read, ``mlp.L`` predicted) and its batch the pair ``(x, y)`` of such arrays; all its
@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gemma_scope import sae
 
+NARROW_WIDTH = 2**14  # Gemma Scope §3.3: pure data parallelism up to this width, latent-axis parallelism beyond
 # Partition spec of each stacked param (leading grid axis never split): the latent axis M goes on 'model'.
 _PARAM_SPECS = {
     "W_enc": P(None, None, "model"),
@@ -46,13 +47,16 @@ _PARAM_SPECS = {
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """SAEs sharing one input width: ``n_sites`` sites × ``len(l0_coefficients)`` λ values, all ``width`` wide;
-    transcoders (``mlp_in.L`` → ``mlp.L``, d_model both) with an affine skip connection or without."""
+    """SAEs sharing one input width: ``n_sites`` sites × a sweep of ``len(l0_coefficients)`` SAEs, all ``width``
+    wide. Sweep entry ``j`` uses λ ``l0_coefficients[j]`` and, with ``sparsity_loss="target_l0"``, the target L0
+    ``target_l0s[j]`` (``target_l0s`` is then as long as ``l0_coefficients``; empty otherwise). A transcoder group
+    holds transcoders (``mlp_in.L`` → ``mlp.L``, d_model both) with an affine skip connection or without."""
 
     n_sites: int
     d_model: int
     width: int
     l0_coefficients: tuple[float, ...]
+    target_l0s: tuple[float, ...] = ()
     transcoder: bool = False
     skip: bool = False
 
@@ -63,6 +67,22 @@ class Group:
     @property
     def n(self) -> int:
         return self.n_sites * len(self.l0_coefficients)
+
+    def sae(self, i: int) -> tuple[int, float, float | None]:
+        """``(site index, λ, target L0 or None)`` of SAE ``i`` of the stacked params (site-major: module docstring).
+
+        Raises:
+          IndexError: i outside ``[0, n)``.
+        """
+        if not 0 <= i < self.n:
+            raise IndexError(f"SAE index {i} outside the group's {self.n} SAEs")
+        site, j = divmod(i, len(self.l0_coefficients))
+        return site, self.l0_coefficients[j], self.target_l0s[j] if self.target_l0s else None
+
+    def saes_of_site(self, site: int) -> slice:
+        """The stacked-param indices of site ``site``'s SAEs, its λ sweep in ``l0_coefficients`` order."""
+        n_l = len(self.l0_coefficients)
+        return slice(site * n_l, (site + 1) * n_l)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +99,12 @@ class Hyperparams:
     threshold_init: float = sae.DEFAULT_THRESHOLD
     compute_dtype: str = "float32"
     dead_window_steps: int = 1_000  # a latent is dead if it fired on no token in this many steps
+    # The sparsity recipe (``sae.loss``): "l0" is Gemma Scope's λ·L0, "target_l0" the quadratic pull towards each
+    # SAE's target L0; the frequency penalty and the Matryoshka prefixes are off by default.
+    sparsity_loss: str = "l0"
+    frequency_coefficient: float = 0.0
+    frequency_threshold: float = sae.DEFAULT_FREQUENCY_THRESHOLD
+    matryoshka_prefixes: tuple[int, ...] = ()
 
 
 def learning_rate_schedule(hp: Hyperparams):
@@ -92,7 +118,8 @@ def learning_rate_schedule(hp: Hyperparams):
 
 
 def l0_scale(step, hp: Hyperparams):
-    """λ(step) / λ: linear warmup from 0 to 1 over ``l0_warmup_steps`` (Gemma Scope §3)."""
+    """λ(step) / λ: linear warmup from 0 to 1 over ``l0_warmup_steps`` (Gemma Scope §3); it scales every
+    sparsity coefficient (λ of either sparsity loss and the frequency penalty's)."""
     if hp.l0_warmup_steps <= 0:
         return jnp.asarray(1.0, jnp.float32)
     return jnp.minimum(step.astype(jnp.float32) / hp.l0_warmup_steps, 1.0)
@@ -130,6 +157,22 @@ def adam_update(grads: dict, opt_state: dict, hp: Hyperparams) -> tuple[dict, di
     scale = lambda m, v: m / (jnp.sqrt(v / v_correction.astype(v.dtype)) + hp.adam_eps)  # noqa: E731
     updates = jax.tree.map(lambda m, v: jnp.asarray(step_size, m.dtype) * scale(m, v), m_hat, nu)
     return updates, new_state
+
+
+def model_axis_size(value: int | str, width: int, device_count: int) -> int:
+    """The mesh's model-axis size from ``config.mesh.model``: an int, or ``"auto"``: 1 up to width
+    ``NARROW_WIDTH``, else the largest divisor of the device count not above ``width / NARROW_WIDTH`` (§3.3).
+
+    Raises:
+      ValueError: neither an integer nor "auto".
+    """
+    if value == "auto":
+        target = max(1, width // NARROW_WIDTH)
+        return max(k for k in range(1, device_count + 1) if device_count % k == 0 and k <= target)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"mesh.model must be a positive integer or 'auto', got {value!r}") from None
 
 
 def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
@@ -212,16 +255,24 @@ def abstract_state(grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.M
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _group_loss(params: dict, x: jax.Array, y: jax.Array | None, l0_coefficients: jax.Array, grp: Group,
+def _group_loss(params: dict, x: jax.Array, y: jax.Array | None, sparsity_scale: jax.Array, grp: Group,
                 hp: Hyperparams):
     """Sum of the group's SAE losses and their per-SAE aux; params ``[n, ...]``, x ``[n_sites, B, d]``, y the
-    transcoders' targets like x (None for SAEs)."""
+    transcoders' targets like x (None for SAEs); ``sparsity_scale`` the warmup factor of every sparsity
+    coefficient (``l0_scale``)."""
     n_l = len(grp.l0_coefficients)
     by_site = jax.tree.map(lambda a: a.reshape(grp.n_sites, n_l, *a.shape[1:]), params)
-    one = lambda p, xs, ys, lam: sae.loss(p, xs, lam, hp.bandwidth, jnp.dtype(hp.compute_dtype), ys)  # noqa: E731
-    # Inner vmap: the λ sweep shares its site's batch; outer vmap: one batch per site.
-    losses, aux = jax.vmap(jax.vmap(one, in_axes=(0, None, None, 0)), in_axes=(0, 0, 0, 0))(
-        by_site, x, y, l0_coefficients.reshape(grp.n_sites, n_l))
+    lambdas = sparsity_scale * jnp.asarray(grp.l0_coefficients, jnp.float32)
+    targets = jnp.asarray(grp.target_l0s or (1.0,) * n_l, jnp.float32)
+
+    def one(p, xs, ys, lam, target):
+        return sae.loss(p, xs, lam, hp.bandwidth, jnp.dtype(hp.compute_dtype), sparsity_loss=hp.sparsity_loss,
+                        target_l0=target, frequency_coefficient=sparsity_scale * hp.frequency_coefficient,
+                        frequency_threshold=hp.frequency_threshold, matryoshka_prefixes=hp.matryoshka_prefixes, y=ys)
+
+    # Inner vmap: the sweep shares its site's batch; outer vmap: one batch per site.
+    losses, aux = jax.vmap(jax.vmap(one, in_axes=(0, None, None, 0, 0)), in_axes=(0, 0, 0, None, None))(
+        by_site, x, y, lambdas, targets)
     flat = lambda a: a.reshape(grp.n, *a.shape[2:])  # noqa: E731
     return losses.sum(), (flat(losses), jax.tree.map(flat, aux))
 
@@ -237,7 +288,7 @@ def _normalised(batch, scale: jax.Array, transcoder: bool) -> tuple[jax.Array, j
 def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group], hp: Hyperparams):
     """One Gemma Scope training step for every SAE of the grid (§3); pure, jit it (see ``make_train_step``).
 
-    Forward, loss (Eq. 4 with λ warmup), backward through the JumpReLU/step pseudo-derivatives, removal of the
+    Forward, loss (Eq. 4 with λ warmup, or the recipe ``hp.sparsity_loss`` etc. select: ``sae.loss``), backward through the JumpReLU/step pseudo-derivatives, removal of the
     decoder gradient's parallel component, Adam, unit-norm decoder rows, θ clamped at ≥ 0 (JumpReLU needs θ ≥ 0;
     the release convention applies relu).
 
@@ -256,9 +307,7 @@ def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group],
     batch = {g: _normalised(batch[g], state["norm_scale"][g], grp.transcoder) for g, grp in grid.items()}
 
     def total_loss(params):
-        out = {g: _group_loss(params[g], *batch[g],
-                              scale * jnp.asarray(grp.l0_coefficients * grp.n_sites, jnp.float32), grp, hp)
-               for g, grp in grid.items()}
+        out = {g: _group_loss(params[g], *batch[g], scale, grp, hp) for g, grp in grid.items()}
         return sum(v[0] for v in out.values()), {g: v[1] for g, v in out.items()}
 
     grads, per_group = jax.grad(total_loss, has_aux=True)(state["params"])
@@ -301,32 +350,3 @@ def make_train_step(grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.
         donate_argnums=0,
     )
 
-
-def build_benchmark_step(d_model: int, width: int, batch_size: int, compute_dtype: str = "float32",
-                         n_saes: int = 1, mesh: jax.sharding.Mesh | None = None):
-    """The real jitted train step on one activation stream, for benchmarks (issue 6).
-
-    ``n_saes`` SAEs (a λ sweep) read one batch; forward, loss, backward, Adam and decoder renormalisation run as in
-    training. The state buffers are donated, so always use the returned state.
-
-    Args:
-      d_model, width, batch_size: sizes d, M, B (B divisible by the mesh's data size).
-      compute_dtype: "float32" or "bfloat16" matmul inputs (float32 accumulation).
-      mesh: a ('data', 'model') mesh; default all devices on 'data'.
-
-    Returns:
-      ``(state, step_fn)`` with ``step_fn(state, x) -> state`` for x float32/bfloat16 ``[batch_size, d_model]``.
-    """
-    mesh = mesh or make_mesh()
-    lambdas = tuple(float(v) for v in np.geomspace(1e-4, 1e-2, n_saes)) if n_saes > 1 else (1e-3,)
-    grid = {"bench": Group(n_sites=1, d_model=d_model, width=width, l0_coefficients=lambdas)}
-    hp = Hyperparams(compute_dtype=compute_dtype, lr_warmup_steps=0, l0_warmup_steps=0)
-    state = init_state(jax.random.key(0), grid, hp, mesh)
-    shardings = state_shardings(abstract_state(grid, hp, mesh), mesh)
-    step_fn = jax.jit(
-        lambda s, x: train_step(s, {"bench": x[None]}, grid, hp)[0],
-        in_shardings=(shardings, NamedSharding(mesh, P("data", None))),
-        out_shardings=shardings,
-        donate_argnums=0,
-    )
-    return state, step_fn

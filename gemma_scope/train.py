@@ -1,137 +1,56 @@
 """Train a grid of JumpReLU SAEs and transcoders: ``python -m gemma_scope.train --config=experiments/<name>.py
 [--config.x.y=v]``.
 
-Wires an activation source (``activations.make_source``), the sharded jitted step (``step.py``), Orbax
-checkpoints (``checkpoint.py``), metrics and the Gemma Scope release (``release.write_sae``). A run killed at any
-moment and restarted with the same command resumes from its newest checkpoint and ends with exactly the
-parameters of an uninterrupted run (batches are numbered; the state holds everything else).
+``run`` is the story of a run: validate the config (``configs``), build the activation source (``activations``),
+the grid and the mesh (``step``), restore or initialise the state (``checkpoint``, ``feed``), loop over the
+prefetched batches (``feed``) logging metrics (``metrics``) and checkpointing, then write the release
+(``export``). A run killed at any moment and restarted with the same command resumes from its newest checkpoint
+and ends with exactly the parameters of an uninterrupted run (batches are numbered; the state holds everything else).
 
-Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step),
-``config.json``, the SAEs in the Gemma Scope 1 layout ``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/`` and
-SAEs and transcoders in the Gemma Scope 2 layout under ``release_gs2/`` (``gemma_scope.release``).
+Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step) and
+the same metrics as TensorBoard event files, ``config.json``, the SAEs in the Gemma Scope 1 layout
+``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/`` and SAEs and transcoders in the Gemma Scope 2 layout under
+``release_gs2/`` (``export``, ``release``).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
 import pathlib
-import queue
-import sys
-import threading
-import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from gemma_scope import activations, evaluate, release, sae, step as step_lib
+from gemma_scope import activations, cli, evaluate, feed, step as step_lib
 from gemma_scope.checkpoint import Checkpointer
-from gemma_scope.sites import Site, parse_sites, transcoder_label, transcoder_spec, transcoder_target
+from gemma_scope.configs import hyperparams, validate_config
+from gemma_scope.export import write_release
+from gemma_scope.metrics import MetricsLog
+from gemma_scope.sites import CUSTOM, Site, parse_sites, transcoder_label, transcoder_spec, transcoder_target
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (experiments/<name>.py)")
-DTYPES = ("float32", "bfloat16")
-NARROW_WIDTH = 2**14  # Gemma Scope §3.3: pure data parallelism up to this width, latent-axis parallelism beyond
 
 
 class NonFiniteError(FloatingPointError):
     """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
 
 
-def lambdas_of(config) -> tuple[float, ...]:
-    """``config.sae.l0_coefficient`` as a tuple of λ ≥ 0 (a float is a one-value sweep).
-
-    Raises:
-      ValueError: empty, non-numeric or negative.
-    """
-    value = config.sae.l0_coefficient
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError(f"sae.l0_coefficient must be a number >= 0 or a non-empty tuple of them, got {value!r}")
-    return tuple(float(v) for v in values)
-
-
-def validate_config(config) -> None:
-    """Checks the fields the trainer reads (layout: experiments/from_activations.py).
-
-    Raises:
-      ValueError: naming the field, its value and what is expected.
-    """
-    lambdas_of(config)
-    positive = {"sae.width": config.sae.width, "train.steps": config.train.steps,
-                "train.batch_size": config.train.batch_size, "train.log_every": config.train.log_every,
-                "train.norm_batches": config.train.norm_batches, "train.eval_batches": config.train.eval_batches,
-                "train.dead_window_steps": config.train.dead_window_steps}
-    for name, value in positive.items():
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for name in ("learning_rate", "adam_eps"):
-        value = config.train[name]
-        if not value > 0:
-            raise ValueError(f"train.{name} must be > 0, got {value!r}")
-    for name in ("lr_warmup_steps", "l0_warmup_steps"):
-        if config.train[name] < 0:
-            raise ValueError(f"train.{name} must be >= 0, got {config.train[name]!r}")
-    if not (0 <= config.train.adam_b1 < 1 and 0 <= config.train.adam_b2 < 1):
-        raise ValueError(f"train.adam_b1/adam_b2 must lie in [0, 1), got {config.train.adam_b1}, {config.train.adam_b2}")
-    if not (config.sae.bandwidth > 0 and config.sae.threshold_init > 0):
-        raise ValueError(f"sae.bandwidth and sae.threshold_init must be > 0, got {config.sae.bandwidth}, "
-                         f"{config.sae.threshold_init}")
-    if config.sae.dtype not in DTYPES:
-        raise ValueError(f"sae.dtype must be one of {DTYPES}, got {config.sae.dtype!r}")
-    skips = tuple(config.transcoder.skip) if isinstance(config.transcoder.skip, (tuple, list)) else None
-    if not skips or not all(isinstance(v, bool) for v in skips) or len(set(skips)) != len(skips):
-        raise ValueError(f"transcoder.skip must be (False,), (True,) or (False, True), got {config.transcoder.skip!r}")
-    if config.transcoder.layers.strip() and config.data.source != "model":
-        raise ValueError(f"transcoder.layers={config.transcoder.layers!r} needs data.source='model' (a transcoder "
-                         f"reads mlp_in.L and mlp.L of one LM pass), got data.source={config.data.source!r}")
-    if not config.workdir:
-        raise ValueError("workdir must name an output directory")
-
-
-def model_axis_size(config, device_count: int) -> int:
-    """``config.mesh.model`` as an int; ``"auto"``: 1 up to width 2**14, else the largest divisor of the device
-    count not above width / 2**14 (Gemma Scope §3.3)."""
-    value = config.mesh.model
-    if value == "auto":
-        target = max(1, config.sae.width // NARROW_WIDTH)
-        return max(k for k in range(1, device_count + 1) if device_count % k == 0 and k <= target)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"mesh.model must be a positive integer or 'auto', got {value!r}") from None
-
-
-def hyperparams(config) -> step_lib.Hyperparams:
-    """The step's hyperparameters from the config."""
-    t = config.train
-    return step_lib.Hyperparams(
-        learning_rate=t.learning_rate, lr_warmup_steps=t.lr_warmup_steps, l0_warmup_steps=t.l0_warmup_steps,
-        adam_b1=t.adam_b1, adam_b2=t.adam_b2, adam_eps=t.adam_eps, bandwidth=config.sae.bandwidth,
-        threshold_init=config.sae.threshold_init, compute_dtype=config.sae.dtype,
-        dead_window_steps=t.dead_window_steps)
-
-
-def group_sites(source: activations.ActivationSource, sae_sites: list[str], transcoder_sites: list[str],
-                config) -> tuple[dict[str, list[str]], dict[str, step_lib.Group]]:
+def group_sites(source: activations.ActivationSource, sae_sites: list[str], transcoder_sites: list[str], config,
+                sweep: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[dict[str, list[str]], dict[str, step_lib.Group]]:
     """The grid: SAE sites grouped by input width (``{"d<width>": [site, ...]}``) and the transcoders' input sites
-    once per skip variant (``"tc_d<width>"``, ``"tc_skip_d<width>"``), with each group's ``step.Group``."""
-    lambdas = lambdas_of(config)
+    once per skip variant (``"tc_d<width>"``, ``"tc_skip_d<width>"``), with each group's ``step.Group``; ``sweep``
+    is ``(λs, target L0s)`` (``configs.sweep_of``)."""
     groups: dict[str, list[str]] = {}
     for site in sae_sites:
         groups.setdefault(f"d{source.d_in[site]}", []).append(site)
-    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, lambdas) for g, sites in groups.items()}
+    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, *sweep) for g, sites in groups.items()}
     for skip in config.transcoder.skip if transcoder_sites else ():
         d = source.d_in[transcoder_sites[0]]
         g = f"tc{'_skip' if skip else ''}_d{d}"
         groups[g] = list(transcoder_sites)
-        grid[g] = step_lib.Group(len(transcoder_sites), d, config.sae.width, lambdas, transcoder=True, skip=skip)
+        grid[g] = step_lib.Group(len(transcoder_sites), d, config.sae.width, *sweep, transcoder=True, skip=skip)
     return groups, grid
 
 
@@ -153,92 +72,6 @@ def _labels(groups: dict[str, list[str]], grid: dict[str, step_lib.Group]) -> di
             for g, sites in groups.items()}
 
 
-def _global_mean(values: np.ndarray) -> np.ndarray:
-    """Mean of per-process values over all processes (identity on one process)."""
-    if jax.process_count() == 1:
-        return values
-    return np.asarray(multihost_utils.process_allgather(values)).mean(axis=0)
-
-
-def _to_host(tree):
-    """Whole global arrays as NumPy on every process (shards live on other hosts in multi-host runs)."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def _check_finite_batch(batch: dict[str, np.ndarray], number: int) -> None:
-    """Raises ValueError naming the batch and site if the source gave NaN/Inf activations."""
-    for site, x in batch.items():
-        if not np.isfinite(x).all():
-            raise ValueError(f"activation source gave non-finite values in batch {number}, site {site!r} "
-                             f"({x.size - np.isfinite(x).sum()} values); expected finite float32 activations")
-
-
-def normalisation_constants(source, sites: list[str], batch_size: int, n_batches: int) -> np.ndarray:
-    """C per site with ``E||x / C||² = 1``, from the source's first ``n_batches`` batches (Gemma Scope §3).
-
-    Returns float32 ``[len(sites)]``. Raises ValueError if the activations are all zero or not finite.
-    """
-    sums = np.zeros(len(sites), np.float64)
-    for number, batch in zip(range(n_batches), source.batches(batch_size, 0)):
-        _check_finite_batch(batch, number)
-        sums += [np.mean(np.sum(np.square(batch[s], dtype=np.float64), axis=-1)) for s in sites]
-    mean_sq = _global_mean(sums / n_batches)
-    if not (np.isfinite(mean_sq).all() and (mean_sq > 0).all()):
-        raise ValueError(f"cannot normalise sites {sites}: mean squared norms {mean_sq.tolist()} (zero or not finite)")
-    return np.sqrt(mean_sq).astype(np.float32)
-
-
-class _Prefetcher:
-    """Reads, checks and places batches ``start, start+1, ...`` on the mesh in a background thread."""
-
-    def __init__(self, source, groups: dict[str, list[str]], grid: dict[str, step_lib.Group], batch_size: int,
-                 start: int, count: int, mesh):
-        self._queue: queue.Queue = queue.Queue(maxsize=2)
-        self._stop = threading.Event()
-        sharding = step_lib.batch_sharding(mesh)
-        local = batch_size // jax.process_count()
-
-        def work():
-            try:
-                for number, batch in zip(range(start, start + count), source.batches(local, start)):
-                    placed = {}
-                    _check_finite_batch(batch, number)
-                    for g, sites in groups.items():
-                        stacks = [np.stack([batch[s] for s in sites])]
-                        if grid[g].transcoder:  # (x, y): the inputs and the sites they predict
-                            stacks.append(np.stack([batch[str(transcoder_target(Site.parse(s)))] for s in sites]))
-                        placed[g] = tuple(jax.make_array_from_process_local_data(
-                            sharding, x, (len(sites), batch_size, x.shape[-1])) for x in stacks)
-                        placed[g] = placed[g] if grid[g].transcoder else placed[g][0]
-                    if not self._put(placed):
-                        return
-            except BaseException as e:  # handed to the training loop, which re-raises it
-                self._put(e)
-
-        self._thread = threading.Thread(target=work, daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def get(self):
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self):
-        self._stop.set()
-        self._thread.join()
-
 
 def _check_finite(state, last_good: int | None) -> None:
     bad = int(jax.device_get(state["nonfinite_step"]))
@@ -247,16 +80,21 @@ def _check_finite(state, last_good: int | None) -> None:
         raise NonFiniteError(f"non-finite loss (NaN/Inf) at step {bad}; stopped ({kept})")
 
 
-def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-    """Drops metric records after ``step`` (written by a run that died before its next checkpoint)."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
-
-
 def _site_of(name: str) -> Site | None:
-    """The release site of a source's site name (None for ``activations.CUSTOM_SITE``); ValueError if malformed."""
-    return None if name == activations.CUSTOM_SITE else Site.parse(name)
+    """The release site of a source's site name (None for ``sites.CUSTOM``); ValueError if malformed."""
+    return None if name == CUSTOM else Site.parse(name)
+
+
+def _make_mesh(config, batch_size: int) -> jax.sharding.Mesh:
+    """The config's ('data', 'model') mesh; ValueError if the batch or the width does not split over it."""
+    mesh = step_lib.make_mesh(config.mesh.data,
+                              step_lib.model_axis_size(config.mesh.model, config.sae.width, jax.device_count()))
+    if batch_size % (mesh.shape["data"] * jax.process_count()):
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by the mesh's data size "
+                         f"{mesh.shape['data']} and the process count {jax.process_count()}")
+    if config.sae.width % mesh.shape["model"]:
+        raise ValueError(f"sae.width={config.sae.width} must be divisible by the mesh's model size {mesh.shape['model']}")
+    return mesh
 
 
 def run(config: ml_collections.ConfigDict, source: activations.ActivationSource | None = None) -> list[pathlib.Path]:
@@ -274,10 +112,9 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
       ValueError: a bad config or bad activations (the message names the field / batch).
       NonFiniteError: a NaN/Inf loss, naming the step; the last good checkpoint is kept.
     """
-    validate_config(config)
+    lambdas, targets = validate_config(config)
     if config.mesh.distributed:
         jax.distributed.initialize()
-    lambdas = lambdas_of(config)
     hp = hyperparams(config)
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -287,17 +124,10 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
             data = ml_collections.ConfigDict(config.data.to_dict())
             data.sites = ",".join(filter(None, (config.data.sites.strip(), transcoder_spec(config.transcoder.layers))))
         source = activations.make_source(data, config.seed, jax.process_index(), jax.process_count())
-    sae_sites, transcoder_sites = split_sites(config, source)
     release_sites = {name: _site_of(name) for name in source.sites}  # fail early on a bad data.site
-    groups, grid = group_sites(source, sae_sites, transcoder_sites, config)
-    mesh = step_lib.make_mesh(config.mesh.data, model_axis_size(config, jax.device_count()))
+    groups, grid = group_sites(source, *split_sites(config, source), config, (lambdas, targets))
     batch_size, steps = config.train.batch_size, config.train.steps
-    if batch_size % (mesh.shape["data"] * jax.process_count()):
-        raise ValueError(f"train.batch_size={batch_size} must be divisible by the mesh's data size "
-                         f"{mesh.shape['data']} and the process count {jax.process_count()}")
-    if config.sae.width % mesh.shape["model"]:
-        raise ValueError(f"sae.width={config.sae.width} must be divisible by the mesh's model size {mesh.shape['model']}")
-    local_batch = batch_size // jax.process_count()
+    mesh = _make_mesh(config, batch_size)
 
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoint_every, config.train.keep_checkpoints)
     last_good = checkpointer.latest_step()
@@ -309,19 +139,26 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
                              f"sae.width, sites or number of l0_coefficient values?); use a fresh workdir: {e}") from e
     else:
         # One pass over the first batches for every site (a source may recompute batches it no longer caches).
-        constants = dict(zip(source.sites, normalisation_constants(source, source.sites, local_batch,
-                                                                   config.train.norm_batches)))
-        scales = {g: np.array([[constants[s], constants[str(transcoder_target(Site.parse(s)))]] if grid[g].transcoder
-                               else constants[s] for s in sites], np.float32) for g, sites in groups.items()}
+        constants, b_dec = feed.normalisation_constants(
+            source, source.sites, batch_size // jax.process_count(), config.train.norm_batches, config.sae.b_dec_init)
+        constants = dict(zip(source.sites, constants))
+        # A transcoder group's sites have (input, output) constants; its b_dec lives in the output's space.
+        outputs = {g: [str(transcoder_target(Site.parse(s))) if grid[g].transcoder else s for s in sites]
+                   for g, sites in groups.items()}
+        scales = {g: np.array([[constants[s], constants[o]] if grid[g].transcoder else constants[s]
+                               for s, o in zip(sites, outputs[g])], np.float32) for g, sites in groups.items()}
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
+        if config.sae.b_dec_init != "zero":  # site-major like the stacked params (step.Group.sae)
+            state["params"] = {g: dict(p, b_dec=jax.device_put(
+                np.repeat(np.stack([b_dec[s] for s in outputs[g]]), len(lambdas), axis=0), p["b_dec"].sharding))
+                for g, p in state["params"].items()}
     if jax.process_index() == 0:
-        _truncate_metrics(workdir / "metrics.jsonl", last_good or 0)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     start = int(jax.device_get(state["step"]))
     train_step = step_lib.make_train_step(grid, hp, mesh)
-    prefetch = _Prefetcher(source, groups, grid, batch_size, start, max(steps - start, 0), mesh)
-    log = _MetricsLog(workdir / "metrics.jsonl", _labels(groups, grid), lambdas, batch_size, start, steps)
+    prefetch = feed.Prefetcher(source, groups, grid, batch_size, start, max(steps - start, 0), mesh)
+    log = MetricsLog(workdir, _labels(groups, grid), grid, batch_size, start, steps)
     try:
         for number in range(start, steps):
             state, metrics = train_step(state, prefetch.get())
@@ -341,131 +178,6 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     return write_release(config, source, groups, grid, release_sites, state)
 
 
-class _MetricsLog:
-    """Appends metric records to a JSONL file and shows them on a tqdm progress bar (process 0 only)."""
-
-    def __init__(self, path: pathlib.Path, groups, lambdas, batch_size: int, start: int, steps: int):
-        self._on = jax.process_index() == 0
-        self._path, self._groups, self._lambdas, self._batch = path, groups, lambdas, batch_size
-        self._bar = tqdm.tqdm(total=steps, initial=start, unit="step", disable=not self._on, dynamic_ncols=True)
-        self._last_step, self._last_time = start, time.perf_counter()
-
-    def write(self, step: int, metrics: dict) -> None:
-        now = time.perf_counter()
-        tokens_per_s = (step - self._last_step) * self._batch / max(now - self._last_time, 1e-9)
-        self._bar.update(step - self._last_step)
-        self._last_step, self._last_time = step, now
-        if not self._on:
-            return
-        lr, scale = float(metrics["learning_rate"]), float(metrics["l0_scale"])
-        records = []
-        for g, sites in self._groups.items():
-            for i in range(len(sites) * len(self._lambdas)):
-                lam = self._lambdas[i % len(self._lambdas)]
-                records.append({"step": step, "site": sites[i // len(self._lambdas)], "l0_coefficient": lam,
-                                "lambda_now": lam * scale, "learning_rate": lr, "tokens": step * self._batch,
-                                "tokens_per_s": tokens_per_s,
-                                **{k: float(v[i]) for k, v in metrics[g].items()}})
-        with self._path.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        first = records[0]
-        self._bar.set_postfix(loss=f"{first['loss']:.4g}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
-                              dead=f"{first['dead_fraction']:.2f}", tok_s=f"{tokens_per_s:.3g}")
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def write_release(config, source, groups: dict[str, list[str]], grid: dict[str, step_lib.Group],
-                  release_sites: dict[str, Site | None], state: dict) -> list[pathlib.Path]:
-    """Folds every SAE and transcoder of the grid (``sae.fold_normalisation``), measures its average L0 on the
-    ``train.eval_batches`` batches after training, and writes it (process 0): SAEs in the Gemma Scope 1 layout under
-    ``<workdir>/release`` (``release.write_sae``), SAEs on res/att/mlp sites and transcoders in the Gemma Scope 2
-    layout under ``<workdir>/release_gs2`` (``release.write_gs2``; a sweep's directories labelled by
-    ``release.gs2_labels``).
-
-    Returns the files to evaluate: the SAEs' ``params.npz`` and the transcoders' ``params.safetensors``.
-
-    SAEs (transcoders) of one site (and skip variant) whose rounded average L0 coincide would share a release
-    directory; the later ones are skipped with a warning (they remain in the checkpoint).
-    """
-    lambdas = lambdas_of(config)
-    params = _to_host(state["params"])
-    scales = _to_host(state["norm_scale"])
-    batch_size = config.train.batch_size // jax.process_count()
-    batches = list(zip(range(config.train.eval_batches), source.batches(batch_size, config.train.steps)))
-    l0_of = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(sae.encode(p, x) > 0, axis=-1)), in_axes=(0, None)))
-    workdir = pathlib.Path(config.workdir)
-    written, used = [], set()
-    for g, sites in groups.items():
-        grp = grid[g]
-        for i, site in enumerate(sites):
-            trained = jax.tree.map(lambda a: a[i * len(lambdas):(i + 1) * len(lambdas)], params[g])
-            if grp.transcoder:  # scales[g][i] = (C of mlp_in.L, C of mlp.L)
-                folded = jax.vmap(sae.fold_normalisation, in_axes=(0, None, None))(trained, *scales[g][i])
-            else:
-                folded = jax.vmap(sae.fold_normalisation, in_axes=(0, None))(trained, scales[g][i])
-            l0 = _global_mean(np.mean([np.asarray(l0_of(folded, b[site])) for _, b in batches], axis=0))
-            labels = release.gs2_labels([float(v) for v in l0])
-            for j, lam in enumerate(lambdas):
-                key = (g, site, round(float(l0[j])))
-                if key in used:
-                    print(f"warning: {'transcoder' if grp.transcoder else 'SAE'} of site {site} with l0_coefficient={lam} "
-                          f"has the same rounded average L0 ({key[2]}) as another; not released (it stays in the "
-                          "checkpoint)", file=sys.stderr)
-                    continue
-                used.add(key)
-                if jax.process_index() != 0:
-                    continue
-                one = {k: np.asarray(v[j], np.float32) for k, v in folded.items()}
-                gs2 = dict(model_name=config.data.get("model") or "", l0_label=labels[j])
-                if grp.transcoder:
-                    in_site = Site.parse(site)
-                    written.append(release.write_gs2(workdir / "release_gs2", in_site, one, float(l0[j]),
-                                                     site_out=transcoder_target(in_site), **gs2))
-                    continue
-                meta = {"l0_coefficient": lam, "training_steps": config.train.steps,
-                        "training_tokens": config.train.steps * config.train.batch_size,
-                        "normalisation_constant": float(scales[g][i]), "seed": config.seed}
-                written.append(release.write_sae(workdir / "release", release_sites[site], one, float(l0[j]), meta))
-                if release_sites[site] is not None and release_sites[site].kind in release.GS2_FOLDERS:
-                    release.write_gs2(workdir / "release_gs2", release_sites[site], one, float(l0[j]), **gs2)
-    return written
-
-
-def _check_overrides(argv: list[str]) -> None:
-    """Exits with a clear message if a ``--config.<path>=`` override names a key the config file lacks."""
-    spec_text = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec_text is None:
-        return
-    path, sep, config_arg = spec_text.partition(":")  # "FILE:ARG" passes ARG to get_config, as config_flags does
-    spec = importlib.util.spec_from_file_location("_gemma_scope_config", path)
-    if spec is None or not pathlib.Path(path).is_file():
-        raise app.UsageError(f"--config={path}: no such config file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(config_arg) if sep else module.get_config()
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        node, keys = config, arg[len("--config."):].split("=", 1)[0].split(".")
-        for depth, key in enumerate(keys):
-            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-                where = ".".join(["config", *keys[:depth]])
-                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                raise app.UsageError(f"{arg.split('=', 1)[0]}: unknown config key {key!r} under {where!r} of "
-                                     f"{path}; known keys: {known}")
-            node = node[key]
-
-
-def _parse_flags(argv: list[str]):
-    try:
-        _check_overrides(argv)
-    except (app.UsageError, ValueError) as e:  # ValueError: a bad "FILE:ARG" argument to get_config
-        sys.exit(f"FATAL config error: {e}")
-    return flags.FLAGS(argv)
-
-
 def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
     """Evaluates a finished model-source run's released SAEs on held-out text (Gemma Scope §4) and writes
     ``<workdir>/report/{report.md, metrics.json, *.png}``; returns the metric records."""
@@ -474,7 +186,8 @@ def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
              f"({config.train.steps:,} steps × {config.train.batch_size:,}); evaluated on "
              f"{config.eval.num_sequences} held-out sequences × {config.eval.seq_len} tokens.")
     return evaluate.evaluate_saes(
-        paths, model_name=config.data.model, corpus=config.data.corpus or None, packing=config.data.packing,
+        paths, model_name=config.data.model, model_config=config.data.get("model_config") or None,
+        corpus=config.data.corpus or None, packing=config.data.packing,
         num_sequences=config.eval.num_sequences, seq_len=config.eval.seq_len,
         lm_batch_size=config.eval.lm_batch_size, out=pathlib.Path(config.workdir) / "report", notes=notes)
 
@@ -507,4 +220,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run_app(main)

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from gemma_scope import configs, train
+from gemma_scope import configs
 from gemma_scope.model import get_config as model_config
 from gemma_scope.sites import parse_sites, transcoder_spec
 
@@ -26,7 +26,7 @@ def load(path, arg=None):
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_validates(path):
     config = load(path)
-    train.validate_config(config)
+    configs.validate_config(config)
     if config.data.source == "model":
         name = config.data.model_config or config.data.model
         spec = ",".join(filter(None, (config.data.sites, transcoder_spec(config.transcoder.layers))))
@@ -53,6 +53,27 @@ def test_paper_runs_follow_the_recipe():
         assert (t.learning_rate, t.lr_warmup_steps, t.l0_warmup_steps, t.adam_b1, t.adam_b2, t.batch_size) == \
             (7e-5, 1000, 10000, 0.0, 0.999, 4096)
         assert (config.sae.bandwidth, config.sae.threshold_init, config.data.seq_len) == (0.001, 0.001, 1024)
+        assert (config.sae.sparsity_loss, config.sae.b_dec_init) == ("l0", "zero")  # the paper's sparsity and init
+
+
+def test_ablation_rows_share_the_default_budget_and_change_one_thing_each():
+    spec = importlib.util.spec_from_file_location("ablation", EXPERIMENTS_DIR / "ablation/config.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    default = load(EXPERIMENTS_DIR / "gemma3_270m_res.py")
+    recipe_keys = ("b_dec_init", "sparsity_loss", "frequency_coefficient", "matryoshka_prefixes")
+    previous = None
+    for row in ablation.ROWS:
+        config = ablation.get_config(f"row={row},site=res.8")
+        configs.validate_config(config)
+        assert config.train.to_dict() == default.train.to_dict() and config.seed == default.seed
+        assert config.sae.width == default.sae.width and config.data.site == "res.8"
+        recipe = tuple(config.sae[k] for k in recipe_keys)
+        if previous is not None:
+            assert sum(a != b for a, b in zip(recipe, previous)) == 1, row  # cumulative: one change per row
+        previous = recipe
+    with pytest.raises(ValueError, match="row must be one of"):
+        ablation.get_config("row=topk")
 
 
 def test_paper_run_arguments():
@@ -74,11 +95,8 @@ def test_model_source_without_a_checkpoint_says_what_to_pass():
 
 
 def test_config_file_argument_reaches_get_config_and_bad_ones_are_clear_errors():
-    from absl import app
-
     path = EXPERIMENTS_DIR / "2b_res.py"
-    train._check_overrides([f"--config={path}:layer=3", "--config.sae.width=8"])  # accepted
-    with pytest.raises(app.UsageError, match="unknown config key 'widht'"):
-        train._check_overrides([f"--config={path}:layer=3", "--config.sae.widht=8"])
+    config = load(path, "layer=3")
+    assert config.data.sites == "res.3"
     with pytest.raises(ValueError, match="bad config argument"):
-        train._check_overrides([f"--config={path}:depth=3"])
+        load(path, "depth=3")

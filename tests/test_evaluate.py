@@ -413,3 +413,23 @@ def test_cli_evaluates_gs2_transcoders_with_the_model_only(tiny_gemma, tmp_path,
     np.save(tmp_path / "acts" / "a.npy", activations(n=10, d=d))
     with pytest.raises(ValueError, match="needs activations of both sites; evaluate it with --model"):
         evaluate.main([f"--sae={tmp_path / 'rel' / 'transcoder_all'}", f"--activations={tmp_path / 'acts'}"])
+
+
+def test_model_config_reaches_model_load_from_the_cli_and_the_trainer(tmp_path, monkeypatch):
+    from gemma_scope import configs, train
+
+    asked = []
+
+    def load(name, config=None):
+        asked.append((name, config))
+        raise FileNotFoundError("stop here")
+
+    monkeypatch.setattr(evaluate.model, "load", load)
+    release.write_sae(tmp_path / "release", Site("res", 4), random_sae(), average_l0=5.0)
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        evaluate.main([f"--sae={tmp_path / 'release'}", "--model=/ckpt/orbax", "--model_config=gemma2_2b"])
+    config = configs.paper_run("gemma2_2b", "res", (4,), None)
+    config.data.model, config.workdir = "/ckpt/orbax", str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        train.evaluate_run(config, sorted((tmp_path / "release").rglob("params.npz")))
+    assert asked == [("/ckpt/orbax", "gemma2_2b")] * 2
