@@ -374,3 +374,24 @@ def test_geometric_median_is_the_minimiser_and_resists_outliers():
     for step in (np.eye(6) * 0.05):
         assert objective(median) <= min(objective(median + step), objective(median - step))
     assert np.abs(median - 3.0).max() < 0.3 and np.abs(points.mean(axis=0) - 3.0).min() > 30
+
+
+def test_transcoder_matryoshka_and_target_l0_loss_equal_their_formulas():
+    """With prefixes the reconstruction term is the mean over prefixes m of ||y − (f[:, :m] W_dec[:m] + b_dec +
+    x W_skip)||²; the target-L0 term λ·(L0/target − 1)² is the SAE's (sparsity_penalty)."""
+    rng = np.random.default_rng(12)
+    d, m, lam, target = 12, 48, 0.3, 5.0
+    params = _transcoder(rng, d, m, skip=True)
+    x = jnp.asarray(rng.normal(size=(200, d)) / np.sqrt(d), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(200, d)) / np.sqrt(d), jnp.float32)
+    total, aux = sae.loss(params, x, lam, EPS, sparsity_loss="target_l0", target_l0=target,
+                          matryoshka_prefixes=(8, 24), y=y)
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    z = xs @ p["W_enc"] + p["b_enc"]
+    f = z * (z > p["threshold"])
+    mses = [np.mean(np.sum((ys - (f[:, :k] @ p["W_dec"][:k] + p["b_dec"] + xs @ p["W_skip"])) ** 2, -1))
+            for k in (8, 24, m)]
+    l0 = (z > p["threshold"]).sum(1).mean()
+    np.testing.assert_allclose(aux["mse"], mses[-1], rtol=1e-5)
+    np.testing.assert_allclose(total, np.mean(mses) + lam * (l0 / target - 1) ** 2, rtol=1e-5)
