@@ -226,9 +226,10 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises:
       FileNotFoundError: nothing SAE-like at path.
       ValueError: unreadable file; missing key, wrong shape, non-float dtype, non-finite values, negative
-        threshold (naming the key as the file spells it); a config that is not JSON, names a different
-        architecture or width, lacks a key, or (SAELens) a normalisation other than "none". The message names the
-        file.
+        threshold (naming the key as the file spells it); a config that is not JSON or lacks a key; a GS2
+        config.json naming another architecture, type, hook point or width; a SAELens ``cfg.json`` beside the file
+        naming another architecture than "jumprelu", a d_in/d_sae other than the weights' or a normalisation other
+        than "none". The message names the file and the key.
     """
     path = _params_file(pathlib.Path(path))
     if path.suffix == ".npz":
@@ -237,11 +238,18 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 raw = {k: npz[k] for k in npz.files}
         except Exception as e:  # numpy raises many types for corrupt files; report them uniformly.
             raise ValueError(f"{path}: cannot read SAE parameters ({type(e).__name__}: {e})") from e
-        return validate_params(raw, source=str(path))
-    raw = _read_safetensors(path)
-    if path.name == GS2_PARAMS_FILE:
-        return _from_gs2(raw, path)
-    return _from_saelens(raw, path)
+        params = validate_params(raw, source=str(path))
+    else:
+        raw = _read_safetensors(path)
+        if path.name == GS2_PARAMS_FILE:
+            return _from_gs2(raw, path)
+        params = validate_params(raw, source=str(path))
+    cfg_path = path.parent / SAELENS_CFG_FILE
+    if cfg_path.is_file():
+        cfg = _check_saelens_cfg(params, cfg_path)
+        if path.suffix == ".safetensors":
+            params = _fold_saelens_cfg(params, cfg, cfg_path)
+    return params
 
 
 def find_saes(path: str | pathlib.Path) -> list[pathlib.Path]:
@@ -372,7 +380,7 @@ def _read_json(path: pathlib.Path) -> dict:
         raise FileNotFoundError(f"{path} is missing; expected it next to the SAE's parameters")
     try:
         config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8 or not JSON
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
@@ -458,21 +466,22 @@ def _saelens_cfg(site: Site | None, d: int, width: int, average_l0: float, metad
     }
 
 
-def _from_saelens(raw: dict[str, np.ndarray], path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Our params from a SAELens sae_weights.safetensors, with its cfg.json (if present) applied so that they
-    follow the Gemma Scope inference convention."""
-    params = validate_params(raw, source=str(path))
-    cfg_path = path.parent / SAELENS_CFG_FILE
-    if not cfg_path.is_file():
-        return params
+def _check_saelens_cfg(params: dict[str, np.ndarray], cfg_path: pathlib.Path) -> dict:
+    """The SAELens config beside an SAE file, checked against its weights (the architecture, when given, must be
+    "jumprelu"; d_in and d_sae, when given, must be the weights' d and width). Raises ValueError naming the key."""
     cfg = _read_json(cfg_path)
     if cfg.get("architecture", "jumprelu") != "jumprelu":
-        raise ValueError(f"{cfg_path}: 'architecture' is {cfg['architecture']!r}; expected 'jumprelu' (a SAELens "
-                         "JumpReLU SAE)")
-    for key, size in (("d_in", params["W_enc"].shape[0]), ("d_sae", params["W_enc"].shape[1])):
-        if cfg.get(key, size) != size:
-            raise ValueError(f"{cfg_path}: {key!r} is {cfg[key]!r}; expected {size} as 'W_enc' "
-                             f"{params['W_enc'].shape} in {path.name} has")
+        raise ValueError(f"{cfg_path}: architecture {cfg['architecture']!r}; only 'jumprelu' SAEs can be read "
+                         "(their weights hold a threshold)")
+    d, width = params["W_enc"].shape
+    for key, value in (("d_in", d), ("d_sae", width)):
+        if key in cfg and cfg[key] != value:
+            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} disagrees with the weights' {value} (W_enc {[d, width]})")
+    return cfg
+
+
+def _fold_saelens_cfg(params: dict[str, np.ndarray], cfg: dict, cfg_path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Applies a SAELens cfg.json so that params follow the Gemma Scope inference convention."""
     if cfg.get("normalize_activations", "none") not in ("none", None, False):
         raise ValueError(
             f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} cannot be expressed as raw-activation "

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gemma_scope import activations, cli, evaluate, feed, step as step_lib
+from gemma_scope import activations, cli, evaluate, feed, step as step_lib, workdir as workdir_lib
 from gemma_scope.checkpoint import Checkpointer
 from gemma_scope.configs import hyperparams, validate_config
 from gemma_scope.export import write_release
@@ -73,9 +73,11 @@ def _labels(groups: dict[str, list[str]], grid: dict[str, step_lib.Group]) -> di
 
 
 
-def _check_finite(state, last_good: int | None) -> None:
+def _check_finite(state, checkpointer: Checkpointer) -> None:
     bad = int(jax.device_get(state["nonfinite_step"]))
     if bad >= 0:
+        checkpointer.wait()
+        last_good = checkpointer.latest_step()
         kept = f"last good checkpoint: step {last_good}" if last_good is not None else "no checkpoint was written"
         raise NonFiniteError(f"non-finite loss (NaN/Inf) at step {bad}; stopped ({kept})")
 
@@ -97,6 +99,7 @@ def _make_mesh(config, batch_size: int) -> jax.sharding.Mesh:
     return mesh
 
 
+@workdir_lib.exclusive  # one trainer per workdir
 def run(config: ml_collections.ConfigDict, source: activations.ActivationSource | None = None) -> list[pathlib.Path]:
     """Trains the config's grid to ``config.train.steps`` (resuming from ``<workdir>/checkpoints``) and writes
     the release.
@@ -111,13 +114,14 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     Raises:
       ValueError: a bad config or bad activations (the message names the field / batch).
       NonFiniteError: a NaN/Inf loss, naming the step; the last good checkpoint is kept.
+      WorkdirInUseError, OSError: another trainer holds the workdir, or it cannot be written (``workdir.py``).
     """
     lambdas, targets = validate_config(config)
     if config.mesh.distributed:
         jax.distributed.initialize()
     hp = hyperparams(config)
     workdir = pathlib.Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir_lib.check_writable(workdir, workdir / "checkpoints")
     if source is None:
         data = config.data
         if config.transcoder.layers.strip():  # the source also reads the transcoders' mlp_in.L and mlp.L
@@ -131,12 +135,13 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
 
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoint_every, config.train.keep_checkpoints)
     last_good = checkpointer.latest_step()
+    workdir_lib.check_resume(workdir, config, last_good)
     if last_good is not None:
         try:
             state = checkpointer.restore(last_good, step_lib.abstract_state(grid, hp, mesh))
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} does not match this config (changed "
-                             f"sae.width, sites or number of l0_coefficient values?); use a fresh workdir: {e}") from e
+            raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} passed its checksums but does not "
+                             f"restore onto this config's state: {e}") from e
     else:
         # One pass over the first batches for every site (a source may recompute batches it no longer caches).
         constants, b_dec = feed.normalisation_constants(
@@ -164,12 +169,11 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
             state, metrics = train_step(state, prefetch.get())
             done = number + 1
             if done % config.train.log_every == 0 or done == steps:
-                _check_finite(state, last_good)
+                _check_finite(state, checkpointer)
                 log.write(done, jax.device_get(metrics))
             if done % config.train.checkpoint_every == 0 or done == steps:
-                _check_finite(state, last_good)
+                _check_finite(state, checkpointer)
                 checkpointer.save(done, state, force=done == steps)
-                last_good = done
     finally:
         prefetch.close()
         log.close()
