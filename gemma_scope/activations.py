@@ -157,6 +157,7 @@ class ModelSource:
         self.d_in = {str(s): cfg.site_width(s.kind) for s in self._sites}
         self._lm, self._reader = lm, reader
         self.model_name = cfg.name
+        self.num_layers = cfg.num_layers
         self._chunk, self._forward_batch, self._passes, self._seed = chunk_sequences, forward_batch, passes, seed
         self._buffer_dtype = jnp.bfloat16 if buffer_dtype == "bfloat16" else jnp.float32
         capture = tuple(self._sites)

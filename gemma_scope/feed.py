@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from gemma_scope import hosts, sae, step as step_lib
+from gemma_scope.sites import Site, transcoder_target
 
 
 def check_finite_batch(batch: dict[str, np.ndarray], number: int) -> None:
@@ -68,11 +69,13 @@ def normalisation_constants(source, sites: list[str], batch_size: int, n_batches
 class Prefetcher:
     """Reads, checks and places batches ``start, start+1, ...`` on the mesh in a background thread.
 
-    ``get()`` returns the next ``{group: [n_sites, batch_size, d]}`` global arrays (``step.batch_sharding``), or
+    ``get()`` returns the next ``{group: [n_sites, batch_size, d]}`` global arrays (``step.batch_sharding``), a
+    pair ``(x, y)`` of them for a transcoder group (its sites' activations and those of the sites they predict), or
     re-raises what the source raised; ``close()`` stops the thread.
     """
 
-    def __init__(self, source, groups: dict[str, list[str]], batch_size: int, start: int, count: int, mesh):
+    def __init__(self, source, groups: dict[str, list[str]], grid: dict[str, step_lib.Group], batch_size: int,
+                 start: int, count: int, mesh):
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         sharding = step_lib.batch_sharding(mesh)
@@ -84,8 +87,12 @@ class Prefetcher:
                     placed = {}
                     check_finite_batch(batch, number)
                     for g, sites in groups.items():
-                        x = np.stack([batch[s] for s in sites])
-                        placed[g] = jax.make_array_from_process_local_data(sharding, x, (len(sites), batch_size, x.shape[-1]))
+                        stacks = [np.stack([batch[s] for s in sites])]
+                        if grid[g].transcoder:
+                            stacks.append(np.stack([batch[str(transcoder_target(Site.parse(s)))] for s in sites]))
+                        arrays = tuple(jax.make_array_from_process_local_data(
+                            sharding, x, (len(sites), batch_size, x.shape[-1])) for x in stacks)
+                        placed[g] = arrays if grid[g].transcoder else arrays[0]
                     if not self._put(placed):
                         return
             except BaseException as e:  # handed to the training loop, which re-raises it

@@ -1,4 +1,5 @@
-"""Train a grid of JumpReLU SAEs: ``python -m gemma_scope.train --config=experiments/<name>.py [--config.x.y=v]``.
+"""Train a grid of JumpReLU SAEs and transcoders: ``python -m gemma_scope.train --config=experiments/<name>.py
+[--config.x.y=v]``.
 
 ``run`` is the story of a run: validate the config (``configs``), build the activation source (``activations``),
 the grid and the mesh (``step``), restore or initialise the state (``checkpoint``, ``feed``), loop over the
@@ -7,7 +8,9 @@ prefetched batches (``feed``) logging metrics (``metrics``) and checkpointing, t
 and ends with exactly the parameters of an uninterrupted run (batches are numbered; the state holds everything else).
 
 Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step) and
-the same metrics as TensorBoard event files, ``config.json`` and ``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/params.npz``.
+the same metrics as TensorBoard event files, ``config.json``, the SAEs in the Gemma Scope 1 layout
+``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/`` and SAEs and transcoders in the Gemma Scope 2 layout under
+``release_gs2/`` (``export``, ``release``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from gemma_scope.checkpoint import Checkpointer
 from gemma_scope.configs import hyperparams, validate_config
 from gemma_scope.export import write_release
 from gemma_scope.metrics import MetricsLog
-from gemma_scope.sites import CUSTOM, Site
+from gemma_scope.sites import CUSTOM, Site, parse_sites, transcoder_label, transcoder_spec, transcoder_target
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (experiments/<name>.py)")
 
@@ -34,12 +37,40 @@ class NonFiniteError(FloatingPointError):
     """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
 
 
-def group_sites(source: activations.ActivationSource) -> dict[str, list[str]]:
-    """Sites grouped by input width (one stacked group each): ``{"d<width>": [site, ...]}``."""
+def group_sites(source: activations.ActivationSource, sae_sites: list[str], transcoder_sites: list[str], config,
+                sweep: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[dict[str, list[str]], dict[str, step_lib.Group]]:
+    """The grid: SAE sites grouped by input width (``{"d<width>": [site, ...]}``) and the transcoders' input sites
+    once per skip variant (``"tc_d<width>"``, ``"tc_skip_d<width>"``), with each group's ``step.Group``; ``sweep``
+    is ``(λs, target L0s)`` (``configs.sweep_of``)."""
     groups: dict[str, list[str]] = {}
-    for site in source.sites:
+    for site in sae_sites:
         groups.setdefault(f"d{source.d_in[site]}", []).append(site)
-    return groups
+    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, *sweep) for g, sites in groups.items()}
+    for skip in config.transcoder.skip if transcoder_sites else ():
+        d = source.d_in[transcoder_sites[0]]
+        g = f"tc{'_skip' if skip else ''}_d{d}"
+        groups[g] = list(transcoder_sites)
+        grid[g] = step_lib.Group(len(transcoder_sites), d, config.sae.width, *sweep, transcoder=True, skip=skip)
+    return groups, grid
+
+
+def split_sites(config, source: activations.ActivationSource) -> tuple[list[str], list[str]]:
+    """``(SAE sites, transcoder input sites)`` among the source's: ``data.sites`` and the ``mlp_in.L`` of
+    ``transcoder.layers`` (the source holds both and each transcoder's ``mlp.L``). Without transcoders every source
+    site gets SAEs."""
+    if not config.transcoder.layers.strip():
+        return list(source.sites), []
+    n = source.num_layers
+    sae_sites = [str(s) for s in parse_sites(config.data.sites, n)] if config.data.sites.strip() else []
+    inputs = [str(s) for s in parse_sites(transcoder_spec(config.transcoder.layers), n) if s.kind == "mlp_in"]
+    return sae_sites, inputs
+
+
+def _labels(groups: dict[str, list[str]], grid: dict[str, step_lib.Group]) -> dict[str, list[str]]:
+    """Each group's site names as metrics and reports show them (a transcoder's: ``sites.transcoder_label``)."""
+    return {g: [transcoder_label(Site.parse(s), grid[g].skip) if grid[g].transcoder else s for s in sites]
+            for g, sites in groups.items()}
+
 
 
 def _check_finite(state, checkpointer: Checkpointer) -> None:
@@ -92,11 +123,13 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     workdir = pathlib.Path(config.workdir)
     workdir_lib.check_writable(workdir, workdir / "checkpoints")
     if source is None:
-        source = activations.make_source(config.data, config.seed, jax.process_index(), jax.process_count())
+        data = config.data
+        if config.transcoder.layers.strip():  # the source also reads the transcoders' mlp_in.L and mlp.L
+            data = ml_collections.ConfigDict(config.data.to_dict())
+            data.sites = ",".join(filter(None, (config.data.sites.strip(), transcoder_spec(config.transcoder.layers))))
+        source = activations.make_source(data, config.seed, jax.process_index(), jax.process_count())
     release_sites = {name: _site_of(name) for name in source.sites}  # fail early on a bad data.site
-    groups = group_sites(source)
-    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, lambdas, targets)
-            for g, sites in groups.items()}
+    groups, grid = group_sites(source, *split_sites(config, source), config, (lambdas, targets))
     batch_size, steps = config.train.batch_size, config.train.steps
     mesh = _make_mesh(config, batch_size)
 
@@ -114,19 +147,23 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         constants, b_dec = feed.normalisation_constants(
             source, source.sites, batch_size // jax.process_count(), config.train.norm_batches, config.sae.b_dec_init)
         constants = dict(zip(source.sites, constants))
-        scales = {g: np.array([constants[s] for s in sites], np.float32) for g, sites in groups.items()}
+        # A transcoder group's sites have (input, output) constants; its b_dec lives in the output's space.
+        outputs = {g: [str(transcoder_target(Site.parse(s))) if grid[g].transcoder else s for s in sites]
+                   for g, sites in groups.items()}
+        scales = {g: np.array([[constants[s], constants[o]] if grid[g].transcoder else constants[s]
+                               for s, o in zip(sites, outputs[g])], np.float32) for g, sites in groups.items()}
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
         if config.sae.b_dec_init != "zero":  # site-major like the stacked params (step.Group.sae)
             state["params"] = {g: dict(p, b_dec=jax.device_put(
-                np.repeat(np.stack([b_dec[s] for s in groups[g]]), len(lambdas), axis=0), p["b_dec"].sharding))
+                np.repeat(np.stack([b_dec[s] for s in outputs[g]]), len(lambdas), axis=0), p["b_dec"].sharding))
                 for g, p in state["params"].items()}
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     start = int(jax.device_get(state["step"]))
     train_step = step_lib.make_train_step(grid, hp, mesh)
-    prefetch = feed.Prefetcher(source, groups, batch_size, start, max(steps - start, 0), mesh)
-    log = MetricsLog(workdir, groups, grid, batch_size, start, steps)
+    prefetch = feed.Prefetcher(source, groups, grid, batch_size, start, max(steps - start, 0), mesh)
+    log = MetricsLog(workdir, _labels(groups, grid), grid, batch_size, start, steps)
     try:
         for number in range(start, steps):
             state, metrics = train_step(state, prefetch.get())
