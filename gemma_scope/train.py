@@ -15,9 +15,7 @@ import importlib.util
 import json
 import math
 import pathlib
-import queue
 import sys
-import threading
 import time
 
 import jax
@@ -27,6 +25,7 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from gemma_scope import activations, evaluate, release, sae, step as step_lib
@@ -110,21 +109,6 @@ def hyperparams(config) -> step_lib.Hyperparams:
         dead_window_steps=t.dead_window_steps)
 
 
-def group_sites(source: activations.ActivationSource) -> dict[str, list[str]]:
-    """Sites grouped by input width (one stacked group each): ``{"d<width>": [site, ...]}``."""
-    groups: dict[str, list[str]] = {}
-    for site in source.sites:
-        groups.setdefault(f"d{source.d_in[site]}", []).append(site)
-    return groups
-
-
-def _global_mean(values: np.ndarray) -> np.ndarray:
-    """Mean of per-process values over all processes (identity on one process)."""
-    if jax.process_count() == 1:
-        return values
-    return np.asarray(multihost_utils.process_allgather(values)).mean(axis=0)
-
-
 def _to_host(tree):
     """Whole global arrays as NumPy on every process (shards live on other hosts in multi-host runs)."""
     if jax.process_count() == 1:
@@ -132,72 +116,31 @@ def _to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def _check_finite_batch(batch: dict[str, np.ndarray], number: int) -> None:
-    """Raises ValueError naming the batch and site if the source gave NaN/Inf activations."""
-    for site, x in batch.items():
-        if not np.isfinite(x).all():
-            raise ValueError(f"activation source gave non-finite values in batch {number}, site {site!r} "
-                             f"({x.size - np.isfinite(x).sum()} values); expected finite float32 activations")
+def normalisation_constants(source: activations.ActivationSource, mesh, batch_size: int,
+                            n_batches: int) -> dict[str, np.ndarray]:
+    """C per site with ``E||x / C||² = 1``, from the source's first ``n_batches`` global batches (Gemma Scope §3).
 
+    Summed on the devices; one transfer at the end. Returns ``{group: float32 [n_sites]}``.
 
-def normalisation_constants(source, sites: list[str], batch_size: int, n_batches: int) -> np.ndarray:
-    """C per site with ``E||x / C||² = 1``, from the source's first ``n_batches`` batches (Gemma Scope §3).
-
-    Returns float32 ``[len(sites)]``. Raises ValueError if the activations are all zero or not finite.
+    Raises:
+      ValueError: non-finite activations (naming the batches and site), or all-zero ones.
     """
-    sums = np.zeros(len(sites), np.float64)
-    for number, batch in zip(range(n_batches), source.batches(batch_size, 0)):
-        _check_finite_batch(batch, number)
-        sums += [np.mean(np.sum(np.square(batch[s], dtype=np.float64), axis=-1)) for s in sites]
-    mean_sq = _global_mean(sums / n_batches)
-    if not (np.isfinite(mean_sq).all() and (mean_sq > 0).all()):
-        raise ValueError(f"cannot normalise sites {sites}: mean squared norms {mean_sq.tolist()} (zero or not finite)")
-    return np.sqrt(mean_sq).astype(np.float32)
-
-
-class _Prefetcher:
-    """Reads, checks and places batches ``start, start+1, ...`` on the mesh in a background thread."""
-
-    def __init__(self, source, groups: dict[str, list[str]], batch_size: int, start: int, count: int, mesh):
-        self._queue: queue.Queue = queue.Queue(maxsize=2)
-        self._stop = threading.Event()
-        sharding = step_lib.batch_sharding(mesh)
-        local = batch_size // jax.process_count()
-
-        def work():
-            try:
-                for number, batch in zip(range(start, start + count), source.batches(local, start)):
-                    placed = {}
-                    _check_finite_batch(batch, number)
-                    for g, sites in groups.items():
-                        x = np.stack([batch[s] for s in sites])
-                        placed[g] = jax.make_array_from_process_local_data(sharding, x, (len(sites), batch_size, x.shape[-1]))
-                    if not self._put(placed):
-                        return
-            except BaseException as e:  # handed to the training loop, which re-raises it
-                self._put(e)
-
-        self._thread = threading.Thread(target=work, daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def get(self):
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self):
-        self._stop.set()
-        self._thread.join()
+    mean_sq = jax.jit(lambda batch: {g: jnp.mean(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1), axis=-1)
+                                     for g, x in batch.items()}, out_shardings=NamedSharding(mesh, P()))
+    batches = source.batches(batch_size, 0, mesh)
+    sums = None
+    for _, batch in zip(range(n_batches), batches):
+        sums = mean_sq(batch) if sums is None else jax.tree.map(jnp.add, sums, mean_sq(batch))
+    batches.close()
+    source.check_finite()
+    constants = {}
+    for g, total in sums.items():
+        value = np.asarray(total, np.float64) / n_batches
+        if not (np.isfinite(value).all() and (value > 0).all()):
+            raise ValueError(f"cannot normalise sites {source.groups[g]}: mean squared norms {value.tolist()} "
+                             "(zero or not finite)")
+        constants[g] = np.sqrt(value).astype(np.float32)
+    return constants
 
 
 def _check_finite(state, last_good: int | None) -> None:
@@ -242,19 +185,18 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if source is None:
-        source = activations.make_source(config.data, config.seed, jax.process_index(), jax.process_count())
+        source = activations.make_source(config.data, config.seed)
     release_sites = {name: _site_of(name) for name in source.sites}  # fail early on a bad data.site
-    groups = group_sites(source)
+    groups = source.groups
     grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, lambdas)
             for g, sites in groups.items()}
     mesh = step_lib.make_mesh(config.mesh.data, model_axis_size(config, jax.device_count()))
     batch_size, steps = config.train.batch_size, config.train.steps
-    if batch_size % (mesh.shape["data"] * jax.process_count()):
-        raise ValueError(f"train.batch_size={batch_size} must be divisible by the mesh's data size "
-                         f"{mesh.shape['data']} and the process count {jax.process_count()}")
+    if batch_size % mesh.size:
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by the mesh's data size × model size = "
+                         f"{mesh.size} devices (each device gathers an equal share of every batch)")
     if config.sae.width % mesh.shape["model"]:
         raise ValueError(f"sae.width={config.sae.width} must be divisible by the mesh's model size {mesh.shape['model']}")
-    local_batch = batch_size // jax.process_count()
 
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoint_every, config.train.keep_checkpoints)
     last_good = checkpointer.latest_step()
@@ -265,10 +207,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
             raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} does not match this config (changed "
                              f"sae.width, sites or number of l0_coefficient values?); use a fresh workdir: {e}") from e
     else:
-        # One pass over the first batches for every site (a source may recompute batches it no longer caches).
-        constants = dict(zip(source.sites, normalisation_constants(source, source.sites, local_batch,
-                                                                   config.train.norm_batches)))
-        scales = {g: np.array([constants[s] for s in sites], np.float32) for g, sites in groups.items()}
+        scales = normalisation_constants(source, mesh, batch_size, config.train.norm_batches)
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
     if jax.process_index() == 0:
         _truncate_metrics(workdir / "metrics.jsonl", last_good or 0)
@@ -276,25 +215,27 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
 
     start = int(jax.device_get(state["step"]))
     train_step = step_lib.make_train_step(grid, hp, mesh)
-    prefetch = _Prefetcher(source, groups, batch_size, start, max(steps - start, 0), mesh)
+    batches = source.batches(batch_size, start, mesh)
     log = _MetricsLog(workdir / "metrics.jsonl", groups, lambdas, batch_size, start, steps)
-    try:
-        for number in range(start, steps):
-            state, metrics = train_step(state, prefetch.get())
+    try:  # no host sync between log steps: batches and steps are dispatched ahead of the device
+        for number, batch in zip(range(start, steps), batches):
+            state, metrics = train_step(state, batch)
             done = number + 1
             if done % config.train.log_every == 0 or done == steps:
+                source.check_finite()
                 _check_finite(state, last_good)
                 log.write(done, jax.device_get(metrics))
             if done % config.train.checkpoint_every == 0 or done == steps:
+                source.check_finite()
                 _check_finite(state, last_good)
                 checkpointer.save(done, state, force=done == steps)
                 last_good = done
     finally:
-        prefetch.close()
+        batches.close()
         log.close()
         checkpointer.wait()
     checkpointer.close()
-    return write_release(config, source, groups, release_sites, state)
+    return write_release(config, source, mesh, release_sites, state)
 
 
 class _MetricsLog:
@@ -332,8 +273,7 @@ class _MetricsLog:
         self._bar.close()
 
 
-def write_release(config, source, groups: dict[str, list[str]], release_sites: dict[str, Site | None],
-                  state: dict) -> list[pathlib.Path]:
+def write_release(config, source, mesh, release_sites: dict[str, Site | None], state: dict) -> list[pathlib.Path]:
     """Folds every SAE of the grid (``sae.fold_normalisation``), measures its average L0 on the
     ``train.eval_batches`` batches after training, and writes it with ``release.write_sae`` (process 0).
 
@@ -343,17 +283,18 @@ def write_release(config, source, groups: dict[str, list[str]], release_sites: d
     lambdas = lambdas_of(config)
     params = _to_host(state["params"])
     scales = _to_host(state["norm_scale"])
-    batch_size = config.train.batch_size // jax.process_count()
-    batches = list(zip(range(config.train.eval_batches), source.batches(batch_size, config.train.steps)))
-    l0_of = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(sae.encode(p, x) > 0, axis=-1)), in_axes=(0, None)))
+    stream = source.batches(config.train.batch_size, config.train.steps, mesh)
+    batches = [b for _, b in zip(range(config.train.eval_batches), stream)]
+    stream.close()
+    l0_of = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(sae.encode(p, x.astype(jnp.float32)) > 0, axis=-1)),
+                             in_axes=(0, None)), out_shardings=NamedSharding(mesh, P()))
     written, used = [], set()
-    for g, sites in groups.items():
+    for g, sites in source.groups.items():
         folded = [jax.vmap(sae.fold_normalisation, in_axes=(0, None))(
             jax.tree.map(lambda a: a[i * len(lambdas):(i + 1) * len(lambdas)], params[g]), scales[g][i])
             for i in range(len(sites))]
         for i, site in enumerate(sites):
-            l0 = np.mean([np.asarray(l0_of(folded[i], b[site])) for _, b in batches], axis=0)
-            l0 = _global_mean(l0)
+            l0 = np.mean([np.asarray(l0_of(folded[i], b[g][i])) for b in batches], axis=0)
             for j, lam in enumerate(lambdas):
                 key = (site, round(float(l0[j])))
                 if key in used:

@@ -14,6 +14,8 @@ SITES = [Site("res", 0), Site("att", 1), Site("mlp", 1)]
 class FakeReader:
     """Sequence batches as a pure function of the batch index: BOS first, a few pad positions at the end."""
 
+    seq_len = 12
+
     def batch(self, index, batch_size):
         rng = np.random.default_rng(index)
         tokens = rng.integers(3, 200, size=(batch_size, 12)).astype(np.int32)
@@ -32,6 +34,11 @@ def source(lm, passes=1):
     return ModelSource(lm, FakeReader(), SITES, chunk_sequences=4, forward_batch=2, passes=passes, seed=3)
 
 
+def per_site(src, batch):
+    """{site: float32 [B, d]} of a source's group batch."""
+    return {s: np.asarray(batch[g][i], np.float32) for g, names in src.groups.items() for i, s in enumerate(names)}
+
+
 def content_activations(lm, index):
     """{site: [n, d]} of chunk `index`'s content tokens, by a direct forward pass."""
     batch = FakeReader().batch(index, 4)
@@ -42,8 +49,9 @@ def content_activations(lm, index):
 def test_batches_are_the_content_activations_of_each_chunk_shuffled_with_sites_aligned(lm):
     want = content_activations(lm, 0)
     n = len(want["res.0"])
-    batches = list(zip(range(n // 8), source(lm).batches(8)))
-    got = {s: np.concatenate([b[s] for _, b in batches]) for s in want}
+    src = source(lm)
+    batches = [per_site(src, b) for _, b in zip(range(n // 8), src.batches(8))]
+    got = {s: np.concatenate([b[s] for b in batches]) for s in want}
     # Each returned row is the activation of one content token, the same token at every site.
     for i in range(len(got["res.0"])):
         row = np.nonzero(np.all(np.isclose(want["res.0"], got["res.0"][i], atol=1e-5), axis=1))[0]
@@ -51,16 +59,16 @@ def test_batches_are_the_content_activations_of_each_chunk_shuffled_with_sites_a
         for s in want:
             np.testing.assert_allclose(got[s][i], want[s][row[0]], rtol=1e-5, atol=1e-5)  # batch 2 vs 4: XLA sums differ
     assert not np.allclose(got["res.0"], want["res.0"][: len(got["res.0"])])  # shuffled
-    assert {s: b.shape[1] for s, b in batches[0][1].items()} == {"res.0": 64, "att.1": 64, "mlp.1": 64}
+    assert {s: b.shape[1] for s, b in batches[0].items()} == {"res.0": 64, "att.1": 64, "mlp.1": 64}
+    assert src.groups == {"d64": ["res.0", "att.1", "mlp.1"]}
 
 
 @pytest.mark.parametrize("passes", [1, 2])
 def test_resume_at_any_batch_is_the_uninterrupted_stream(lm, passes):
-    stream = [b for _, b in zip(range(14), source(lm, passes).batches(8))]
+    stream = [np.asarray(b["d64"]) for _, b in zip(range(14), source(lm, passes).batches(8))]
     for start in (0, 3, 5, 9, 13):
         resumed = next(source(lm, passes).batches(8, start))
-        for s in resumed:
-            np.testing.assert_array_equal(resumed[s], stream[start][s])
+        np.testing.assert_array_equal(np.asarray(resumed["d64"]), stream[start])
 
 
 def test_bad_arguments_raise_clear_errors(lm):
@@ -84,8 +92,8 @@ def test_written_shards_read_back_with_manifest(lm, tmp_path, dtype):
     tolerance = 1e-5 if dtype == "float32" else 1e-2
     np.testing.assert_allclose(np.asarray(arrays[0], np.float32), first, rtol=tolerance, atol=tolerance)
     npy = NpyShardSource(dirs["mlp.1"])  # the site comes from the manifest
-    batch = next(npy.batches(8))
-    assert npy.sites == ["mlp.1"] and batch["mlp.1"].dtype == np.float32 and batch["mlp.1"].shape == (8, 64)
+    batch = next(npy.batches(8))["d64"]
+    assert npy.sites == ["mlp.1"] and batch.dtype == dtype and batch.shape == (1, 8, 64)
 
 
 def test_corrupt_or_refused_shards_give_clear_errors(lm, tmp_path):

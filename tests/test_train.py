@@ -71,8 +71,8 @@ class _Interrupted(activations.NpyShardSource):
 
     die_at = 10
 
-    def batches(self, batch_size, start=0):
-        for number, batch in enumerate(super().batches(batch_size, start), start):
+    def batches(self, batch_size, start=0, mesh=None):
+        for number, batch in enumerate(super().batches(batch_size, start, mesh), start):
             if number == self.die_at:
                 raise KeyboardInterrupt
             yield batch
@@ -171,19 +171,33 @@ def test_bad_data_dir_gives_clear_errors(tmp_path):
         activations.NpyShardSource(str(tmp_path / "bad"))
 
 
-def test_npy_source_is_a_pure_function_of_batch_number_and_shards_rows(tmp_path, make_npy_dir):
+def test_npy_source_is_a_pure_function_of_batch_number_and_shuffles_blocks_on_the_devices(tmp_path, make_npy_dir):
     data = make_npy_dir(rows=(50, 30), d=4)
-    source = activations.NpyShardSource(str(data), seed=3)
-    first = [b["custom"] for _, b in zip(range(6), source.batches(32))]
-    later = [b["custom"] for _, b in zip(range(2), activations.NpyShardSource(str(data), seed=3).batches(32, 4))]
+    everything = np.concatenate([np.load(f) for f in sorted(data.glob("*.npy"))])
+    row_of = {tuple(r): i for i, r in enumerate(everything)}
+    # Blocks of 32 rows ([0, 32), [32, 50) of file 0; file 1), one per buffer: 2 + 1 + 1 batches of 16 an epoch.
+    source = activations.NpyShardSource(str(data), seed=3, buffer_rows=32)
+    first = [np.asarray(b["d4"][0]) for _, b in zip(range(6), source.batches(16))]
+    later = [np.asarray(b["d4"][0]) for _, b in
+             zip(range(2), activations.NpyShardSource(str(data), seed=3, buffer_rows=32).batches(16, 4))]
     np.testing.assert_array_equal(first[4], later[0])
     np.testing.assert_array_equal(first[5], later[1])
-    rows = np.concatenate(first[:2] + [first[2][:16]])  # the first epoch: 80 rows, each exactly once
-    everything = np.concatenate([np.load(f) for f in sorted(data.glob("*.npy"))])
-    assert sorted(map(tuple, rows)) == sorted(map(tuple, everything))
-    halves = [next(activations.NpyShardSource(str(data), seed=3, shard_index=i, shard_count=2).batches(16))["custom"]
-              for i in range(2)]
-    np.testing.assert_array_equal(np.concatenate(halves), first[0])
+    epoch = [[row_of[tuple(r)] for r in batch] for batch in first[:4]]
+    assert len(set(sum(epoch, []))) == 64  # no row twice in an epoch
+    blocks = {(0, 32): range(0, 32), (32, 50): range(32, 50), (50, 80): range(50, 80)}
+    for batch in epoch:  # each batch from one block (one buffer), rows shuffled within it
+        assert sum(set(batch) <= set(rows) for rows in blocks.values()) == 1
+    assert epoch[0] != sorted(epoch[0])
+    # On 2 devices each one shuffles its half of the buffer: the first half of every batch comes from slot 0.
+    mesh = step_lib.make_mesh(devices=jax.devices()[:2])
+    two = [np.asarray(b["d4"][0]) for _, b in zip(range(4), source.batches(16, 0, mesh))]
+    for batch in two:
+        rows = [row_of[tuple(r)] for r in batch]
+        block = next(r for r in blocks.values() if set(rows) <= set(r))
+        half = block[0] + len(block) // 2
+        assert all(r < half for r in rows[:8]) and all(r >= half for r in rows[8:])
+    with pytest.raises(ValueError, match="raise data.buffer_rows"):
+        next(activations.NpyShardSource(str(data), buffer_rows=8).batches(16))
 
 
 def test_unknown_override_key_is_named(tmp_path):
