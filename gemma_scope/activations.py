@@ -612,8 +612,7 @@ def make_source(data_config, seed: int) -> ActivationSource:
     if data_config.source == "npy":
         if not data_config.get("path"):
             raise ValueError("data.source='npy' needs data.path: a directory of float32 .npy files [N, d]")
-        return NpyShardSource(data_config.path, data_config.get("site") or CUSTOM_SITE, seed,
-                              data_config.get("buffer_rows", 2**18))
+        return NpyShardSource(data_config.path, data_config.get("site") or CUSTOM_SITE, seed, data_config.buffer_rows)
     if data_config.source == "model":
         from gemma_scope.data import SequenceReader
         from gemma_scope.sites import parse_sites

@@ -186,7 +186,7 @@ def _clean_pass(params_lm, cfg, tokens: jax.Array, sites: tuple[Site, ...]):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "site"))
-def _spliced_pass(params_lm, cfg, tokens: jax.Array, mask: jax.Array, site: Site, sae_params: dict | None):
+def spliced_pass(params_lm, cfg, tokens: jax.Array, mask: jax.Array, site: Site, sae_params: dict | None):
     """Per-token NLL ``[B, T−1]`` with the site's content positions (``mask``) replaced by the SAE reconstruction,
     or by zeros when ``sae_params`` is None (zero ablation). BOS, EOS and padding keep their clean activations,
     since the SAE was trained without them (§3)."""
@@ -270,9 +270,9 @@ def evaluate_grid(
         clean_sum += masked(clean_nll)
         targets += target.sum(axis=0)
         for site in sites:
-            zero_sum[site] += masked(_spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, None))
+            zero_sum[site] += masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, None))
         for i, (site, params) in enumerate(saes):
-            spliced_sum[i] += masked(_spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, params))
+            spliced_sum[i] += masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, params))
             d = params["W_enc"].shape[0]
             token_err = totals[i].add(params, acts[site].reshape(-1, d), batch_mask.reshape(-1).astype(np.float32))
             sq_err[i] += np.where(batch_mask, token_err.reshape(batch_mask.shape), 0.0).sum(axis=0)

@@ -178,8 +178,8 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
       NonFiniteError: a NaN/Inf loss, naming the step; the last good checkpoint is kept.
     """
     validate_config(config)
-    if config.mesh.distributed:
-        jax.distributed.initialize()
+    if config.mesh.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize()  # a launcher may have initialised it with an explicit coordinator
     lambdas = lambdas_of(config)
     hp = hyperparams(config)
     workdir = pathlib.Path(config.workdir)
