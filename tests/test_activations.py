@@ -107,3 +107,27 @@ def test_corrupt_or_refused_shards_give_clear_errors(lm, tmp_path):
         write_shards(source(lm), tmp_path, tokens=1)
     with pytest.raises(FileNotFoundError, match="no .npy files"):
         open_shards(tmp_path)
+
+
+def test_on_two_devices_each_device_shuffles_the_content_of_its_half_of_the_chunk(lm):
+    from gemma_scope.step import make_mesh
+
+    batch = FakeReader().batch(0, 4)
+    acts = np.asarray(model.forward(lm.params, lm.config, batch["tokens"], capture=SITES, logits=False).acts[SITES[0]])
+    halves = [acts[:2][batch["mask"][:2]], acts[2:][batch["mask"][2:]]]  # sequences 0-1 on device 0, 2-3 on 1
+    mesh = make_mesh(devices=jax.devices()[:2])
+    stream = [per_site(source(lm), b)["res.0"] for _, b in zip(range(7), source(lm).batches(8, 0, mesh))]
+    for got in stream[:2]:  # chunk 0: 20 content tokens per device, 4 per batch: 5 batches
+        for part, half in zip((got[:4], got[4:]), halves):
+            assert all(np.isclose(half, row, atol=1e-5).all(axis=1).any() for row in part)
+    for start in (2, 6):  # within chunk 0, and in chunk 1 (16 per device: 4 batches)
+        resumed = per_site(source(lm), next(source(lm).batches(8, start, mesh)))["res.0"]
+        np.testing.assert_array_equal(resumed, stream[start])
+
+
+def test_a_buffer_that_cannot_fit_or_fill_a_batch_fails_before_any_forward_pass(lm):
+    huge = ModelSource(lm, FakeReader(), SITES, chunk_sequences=2**26, forward_batch=2)
+    with pytest.raises(MemoryError, match="lower data.chunk_sequences, data.seq_len or data.buffer_dtype"):
+        huge.batches(8)
+    with pytest.raises(ValueError, match="raise data.chunk_sequences"):
+        next(source(lm).batches(64))
