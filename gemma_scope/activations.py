@@ -347,7 +347,7 @@ class NpyShardSource:
             self._buffers.check_finite(self.groups)
 
 
-_READERS = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="npy-read")  # parallel block copies
+_READERS = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="npy-read")
 _all_finite = jax.jit(lambda x: jnp.isfinite(x).all(axis=(1, 2)))
 
 

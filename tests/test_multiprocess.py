@@ -25,12 +25,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(workdir, data, processes: int, **train):
+def _start(workdir, data, processes: int, **overrides):
     overrides = {"workdir": str(workdir), "data.path": str(data), "sae.width": 32, "sae.l0_coefficient": [1e-3],
                  "data.buffer_rows": 256, "train.batch_size": 32, "train.steps": 40, "train.learning_rate": 1e-3,
                  "train.lr_warmup_steps": 4, "train.l0_warmup_steps": 10, "train.checkpoint_every": 10,
-                 "train.log_every": 5, "train.norm_batches": 2, "train.eval_batches": 2,
-                 **{f"train.{k}": v for k, v in train.items()}}
+                 "train.log_every": 5, "train.norm_batches": 2, "train.eval_batches": 2, **overrides}
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     port = _free_port()
     return [subprocess.Popen([sys.executable, "tests/_train_process.py", str(i), str(processes), str(port),
@@ -61,7 +60,20 @@ def test_two_processes_train_the_same_saes_as_one_and_resume_exactly_after_kill(
         for key in single[name]:
             np.testing.assert_allclose(double[name][key], single[name][key], rtol=1e-4, atol=1e-5)
 
-    victims = _start(tmp_path / "killed", data, 2, steps=400, checkpoint_every=20)
+    _kill_restart_and_compare(tmp_path, data, **{"train.steps": 400, "train.checkpoint_every": 20})
+
+
+@pytest.mark.slow
+def test_two_processes_on_model_activations_resume_exactly_after_kill(tmp_path):
+    """Each process runs the LM on its own sequences into its devices' slots of the shuffle buffer."""
+    _kill_restart_and_compare(tmp_path, "", **{"data.source": "model", "train.steps": 300,
+                                               "train.checkpoint_every": 20})
+
+
+def _kill_restart_and_compare(tmp_path, data, **train):
+    """kill -9 both processes after their first checkpoint, rerun the same command: the release equals that of
+    an uninterrupted 2-process run, bit for bit."""
+    victims = _start(tmp_path / "killed", data, 2, **train)
     checkpoints, deadline = tmp_path / "killed/checkpoints", time.time() + 120
     while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
         assert all(p.poll() is None for p in victims) and time.time() < deadline, "ended before a checkpoint"
@@ -70,8 +82,8 @@ def test_two_processes_train_the_same_saes_as_one_and_resume_exactly_after_kill(
         os.kill(p.pid, signal.SIGKILL)
         p.communicate()
     assert not _released(tmp_path / "killed")
-    _finish(_start(tmp_path / "killed", data, 2, steps=400, checkpoint_every=20))
-    _finish(_start(tmp_path / "straight", data, 2, steps=400, checkpoint_every=20))
+    _finish(_start(tmp_path / "killed", data, 2, **train))
+    _finish(_start(tmp_path / "straight", data, 2, **train))
     resumed, straight = _released(tmp_path / "killed"), _released(tmp_path / "straight")
     assert resumed.keys() == straight.keys() and resumed
     for name in straight:
