@@ -90,9 +90,9 @@ def loop_tokens_per_s(config, source) -> float:
 def step_tokens_per_s(config, widths: dict[str, tuple[int, int]], warmup: int, steps: int) -> dict:
     """The grid's train step alone on one device-resident batch of the buffer dtype."""
     mesh = step_lib.make_mesh()
-    lambdas = train.lambdas_of(config)
+    lambdas = configs.lambdas_of(config)
     grid = {g: step_lib.Group(n, d, config.sae.width, lambdas) for g, (n, d) in widths.items()}
-    hp = train.hyperparams(config)
+    hp = configs.hyperparams(config)
     state = step_lib.init_state(jax.random.key(0), grid, hp, mesh)
     batch = {g: jax.device_put(jax.random.normal(jax.random.key(1), (n, config.train.batch_size, d),
                                                  jnp.dtype(config.data.buffer_dtype)), step_lib.batch_sharding(mesh))

@@ -100,7 +100,7 @@ def render(results: dict) -> str:
             "One JumpReLU SAE, random N(0, 1) activations; GFLOP/s counts 12·d·width FLOPs per token (the "
             "issue's convention: six d×width matmuls; ours computes five, skipping the input gradient, so its "
             "real matmul work is 10·d·width and its % peak overstates utilisation by 6/5); "
-            "% peak against the same-dtype peak above. Ours: `gemma_scope.step.build_benchmark_step` "
+            "% peak against the same-dtype peak above. Ours: `benchmarks.sae_step.build_benchmark_step` "
             "(forward, loss, backward, decoder-gradient projection, Adam, decoder renormalisation). SAELens: "
             "`SAETrainer.step` on `JumpReLUTrainingSAE` (bf16 = its autocast).", "",
             "In brackets after % peak: the fraction of the same framework's own matmul (JAX for ours, torch for "

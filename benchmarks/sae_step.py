@@ -1,4 +1,4 @@
-"""Our JumpReLU SAE train step (``gemma_scope.step.build_benchmark_step``: forward, loss, backward, decoder
+"""Our JumpReLU SAE train step (``build_benchmark_step``: ``gemma_scope.step.make_train_step``: forward, loss, backward, decoder
 gradient projection, Adam, unit-norm decoder rows, θ ≥ 0 — the jitted step the trainer runs) at the issue's
 shapes, float32 and bfloat16 matmul inputs. Run as ``python -m benchmarks.sae_step --out FILE``.
 """
@@ -14,6 +14,31 @@ from benchmarks.common import (sae_step_flops_per_token, sae_step_rows, step_wor
 from gemma_scope import step
 
 
+def build_benchmark_step(d_model: int, width: int, batch_size: int, compute_dtype: str = "float32",
+                         n_saes: int = 1, mesh: jax.sharding.Mesh | None = None):
+    """The trainer's jitted step (``step.make_train_step``) on one activation stream (issue 6).
+
+    ``n_saes`` SAEs (a λ sweep) read one batch; forward, loss, backward, Adam and decoder renormalisation run as in
+    training. The state buffers are donated, so always use the returned state.
+
+    Args:
+      d_model, width, batch_size: sizes d, M, B (B divisible by the mesh's data size).
+      compute_dtype: "float32" or "bfloat16" matmul inputs (float32 accumulation).
+      mesh: a ('data', 'model') mesh; default all devices on 'data'.
+
+    Returns:
+      ``(state, step_fn)`` with ``step_fn(state, x) -> state`` for x float32/bfloat16 ``[batch_size, d_model]``.
+    """
+    mesh = mesh or step.make_mesh()
+    lambdas = tuple(float(v) for v in np.geomspace(1e-4, 1e-2, n_saes)) if n_saes > 1 else (1e-3,)
+    grid = {"bench": step.Group(n_sites=1, d_model=d_model, width=width, l0_coefficients=lambdas)}
+    hp = step.Hyperparams(compute_dtype=compute_dtype, lr_warmup_steps=0, l0_warmup_steps=0)
+    train_step = step.make_train_step(grid, hp, mesh)
+    sharding = step.batch_sharding(mesh)
+    return step.init_state(jax.random.key(0), grid, hp, mesh), \
+        lambda state, x: train_step(state, {"bench": jax.device_put(x[None], sharding)})[0]
+
+
 def _batches(mesh, d_model: int, batch: int, count: int = 2) -> list[jax.Array]:
     """Random non-zero activations, N(0, 1) float32 [batch, d] on the mesh (same distribution as SAELens's)."""
     rng = np.random.default_rng(0)
@@ -24,7 +49,7 @@ def _batches(mesh, d_model: int, batch: int, count: int = 2) -> list[jax.Array]:
 def bench_step(d_model: int, width: int, batch: int, dtype: str, warmup: int, steps: int, n_saes: int = 1) -> dict:
     """Time one jitted train step of ``n_saes`` SAEs on one batch; tokens/s counts the batch once."""
     mesh = step.make_mesh()
-    state, step_fn = step.build_benchmark_step(d_model, width, batch, dtype, n_saes=n_saes, mesh=mesh)
+    state, step_fn = build_benchmark_step(d_model, width, batch, dtype, n_saes=n_saes, mesh=mesh)
     batches = _batches(mesh, d_model, batch)
     box = {"state": state, "i": 0}
 

@@ -1,6 +1,6 @@
 """Sources of site activations for the trainer: the ``ActivationSource`` protocol and its implementations.
 
-A source names its sites (``"res.3"``, or ``"custom"`` for activations not tied to a model site) and yields
+A source names its sites (``"res.3"``, or ``sites.CUSTOM`` for activations not tied to a model site) and yields
 numbered global batches ``{group: [n_sites, batch_size, d]}`` (sites grouped by width, ``group_sites``) as
 ``jax.Array``s laid out as the train step wants them (``step.batch_sharding``). Batch ``b`` is a pure function of
 (source config, seed, mesh size, b), so a resumed run sees exactly the batches an uninterrupted run would have seen.
@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import hashlib
-import json
-import math
 import os
 import pathlib
 import sys
@@ -35,14 +32,12 @@ from typing import Callable, Iterator, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma_scope import model
 from gemma_scope import step as step_lib
-from gemma_scope.files import atomic_path
-
-CUSTOM_SITE = "custom"  # site name of activations not tied to a model site (released under custom/layer_0)
+from gemma_scope.shards import STORAGE_DTYPES, open_shards, write_shards
+from gemma_scope.sites import CUSTOM
 SLOTS = ("data", "model")  # the buffer's token axis is split over every device of the mesh, data-major
 NPY_BLOCK_ROWS = 4096  # rows of one contiguous read from a shard file
 
@@ -250,7 +245,7 @@ class NpyShardSource:
     Args:
       path: directory holding the ``.npy`` files (sorted by name) — float32 (or bfloat16 with a manifest), 2-D,
         with the same d.
-      site: name of the site the activations come from (``"res.12"``), or ``CUSTOM_SITE`` (then the site of the
+      site: name of the site the activations come from (``"res.12"``), or ``CUSTOM`` (then the site of the
         directory's manifest, if it has one).
       seed: shuffling seed.
       buffer_rows: rows per shuffle buffer (over all devices).
@@ -259,11 +254,11 @@ class NpyShardSource:
       FileNotFoundError / ValueError: as ``open_shards``; ``buffer_rows`` < 1.
     """
 
-    def __init__(self, path: str, site: str = CUSTOM_SITE, seed: int = 0, buffer_rows: int = 2**18):
+    def __init__(self, path: str, site: str = CUSTOM, seed: int = 0, buffer_rows: int = 2**18):
         self._arrays, manifest = open_shards(path)
         if buffer_rows < 1:
             raise ValueError(f"data.buffer_rows must be >= 1, got {buffer_rows}")
-        site = site if site != CUSTOM_SITE or manifest is None else manifest["site"]
+        site = site if site != CUSTOM or manifest is None else manifest["site"]
         self.sites = [site]
         self.d_in = {site: int(self._arrays[0].shape[1])}
         self.groups = group_sites(self.sites, self.d_in)
@@ -349,90 +344,6 @@ class NpyShardSource:
 
 _READERS = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="npy-read")
 _all_finite = jax.jit(lambda x: jnp.isfinite(x).all(axis=(1, 2)))
-
-
-MANIFEST = "manifest.json"
-STORAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
-
-
-def open_shards(path: str | os.PathLike) -> tuple[list[np.ndarray], dict | None]:
-    """Memory-maps a directory of activation shards: its ``*.npy`` files sorted by name, each ``[N_i, d]``.
-
-    Files are float32, or bfloat16 when the directory's ``manifest.json`` (written by ``write_shards``) says so
-    (NumPy stores bfloat16 as raw 2-byte records). With a manifest, each file's shape must match it.
-
-    Returns:
-      (arrays, manifest or None).
-
-    Raises:
-      FileNotFoundError: not a directory, or no ``.npy`` file in it.
-      ValueError: a file that is not a 2-D array of the expected dtype, widths that differ, or a file whose
-        shape disagrees with the manifest; the message names the file.
-    """
-    directory = pathlib.Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{str(path)!r} is not a directory of .npy activation files")
-    files = sorted(directory.glob("*.npy"))
-    if not files:
-        raise FileNotFoundError(f"{str(path)!r} holds no .npy files; expected float32 arrays [N, d]")
-    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).is_file() else None
-    dtype = STORAGE_DTYPES[manifest["dtype"]] if manifest else STORAGE_DTYPES["float32"]
-    arrays = []
-    for f in files:
-        a = np.load(f, mmap_mode="r")
-        a = a.view(dtype) if a.dtype.kind == "V" and a.dtype.itemsize == dtype.itemsize else a
-        if a.dtype != dtype or a.ndim != 2:
-            raise ValueError(f"{f}: activations must be {dtype.name} [N, d], got {a.dtype} {list(a.shape)}")
-        if a.shape[1] != (arrays[0] if arrays else a).shape[1]:
-            raise ValueError(f"{f}: width d={a.shape[1]} differs from {files[0].name}'s d={arrays[0].shape[1]}")
-        expected = manifest["shards"].get(f.name, {}).get("shape") if manifest else None
-        if manifest and expected != list(a.shape):
-            raise ValueError(f"{f}: shape {list(a.shape)} disagrees with {directory / MANIFEST} ({expected}); "
-                             "the directory is incomplete or corrupt: regenerate it")
-        arrays.append(a)
-    return arrays, manifest
-
-
-def write_shards(source: "ModelSource", out: str | os.PathLike, tokens: int, storage_dtype: str = "float32",
-                 token_source: dict | None = None, mesh: Mesh | None = None) -> dict[str, pathlib.Path]:
-    """Writes at least ``tokens`` content-token activations of every site of ``source`` to disk.
-
-    One shard per chunk (``ModelSource.chunk`` on ``mesh``, cast to the storage dtype on the device and copied to
-    the host once per site) and site, written atomically (temporary name, then rename), and
-    a ``manifest.json`` per site written last: model, site, dtype, d, count, ``token_source`` and each shard's
-    shape and sha256. Returns ``{site: directory}``.
-
-    Raises:
-      ValueError: ``tokens`` < 1, an unknown storage dtype, or an existing non-empty site directory.
-    """
-    if tokens < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
-    if storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
-    dirs = {site: pathlib.Path(out) / site for site in source.sites}
-    for directory in dirs.values():
-        if directory.exists() and any(directory.iterdir()):
-            raise ValueError(f"{directory} is not empty; choose another --out or delete it")
-        directory.mkdir(parents=True, exist_ok=True)
-    shards = {site: {} for site in source.sites}
-    written, k = 0, 0
-    with tqdm.tqdm(total=tokens, unit="tok", desc="activations") as bar:
-        while written < tokens:
-            chunk = source.chunk(k, mesh, STORAGE_DTYPES[storage_dtype])
-            for site, data in chunk.items():
-                name = f"shard_{k:05d}.npy"
-                with atomic_path(dirs[site] / name) as tmp, open(tmp, "wb") as f:
-                    np.save(f, data)
-                shards[site][name] = {"shape": list(data.shape), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
-            n = len(chunk[source.sites[0]])
-            written, k = written + n, k + 1
-            bar.update(n)
-    for site, directory in dirs.items():
-        manifest = {"model": source.model_name, "site": site, "dtype": storage_dtype, "d": source.d_in[site],
-                    "count": written, "token_source": token_source or {}, "shards": shards[site]}
-        with atomic_path(directory / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    return dirs
 
 
 class ModelSource:
@@ -601,7 +512,7 @@ def make_source(data_config, seed: int) -> ActivationSource:
     """Builds the activation source a config's ``data`` block describes (this process's part on multi-process runs).
 
     ``data.source``:
-      ``"npy"``: ``NpyShardSource(data.path, data.site or CUSTOM_SITE, seed, data.buffer_rows)``;
+      ``"npy"``: ``NpyShardSource(data.path, data.site or CUSTOM, seed, data.buffer_rows)``;
       ``"model"``: ``ModelSource`` over ``data.model`` (``model.load``) reading ``data.sites`` from the corpus
         ``data.corpus`` (split ``train``, ``data.seq_len`` tokens per sequence, ``data.packing``).
 
@@ -612,7 +523,7 @@ def make_source(data_config, seed: int) -> ActivationSource:
     if data_config.source == "npy":
         if not data_config.get("path"):
             raise ValueError("data.source='npy' needs data.path: a directory of float32 .npy files [N, d]")
-        return NpyShardSource(data_config.path, data_config.get("site") or CUSTOM_SITE, seed, data_config.buffer_rows)
+        return NpyShardSource(data_config.path, data_config.get("site") or CUSTOM, seed, data_config.buffer_rows)
     if data_config.source == "model":
         from gemma_scope.data import SequenceReader
         from gemma_scope.sites import parse_sites
@@ -631,35 +542,27 @@ def make_source(data_config, seed: int) -> ActivationSource:
     raise ValueError(f"unknown data.source {data_config.source!r}; expected one of ['npy', 'model']")
 
 
-def main(argv: list[str] | None = None) -> dict[str, pathlib.Path]:
-    """``python -m gemma_scope.activations``: writes activation shards of a model's sites (module docstring)."""
-    import argparse
+_CONFIG = None  # the --config flag, defined when run as a command (train defines its own)
 
-    from gemma_scope import configs
 
-    parser = argparse.ArgumentParser(prog="python -m gemma_scope.activations",
-                                     description="Write site activations of a Gemma model on the corpus to disk.")
-    parser.add_argument("--out", required=True, help="output directory (one subdirectory per site)")
-    parser.add_argument("--tokens", type=int, required=True, help="content-token activations to write per site")
-    parser.add_argument("--model", default="gemma3_270m", help="gemma3_270m, or a checkpoint path")
-    parser.add_argument("--model_config", default="", help="architecture name for an orbax checkpoint")
-    parser.add_argument("--sites", default="res.*", help="site spec, e.g. 'res.*' or 'res.8,att.8,mlp.8'")
-    parser.add_argument("--corpus", default="", help="built corpus (default: $GEMMA_SCOPE_CORPUS or ./corpus)")
-    parser.add_argument("--seq_len", type=int, default=1024)
-    parser.add_argument("--packing", default="packed", choices=("packed", "document"))
-    parser.add_argument("--forward_batch", type=int, default=8, help="sequences per forward pass")
-    parser.add_argument("--chunk_sequences", type=int, default=64, help="sequences per shard")
-    parser.add_argument("--storage_dtype", default="float32", choices=sorted(STORAGE_DTYPES))
-    parser.add_argument("--seed", type=int, default=0, help="sequence order seed")
-    args = parser.parse_args(argv)
-    data = configs.lm_data(args.model, args.sites)
-    data.update(model_config=args.model_config, corpus=args.corpus, seq_len=args.seq_len, packing=args.packing,
-                forward_batch=args.forward_batch, chunk_sequences=args.chunk_sequences)
-    source = make_source(data, args.seed)
-    token_source = {"model": args.model, "corpus": args.corpus or "default", "split": "train",
-                    "seq_len": args.seq_len, "packing": args.packing, "seed": args.seed,
-                    "chunk_sequences": args.chunk_sequences}
-    dirs = write_shards(source, args.out, args.tokens, args.storage_dtype, token_source,
+def main(argv: list[str]) -> dict[str, pathlib.Path]:
+    """``python -m gemma_scope.activations``: writes activation shards of the config's model sites (module
+    docstring); ``data`` and ``seed`` come from the config (``configs.lm_data`` defaults)."""
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config=experiments/<name>.py is required")
+    config, out = _CONFIG.value, flags.FLAGS.out
+    if config.data.source != "model":
+        raise ValueError(f"data.source must be 'model' to write activations, got {config.data.source!r}")
+    source = make_source(config.data, config.seed)
+    data = config.data
+    token_source = {"model": data.model, "corpus": data.corpus or "default", "split": "train",
+                    "seq_len": data.seq_len, "packing": data.packing, "seed": config.seed,
+                    "chunk_sequences": data.chunk_sequences}
+    dirs = write_shards(source, out, flags.FLAGS.tokens, flags.FLAGS.storage_dtype, token_source,
                         step_lib.make_mesh(devices=jax.local_devices()))
     for directory in dirs.values():
         print(directory)
@@ -667,4 +570,13 @@ def main(argv: list[str] | None = None) -> dict[str, pathlib.Path]:
 
 
 if __name__ == "__main__":
-    main()
+    from absl import flags
+    from ml_collections import config_flags
+
+    from gemma_scope import cli
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/<name>.py)")
+    flags.DEFINE_string("out", None, "output directory (one subdirectory per site)", required=True)
+    flags.DEFINE_integer("tokens", None, "content-token activations to write per site", required=True)
+    flags.DEFINE_enum("storage_dtype", "float32", sorted(STORAGE_DTYPES), "dtype of the written shards")
+    cli.run_app(main)

@@ -16,10 +16,8 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
-import math
 import pathlib
 import sys
 from collections.abc import Iterable, Iterator
@@ -29,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gemma_scope import model, release, sae
-from gemma_scope.activations import open_shards
-from gemma_scope.sites import Site
+from gemma_scope import cli, model, release, sae
+from gemma_scope.files import json_ready
+from gemma_scope.shards import first_rows, open_shards
+from gemma_scope.sites import CUSTOM, Site
 
 # Latent activations of one batch may take this many bytes (float32 [batch, M]) when batch_size is not given.
 _LATENT_BYTES_PER_BATCH = 2**28
@@ -306,53 +305,12 @@ def delta_lm_loss(params_lm, cfg, tokens: np.ndarray, mask: np.ndarray, site: Si
     return evaluate_grid(params_lm, cfg, tokens, mask, [(site, sae_params)], batch_size, progress)[0]
 
 
-def _limit(arrays: Iterable[np.ndarray], max_tokens: int | None) -> Iterator[np.ndarray]:
-    """The first ``max_tokens`` rows of a stream of arrays (all rows when None)."""
-    left = math.inf if max_tokens is None else max_tokens
-    for array in arrays:
-        if left <= 0:
-            return
-        yield array[: int(min(left, len(array)))]
-        left -= len(array)
-
-
-def find_saes(path: str | pathlib.Path) -> list[pathlib.Path]:
-    """SAE files named by a command-line path: a ``params.npz`` / ``sae_weights.safetensors`` file, an SAE
-    directory, or a release root (every ``params.npz`` below it, sorted).
-
-    Raises:
-      FileNotFoundError: nothing SAE-like at or below path.
-    """
-    path = pathlib.Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = [path / release.PARAMS_FILE] if (path / release.PARAMS_FILE).is_file() else []
-        found = found or sorted(path.rglob(release.PARAMS_FILE))
-        found = found or ([path / release.SAELENS_WEIGHTS_FILE] if (path / release.SAELENS_WEIGHTS_FILE).is_file() else [])
-        if found:
-            return found
-    raise FileNotFoundError(f"no SAE at {path}: expected a params.npz, an SAE directory or a release root")
-
-
-def sae_info(path: pathlib.Path) -> dict:
-    """What a release says about an SAE file: ``site`` (from the ``<kind>/layer_<L>/width_<W>/average_l0_<K>``
-    layout or SAELens ``cfg.json`` metadata) and ``l0_coefficient`` (from the metadata), None when unknown."""
-    cfg_path = path.parent / release.SAELENS_CFG_FILE
-    meta = json.loads(cfg_path.read_text()).get("metadata", {}) if cfg_path.is_file() else {}
-    site = meta.get("site")
-    parts = path.parent.parts
-    if site is None and len(parts) >= 4 and parts[-3].startswith("layer_") and parts[-3][6:].isdigit():
-        kind = parts[-4]
-        site = f"{kind}.{parts[-3][6:]}" if kind in ("res", "att", "mlp") else None
-    return {"site": site, "l0_coefficient": meta.get("l0_coefficient")}
-
-
-def _load_lm(name: str, corpus: str | None, num_sequences: int, seq_len: int, packing: str):
-    """The LM and ``(tokens [N, T], mask [N, T])``: the first N sequences of the corpus's held-out split."""
+def _load_lm(name: str, model_config: str | None, corpus: str | None, num_sequences: int, seq_len: int, packing: str):
+    """The LM (``model.load(name, config=model_config)``) and ``(tokens [N, T], mask [N, T])``: the first N
+    sequences of the corpus's held-out split."""
     from gemma_scope.data.reader import SequenceReader
 
-    lm = model.load(name)
+    lm = model.load(name, config=model_config or None)
     reader = SequenceReader(corpus, split="heldout", seq_len=seq_len, packing=packing, tokenizer=lm.tokenizer)
     if num_sequences > reader.sequences_per_epoch:
         print(f"held-out split has only {reader.sequences_per_epoch} sequences of {seq_len} tokens; using them all",
@@ -362,25 +320,11 @@ def _load_lm(name: str, corpus: str | None, num_sequences: int, seq_len: int, pa
     return lm, (np.stack([t for t, _ in rows]), np.stack([m for _, m in rows]))
 
 
-def _json_ready(value):
-    """Arrays to lists and non-finite floats to None, so the output is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def evaluate_saes(
     sae_paths: list[pathlib.Path],
     *,
     model_name: str | None = None,
+    model_config: str | None = None,
     site: str | None = None,
     corpus: str | None = None,
     packing: str = "packed",
@@ -395,10 +339,11 @@ def evaluate_saes(
 ) -> list[dict]:
     """Evaluates released SAE files, printing one JSON line of metrics per SAE; returns the records.
 
-    With ``model_name``: delta LM loss and site metrics of all SAEs together (``evaluate_grid``) on the first
-    ``num_sequences`` held-out sequences of the corpus. With ``activations`` (a directory of cached ``.npy``
-    shards): ``activation_metrics`` on at most ``max_tokens`` of them. With ``out``: ``metrics.json``,
-    ``report.md`` and plots there (``notes`` goes under the report's heading).
+    With ``model_name`` (and ``model_config``, the architecture of an orbax checkpoint, as ``model.load``): delta LM
+    loss and site metrics of all SAEs together (``evaluate_grid``) on the first ``num_sequences`` held-out sequences
+    of the corpus. With ``activations`` (a directory of cached ``.npy`` shards): ``activation_metrics`` on at most
+    ``max_tokens`` of them. With ``out``: ``metrics.json``, ``report.md`` and plots there (``notes`` goes under the
+    report's heading).
 
     Raises:
       ValueError: neither ``model_name`` nor ``activations``; an SAE whose site is unknown when splicing;
@@ -409,46 +354,42 @@ def evaluate_saes(
     records, saes = [], []
     for path in sae_paths:
         params = release.load_params(path)
-        info = sae_info(path)
+        info = release.sae_info(path)
         if model_name and site is None and info["site"] is None:
             raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
-        records.append({"sae": str(path), "site": site or info["site"] or "custom",
+        records.append({"sae": str(path), "site": site or info["site"] or CUSTOM,
                         "width": params["W_enc"].shape[1], "l0_coefficient": info["l0_coefficient"]})
         saes.append(params)
     if model_name:
-        lm, sequences = _load_lm(model_name, corpus, num_sequences, seq_len, packing)
+        lm, sequences = _load_lm(model_name, model_config, corpus, num_sequences, seq_len, packing)
         grid = [(Site.parse(r["site"]), params) for r, params in zip(records, saes)]
         for record, result in zip(records, evaluate_grid(lm.params, lm.config, *sequences, grid,
                                                           batch_size=lm_batch_size)):
             record.update(result)
     for record, params in zip(records, saes):
         if activations:
-            shards = _limit(open_shards(activations)[0], max_tokens)
+            shards = first_rows(open_shards(activations)[0], max_tokens)
             record.update(activation_metrics(params, shards, batch_size=batch_size))
-        print(json.dumps(_json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
+        print(json.dumps(json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
               flush=True)
     if out:
         from gemma_scope import report  # matplotlib only when a report is asked for
 
-        out = pathlib.Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = [{k: v for k, v in r.items() if k != "frequencies"} for r in records]
-        (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=1) + "\n")
         notes = notes or f"Model: {model_name or '–'}; activations: {activations or '–'}."
-        path = report.write_report(records, out, notes=notes)
-        print(f"report: {path}", file=sys.stderr)
+        print(f"report: {report.write_evaluation(records, out, notes)}", file=sys.stderr)
     return records
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """``python -m gemma_scope.evaluate``: prints one JSON line of metrics per SAE; returns the records."""
-    parser = argparse.ArgumentParser(prog="python -m gemma_scope.evaluate", description=__doc__.split("\n\n")[0])
+    parser = cli.parser("python -m gemma_scope.evaluate", __doc__.split("\n\n")[0])
     parser.add_argument("--sae", action="append", required=True,
                         help="params.npz, SAE directory or release root; repeatable")
     parser.add_argument("--activations", help="directory of cached activation shards (*.npy [tokens, d], see gemma_scope.activations)")
     parser.add_argument("--max_tokens", type=int, help="evaluate on at most this many cached activations")
     parser.add_argument("--batch_size", type=int, help="activations per jitted batch (default: by SAE width)")
     parser.add_argument("--model", help="LM for delta LM loss: a registry name (gemma3_270m), HF dir or orbax path")
+    parser.add_argument("--model_config", help="architecture name of an orbax checkpoint whose shapes are ambiguous")
     parser.add_argument("--site", help="site to splice at, e.g. res.6 (default: from the SAE's release path)")
     parser.add_argument("--corpus", help="built corpus directory (default: $GEMMA_SCOPE_CORPUS or ./corpus)")
     parser.add_argument("--packing", default="packed", choices=("packed", "document"),
@@ -460,12 +401,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if not (args.activations or args.model):
         parser.error("give --activations=DIR (cached activations) and/or --model=NAME (delta LM loss)")
-    sae_paths = [p for spec in args.sae for p in find_saes(spec)]
-    return evaluate_saes(sae_paths, model_name=args.model, site=args.site, corpus=args.corpus, packing=args.packing,
+    sae_paths = [p for spec in args.sae for p in release.find_saes(spec)]
+    return evaluate_saes(sae_paths, model_name=args.model, model_config=args.model_config, site=args.site, corpus=args.corpus, packing=args.packing,
                          num_sequences=args.num_sequences, seq_len=args.seq_len, lm_batch_size=args.lm_batch_size,
                          activations=args.activations, max_tokens=args.max_tokens, batch_size=args.batch_size,
                          out=args.out)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

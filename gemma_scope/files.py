@@ -1,12 +1,16 @@
-"""Atomic file writes: readers (and a run killed mid-write) see the old file or the whole new one, never a part."""
+"""Atomic file writes (readers, and a run killed mid-write, see the old file or the whole new one, never a part)
+and strict-JSON conversion of metric records."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pathlib
 import tempfile
 from collections.abc import Iterator
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -24,3 +28,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def json_ready(value):
+    """A JSON-ready copy of ``value``: arrays to lists, NumPy scalars to Python, non-finite floats to None
+    (strict JSON has no NaN/Inf)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

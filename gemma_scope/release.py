@@ -17,13 +17,14 @@ import pathlib
 import numpy as np
 import safetensors.numpy
 
+from gemma_scope import sites
 from gemma_scope.files import atomic_path
+from gemma_scope.sae import PARAM_KEYS
 from gemma_scope.sites import Site
 
 PARAMS_FILE = "params.npz"
 SAELENS_CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
-PARAM_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 # The SAELens version whose config layout cfg.json follows (model_name, hook_name, ... under "metadata").
 SAELENS_FORMAT_VERSION = "6.0.0"
 # TransformerLens hook names SAELens uses for Gemma Scope's three sites.
@@ -51,14 +52,14 @@ def width_label(width: int) -> str:
 def sae_dir(root: str | os.PathLike, site: Site | None, width: int, average_l0: float) -> pathlib.Path:
     """The release directory ``<root>/<kind>/layer_<L>/width_<W>/average_l0_<K>`` (K = round(average_l0)).
 
-    ``site=None`` gives ``<root>/custom/layer_0/...`` for SAEs not tied to a model site.
+    ``site=None`` gives ``<root>/custom/layer_0/...`` (``sites.CUSTOM``) for SAEs not tied to a model site.
 
     Raises:
       ValueError: average_l0 negative or not finite.
     """
     if not (math.isfinite(average_l0) and average_l0 >= 0):
         raise ValueError(f"average_l0 must be a finite number >= 0, got {average_l0!r}")
-    kind, layer = ("custom", 0) if site is None else (site.kind, site.layer)
+    kind, layer = (sites.CUSTOM, 0) if site is None else (site.kind, site.layer)
     return pathlib.Path(root) / kind / f"layer_{layer}" / f"width_{width_label(width)}" / f"average_l0_{round(average_l0)}"
 
 
@@ -134,6 +135,38 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return params
 
 
+def find_saes(path: str | pathlib.Path) -> list[pathlib.Path]:
+    """SAE files named by a command-line path: a ``params.npz`` / ``sae_weights.safetensors`` file, an SAE
+    directory, or a release root (every ``params.npz`` below it, sorted).
+
+    Raises:
+      FileNotFoundError: nothing SAE-like at or below path.
+    """
+    path = pathlib.Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = [path / PARAMS_FILE] if (path / PARAMS_FILE).is_file() else []
+        found = found or sorted(path.rglob(PARAMS_FILE))
+        found = found or ([path / SAELENS_WEIGHTS_FILE] if (path / SAELENS_WEIGHTS_FILE).is_file() else [])
+        if found:
+            return found
+    raise FileNotFoundError(f"no SAE at {path}: expected a params.npz, an SAE directory or a release root")
+
+
+def sae_info(path: pathlib.Path) -> dict:
+    """What a release says about an SAE file: ``site`` (from the ``<kind>/layer_<L>/width_<W>/average_l0_<K>``
+    layout or SAELens ``cfg.json`` metadata) and ``l0_coefficient`` (from the metadata), None when unknown."""
+    cfg_path = path.parent / SAELENS_CFG_FILE
+    meta = json.loads(cfg_path.read_text()).get("metadata", {}) if cfg_path.is_file() else {}
+    site = meta.get("site")
+    parts = path.parent.parts
+    if site is None and len(parts) >= 4 and parts[-3].startswith("layer_") and parts[-3][6:].isdigit():
+        kind = parts[-4]
+        site = f"{kind}.{parts[-3][6:]}" if kind in sites.KINDS else None
+    return {"site": site, "l0_coefficient": meta.get("l0_coefficient")}
+
+
 def validate_params(params: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """Checks an SAE parameter dict and returns its five arrays as float32 (extra keys dropped).
 
@@ -171,7 +204,7 @@ def validate_params(params: dict[str, np.ndarray], source: str) -> dict[str, np.
 
 def _saelens_cfg(site: Site | None, d: int, width: int, average_l0: float, metadata: dict) -> dict:
     """A SAELens >= 6 JumpReLU config; model_name/hook_name also at top level for pre-6 readers."""
-    hook_name = metadata.get("hook_name") or (_HOOK_NAMES[site.kind].format(site.layer) if site else "custom")
+    hook_name = metadata.get("hook_name") or (_HOOK_NAMES[site.kind].format(site.layer) if site else sites.CUSTOM)
     meta = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": SAELENS_FORMAT_VERSION,

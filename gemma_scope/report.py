@@ -9,6 +9,7 @@ when known, ``l0_coefficient`` (λ), ``delta_lm_loss``, ``clean_loss``, ``zero_a
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import pathlib
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gemma_scope import release  # noqa: E402
+from gemma_scope.files import json_ready  # noqa: E402
 from gemma_scope.sites import Site  # noqa: E402
 
 FRONTIER_PLOT = "frontier.png"
@@ -220,3 +222,12 @@ def write_report(
     path.write_text("\n\n".join(s for s in sections if s) + "\n")
     return path
 
+
+def write_evaluation(records: Sequence[dict], out_dir: str | pathlib.Path, notes: str = "") -> pathlib.Path:
+    """Writes ``metrics.json`` (the records without ``frequencies``, strict JSON) and ``write_report``'s report
+    into ``out_dir``; returns the report's path. Raises ValueError on no records."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = [{k: v for k, v in r.items() if k != "frequencies"} for r in records]
+    (out_dir / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=1) + "\n")
+    return write_report(records, out_dir, notes=notes)

@@ -1,13 +1,12 @@
-"""Cross-entropy of a text under a Gemma model: ``python -m gemma_scope.score --model=gemma3_270m --text-file=FILE``.
+"""Cross-entropy of a text under a Gemma model: ``python -m gemma_scope.score --model=gemma3_270m --text_file=FILE``.
 
 Prints one JSON line ``{"model": …, "tokens": N, "nats_per_token": X, "total_nats": …, "windows": W}``: the mean
-next-token cross-entropy (nats) over the text's N tokens. Texts longer than ``--max-length`` are cut into
+next-token cross-entropy (nats) over the text's N tokens. Texts longer than ``--max_length`` are cut into
 consecutive windows, each with BOS prepended; BOS is never predicted.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_scope import model
+from gemma_scope import cli, model
 
 
 def score_ids(lm: model.LoadedModel, ids: list[int], max_length: int = 1024, batch_size: int = 4) -> dict:
@@ -50,16 +49,16 @@ def score_ids(lm: model.LoadedModel, ids: list[int], max_length: int = 1024, bat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Mean next-token cross-entropy (nats/token) of a text.")
+    parser = cli.parser("python -m gemma_scope.score", "Mean next-token cross-entropy (nats/token) of a text.")
     parser.add_argument("--model", default="gemma3_270m",
                         help="'gemma3_270m' (embedded), a .gguf file, a Hugging Face directory or an orbax checkpoint")
-    parser.add_argument("--text-file", required=True, type=pathlib.Path, help="UTF-8 text file ('-' for stdin)")
-    parser.add_argument("--max-length", type=int, default=1024, help="tokens per window, BOS included")
+    parser.add_argument("--text_file", "--text-file", required=True, type=pathlib.Path, help="UTF-8 text file ('-' for stdin)")
+    parser.add_argument("--max_length", "--max-length", type=int, default=1024, help="tokens per window, BOS included")
     args = parser.parse_args(argv)
     if str(args.text_file) == "-":
         text = sys.stdin.read()
     elif not args.text_file.is_file():
-        parser.error(f"--text-file {args.text_file} does not exist")
+        parser.error(f"--text_file {args.text_file} does not exist")
     else:
         text = args.text_file.read_text(encoding="utf-8")
     lm = model.load(args.model)
@@ -68,4 +67,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

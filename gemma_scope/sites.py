@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 
 KINDS = ("res", "att", "mlp")
+# Name of activations not tied to a model site (a source's site name; released under ``custom/layer_0``).
+CUSTOM = "custom"
 
 
 @dataclasses.dataclass(frozen=True, order=True)

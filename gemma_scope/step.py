@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gemma_scope import sae
 
+NARROW_WIDTH = 2**14  # Gemma Scope §3.3: pure data parallelism up to this width, latent-axis parallelism beyond
 # Partition spec of each stacked param (leading grid axis never split): the latent axis M goes on 'model'.
 _PARAM_SPECS = {
     "W_enc": P(None, None, "model"),
@@ -51,6 +52,22 @@ class Group:
     @property
     def n(self) -> int:
         return self.n_sites * len(self.l0_coefficients)
+
+    def sae(self, i: int) -> tuple[int, float]:
+        """``(site index, λ)`` of SAE ``i`` of the stacked params (site-major: module docstring).
+
+        Raises:
+          IndexError: i outside ``[0, n)``.
+        """
+        if not 0 <= i < self.n:
+            raise IndexError(f"SAE index {i} outside the group's {self.n} SAEs")
+        site, j = divmod(i, len(self.l0_coefficients))
+        return site, self.l0_coefficients[j]
+
+    def saes_of_site(self, site: int) -> slice:
+        """The stacked-param indices of site ``site``'s SAEs, its λ sweep in ``l0_coefficients`` order."""
+        n_l = len(self.l0_coefficients)
+        return slice(site * n_l, (site + 1) * n_l)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +135,22 @@ def adam_update(grads: dict, opt_state: dict, hp: Hyperparams) -> tuple[dict, di
     scale = lambda m, v: m / (jnp.sqrt(v / v_correction.astype(v.dtype)) + hp.adam_eps)  # noqa: E731
     updates = jax.tree.map(lambda m, v: jnp.asarray(step_size, m.dtype) * scale(m, v), m_hat, nu)
     return updates, new_state
+
+
+def model_axis_size(value: int | str, width: int, device_count: int) -> int:
+    """The mesh's model-axis size from ``config.mesh.model``: an int, or ``"auto"``: 1 up to width
+    ``NARROW_WIDTH``, else the largest divisor of the device count not above ``width / NARROW_WIDTH`` (§3.3).
+
+    Raises:
+      ValueError: neither an integer nor "auto".
+    """
+    if value == "auto":
+        target = max(1, width // NARROW_WIDTH)
+        return max(k for k in range(1, device_count + 1) if device_count % k == 0 and k <= target)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"mesh.model must be a positive integer or 'auto', got {value!r}") from None
 
 
 def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
@@ -273,32 +306,3 @@ def make_train_step(grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.
         donate_argnums=0,
     )
 
-
-def build_benchmark_step(d_model: int, width: int, batch_size: int, compute_dtype: str = "float32",
-                         n_saes: int = 1, mesh: jax.sharding.Mesh | None = None):
-    """The real jitted train step on one activation stream, for benchmarks (issue 6).
-
-    ``n_saes`` SAEs (a λ sweep) read one batch; forward, loss, backward, Adam and decoder renormalisation run as in
-    training. The state buffers are donated, so always use the returned state.
-
-    Args:
-      d_model, width, batch_size: sizes d, M, B (B divisible by the mesh's data size).
-      compute_dtype: "float32" or "bfloat16" matmul inputs (float32 accumulation).
-      mesh: a ('data', 'model') mesh; default all devices on 'data'.
-
-    Returns:
-      ``(state, step_fn)`` with ``step_fn(state, x) -> state`` for x float32/bfloat16 ``[batch_size, d_model]``.
-    """
-    mesh = mesh or make_mesh()
-    lambdas = tuple(float(v) for v in np.geomspace(1e-4, 1e-2, n_saes)) if n_saes > 1 else (1e-3,)
-    grid = {"bench": Group(n_sites=1, d_model=d_model, width=width, l0_coefficients=lambdas)}
-    hp = Hyperparams(compute_dtype=compute_dtype, lr_warmup_steps=0, l0_warmup_steps=0)
-    state = init_state(jax.random.key(0), grid, hp, mesh)
-    shardings = state_shardings(abstract_state(grid, hp, mesh), mesh)
-    step_fn = jax.jit(
-        lambda s, x: train_step(s, {"bench": x[None]}, grid, hp)[0],
-        in_shardings=(shardings, NamedSharding(mesh, P("data", None))),
-        out_shardings=shardings,
-        donate_argnums=0,
-    )
-    return state, step_fn

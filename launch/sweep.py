@@ -17,6 +17,8 @@ import shlex
 import subprocess
 import sys
 
+from gemma_scope import cli
+
 TPU_SCRIPT = pathlib.Path(__file__).with_name("tpu_vm.sh")
 
 
@@ -50,7 +52,8 @@ def sweep_commands(config: str, lambdas: list[float], workdir: str, mode: str, o
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     own, overrides = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("launch/sweep.py", __doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", required=True, help="experiments/<name>.py")
     parser.add_argument("--lambdas", required=True, help="comma-separated l0_coefficient values")
     parser.add_argument("--workdir", required=True)
@@ -75,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

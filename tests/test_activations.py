@@ -80,7 +80,8 @@ def test_bad_arguments_raise_clear_errors(lm):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_written_shards_read_back_with_manifest(lm, tmp_path, dtype):
-    from gemma_scope.activations import NpyShardSource, open_shards, write_shards
+    from gemma_scope.activations import NpyShardSource
+    from gemma_scope.shards import open_shards, write_shards
 
     src = source(lm)
     dirs = write_shards(src, tmp_path, tokens=41, storage_dtype=dtype, token_source={"split": "train"})
@@ -97,7 +98,7 @@ def test_written_shards_read_back_with_manifest(lm, tmp_path, dtype):
 
 
 def test_corrupt_or_refused_shards_give_clear_errors(lm, tmp_path):
-    from gemma_scope.activations import open_shards, write_shards
+    from gemma_scope.shards import open_shards, write_shards
 
     dirs = write_shards(source(lm), tmp_path, tokens=1)
     np.save(dirs["res.0"] / "shard_00000.npy", np.zeros((3, 64), np.float32))  # truncated shard

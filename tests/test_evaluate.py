@@ -278,3 +278,23 @@ def test_grid_equals_each_sae_alone_on_tiny_gemma():
             np.testing.assert_allclose(got[key], alone[key], rtol=1e-6, err_msg=f"{site} {key}")
     assert together[0]["spliced_loss"] != together[1]["spliced_loss"]
     assert together[0]["zero_ablation_loss"] != together[2]["zero_ablation_loss"]
+
+
+def test_model_config_reaches_model_load_from_the_cli_and_the_trainer(tmp_path, monkeypatch):
+    from gemma_scope import configs, train
+
+    asked = []
+
+    def load(name, config=None):
+        asked.append((name, config))
+        raise FileNotFoundError("stop here")
+
+    monkeypatch.setattr(evaluate.model, "load", load)
+    release.write_sae(tmp_path / "release", Site("res", 4), random_sae(), average_l0=5.0)
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        evaluate.main([f"--sae={tmp_path / 'release'}", "--model=/ckpt/orbax", "--model_config=gemma2_2b"])
+    config = configs.paper_run("gemma2_2b", "res", (4,), None)
+    config.data.model, config.workdir = "/ckpt/orbax", str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        train.evaluate_run(config, sorted((tmp_path / "release").rglob("params.npz")))
+    assert asked == [("/ckpt/orbax", "gemma2_2b")] * 2

@@ -51,3 +51,22 @@ def test_bfloat16_step_follows_float32_step(mesh_shape):
         moved32, moved16 = (np.ravel(s["params"]["g"][key] - init[key]) for s in (f32, bf16))
         cosine = moved16 @ moved32 / (np.linalg.norm(moved16) * np.linalg.norm(moved32))
         assert np.linalg.norm(moved32) > 0 and cosine > 0.95, (key, cosine)
+
+
+def test_group_layout_is_site_major():
+    grp = step_lib.Group(n_sites=3, d_model=8, width=16, l0_coefficients=(1e-3, 2e-3))
+    assert [grp.sae(i) for i in range(grp.n)] == [(0, 1e-3), (0, 2e-3), (1, 1e-3), (1, 2e-3), (2, 1e-3), (2, 2e-3)]
+    assert [grp.sae(i) for i in range(6)[grp.saes_of_site(1)]] == [(1, 1e-3), (1, 2e-3)]
+    with pytest.raises(IndexError, match="outside"):
+        grp.sae(6)
+
+
+@pytest.mark.parametrize("value, width, devices, expected", [
+    ("auto", 2**14, 8, 1), ("auto", 2**16, 8, 4), ("auto", 2**17, 6, 6), ("auto", 2**16, 6, 3), ("2", 2**10, 8, 2)])
+def test_model_axis_size(value, width, devices, expected):
+    assert step_lib.model_axis_size(value, width, devices) == expected
+
+
+def test_model_axis_size_rejects_nonsense():
+    with pytest.raises(ValueError, match="mesh.model"):
+        step_lib.model_axis_size("wide", 2**14, 8)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gemma_scope import activations, release, train
+from benchmarks.sae_step import build_benchmark_step
 from gemma_scope import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -211,10 +212,11 @@ def test_benchmark_step_runs_the_real_step_on_a_sharded_mesh():
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
     results = []
     for mesh in (step_lib.make_mesh(devices=jax.devices()[:1]), step_lib.make_mesh(4, 2)):
-        state, step_fn = step_lib.build_benchmark_step(16, 64, 64, "bfloat16", n_saes=3, mesh=mesh)
+        state, step_fn = build_benchmark_step(16, 64, 64, "bfloat16", n_saes=3, mesh=mesh)
         before = np.asarray(state["params"]["bench"]["W_enc"])
         state = step_fn(step_fn(state, x), x)
         results.append(jax.device_get(state["params"]["bench"]))
         assert int(state["step"]) == 2 and not np.allclose(results[-1]["W_enc"], before)
         np.testing.assert_allclose(np.linalg.norm(results[-1]["W_dec"], axis=-1), 1.0, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
+

@@ -8,8 +8,7 @@ See `builder.py` for the source specs and what the build records; prints and sav
 
 import pathlib
 
-from absl import app, flags
-
+from gemma_scope import cli
 from gemma_scope.data import builder, store
 from gemma_scope.model.tokenizer import Tokenizer, cache_dir, embedded_tokenizer
 
@@ -20,24 +19,26 @@ def _load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.from_gguf(path) if path.endswith(".gguf") else Tokenizer.from_file(path)
 
 
-_OUT = flags.DEFINE_string("out", None, "corpus directory (default $GEMMA_SCOPE_CORPUS or ./corpus)")
-_SOURCES = flags.DEFINE_list("sources", ["default"], "packaged source names, default, all, files:PATTERN, tfds:NAME")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 0, "cap on tokens per source (whole documents); 0: no cap")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "tokenizer.model or .gguf (default: Gemma 3 270M's, embedded)")
-_HELDOUT = flags.DEFINE_float("heldout_fraction", store.DEFAULT_HELDOUT_FRACTION, "fraction of documents held out")
-_CACHE = flags.DEFINE_string("cache", None, "where fetched archives are kept (default <gemma_scope cache>/)")
-
-
-def main(argv):
-    del argv
-    out = pathlib.Path(_OUT.value) if _OUT.value else store.default_corpus_dir()
-    cache = pathlib.Path(_CACHE.value) if _CACHE.value else cache_dir()
-    manifest = builder.build_corpus(builder.resolve_sources(_SOURCES.value, cache), out,
-                                    _load_tokenizer(_TOKENIZER.value), max_tokens=_MAX_TOKENS.value,
-                                    heldout_fraction=_HELDOUT.value)
+def main(argv: list[str] | None = None) -> None:
+    """``python -m gemma_scope.data.build``: builds the corpus and prints its summary (module docstring)."""
+    parser = cli.parser("python -m gemma_scope.data.build", "Build the text corpus the SAEs train and evaluate on.")
+    parser.add_argument("--out", help="corpus directory (default $GEMMA_SCOPE_CORPUS or ./corpus)")
+    parser.add_argument("--sources", default="default",
+                        help="comma-separated packaged source names, default, all, files:PATTERN, tfds:NAME")
+    parser.add_argument("--max_tokens", type=int, default=0, help="cap on tokens per source (whole documents); 0: no cap")
+    parser.add_argument("--tokenizer", default="", help="tokenizer.model or .gguf (default: Gemma 3 270M's, embedded)")
+    parser.add_argument("--heldout_fraction", type=float, default=store.DEFAULT_HELDOUT_FRACTION,
+                        help="fraction of documents held out")
+    parser.add_argument("--cache", help="where fetched archives are kept (default <gemma_scope cache>/)")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out) if args.out else store.default_corpus_dir()
+    cache = pathlib.Path(args.cache) if args.cache else cache_dir()
+    sources = [s for s in args.sources.split(",") if s]
+    manifest = builder.build_corpus(builder.resolve_sources(sources, cache), out, _load_tokenizer(args.tokenizer),
+                                    max_tokens=args.max_tokens, heldout_fraction=args.heldout_fraction)
     print(builder.summary(manifest), end="")
     print(f"corpus written to {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,0 +1,95 @@
+"""The training metrics log: ``<workdir>/metrics.jsonl``, one record per SAE per log step, the same values as
+TensorBoard event files in ``<workdir>`` (``tensorboard --logdir <workdir>``; one run per workdir, each SAE a
+series ``<site>/lambda_<λ>/<metric>``, plus ``learning_rate`` and ``tokens_per_s``), and a tqdm bar.
+
+A record holds ``step``, ``site``, ``l0_coefficient`` (λ), ``lambda_now`` (λ after warmup), ``learning_rate``,
+``tokens``, ``tokens_per_s`` and the step's per-SAE metrics (``loss``, ``mse``, ``fvu``, ``l0``, ``dead_fraction``).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import tqdm
+from tensorboardX import SummaryWriter
+
+from gemma_scope.step import Group
+
+METRICS_FILE = "metrics.jsonl"
+# Per-SAE values of a record that become TensorBoard series (the rest are the run's or the SAE's identity).
+_RUN_SCALARS = ("learning_rate", "tokens_per_s")
+_NOT_SERIES = ("step", "site", "l0_coefficient", "tokens", *_RUN_SCALARS)
+
+
+def tensorboard_tag(site: str, l0_coefficient: float, metric: str) -> str:
+    """The TensorBoard tag of one SAE's metric: ``"res.8/lambda_0.0003/l0"``."""
+    return f"{site}/lambda_{l0_coefficient:g}/{metric}"
+
+
+def truncate(path: pathlib.Path, step: int) -> None:
+    """Drops metric records after ``step`` (written by a run that died before its next checkpoint)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+class MetricsLog:
+    """Appends metric records to ``<workdir>/metrics.jsonl`` and shows them on a progress bar (process 0 only).
+
+    Args:
+      workdir: the run's directory.
+      groups: ``{group: [site name, ...]}``, the grid's sites in stacking order.
+      grid: ``{group: step.Group}``; ``Group.sae`` says which site and λ each SAE is.
+      batch_size: global tokens per step.
+      start, steps: the first step of this process's run and the last step.
+    """
+
+    def __init__(self, workdir: pathlib.Path, groups: dict[str, list[str]], grid: dict[str, Group], batch_size: int,
+                 start: int, steps: int):
+        self._on = jax.process_index() == 0
+        self._path, self._groups, self._grid, self._batch = pathlib.Path(workdir) / METRICS_FILE, groups, grid, batch_size
+        self._writer = None
+        if self._on:
+            truncate(self._path, start)
+            # purge_step: TensorBoard drops events a dead run wrote after the checkpoint this run resumes from.
+            self._writer = SummaryWriter(logdir=str(workdir), purge_step=start or None, flush_secs=30)
+        self._bar = tqdm.tqdm(total=steps, initial=start, unit="step", disable=not self._on, dynamic_ncols=True)
+        self._last_step, self._last_time = start, time.perf_counter()
+
+    def write(self, step: int, metrics: dict) -> None:
+        """Logs the host copy of ``train_step``'s metrics after ``step`` steps."""
+        now = time.perf_counter()
+        tokens_per_s = (step - self._last_step) * self._batch / max(now - self._last_time, 1e-9)
+        self._bar.update(step - self._last_step)
+        self._last_step, self._last_time = step, now
+        if not self._on:
+            return
+        lr, scale = float(metrics["learning_rate"]), float(metrics["l0_scale"])
+        records = []
+        for g, sites in self._groups.items():
+            for i in range(self._grid[g].n):
+                site, lam = self._grid[g].sae(i)
+                records.append({"step": step, "site": sites[site], "l0_coefficient": lam,
+                                "lambda_now": lam * scale, "learning_rate": lr, "tokens": step * self._batch,
+                                "tokens_per_s": tokens_per_s,
+                                **{k: float(v[i]) for k, v in metrics[g].items()}})
+        with self._path.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        for name in _RUN_SCALARS:
+            self._writer.add_scalar(name, records[0][name], step)
+        for r in records:
+            for key, value in r.items():
+                if key not in _NOT_SERIES:
+                    self._writer.add_scalar(tensorboard_tag(r["site"], r["l0_coefficient"], key), value, step)
+        self._writer.flush()
+        first = records[0]
+        self._bar.set_postfix(loss=f"{first['loss']:.4g}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
+                              dead=f"{first['dead_fraction']:.2f}", tok_s=f"{tokens_per_s:.3g}")
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._writer is not None:
+            self._writer.close()

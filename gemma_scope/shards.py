@@ -1,0 +1,114 @@
+"""The on-disk format of activation shards (one owner): a directory per site of ``shard_<k>.npy`` files
+``[n_k, d]`` (float32 or bfloat16) and a ``manifest.json`` (model, site, dtype, d, count, token source, per-shard
+shape and sha256). ``write_shards`` writes it, ``open_shards`` reads and checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+from collections.abc import Iterable, Iterator
+
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from gemma_scope.files import atomic_path
+
+MANIFEST = "manifest.json"
+STORAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+
+
+def open_shards(path: str | os.PathLike) -> tuple[list[np.ndarray], dict | None]:
+    """Memory-maps a directory of activation shards: its ``*.npy`` files sorted by name, each ``[N_i, d]``.
+
+    Files are float32, or bfloat16 when the directory's ``manifest.json`` (written by ``write_shards``) says so
+    (NumPy stores bfloat16 as raw 2-byte records). With a manifest, each file's shape must match it.
+
+    Returns:
+      (arrays, manifest or None).
+
+    Raises:
+      FileNotFoundError: not a directory, or no ``.npy`` file in it.
+      ValueError: a file that is not a 2-D array of the expected dtype, widths that differ, or a file whose
+        shape disagrees with the manifest; the message names the file.
+    """
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is not a directory of .npy activation files")
+    files = sorted(directory.glob("*.npy"))
+    if not files:
+        raise FileNotFoundError(f"{str(path)!r} holds no .npy files; expected float32 arrays [N, d]")
+    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).is_file() else None
+    dtype = STORAGE_DTYPES[manifest["dtype"]] if manifest else STORAGE_DTYPES["float32"]
+    arrays = []
+    for f in files:
+        a = np.load(f, mmap_mode="r")
+        a = a.view(dtype) if a.dtype.kind == "V" and a.dtype.itemsize == dtype.itemsize else a
+        if a.dtype != dtype or a.ndim != 2:
+            raise ValueError(f"{f}: activations must be {dtype.name} [N, d], got {a.dtype} {list(a.shape)}")
+        if a.shape[1] != (arrays[0] if arrays else a).shape[1]:
+            raise ValueError(f"{f}: width d={a.shape[1]} differs from {files[0].name}'s d={arrays[0].shape[1]}")
+        expected = manifest["shards"].get(f.name, {}).get("shape") if manifest else None
+        if manifest and expected != list(a.shape):
+            raise ValueError(f"{f}: shape {list(a.shape)} disagrees with {directory / MANIFEST} ({expected}); "
+                             "the directory is incomplete or corrupt: regenerate it")
+        arrays.append(a)
+    return arrays, manifest
+
+
+def write_shards(source, out: str | os.PathLike, tokens: int, storage_dtype: str = "float32",
+                 token_source: dict | None = None, mesh=None) -> dict[str, pathlib.Path]:
+    """Writes at least ``tokens`` content-token activations of every site of ``source`` to disk.
+
+    ``source`` is an ``activations.ModelSource`` (anything with ``sites``, ``d_in``, ``model_name`` and
+    ``chunk(k, mesh, dtype) -> {site: [n_k, d]}``, which runs the forward passes on ``mesh`` and casts to the storage
+    dtype on the device, one device-to-host copy per site). One shard per chunk and site, written atomically
+    (temporary name, then rename), and
+    a ``manifest.json`` per site written last: model, site, dtype, d, count, ``token_source`` and each shard's
+    shape and sha256. Returns ``{site: directory}``.
+
+    Raises:
+      ValueError: ``tokens`` < 1, an unknown storage dtype, or an existing non-empty site directory.
+    """
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
+    dirs = {site: pathlib.Path(out) / site for site in source.sites}
+    for directory in dirs.values():
+        if directory.exists() and any(directory.iterdir()):
+            raise ValueError(f"{directory} is not empty; choose another --out or delete it")
+        directory.mkdir(parents=True, exist_ok=True)
+    shards = {site: {} for site in source.sites}
+    written, k = 0, 0
+    with tqdm.tqdm(total=tokens, unit="tok", desc="activations") as bar:
+        while written < tokens:
+            chunk = source.chunk(k, mesh, STORAGE_DTYPES[storage_dtype])
+            for site, data in chunk.items():
+                name = f"shard_{k:05d}.npy"
+                with atomic_path(dirs[site] / name) as tmp, open(tmp, "wb") as f:
+                    np.save(f, data)
+                shards[site][name] = {"shape": list(data.shape), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+            n = len(chunk[source.sites[0]])
+            written, k = written + n, k + 1
+            bar.update(n)
+    for site, directory in dirs.items():
+        manifest = {"model": source.model_name, "site": site, "dtype": storage_dtype, "d": source.d_in[site],
+                    "count": written, "token_source": token_source or {}, "shards": shards[site]}
+        with atomic_path(directory / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    return dirs
+
+
+def first_rows(arrays: Iterable[np.ndarray], max_tokens: int | None) -> Iterator[np.ndarray]:
+    """The first ``max_tokens`` rows of a stream of arrays (all rows when None)."""
+    left = math.inf if max_tokens is None else max_tokens
+    for array in arrays:
+        if left <= 0:
+            return
+        yield array[: int(min(left, len(array)))]
+        left -= len(array)
