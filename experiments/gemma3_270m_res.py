@@ -4,27 +4,32 @@
     python -m gemma_scope.train --config=experiments/gemma3_270m_res.py
 
 One forward pass per batch of text feeds a grid of 9 SAEs: `res` of layers 4, 8 and 12, each with a sweep of
-three λ values (so the report shows a sparsity–fidelity frontier per layer). The paper's recipe (§3), scaled to
-a 2-core CPU and ~15 minutes of training:
+three target L0s (so the report shows a sparsity–fidelity frontier per layer). The paper's recipe (§3), scaled to
+a 2-core CPU and ~15 minutes of training, with two changes to the recipe itself (issue 12, README "Recipe"):
 
 | knob | here | paper | why |
 |---|---|---|---|
 | tokens per SAE | 409,600 (1,600 × 256) | 4–16 B | the LM forward (~1k tokens/s) and the SAE step bound the time |
 | batch | 256 | 4,096 | more Adam steps for the same tokens; a short run is step-bound |
 | width | 2,048 (3.2 × d_model) | 16k–1M | a short run cannot use more latents; wider costs linearly |
-| sites | 3 layers × 3 λ | one site per run, many λ | shows the one-pass grid and the frontier |
-| λ | 1e-4, 3e-4, 1e-3 | not published | see below |
+| sites | 3 layers × 3 target L0s | one site per run, many λ | shows the one-pass grid and the frontier |
+| sparsity loss | λ·(L0/target − 1)², targets 50/100/200, λ 0.1 | λ·L0 | λ·L0 does not choose L0 under Adam (below) |
+| b_dec init | mean of the first 16 batches / C | 0 | Adam moves b_dec ≈ lr per step: it never reaches the mean |
 | context | 256 tokens | 1,024 | 4× cheaper attention and evaluation |
 | buffer visits (`data.passes`) | 2 | 1 | halves LM passes per SAE step |
 | learning rate | 5e-4, 50 warmup steps | 7e-5, 1,000 | ~1.6k steps instead of a million |
-| λ warmup | 400 steps | 10,000 | same reason |
-| evaluation | 16 × 256 held-out tokens | 2,048 × 1,024 | one spliced pass per SAE at ~200 tokens/s |
+| sparsity warmup | 400 steps | 10,000 | same reason |
+| evaluation | 64 × 256 held-out tokens (16k) | 2,048 × 1,024 | one spliced pass per SAE at ~200 tokens/s |
 
-Why λ is small: Gemma 3 270M's residual stream carries a few "massive" dimensions (the mean is ~79% of
-E||x||² at layer 8, and one dimension holds 40–88% of the variance, most of it on ~0.2% of tokens: apostrophes,
-spaces, newlines acting as attention sinks). After normalisation to E||x||² = 1 the informative directions
-hold only a few per cent of the squared norm, so λ·L0 must be of that order or the SAE only learns the massive
-dimensions (with λ = 1e-3…1e-1 we measured FVU 0.2 but delta LM loss near zero ablation).
+Why not λ·L0: Gemma 3 270M's residual stream carries a few "massive" dimensions (the mean is ~79% of E||x||² at
+layer 8, and one dimension holds 40–88% of the variance, most of it on ~0.2% of tokens: apostrophes, spaces,
+newlines acting as attention sinks). With b_dec starting at 0 the SAE spends the run chasing the mean, and λ
+hardly moved L0 (res.8: λ = 1e-4 / 3e-4 / 1e-3 gave L0 167 / 193 / 151); Adam normalises a λ·L0 push away
+(SAELens issue #719). The quadratic pull towards a target L0 (Gemma Scope 2's answer, form of dictionary_learning's
+JumpReLU trainer; ``gemma_scope.sae.sparsity_penalty``) changes sign at the target, so each SAE lands near it.
+The frequency penalty and Matryoshka loss are off here (``sae.frequency_coefficient``, ``sae.matryoshka_prefixes``;
+README "Recipe ablation" for what they do at this budget). ``--config.sae.sparsity_loss=l0
+--config.sae.b_dec_init=zero --config.sae.l0_coefficient=1e-4,3e-4,1e-3`` runs the paper's recipe.
 
 On a GPU/TPU the same file scales by config alone, e.g. ``--config.sae.width=16384 --config.train.steps=100000
 --config.data.seq_len=1024 --config.data.passes=1 --config.train.learning_rate=7e-5 --config.data.sites=res.*``.
@@ -43,7 +48,10 @@ def get_config():
     config.data.passes = 2
 
     config.sae.width = 2048
-    config.sae.l0_coefficient = (1e-4, 3e-4, 1e-3)
+    config.sae.sparsity_loss = "target_l0"
+    config.sae.target_l0 = (50.0, 100.0, 200.0)
+    config.sae.l0_coefficient = (0.1,)
+    config.sae.b_dec_init = "mean"
 
     config.train.steps = 1600
     config.train.batch_size = 256
@@ -55,7 +63,7 @@ def get_config():
     config.train.dead_window_steps = 400
     config.train.norm_batches = 16
 
-    config.eval.num_sequences = 16
+    config.eval.num_sequences = 64  # 16,384 tokens: the dead fraction and delta LM loss on >= 16k tokens
     config.eval.seq_len = 256
     config.eval.lm_batch_size = 4
     return config

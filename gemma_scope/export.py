@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemma_scope import hosts, release, sae
+from gemma_scope import configs, hosts, release, sae
 from gemma_scope.sites import Site
 from gemma_scope.step import Group
 
@@ -52,16 +52,18 @@ def write_release(config, source, mesh, grid: dict[str, Group], release_sites: d
                 jax.tree.map(lambda a: a[saes], params[g]), scales[g][s])
             l0 = np.mean([np.asarray(l0_of(folded, b[g][s])) for b in batches], axis=0)
             for j, i in enumerate(range(saes.start, saes.stop)):
-                lam = grp.sae(i)[1]
+                _, lam, target = grp.sae(i)
                 key = (site, round(float(l0[j])))
                 if key in used:
-                    print(f"warning: SAE of site {site} with l0_coefficient={lam} has the same rounded average L0 "
-                          f"({key[1]}) as another; not released (it stays in the checkpoint)", file=sys.stderr)
+                    print(f"warning: SAE of site {site} with l0_coefficient={lam}, target_l0={target} has the same "
+                          f"rounded average L0 ({key[1]}) as another; not released (it stays in the checkpoint)",
+                          file=sys.stderr)
                     continue
                 used.add(key)
                 if jax.process_index() == 0:
                     one = {k: np.asarray(v[j], np.float32) for k, v in folded.items()}
-                    meta = {"l0_coefficient": lam, "training_steps": config.train.steps,
+                    meta = {"l0_coefficient": lam, "target_l0": target, **configs.recipe_metadata(config),
+                            "training_steps": config.train.steps,
                             "training_tokens": config.train.steps * config.train.batch_size,
                             "normalisation_constant": float(scales[g][s]), "seed": config.seed}
                     written.append(release.write_sae(pathlib.Path(config.workdir) / "release", release_sites[site],

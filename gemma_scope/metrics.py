@@ -1,8 +1,10 @@
 """The training metrics log: ``<workdir>/metrics.jsonl``, one record per SAE per log step, the same values as
 TensorBoard event files in ``<workdir>`` (``tensorboard --logdir <workdir>``; one run per workdir, each SAE a
-series ``<site>/lambda_<λ>/<metric>``, plus ``learning_rate`` and ``tokens_per_s``), and a tqdm bar.
+series ``<site>/lambda_<λ>/<metric>`` or, in a target-L0 sweep, ``<site>/target_<L0>/<metric>``, plus
+``learning_rate`` and ``tokens_per_s``), and a tqdm bar.
 
-A record holds ``step``, ``site``, ``l0_coefficient`` (λ), ``lambda_now`` (λ after warmup), ``learning_rate``,
+A record holds ``step``, ``site``, ``l0_coefficient`` (λ), ``target_l0`` (None unless the sparsity loss is
+"target_l0"), ``lambda_now`` (λ after warmup), ``learning_rate``,
 ``tokens``, ``tokens_per_s`` and the step's per-SAE metrics (``loss``, ``mse``, ``fvu``, ``l0``, ``dead_fraction``).
 """
 
@@ -21,12 +23,14 @@ from gemma_scope.step import Group
 METRICS_FILE = "metrics.jsonl"
 # Per-SAE values of a record that become TensorBoard series (the rest are the run's or the SAE's identity).
 _RUN_SCALARS = ("learning_rate", "tokens_per_s")
-_NOT_SERIES = ("step", "site", "l0_coefficient", "tokens", *_RUN_SCALARS)
+_NOT_SERIES = ("step", "site", "l0_coefficient", "target_l0", "tokens", *_RUN_SCALARS)
 
 
-def tensorboard_tag(site: str, l0_coefficient: float, metric: str) -> str:
-    """The TensorBoard tag of one SAE's metric: ``"res.8/lambda_0.0003/l0"``."""
-    return f"{site}/lambda_{l0_coefficient:g}/{metric}"
+def tensorboard_tag(site: str, l0_coefficient: float, target_l0: float | None, metric: str) -> str:
+    """The TensorBoard tag of one SAE's metric: ``"res.8/lambda_0.0003/l0"``, or ``"res.8/target_100/l0"`` for an
+    SAE of a target-L0 sweep (whose λ may be shared by every target)."""
+    sweep = f"lambda_{l0_coefficient:g}" if target_l0 is None else f"target_{target_l0:g}"
+    return f"{site}/{sweep}/{metric}"
 
 
 def truncate(path: pathlib.Path, step: int) -> None:
@@ -71,8 +75,8 @@ class MetricsLog:
         records = []
         for g, sites in self._groups.items():
             for i in range(self._grid[g].n):
-                site, lam = self._grid[g].sae(i)
-                records.append({"step": step, "site": sites[site], "l0_coefficient": lam,
+                site, lam, target = self._grid[g].sae(i)
+                records.append({"step": step, "site": sites[site], "l0_coefficient": lam, "target_l0": target,
                                 "lambda_now": lam * scale, "learning_rate": lr, "tokens": step * self._batch,
                                 "tokens_per_s": tokens_per_s,
                                 **{k: float(v[i]) for k, v in metrics[g].items()}})
@@ -83,7 +87,8 @@ class MetricsLog:
         for r in records:
             for key, value in r.items():
                 if key not in _NOT_SERIES:
-                    self._writer.add_scalar(tensorboard_tag(r["site"], r["l0_coefficient"], key), value, step)
+                    self._writer.add_scalar(tensorboard_tag(r["site"], r["l0_coefficient"], r["target_l0"], key),
+                                           value, step)
         self._writer.flush()
         first = records[0]
         self._bar.set_postfix(loss=f"{first['loss']:.4g}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",

@@ -25,6 +25,9 @@ import jax.numpy as jnp
 PARAM_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 DEFAULT_BANDWIDTH = 0.001  # ε of the rectangle kernel; assumes unit mean squared norm inputs (JumpReLU paper §4).
 DEFAULT_THRESHOLD = 0.001  # initial θ (Gemma Scope §3).
+SPARSITY_LOSSES = ("l0", "target_l0")  # λ·L0 (Gemma Scope Eq. 4) | c·(L0/target − 1)² (Gemma Scope 2 style)
+B_DEC_INITS = ("zero", "mean", "geometric_median")  # zero: the paper (§3); the others as SAELens offers them
+DEFAULT_FREQUENCY_THRESHOLD = 0.1  # firing frequency above which the frequency penalty acts (our choice)
 
 
 def _rectangle(u: jax.Array) -> jax.Array:
@@ -191,7 +194,11 @@ def _dot(a: jax.Array, b: jax.Array, b_contracting: int, compute_dtype) -> jax.A
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _reconstruction_and_l0(params: dict, x: jax.Array, bandwidth: float, compute_dtype):
-    """``(mse, l0, fired)`` of ``loss``, with a hand-written backward pass.
+    """``(mse, frequencies)`` of ``loss``, with a hand-written backward pass.
+
+    ``frequencies [M]`` = ``mean_B H(z − θ)``, each latent's firing frequency on the batch through the ``step``
+    pseudo-derivative (so L0 = Σ frequencies, and per-latent penalties such as the frequency penalty get their
+    gradient here at no extra cost: the cotangent ``[M]`` rides the same kernel pass as a scalar one would).
 
     Every ``[B, M]`` array stays batch-major and every large matmul contracts a row-major axis of its left
     operand; only ``x``, the reconstruction gradient and the ``[d, M]`` decoder gradient are ever transposed.
@@ -212,14 +219,15 @@ def _reconstruction_and_l0_fwd(params, x, bandwidth, compute_dtype):
     err = x_hat - x.astype(jnp.float32)  # x̂ − x [B, d]
     mse = jnp.mean(jnp.sum(err**2, axis=1))
     counts = jnp.sum(active, axis=0, dtype=jnp.int32)  # tokens on which each latent fired
-    # The barrier keeps XLA from merging the two sums into one slow whole-array reduction.
-    l0 = jnp.sum(jax.lax.optimization_barrier(counts).astype(jnp.float32)) / x.shape[0]  # mean_B Σ_i step(z_i)
-    return (mse, l0, counts > 0), (params, x, z, f.astype(compute_dtype), err)
+    # The barrier keeps XLA from merging this sum with the caller's Σ over latents into one slow whole-array
+    # reduction.
+    frequencies = jax.lax.optimization_barrier(counts).astype(jnp.float32) / x.shape[0]  # mean_B step(z) [M]
+    return (mse, frequencies), (params, x, z, f.astype(compute_dtype), err)
 
 
 def _reconstruction_and_l0_bwd(bandwidth, compute_dtype, res, cotangents):
     """With ``g = ∂/∂x̂ = 2·g_mse·(x̂ − x)/B``: ``∂W_dec = fᵀ g``, ``∂f = g W_decᵀ``, ``∂z = H(z − θ)·∂f`` and
-    ``∂θ = Σ_B K((z − θ)/ε)·(−(θ/ε)·∂f − (1/ε)·g_l0/B)`` (the ``jumprelu`` and ``step`` pseudo-derivatives,
+    ``∂θ = Σ_B K((z − θ)/ε)·(−(θ/ε)·∂f − (1/ε)·g_freq/B)`` (the ``jumprelu`` and ``step`` pseudo-derivatives,
     JumpReLU paper Eq. 11–12, summed in one pass), ``∂W_enc = (x − b_dec)ᵀ ∂z``, ``∂b_enc = Σ_B ∂z``,
     ``∂b_dec = Σ_B g − W_enc ∂b_enc``.
 
@@ -227,14 +235,14 @@ def _reconstruction_and_l0_bwd(bandwidth, compute_dtype, res, cotangents):
     intermediate of a fusion in memory of its own (≈ 2 GiB more at d=640, M=16384, B=4096).
     """
     params, x, z, f, err = res
-    g_mse, g_l0, _ = cotangents
+    g_mse, g_freq = cotangents  # g_freq [M]: one cotangent per latent's frequency
     batch = x.shape[0]
     threshold = params["threshold"]
     g = (2.0 / batch) * g_mse * err  # [B, d]
     d_f = _dot(g, params["W_dec"], 1, compute_dtype)  # [B, M]
     d_z = jnp.where(z > threshold, d_f, 0.0)
     kernel = _rectangle((z - threshold) / bandwidth)
-    d_theta = jnp.sum(kernel * (threshold * d_f + g_l0 / batch), axis=0) * (-1.0 / bandwidth)
+    d_theta = jnp.sum(kernel * (threshold * d_f + g_freq / batch), axis=0) * (-1.0 / bandwidth)
     # ∂b_enc = Σ_B ∂z rides the ∂W_enc matmul as a row of ones under xᵀ: one pass over ∂z instead of two.
     x_ones = jnp.concatenate([x, jnp.ones((batch, 1), x.dtype)], axis=1)
     enc_grads = _dot(_transposed(x_ones, compute_dtype), d_z, 0, compute_dtype)  # [d + 1, M]
@@ -257,18 +265,115 @@ def _reconstruction_and_l0_bwd(bandwidth, compute_dtype, res, cotangents):
 _reconstruction_and_l0.defvjp(_reconstruction_and_l0_fwd, _reconstruction_and_l0_bwd)
 
 
+def sparsity_penalty(
+    frequencies: jax.Array,
+    l0_coefficient: jax.Array | float,
+    sparsity_loss: str = "l0",
+    target_l0: jax.Array | float = 1.0,
+    frequency_coefficient: jax.Array | float = 0.0,
+    frequency_threshold: float = DEFAULT_FREQUENCY_THRESHOLD,
+) -> tuple[jax.Array, jax.Array]:
+    """The sparsity terms of the loss from the latents' firing frequencies; returns ``(penalty, l0)``.
+
+    With ``p_i = mean_B H(z_i − θ_i)`` (``frequencies``) and ``L0 = Σ_i p_i``:
+
+    - ``"l0"``: ``λ · L0`` (Gemma Scope Eq. 4).
+    - ``"target_l0"``: ``λ · (L0 / target_l0 − 1)²``, the form of dictionary_learning's ``JumpReluTrainer``
+      (saprmarks/dictionary_learning, ``trainers/jumprelu.py``: ``sparsity_coefficient · (l0 / target_l0 − 1)²``
+      on the batch-mean L0). Gemma Scope 2 announces "a quadratic L0 penalty" towards a target L0 but its exact
+      form is in a report we could not read; SAELens's JumpReLU "quadratic" mode was not in the sources we could
+      read either, so this is the best-sourced public form. The gradient changes sign at the target, so Adam's
+      normalisation (which makes λ·L0 a near-constant push, SAELens issue #719) cannot wash it out. One deviation
+      from dictionary_learning: its step is taken on the JumpReLU output, ours on the pre-activations z (as the
+      JumpReLU paper and Gemma Scope Eq. 4 do).
+    - plus, if ``frequency_coefficient > 0``, the frequency penalty ``c_f · Σ_i max(0, p_i − p_max)`` against
+      high-frequency latents (Gemma Scope 2 announces a frequency penalty without its form; this linear hinge is
+      OUR choice: a latent firing on more than ``p_max`` of the tokens gets an extra L0 penalty of ``c_f`` on its
+      own threshold, latents below ``p_max`` are untouched, so the penalty does not fight the L0 target).
+
+    Gradients reach θ through the ``step`` pseudo-derivative of each ``p_i`` (JumpReLU paper Eq. 12).
+
+    Args:
+      frequencies: float32 ``[M]``, fraction of the batch's tokens on which each latent fired.
+      l0_coefficient: λ ≥ 0 (may be traced: the warmup scales it).
+      sparsity_loss: one of ``SPARSITY_LOSSES`` (static).
+      target_l0: target mean L0 > 0 (``"target_l0"`` only; may be traced).
+      frequency_coefficient: c_f ≥ 0 (may be traced).
+      frequency_threshold: p_max in (0, 1].
+
+    Raises:
+      ValueError: an unknown ``sparsity_loss``.
+    """
+    l0 = jnp.sum(frequencies)
+    if sparsity_loss == "l0":
+        penalty = l0_coefficient * l0
+    elif sparsity_loss == "target_l0":
+        penalty = l0_coefficient * (l0 / target_l0 - 1.0) ** 2
+    else:
+        raise ValueError(f"sparsity_loss must be one of {SPARSITY_LOSSES}, got {sparsity_loss!r}")
+    penalty = penalty + frequency_coefficient * jnp.sum(jax.nn.relu(frequencies - frequency_threshold))
+    return penalty, l0
+
+
+def matryoshka_bounds(prefixes: tuple[int, ...], width: int) -> tuple[int, ...]:
+    """The Matryoshka prefix sizes, strictly increasing and ending at ``width`` (appended if missing).
+
+    Raises:
+      ValueError: sizes not strictly increasing integers in ``[1, width]``.
+    """
+    prefixes = tuple(prefixes)
+    if (not all(isinstance(m, int) and 0 < m <= width for m in prefixes)
+            or any(a >= b for a, b in zip(prefixes, prefixes[1:]))):
+        raise ValueError(f"matryoshka_prefixes must be strictly increasing integers in [1, width={width}], "
+                         f"got {prefixes}")
+    return prefixes if prefixes and prefixes[-1] == width else (*prefixes, width)
+
+
+def _matryoshka_reconstruction(params: dict, x: jax.Array, bounds: tuple[int, ...], bandwidth: float,
+                               compute_dtype) -> tuple[jax.Array, jax.Array]:
+    """``(mse [len(bounds)], frequencies [M])``: the squared error of each nested prefix's reconstruction
+    ``x̂_m = f[:, :m] @ W_dec[:m] + b_dec`` and the latents' firing frequencies.
+
+    Plain autodiff through ``jumprelu`` and ``step`` (not the hand-written backward pass of the plain loss); the
+    prefixes are decoded cumulatively, so the decoder matmuls cost one full decode.
+    """
+    z = pre_activations_train(params, x, compute_dtype)
+    f = jumprelu(z, params["threshold"], bandwidth)
+    frequencies = jnp.mean(step(z, params["threshold"], bandwidth), axis=0)
+    x32 = x.astype(jnp.float32)
+    x_hat, start, mses = params["b_dec"], 0, []
+    for end in bounds:
+        x_hat = x_hat + _matmul(f[:, start:end], params["W_dec"][start:end], compute_dtype)
+        mses.append(jnp.mean(jnp.sum((x32 - x_hat) ** 2, axis=-1)))
+        start = end
+    return jnp.stack(mses), frequencies
+
+
 def loss(
     params: dict,
     x: jax.Array,
     l0_coefficient: jax.Array | float,
     bandwidth: float = DEFAULT_BANDWIDTH,
     compute_dtype=jnp.float32,
+    *,
+    sparsity_loss: str = "l0",
+    target_l0: jax.Array | float = 1.0,
+    frequency_coefficient: jax.Array | float = 0.0,
+    frequency_threshold: float = DEFAULT_FREQUENCY_THRESHOLD,
+    matryoshka_prefixes: tuple[int, ...] = (),
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Gemma Scope loss (Eq. 4): ``mean_batch ||x − x̂||² + λ · mean_batch Σ_i H(z_i − θ_i)``.
+    """Gemma Scope loss (Eq. 4) ``mean_batch ||x − x̂||² + λ · mean_batch Σ_i H(z_i − θ_i)``, or a Gemma Scope 2
+    style recipe: another sparsity term, a frequency penalty (``sparsity_penalty``), a Matryoshka reconstruction.
 
     The L0 term is taken on the pre-activations z through ``step`` (trains θ only); the reconstruction goes
-    through ``jumprelu``. The backward pass is written by hand (same gradients, every large matmul in the
-    layout XLA's CPU backend runs fastest; see ``_reconstruction_and_l0``).
+    through ``jumprelu``. Without Matryoshka the backward pass is written by hand (same gradients, every large
+    matmul in the layout XLA's CPU backend runs fastest; see ``_reconstruction_and_l0``).
+
+    Matryoshka (Bussmann et al. 2025, arXiv 2503.17547, Eq. 2): with ``matryoshka_prefixes = (m_1, ..., m_k)``
+    (``matryoshka_bounds`` appends the full width) the reconstruction term is the MEAN over prefixes of
+    ``||x − (f[:m] @ W_dec[:m] + b_dec)||²``, so the first latents must reconstruct on their own. The paper sums
+    over prefixes; the mean (our choice) keeps the reconstruction on the scale of the plain loss, so the same
+    sparsity coefficients apply with and without it. No auxiliary loss (the paper's is for BatchTopK).
 
     Args:
       params: single-SAE params (training convention).
@@ -276,17 +381,45 @@ def loss(
       l0_coefficient: λ ≥ 0, scalar (may be traced).
       bandwidth: ε (static).
       compute_dtype: matmul input dtype.
+      sparsity_loss, target_l0, frequency_coefficient, frequency_threshold: see ``sparsity_penalty``.
+      matryoshka_prefixes: nested prefix sizes (static); empty: the plain reconstruction.
 
     Returns:
-      ``(loss, aux)``: scalar float32 loss; aux float32 scalars ``mse`` (mean squared error summed over d),
-      ``fvu`` (squared error / squared distance to the batch mean), ``l0`` (mean active latents), and
-      ``fired`` bool ``[M]`` (latent active on some token of the batch).
+      ``(loss, aux)``: scalar float32 loss; aux float32 scalars ``mse`` (mean squared error of the full
+      dictionary, summed over d), ``fvu`` (squared error / squared distance to the batch mean), ``l0`` (mean active
+      latents), and ``fired`` bool ``[M]`` (latent active on some token of the batch).
+
+    Raises:
+      ValueError: an unknown ``sparsity_loss`` or bad ``matryoshka_prefixes``.
     """
-    mse, l0, fired = _reconstruction_and_l0(params, x, bandwidth, compute_dtype)
-    total = mse + l0_coefficient * l0
+    if matryoshka_prefixes:
+        bounds = matryoshka_bounds(matryoshka_prefixes, params["W_dec"].shape[0])
+        mses, frequencies = _matryoshka_reconstruction(params, x, bounds, bandwidth, compute_dtype)
+        reconstruction, mse = jnp.mean(mses), mses[-1]
+    else:
+        mse, frequencies = _reconstruction_and_l0(params, x, bandwidth, compute_dtype)
+        reconstruction = mse
+    penalty, l0 = sparsity_penalty(frequencies, l0_coefficient, sparsity_loss, target_l0, frequency_coefficient,
+                                   frequency_threshold)
     x = x.astype(jnp.float32)
     variance = jnp.mean(jnp.sum((x - x.mean(axis=0)) ** 2, axis=-1))
-    return total, {"mse": mse, "fvu": mse / variance, "l0": l0, "fired": fired}
+    return reconstruction + penalty, {"mse": mse, "fvu": mse / variance, "l0": l0, "fired": frequencies > 0}
+
+
+def geometric_median(points: jax.Array, iterations: int = 100, eps: float = 1e-6) -> jax.Array:
+    """The geometric median ``argmin_m Σ_i ||x_i − m||`` of ``points [N, d]``, float32 ``[d]``.
+
+    Weiszfeld's algorithm (Weiszfeld 1937; as SAELens computes it for its ``b_dec_init_method="geometric_median"``):
+    ``m ← Σ_i w_i x_i / Σ_i w_i`` with ``w_i = 1 / max(||x_i − m||, eps)``, starting from the mean; a fixed number
+    of iterations (deterministic, jit-friendly) instead of SAELens's tolerance test.
+    """
+    points = jnp.asarray(points, jnp.float32)
+
+    def update(_, m):
+        w = 1.0 / jnp.maximum(jnp.linalg.norm(points - m, axis=-1), eps)
+        return (w @ points) / jnp.sum(w)
+
+    return jax.lax.fori_loop(0, iterations, update, jnp.mean(points, axis=0))
 
 
 def remove_parallel_component(w_dec: jax.Array, grad: jax.Array) -> jax.Array:

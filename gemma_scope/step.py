@@ -1,7 +1,7 @@
 """The jitted train step of a grid of JumpReLU SAEs, sharded on a ('data', 'model') mesh (Gemma Scope §3, §3.3).
 
 A grid is a dict of groups; a group is ``n_sites`` sites of equal width d (e.g. ``res`` of every layer) times the
-λ values of a sweep. Its params are stacked ``[n, ...]`` with ``n = n_sites * n_lambdas``, site-major
+λ values (or target L0s) of a sweep. Its params are stacked ``[n, ...]`` with ``n = n_sites * n_lambdas``, site-major
 (SAE ``i`` reads site ``i // n_lambdas`` and uses λ ``l0_coefficients[i % n_lambdas]``). One activation batch per
 step, ``{group: float32/bfloat16 [n_sites, B, d]}``, feeds every SAE of its group.
 
@@ -42,19 +42,22 @@ _PARAM_SPECS = {
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """SAEs sharing one input width: ``n_sites`` sites × ``len(l0_coefficients)`` λ values, all ``width`` wide."""
+    """SAEs sharing one input width: ``n_sites`` sites × a sweep of ``len(l0_coefficients)`` SAEs, all ``width``
+    wide. Sweep entry ``j`` uses λ ``l0_coefficients[j]`` and, with ``sparsity_loss="target_l0"``, the target L0
+    ``target_l0s[j]`` (``target_l0s`` is then as long as ``l0_coefficients``; empty otherwise)."""
 
     n_sites: int
     d_model: int
     width: int
     l0_coefficients: tuple[float, ...]
+    target_l0s: tuple[float, ...] = ()
 
     @property
     def n(self) -> int:
         return self.n_sites * len(self.l0_coefficients)
 
-    def sae(self, i: int) -> tuple[int, float]:
-        """``(site index, λ)`` of SAE ``i`` of the stacked params (site-major: module docstring).
+    def sae(self, i: int) -> tuple[int, float, float | None]:
+        """``(site index, λ, target L0 or None)`` of SAE ``i`` of the stacked params (site-major: module docstring).
 
         Raises:
           IndexError: i outside ``[0, n)``.
@@ -62,7 +65,7 @@ class Group:
         if not 0 <= i < self.n:
             raise IndexError(f"SAE index {i} outside the group's {self.n} SAEs")
         site, j = divmod(i, len(self.l0_coefficients))
-        return site, self.l0_coefficients[j]
+        return site, self.l0_coefficients[j], self.target_l0s[j] if self.target_l0s else None
 
     def saes_of_site(self, site: int) -> slice:
         """The stacked-param indices of site ``site``'s SAEs, its λ sweep in ``l0_coefficients`` order."""
@@ -84,6 +87,12 @@ class Hyperparams:
     threshold_init: float = sae.DEFAULT_THRESHOLD
     compute_dtype: str = "float32"
     dead_window_steps: int = 1_000  # a latent is dead if it fired on no token in this many steps
+    # The sparsity recipe (``sae.loss``): "l0" is Gemma Scope's λ·L0, "target_l0" the quadratic pull towards each
+    # SAE's target L0; the frequency penalty and the Matryoshka prefixes are off by default.
+    sparsity_loss: str = "l0"
+    frequency_coefficient: float = 0.0
+    frequency_threshold: float = sae.DEFAULT_FREQUENCY_THRESHOLD
+    matryoshka_prefixes: tuple[int, ...] = ()
 
 
 def learning_rate_schedule(hp: Hyperparams):
@@ -97,7 +106,8 @@ def learning_rate_schedule(hp: Hyperparams):
 
 
 def l0_scale(step, hp: Hyperparams):
-    """λ(step) / λ: linear warmup from 0 to 1 over ``l0_warmup_steps`` (Gemma Scope §3)."""
+    """λ(step) / λ: linear warmup from 0 to 1 over ``l0_warmup_steps`` (Gemma Scope §3); it scales every
+    sparsity coefficient (λ of either sparsity loss and the frequency penalty's)."""
     if hp.l0_warmup_steps <= 0:
         return jnp.asarray(1.0, jnp.float32)
     return jnp.minimum(step.astype(jnp.float32) / hp.l0_warmup_steps, 1.0)
@@ -228,14 +238,22 @@ def abstract_state(grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.M
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _group_loss(params: dict, x: jax.Array, l0_coefficients: jax.Array, grp: Group, hp: Hyperparams):
-    """Sum of the group's SAE losses and their per-SAE aux; params ``[n, ...]``, x ``[n_sites, B, d]``."""
+def _group_loss(params: dict, x: jax.Array, sparsity_scale: jax.Array, grp: Group, hp: Hyperparams):
+    """Sum of the group's SAE losses and their per-SAE aux; params ``[n, ...]``, x ``[n_sites, B, d]``;
+    ``sparsity_scale`` the warmup factor of every sparsity coefficient (``l0_scale``)."""
     n_l = len(grp.l0_coefficients)
     by_site = jax.tree.map(lambda a: a.reshape(grp.n_sites, n_l, *a.shape[1:]), params)
-    one = lambda p, xs, lam: sae.loss(p, xs, lam, hp.bandwidth, jnp.dtype(hp.compute_dtype))  # noqa: E731
-    # Inner vmap: the λ sweep shares its site's batch; outer vmap: one batch per site.
-    losses, aux = jax.vmap(jax.vmap(one, in_axes=(0, None, 0)), in_axes=(0, 0, 0))(
-        by_site, x, l0_coefficients.reshape(grp.n_sites, n_l))
+    lambdas = sparsity_scale * jnp.asarray(grp.l0_coefficients, jnp.float32)
+    targets = jnp.asarray(grp.target_l0s or (1.0,) * n_l, jnp.float32)
+
+    def one(p, xs, lam, target):
+        return sae.loss(p, xs, lam, hp.bandwidth, jnp.dtype(hp.compute_dtype), sparsity_loss=hp.sparsity_loss,
+                        target_l0=target, frequency_coefficient=sparsity_scale * hp.frequency_coefficient,
+                        frequency_threshold=hp.frequency_threshold, matryoshka_prefixes=hp.matryoshka_prefixes)
+
+    # Inner vmap: the sweep shares its site's batch; outer vmap: one batch per site.
+    losses, aux = jax.vmap(jax.vmap(one, in_axes=(0, None, 0, 0)), in_axes=(0, 0, None, None))(
+        by_site, x, lambdas, targets)
     flat = lambda a: a.reshape(grp.n, *a.shape[2:])  # noqa: E731
     return losses.sum(), (flat(losses), jax.tree.map(flat, aux))
 
@@ -243,7 +261,7 @@ def _group_loss(params: dict, x: jax.Array, l0_coefficients: jax.Array, grp: Gro
 def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group], hp: Hyperparams):
     """One Gemma Scope training step for every SAE of the grid (§3); pure, jit it (see ``make_train_step``).
 
-    Forward, loss (Eq. 4 with λ warmup), backward through the JumpReLU/step pseudo-derivatives, removal of the
+    Forward, loss (Eq. 4 with λ warmup, or the recipe ``hp.sparsity_loss`` etc. select: ``sae.loss``), backward through the JumpReLU/step pseudo-derivatives, removal of the
     decoder gradient's parallel component, Adam, unit-norm decoder rows, θ clamped at ≥ 0 (JumpReLU needs θ ≥ 0;
     the release convention applies relu).
 
@@ -261,9 +279,7 @@ def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group],
     batch = {g: batch[g].astype(jnp.float32) / state["norm_scale"][g][:, None, None] for g in grid}
 
     def total_loss(params):
-        out = {g: _group_loss(params[g], batch[g],
-                              scale * jnp.asarray(grp.l0_coefficients * grp.n_sites, jnp.float32), grp, hp)
-               for g, grp in grid.items()}
+        out = {g: _group_loss(params[g], batch[g], scale, grp, hp) for g, grp in grid.items()}
         return sum(v[0] for v in out.values()), {g: v[1] for g, v in out.items()}
 
     grads, per_group = jax.grad(total_loss, has_aux=True)(state["params"])

@@ -16,6 +16,7 @@ import pathlib
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -72,7 +73,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
       ValueError: a bad config or bad activations (the message names the field / batch).
       NonFiniteError: a NaN/Inf loss, naming the step; the last good checkpoint is kept.
     """
-    lambdas = validate_config(config)
+    lambdas, targets = validate_config(config)
     if config.mesh.distributed and not jax.distributed.is_initialized():
         jax.distributed.initialize()  # a launcher may have initialised it with an explicit coordinator
     hp = hyperparams(config)
@@ -82,7 +83,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         source = activations.make_source(config.data, config.seed)
     release_sites = {name: _site_of(name) for name in source.sites}  # fail early on a bad data.site
     groups = source.groups
-    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, lambdas)
+    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, lambdas, targets)
             for g, sites in groups.items()}
     batch_size, steps = config.train.batch_size, config.train.steps
     mesh = _make_mesh(config, batch_size)
@@ -96,8 +97,13 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
             raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} does not match this config (changed "
                              f"sae.width, sites or number of l0_coefficient values?); use a fresh workdir: {e}") from e
     else:
-        scales = feed.normalisation_constants(source, mesh, batch_size, config.train.norm_batches)
+        scales, b_dec = feed.normalisation_constants(source, mesh, batch_size, config.train.norm_batches,
+                                                     config.sae.b_dec_init)
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
+        if config.sae.b_dec_init != "zero":  # site-major like the stacked params (step.Group.sae)
+            state["params"] = {g: dict(p, b_dec=jax.device_put(np.repeat(b_dec[g], len(lambdas), axis=0),
+                                                               p["b_dec"].sharding))
+                               for g, p in state["params"].items()}
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 

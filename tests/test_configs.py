@@ -44,6 +44,27 @@ def test_paper_runs_follow_the_recipe():
         assert (t.learning_rate, t.lr_warmup_steps, t.l0_warmup_steps, t.adam_b1, t.adam_b2, t.batch_size) == \
             (7e-5, 1000, 10000, 0.0, 0.999, 4096)
         assert (config.sae.bandwidth, config.sae.threshold_init, config.data.seq_len) == (0.001, 0.001, 1024)
+        assert (config.sae.sparsity_loss, config.sae.b_dec_init) == ("l0", "zero")  # the paper's sparsity and init
+
+
+def test_ablation_rows_share_the_default_budget_and_change_one_thing_each():
+    spec = importlib.util.spec_from_file_location("ablation", EXPERIMENTS_DIR / "ablation/config.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    default = load(EXPERIMENTS_DIR / "gemma3_270m_res.py")
+    recipe_keys = ("b_dec_init", "sparsity_loss", "frequency_coefficient", "matryoshka_prefixes")
+    previous = None
+    for row in ablation.ROWS:
+        config = ablation.get_config(f"row={row},site=res.8")
+        configs.validate_config(config)
+        assert config.train.to_dict() == default.train.to_dict() and config.seed == default.seed
+        assert config.sae.width == default.sae.width and config.data.site == "res.8"
+        recipe = tuple(config.sae[k] for k in recipe_keys)
+        if previous is not None:
+            assert sum(a != b for a, b in zip(recipe, previous)) == 1, row  # cumulative: one change per row
+        previous = recipe
+    with pytest.raises(ValueError, match="row must be one of"):
+        ablation.get_config("row=topk")
 
 
 def test_paper_run_arguments():

@@ -32,8 +32,8 @@ def test_event_files_equal_the_jsonl_records(tmp_path, make_npy_dir):
     assert [r["step"] for r in records] == [2, 2, 4, 4]
     for r in records:
         for key in per_sae:
-            (event,) = [e for e in events.Scalars(metrics.tensorboard_tag(r["site"], r["l0_coefficient"], key))
-                        if e.step == r["step"]]
+            tag = metrics.tensorboard_tag(r["site"], r["l0_coefficient"], r["target_l0"], key)
+            (event,) = [e for e in events.Scalars(tag) if e.step == r["step"]]
             assert event.value == pytest.approx(r[key], rel=1e-6, abs=1e-12)
         (lr,) = [e for e in events.Scalars("learning_rate") if e.step == r["step"]]
         assert lr.value == pytest.approx(r["learning_rate"], rel=1e-6)

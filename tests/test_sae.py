@@ -171,3 +171,113 @@ def test_loss_gradients_equal_autodiff_of_the_pieces(compute_dtype, rtol):
     x_grad = jax.grad(lambda x_: sae.loss(params, x_, 0.02, EPS)[0])(x)
     np.testing.assert_allclose(x_grad, jax.grad(lambda x_: _autodiff_loss(params, x_, 0.02, jnp.float32))(x),
                                rtol=1e-5, atol=1e-7)
+
+
+def _recipe_setup(seed=11, d=12, m=48, batch=256):
+    """Params with θ near many pre-activations (the step kernel is exercised) and normalised-ish inputs."""
+    rng = np.random.default_rng(seed)
+    params = dict(sae.init_params(jax.random.key(seed), d, m),
+                  b_enc=jnp.asarray(rng.normal(size=m) * 0.05, jnp.float32),
+                  b_dec=jnp.asarray(rng.normal(size=d) * 0.1, jnp.float32),
+                  threshold=jnp.asarray(rng.uniform(0.0, 0.03, size=m), jnp.float32))
+    x = jnp.asarray(rng.normal(size=(batch, d)) / np.sqrt(d), jnp.float32)
+    z = np.asarray(sae.pre_activations_train(params, x))
+    theta = np.asarray(params["threshold"])
+    kernel_sum = (np.abs((z - theta) / EPS) < 0.5).sum(axis=0)  # Σ_B K((z − θ)/ε) per latent
+    assert (kernel_sum > 0).sum() >= 5  # the θ kernel is exercised on several latents
+    return params, x, z, theta, kernel_sum
+
+
+def _penalty_gradient(params, x, **recipe):
+    """∂(loss with the recipe) − ∂(reconstruction alone): the gradient of the sparsity terms only."""
+    with_penalty = jax.grad(lambda p: sae.loss(p, x, recipe.pop("lam", 0.0), EPS, **recipe)[0])(params)
+    without = jax.grad(lambda p: sae.loss(p, x, 0.0, EPS)[0])(params)
+    return {k: np.asarray(with_penalty[k]) - np.asarray(without[k]) for k in sae.PARAM_KEYS}
+
+
+def test_target_l0_penalty_gradient_is_its_formula():
+    """λ·(L0/T − 1)²: ∂θ_i = λ·2(L0/T − 1)/T · (1/B)·Σ_B (−1/ε)·K((z_i − θ_i)/ε); no other parameter moves."""
+    params, x, z, theta, kernel_sum = _recipe_setup()
+    lam, target = 0.3, 7.0
+    l0 = (z > theta).sum(axis=1).mean()
+    loss, aux = sae.loss(params, x, lam, EPS, sparsity_loss="target_l0", target_l0=target)
+    plain, _ = sae.loss(params, x, 0.0, EPS)
+    np.testing.assert_allclose(aux["l0"], l0, rtol=1e-6)
+    np.testing.assert_allclose(loss - plain, lam * (l0 / target - 1) ** 2, rtol=1e-5)
+    grad = _penalty_gradient(params, x, lam=lam, sparsity_loss="target_l0", target_l0=target)
+    expected = lam * 2 * (l0 / target - 1) / target * (-1 / EPS) * kernel_sum / x.shape[0]
+    np.testing.assert_allclose(grad["threshold"], expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
+    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        np.testing.assert_allclose(grad[key], 0.0, atol=1e-6, err_msg=key)
+
+
+def test_frequency_penalty_gradient_acts_only_on_frequent_latents():
+    """c_f·Σ_i max(0, p_i − p_max): ∂θ_i = c_f·1[p_i > p_max]·(1/B)·Σ_B (−1/ε)·K((z_i − θ_i)/ε)."""
+    params, x, z, theta, kernel_sum = _recipe_setup(seed=12)
+    frequencies = (z > theta).mean(axis=0)
+    p_max = float(np.median(frequencies))
+    above = frequencies > p_max
+    assert (above & (kernel_sum > 0)).any() and (~above & (kernel_sum > 0)).any()  # both kinds of latent
+    c_f = 0.5
+    loss, _ = sae.loss(params, x, 0.0, EPS, frequency_coefficient=c_f, frequency_threshold=p_max)
+    plain, _ = sae.loss(params, x, 0.0, EPS)
+    np.testing.assert_allclose(loss - plain, c_f * np.sum(np.maximum(frequencies - p_max, 0)), rtol=1e-4)
+    grad = _penalty_gradient(params, x, frequency_coefficient=c_f, frequency_threshold=p_max)
+    expected = c_f * above * (-1 / EPS) * kernel_sum / x.shape[0]
+    np.testing.assert_allclose(grad["threshold"], expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
+    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        np.testing.assert_allclose(grad[key], 0.0, atol=1e-6, err_msg=key)
+
+
+def test_matryoshka_loss_and_decoder_gradient_are_the_formula():
+    """Mean over prefixes m of ||x − f[:m] W_dec[:m] − b_dec||²; ∂W_dec row i = mean over prefixes containing i."""
+    params, x, z, theta, _ = _recipe_setup(seed=13, m=48)
+    prefixes = (8, 20)
+    bounds = sae.matryoshka_bounds(prefixes, 48)
+    assert bounds == (8, 20, 48)
+    f = z * (z > theta)
+    w_dec, b_dec, xs = np.asarray(params["W_dec"]), np.asarray(params["b_dec"]), np.asarray(x)
+    errors = [f[:, :m] @ w_dec[:m] + b_dec - xs for m in bounds]
+    loss, aux = sae.loss(params, x, 0.0, EPS, matryoshka_prefixes=prefixes)
+    np.testing.assert_allclose(loss, np.mean([np.mean(np.sum(e**2, axis=1)) for e in errors]), rtol=1e-5)
+    np.testing.assert_allclose(aux["mse"], np.mean(np.sum(errors[-1] ** 2, axis=1)), rtol=1e-5)  # full dictionary
+    grad = jax.grad(lambda p: sae.loss(p, x, 0.0, EPS, matryoshka_prefixes=prefixes)[0])(params)["W_dec"]
+    expected = np.zeros_like(w_dec)
+    for m, e in zip(bounds, errors):
+        expected[:m] += 2 * f[:, :m].T @ e / x.shape[0] / len(bounds)
+    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_hand_written_backward_equals_autodiff_with_the_whole_recipe():
+    """The fast path (custom VJP, frequencies [M] and their cotangent) against the autodiff path (Matryoshka with
+    the full width as its only prefix) under target L0 + frequency penalty: same loss and gradients."""
+    params, x, *_ = _recipe_setup(seed=14)
+    recipe = dict(sparsity_loss="target_l0", target_l0=5.0, frequency_coefficient=0.2, frequency_threshold=0.05)
+    fast = jax.value_and_grad(lambda p: sae.loss(p, x, 0.1, EPS, **recipe)[0])(params)
+    slow = jax.value_and_grad(lambda p: sae.loss(p, x, 0.1, EPS, matryoshka_prefixes=(48,), **recipe)[0])(params)
+    np.testing.assert_allclose(fast[0], slow[0], rtol=1e-6)
+    for key in sae.PARAM_KEYS:
+        scale = np.abs(np.asarray(slow[1][key])).max()
+        np.testing.assert_allclose(fast[1][key], slow[1][key], rtol=0, atol=1e-5 * scale, err_msg=key)
+
+
+def test_bad_recipe_arguments_are_named():
+    params, x, *_ = _recipe_setup(seed=15)
+    with pytest.raises(ValueError, match="sparsity_loss must be one of"):
+        sae.loss(params, x, 0.1, EPS, sparsity_loss="l1")
+    for prefixes in ((20, 8), (0, 8), (8, 64)):
+        with pytest.raises(ValueError, match="strictly increasing integers in"):
+            sae.loss(params, x, 0.1, EPS, matryoshka_prefixes=prefixes)
+
+
+def test_geometric_median_is_the_minimiser_and_resists_outliers():
+    rng = np.random.default_rng(16)
+    points = rng.normal(size=(500, 6)).astype(np.float32) + 3.0
+    points[:40] += 400.0  # 8% far outliers drag the mean, not the median
+    median = np.asarray(sae.geometric_median(jnp.asarray(points)))
+    unit = (points - median) / np.linalg.norm(points - median, axis=1, keepdims=True)
+    assert np.linalg.norm(unit.sum(axis=0)) < 1e-2 * len(points)  # ∇ Σ_i ||x_i − m|| = 0 at the minimiser
+    objective = lambda m: np.linalg.norm(points - m, axis=1).sum()  # noqa: E731
+    for step in (np.eye(6) * 0.05):
+        assert objective(median) <= min(objective(median + step), objective(median - step))
+    assert np.abs(median - 3.0).max() < 0.3 and np.abs(points.mean(axis=0) - 3.0).min() > 30

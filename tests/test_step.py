@@ -55,10 +55,13 @@ def test_bfloat16_step_follows_float32_step(mesh_shape):
 
 def test_group_layout_is_site_major():
     grp = step_lib.Group(n_sites=3, d_model=8, width=16, l0_coefficients=(1e-3, 2e-3))
-    assert [grp.sae(i) for i in range(grp.n)] == [(0, 1e-3), (0, 2e-3), (1, 1e-3), (1, 2e-3), (2, 1e-3), (2, 2e-3)]
-    assert [grp.sae(i) for i in range(6)[grp.saes_of_site(1)]] == [(1, 1e-3), (1, 2e-3)]
+    assert [grp.sae(i) for i in range(grp.n)] == [(s, lam, None) for s in range(3) for lam in (1e-3, 2e-3)]
+    assert [grp.sae(i) for i in range(6)[grp.saes_of_site(1)]] == [(1, 1e-3, None), (1, 2e-3, None)]
     with pytest.raises(IndexError, match="outside"):
         grp.sae(6)
+    targets = step_lib.Group(n_sites=2, d_model=8, width=16, l0_coefficients=(0.1, 0.1), target_l0s=(50.0, 100.0))
+    assert [targets.sae(i) for i in range(targets.n)] == [(0, 0.1, 50.0), (0, 0.1, 100.0), (1, 0.1, 50.0),
+                                                          (1, 0.1, 100.0)]
 
 
 @pytest.mark.parametrize("value, width, devices, expected", [

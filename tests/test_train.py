@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_scope import activations, release, train
 from benchmarks.sae_step import build_benchmark_step
+from gemma_scope import activations, configs, feed, release, sae, train
 from gemma_scope import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -220,3 +220,62 @@ def test_benchmark_step_runs_the_real_step_on_a_sharded_mesh():
         np.testing.assert_allclose(np.linalg.norm(results[-1]["W_dec"], axis=-1), 1.0, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
 
+
+
+@pytest.mark.parametrize("b_dec_init", ["zero", "mean", "geometric_median"])
+def test_b_dec_is_estimated_with_the_normalisation_constant(tmp_path, make_npy_dir, b_dec_init):
+    """b_dec starts at 0, the mean or the geometric median of the norm batches, in normalised units (÷ C)."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / "acts"
+    path.mkdir()
+    x = (rng.normal(size=(512, 16)) + np.arange(16) * 2.0).astype(np.float32)  # a mean far from 0
+    np.save(path / "part00.npy", x)
+    source = activations.NpyShardSource(str(path))
+    mesh = step_lib.make_mesh(devices=jax.devices()[:2])
+    scales, b_dec = feed.normalisation_constants(source, mesh, 128, 4, b_dec_init)
+    c = np.sqrt(np.mean(np.sum(x.astype(np.float64) ** 2, axis=1)))  # 4 × 128 rows: every row once
+    np.testing.assert_allclose(scales["d16"], [c], rtol=1e-5)
+    expected = {"zero": np.zeros(16), "mean": x.mean(axis=0) / c,
+                "geometric_median": np.asarray(sae.geometric_median(x)) / c}[b_dec_init]
+    np.testing.assert_allclose(b_dec["d16"][0], expected, rtol=1e-4, atol=1e-6)
+    config = _config(tmp_path / "run", path, steps=1, norm_batches=4, batch_size=128)
+    config.sae.update(b_dec_init=b_dec_init, l0_coefficient=(1e-3,))
+    config.train.learning_rate = 1e-12  # the one step leaves b_dec where it started
+    (released,) = train.run(config)
+    np.testing.assert_allclose(release.load_params(released)["b_dec"], c * expected, rtol=1e-4, atol=1e-4)
+
+
+def test_target_l0_sweep_trains_as_one_grid_and_records_its_recipe(tmp_path, make_npy_dir):
+    config = _config(tmp_path / "run", make_npy_dir(), steps=6, log_every=3)
+    config.sae.l0_coefficient = (0.5,)
+    config.sae.update(sparsity_loss="target_l0", target_l0=(4.0, 12.0), b_dec_init="mean", frequency_coefficient=0.1,
+                      matryoshka_prefixes=(8, 16))
+    assert configs.sweep_of(config) == ((0.5, 0.5), (4.0, 12.0))
+    paths = train.run(config)
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["target_l0"] for r in records] == [4.0, 12.0, 4.0, 12.0]
+    metas = [json.loads((p.parent / "cfg.json").read_text())["metadata"] for p in paths]
+    assert metas  # (6 steps may leave both at one rounded L0: then one is released)
+    for meta in metas:
+        assert meta["target_l0"] in (4.0, 12.0)
+        assert meta["sparsity_loss"] == "target_l0" and meta["b_dec_init"] == "mean"
+        assert meta["l0_coefficient"] == 0.5 and meta["frequency_coefficient"] == 0.1
+        assert meta["matryoshka_prefixes"] == [8, 16] and meta["average_l0"] >= 0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sparsity_loss", "l1", "sae.sparsity_loss must be one of"),
+    ("b_dec_init", "median", "sae.b_dec_init must be one of"),
+    ("target_l0", (0.0,), "sae.target_l0 must be a number > 0"),
+    ("l0_coefficient", (0.1, 0.2, 0.3), "one value or one per target L0"),
+    ("matryoshka_prefixes", (16, 8), "strictly increasing"),
+    ("frequency_threshold", 0.0, "frequency_threshold in"),
+])
+def test_bad_recipe_configs_give_clear_errors(tmp_path, make_npy_dir, field, value, message):
+    config = _config(tmp_path / "run", make_npy_dir())
+    config.sae.sparsity_loss = "target_l0"
+    config.sae.target_l0 = (4.0, 8.0)
+    with config.unlocked():
+        config.sae[field] = value
+    with pytest.raises(ValueError, match=message):
+        train.run(config)
