@@ -62,9 +62,11 @@ class ActivationSource(Protocol):
     d_in: dict[str, int]
     groups: dict[str, list[str]]
 
-    def batches(self, batch_size: int, start: int = 0, mesh: Mesh | None = None) -> Iterator[dict[str, jax.Array]]:
-        """Global batch number start, start+1, ...; each ``{group: [n_sites, batch_size, d_in]}`` in the step's
-        batch sharding on ``mesh`` (default ``single_device_mesh()``), in the buffer's dtype."""
+    def batches(self, batch_size: int, start: int = 0, mesh: Mesh | None = None,
+                stop: int | None = None) -> Iterator[dict[str, jax.Array]]:
+        """Global batch number start, start+1, ... (up to ``stop``, endless if None); each ``{group: [n_sites,
+        batch_size, d_in]}`` in the step's batch sharding on ``mesh`` (default ``single_device_mesh()``), in the
+        buffer's dtype. No buffer past ``stop`` is prepared."""
         ...
 
     def check_finite(self) -> None:
@@ -179,11 +181,13 @@ class ShuffleBuffers:
                 out_shardings=step_lib.batch_sharding(self.mesh))
         return self._gathers[per_slot]
 
-    def stream(self, batch_size: int, start: int, count_of: Callable[[int], int], load) -> Iterator[dict]:
-        """Global batches ``start, start+1, ...`` from buffers ``u = 0, 1, ...``.
+    def stream(self, batch_size: int, start: int, stop: int | None, count_of: Callable[[int], int],
+               load) -> Iterator[dict]:
+        """Global batches ``start, start+1, ...`` (before ``stop``, if given) from buffers ``u = 0, 1, ...``.
 
         ``count_of(u)``: batches of buffer u (from its valid counts, host only); ``load(u)``: a future of
-        ``(view(...), permutations(...), {group: finite flags})``, asked for one buffer ahead.
+        ``(view(...), permutations(...), {group: finite flags})``, asked for one buffer ahead while the stream will
+        reach it.
         """
         per_slot = self.per_slot(batch_size)
         gather = self._gather(per_slot)
@@ -191,17 +195,20 @@ class ShuffleBuffers:
         while first + (count := count_of(u)) <= start:
             u, first = u + 1, first + count
         b = start
-        while True:
+        while stop is None or b < stop:  # buffer u holds batches [first, first + count)
             buffers, order, finite = load(u).result()
             self._pending.append((u, first, first + count, finite))
-            load(u + 1)  # the next buffer's reads and forward pass start now
+            if stop is None or first + count < stop:
+                load(u + 1)  # the next buffer's reads and forward pass start now
             per_pass = count // self.passes
-            for j in range(b - first, count):
+            for j in range(b - first, count if stop is None else min(count, stop - first)):
                 position = np.tile(np.array(divmod(j, per_pass), np.int32), (len(self.local), 1))
                 yield gather(buffers, order, jax.make_array_from_process_local_data(
                     self._slot_sharding, position, (self.count, 2)))
             u, first = u + 1, first + count
-            b, count = first, count_of(u)
+            b = first
+            if stop is None or b < stop:
+                count = count_of(u)
 
     def check_finite(self, groups: dict[str, list[str]]) -> None:
         """Raises ValueError if a buffer handed out so far held NaN/Inf (fetches a few flags per buffer)."""
@@ -318,8 +325,10 @@ class NpyShardSource:
         valid = np.diff(bounds)[buffers.local]
         return buffers.view({group: slots}), buffers.permutations(valid, (self._seed, u)), finite
 
-    def batches(self, batch_size: int, start: int = 0, mesh: Mesh | None = None) -> Iterator[dict[str, jax.Array]]:
-        """Global batch number start, start+1, ... as ``{group: [1, batch_size, d]}`` (class docstring)."""
+    def batches(self, batch_size: int, start: int = 0, mesh: Mesh | None = None,
+                stop: int | None = None) -> Iterator[dict[str, jax.Array]]:
+        """Global batch number start, start+1, ... (before ``stop``) as ``{group: [1, batch_size, d]}`` (class
+        docstring)."""
         mesh = mesh or single_device_mesh()
         if self._buffers is None or self._buffers.mesh != mesh:
             largest = int(np.sort(self._blocks[:, 2] - self._blocks[:, 1])[-self._per_buffer:].sum())
@@ -333,7 +342,7 @@ class NpyShardSource:
             raise ValueError(f"no shuffle buffer of {self.num_rows:,} rows fills a batch of {batch_size} "
                              f"({per_slot} rows on each of {self._buffers.count} devices); raise data.buffer_rows "
                              "or lower train.batch_size")
-        return self._buffers.stream(batch_size, start, lambda u: self._buffers.batches_in(
+        return self._buffers.stream(batch_size, start, stop, lambda u: self._buffers.batches_in(
             np.diff(self._slot_bounds(u)), batch_size), self._loads)
 
     def check_finite(self) -> None:
@@ -486,8 +495,10 @@ class ModelSource:
                 out[site] = np.concatenate([x[s * rows:s * rows + n] for s, n in enumerate(valid)])
         return out
 
-    def batches(self, batch_size: int, start: int = 0, mesh: Mesh | None = None) -> Iterator[dict[str, jax.Array]]:
-        """Global batch number start, start+1, ... as ``{group: [n_sites, batch_size, d]}`` (class docstring)."""
+    def batches(self, batch_size: int, start: int = 0, mesh: Mesh | None = None,
+                stop: int | None = None) -> Iterator[dict[str, jax.Array]]:
+        """Global batch number start, start+1, ... (before ``stop``) as ``{group: [n_sites, batch_size, d]}`` (class
+        docstring)."""
         self._layout(mesh or single_device_mesh())
         per_slot = self._buffers.per_slot(batch_size)
 
@@ -500,7 +511,7 @@ class ModelSource:
                                  "train.batch_size")
             return self._buffers.batches_in(valid, batch_size)
 
-        return self._buffers.stream(batch_size, start, count_of, self._loads)
+        return self._buffers.stream(batch_size, start, stop, count_of, self._loads)
 
     def check_finite(self) -> None:
         """Raises ValueError naming the batches and site if a buffer handed out so far held NaN/Inf."""

@@ -38,9 +38,8 @@ def write_release(config, source, mesh, grid: dict[str, Group], release_sites: d
     """
     params = hosts.to_host(state["params"])
     scales = hosts.to_host(state["norm_scale"])
-    stream = source.batches(config.train.batch_size, config.train.steps, mesh)
-    batches = [b for _, b in zip(range(config.train.eval_batches), stream)]
-    stream.close()
+    batches = list(source.batches(config.train.batch_size, config.train.steps, mesh,
+                                  stop=config.train.steps + config.train.eval_batches))
     l0_of = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(sae.encode(p, x.astype(jnp.float32)) > 0, axis=-1)),
                              in_axes=(0, None)), out_shardings=NamedSharding(mesh, P()))
     written, used = [], set()

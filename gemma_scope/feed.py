@@ -35,13 +35,12 @@ def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec
     moments = jax.jit(lambda batch: {g: (jnp.mean(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1), axis=-1),
                                          jnp.mean(x.astype(jnp.float32), axis=1)) for g, x in batch.items()},
                       out_shardings=replicated)
-    batches = source.batches(batch_size, 0, mesh)
+    batches = source.batches(batch_size, 0, mesh, stop=n_batches)
     totals, kept = None, []
-    for _, batch in zip(range(n_batches), batches):
+    for batch in batches:
         totals = moments(batch) if totals is None else jax.tree.map(jnp.add, totals, moments(batch))
         if b_dec_init == "geometric_median":
             kept.append(batch)
-    batches.close()
     source.check_finite()
     if kept:
         median = jax.jit(lambda xs: {g: jax.vmap(sae.geometric_median)(jnp.concatenate([x[g] for x in xs], axis=1))

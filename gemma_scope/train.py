@@ -109,7 +109,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
 
     start = int(jax.device_get(state["step"]))
     train_step = step_lib.make_train_step(grid, hp, mesh)
-    batches = source.batches(batch_size, start, mesh)
+    batches = source.batches(batch_size, start, mesh, stop=steps)
     log = MetricsLog(workdir, groups, grid, batch_size, start, steps)
     try:  # no host sync between log steps: batches and steps are dispatched ahead of the device
         for number, batch in zip(range(start, steps), batches):

@@ -69,6 +69,8 @@ def test_resume_at_any_batch_is_the_uninterrupted_stream(lm, passes):
     for start in (0, 3, 5, 9, 13):
         resumed = next(source(lm, passes).batches(8, start))
         np.testing.assert_array_equal(np.asarray(resumed["d64"]), stream[start])
+    ended = [np.asarray(b["d64"]) for b in source(lm, passes).batches(8, 3, stop=9)]
+    assert len(ended) == 6 and all(np.array_equal(a, b) for a, b in zip(ended, stream[3:9]))
 
 
 def test_bad_arguments_raise_clear_errors(lm):

@@ -72,8 +72,8 @@ class _Interrupted(activations.NpyShardSource):
 
     die_at = 10
 
-    def batches(self, batch_size, start=0, mesh=None):
-        for number, batch in enumerate(super().batches(batch_size, start, mesh), start):
+    def batches(self, batch_size, start=0, mesh=None, stop=None):
+        for number, batch in enumerate(super().batches(batch_size, start, mesh, stop), start):
             if number == self.die_at:
                 raise KeyboardInterrupt
             yield batch
