@@ -9,7 +9,8 @@ content token). Presets:
 - ``gpu``: Gemma 2 2B, ``res.6/12/18`` × 2 λ, width 16384, batch 4096, 1,024-token contexts, bfloat16 model,
   buffer and SAE matmuls (issue 11's target shapes);
 - ``cpu``: the embedded default job's shapes: Gemma 3 270M, ``res.4/8/12`` × 3 λ, width 2048, batch 256,
-  256-token contexts, 2 buffer visits, float32;
+  256-token contexts, 2 buffer visits, float32; 16-sequence buffers (the job has 64) so that the 80 timed steps
+  span several buffer fills;
 - ``tiny``: a 7-layer 64-wide Gemma 3, for tests of the harness.
 
 Numbers, each in trained tokens per second (a token visited twice counts twice):
@@ -44,7 +45,7 @@ PRESETS = {
                 chunk_sequences=128, forward_batch=8, passes=1, dtype="bfloat16", steps=96, log_every=16,
                 npy_rows=2**18, buffer_rows=2**17),
     "cpu": dict(model="gemma3_270m", sites="res.4,res.8,res.12", lambdas=3, width=2048, batch=256, seq_len=256,
-                chunk_sequences=64, forward_batch=8, passes=2, dtype="float32", steps=160, log_every=20,
+                chunk_sequences=16, forward_batch=8, passes=2, dtype="float32", steps=100, log_every=20,
                 npy_rows=2**15, buffer_rows=2**14),
     "tiny": dict(model="gemma3_tiny", sites="res.1,res.3", lambdas=2, width=64, batch=32, seq_len=16,
                  chunk_sequences=8, forward_batch=4, passes=1, dtype="float32", steps=12, log_every=3,
