@@ -105,9 +105,6 @@ class ShuffleBuffers:
       rows: slot rows per device.
       dtype: buffer dtype.
       passes: visits of each buffer.
-
-    Raises:
-      ValueError: a process whose devices do not all belong to the mesh's slots.
     """
 
     def __init__(self, mesh: Mesh, widths: dict[str, tuple[int, int]], rows: int, dtype, passes: int = 1):
