@@ -382,6 +382,8 @@ class ModelSource:
 
     def __init__(self, lm, reader, sites, *, chunk_sequences: int, forward_batch: int, passes: int = 1,
                  seed: int = 0, buffer_dtype: str = "float32"):
+        if forward_batch < 1 or chunk_sequences < 1:
+            raise ValueError(f"data.forward_batch={forward_batch} and data.chunk_sequences={chunk_sequences} must be >= 1")
         if chunk_sequences % forward_batch:
             raise ValueError(f"data.chunk_sequences={chunk_sequences} must be a multiple of data.forward_batch={forward_batch}")
         if passes < 1:

@@ -19,7 +19,9 @@ from collections.abc import Callable
 from absl import app, flags
 
 # Errors that mean the user asked for something wrong (extend here; every entry point uses this tuple).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+# FloatingPointError: training diverged (train.NonFiniteError); its message names the step and the checkpoint to
+# resume from, which is all a user needs.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, FloatingPointError)
 VERBOSE_HELP = "on an error, show the traceback instead of one line"
 EXIT_USER_ERROR = 2
 
@@ -77,6 +79,9 @@ def parse_config_flags(argv: list[str]) -> list[str]:
                 hint = str(e).strip("'\"").split("\\n")[-1]  # config_dict's "Did you mean ..."
                 raise ValueError(f"--{'.'.join(keys)}: unknown config key {keys[-1]!r} under "
                                  f"{'.'.join(keys[:-1])!r} of {source}. {hint}") from None
+        if isinstance(e, AttributeError) and "'get_config'" in str(e):
+            raise ValueError(f"--config={source}: the file defines no get_config() returning an ml_collections "
+                             "ConfigDict (see experiments/from_activations.py)") from None
         text = str(e).strip()  # get_config's traceback, when it raised, is embedded in the message: keep its last line
         raise ValueError(text.split("Traceback")[0] + text.splitlines()[-1] if "Traceback" in text else text) from None
 

@@ -200,6 +200,8 @@ def validate_config(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     for name, value in positive.items():
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(config.seed, int) or config.seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {config.seed!r}")
     for name in ("learning_rate", "adam_eps"):
         value = config.train[name]
         if not value > 0:

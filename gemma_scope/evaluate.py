@@ -131,7 +131,8 @@ def activation_metrics(
       ``frequencies [M]`` (fraction of tokens each latent is active on).
 
     Raises:
-      ValueError: activations whose width is not the SAE's d, or no tokens.
+      ValueError: activations whose width is not the SAE's d, NaN/Inf in them (naming the file of a memory-mapped
+        shard and the row), or no tokens.
     """
     params = jax.tree.map(jnp.asarray, params)
     d, width = params["W_enc"].shape
@@ -159,6 +160,11 @@ def _rebatch(arrays: Iterable[np.ndarray], batch_size: int, d: int) -> Iterator[
         while start < len(array):
             take = min(batch_size - count, len(array) - start)
             pending.append(np.asarray(array[start : start + take]))
+            if not np.isfinite(pending[-1]).all():
+                row = start + int(np.argmin(np.isfinite(pending[-1]).all(axis=-1)))
+                where = getattr(array, "filename", None) or "the activations"
+                raise ValueError(f"{where}: row {row} holds NaN/Inf; expected finite activations (FVU and L0 would "
+                                 "be undefined)")
             count += take
             start += take
             if count == batch_size:
@@ -346,11 +352,16 @@ def evaluate_saes(
     report's heading).
 
     Raises:
-      ValueError: neither ``model_name`` nor ``activations``; an SAE whose site is unknown when splicing;
-        malformed SAE files (``release.load_params``).
+      ValueError: neither ``model_name`` nor ``activations``; a count out of range; an SAE whose site is unknown
+        when splicing; malformed SAE files (``release.load_params``) or activations (``open_shards``, NaN/Inf).
     """
     if not (activations or model_name):
         raise ValueError("give activations=DIR (cached activations) and/or model_name=NAME (delta LM loss)")
+    for name, value, least in (("max_tokens", max_tokens, 1), ("batch_size", batch_size, 1),
+                               ("num_sequences", num_sequences, 1), ("seq_len", seq_len, 2),
+                               ("lm_batch_size", lm_batch_size, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     records, saes = [], []
     for path in sae_paths:
         params = release.load_params(path)
@@ -366,10 +377,10 @@ def evaluate_saes(
         for record, result in zip(records, evaluate_grid(lm.params, lm.config, *sequences, grid,
                                                           batch_size=lm_batch_size)):
             record.update(result)
+    arrays = open_shards(activations)[0] if activations else None  # opened (and verified) once
     for record, params in zip(records, saes):
         if activations:
-            shards = first_rows(open_shards(activations)[0], max_tokens)
-            record.update(activation_metrics(params, shards, batch_size=batch_size))
+            record.update(activation_metrics(params, first_rows(arrays, max_tokens), batch_size=batch_size))
         print(json.dumps(json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
               flush=True)
     if out:

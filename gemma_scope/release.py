@@ -110,7 +110,9 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises:
       FileNotFoundError: nothing SAE-like at path.
       ValueError: unreadable file, missing key, wrong shape, non-float dtype, non-finite values, negative
-        threshold, or a SAELens normalisation other than "none"; the message names the file and the key.
+        threshold; a ``cfg.json`` beside it that is not JSON, names another architecture than "jumprelu", gives
+        a d_in/d_sae other than the weights' or a normalisation other than "none"; the message names the file
+        and the key.
     """
     path = pathlib.Path(path)
     if path.is_dir():
@@ -130,8 +132,11 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:  # numpy/safetensors raise many types for corrupt files; report them uniformly.
         raise ValueError(f"{path}: cannot read SAE parameters ({type(e).__name__}: {e})") from e
     params = validate_params(raw, source=str(path))
-    if path.suffix == ".safetensors":
-        params = _fold_saelens_cfg(params, path.parent / SAELENS_CFG_FILE)
+    cfg_path = path.parent / SAELENS_CFG_FILE
+    if cfg_path.is_file():
+        cfg = _check_saelens_cfg(params, cfg_path)
+        if path.suffix == ".safetensors":
+            params = _fold_saelens_cfg(params, cfg, cfg_path)
     return params
 
 
@@ -232,11 +237,27 @@ def _saelens_cfg(site: Site | None, d: int, width: int, average_l0: float, metad
     }
 
 
-def _fold_saelens_cfg(params: dict[str, np.ndarray], cfg_path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Applies a SAELens cfg.json (if present) so that params follow the Gemma Scope inference convention."""
-    if not cfg_path.is_file():
-        return params
-    cfg = json.loads(cfg_path.read_text())
+def _check_saelens_cfg(params: dict[str, np.ndarray], cfg_path: pathlib.Path) -> dict:
+    """The SAELens config beside an SAE file, checked against its weights (the architecture, when given, must be
+    "jumprelu"; d_in and d_sae, when given, must be the weights' d and width). Raises ValueError naming the key."""
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: cannot read the SAELens config ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("architecture", "jumprelu") != "jumprelu":
+        raise ValueError(f"{cfg_path}: architecture {cfg['architecture']!r}; only 'jumprelu' SAEs can be read "
+                         "(their weights hold a threshold)")
+    d, width = params["W_enc"].shape
+    for key, value in (("d_in", d), ("d_sae", width)):
+        if key in cfg and cfg[key] != value:
+            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} disagrees with the weights' {value} (W_enc {[d, width]})")
+    return cfg
+
+
+def _fold_saelens_cfg(params: dict[str, np.ndarray], cfg: dict, cfg_path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Applies a SAELens cfg.json so that params follow the Gemma Scope inference convention."""
     if cfg.get("normalize_activations", "none") not in ("none", False):
         raise ValueError(
             f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} cannot be expressed as raw-activation "

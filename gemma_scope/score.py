@@ -48,6 +48,17 @@ def score_ids(lm: model.LoadedModel, ids: list[int], max_length: int = 1024, bat
     return {"tokens": len(ids), "nats_per_token": total / len(ids), "total_nats": total, "windows": len(windows)}
 
 
+def read_text(path: pathlib.Path) -> str:
+    """The UTF-8 text of a file (``-``: stdin). Raises ValueError naming the file and byte offset if it is not
+    UTF-8."""
+    data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{'<stdin>' if str(path) == '-' else path}: not UTF-8 text (byte {e.start}: "
+                         f"{data[e.start:e.start + 1]!r}); convert it, e.g. with iconv") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = cli.parser("python -m gemma_scope.score", "Mean next-token cross-entropy (nats/token) of a text.")
     parser.add_argument("--model", default="gemma3_270m",
@@ -55,12 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text_file", "--text-file", required=True, type=pathlib.Path, help="UTF-8 text file ('-' for stdin)")
     parser.add_argument("--max_length", "--max-length", type=int, default=1024, help="tokens per window, BOS included")
     args = parser.parse_args(argv)
-    if str(args.text_file) == "-":
-        text = sys.stdin.read()
-    elif not args.text_file.is_file():
+    if str(args.text_file) != "-" and not args.text_file.is_file():
         parser.error(f"--text_file {args.text_file} does not exist")
-    else:
-        text = args.text_file.read_text(encoding="utf-8")
+    text = read_text(args.text_file)
     lm = model.load(args.model)
     result = score_ids(lm, lm.tokenizer.encode(text), args.max_length)
     print(json.dumps({"model": str(args.model), **result}))

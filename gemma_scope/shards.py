@@ -5,6 +5,7 @@ shape and sha256). ``write_shards`` writes it, ``open_shards`` reads and checks 
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -26,15 +27,19 @@ def open_shards(path: str | os.PathLike) -> tuple[list[np.ndarray], dict | None]
     """Memory-maps a directory of activation shards: its ``*.npy`` files sorted by name, each ``[N_i, d]``.
 
     Files are float32, or bfloat16 when the directory's ``manifest.json`` (written by ``write_shards``) says so
-    (NumPy stores bfloat16 as raw 2-byte records). With a manifest, each file's shape must match it.
+    (NumPy stores bfloat16 as raw 2-byte records). With a manifest, the files must be exactly the ones it lists,
+    with its shapes, and each one's sha256 is checked here (``verify_shard``), once per open: a run reads every
+    row at least once per epoch anyway, so the check costs at most one extra read of the data (done in
+    parallel threads), while a damaged shard would otherwise train and evaluate silently.
 
     Returns:
       (arrays, manifest or None).
 
     Raises:
-      FileNotFoundError: not a directory, or no ``.npy`` file in it.
-      ValueError: a file that is not a 2-D array of the expected dtype, widths that differ, or a file whose
-        shape disagrees with the manifest; the message names the file.
+      FileNotFoundError: not a directory, no ``.npy`` file in it, or a shard the manifest lists is missing.
+      ValueError: a malformed manifest, an unreadable or truncated file, a file that is not a 2-D array of the
+        expected dtype with rows, widths that differ, or a file whose shape or sha256 disagrees with the
+        manifest; the message names the file.
     """
     directory = pathlib.Path(path)
     if not directory.is_dir():
@@ -42,22 +47,81 @@ def open_shards(path: str | os.PathLike) -> tuple[list[np.ndarray], dict | None]
     files = sorted(directory.glob("*.npy"))
     if not files:
         raise FileNotFoundError(f"{str(path)!r} holds no .npy files; expected float32 arrays [N, d]")
-    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).is_file() else None
+    manifest = _read_manifest(directory / MANIFEST) if (directory / MANIFEST).is_file() else None
     dtype = STORAGE_DTYPES[manifest["dtype"]] if manifest else STORAGE_DTYPES["float32"]
+    if manifest:
+        missing = sorted(set(manifest["shards"]) - {f.name for f in files})
+        if missing:
+            raise FileNotFoundError(f"{directory}: shard(s) {missing} listed in {MANIFEST} are missing; the "
+                                    "directory is incomplete: regenerate it")
     arrays = []
     for f in files:
-        a = np.load(f, mmap_mode="r")
+        try:
+            a = np.load(f, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:  # truncated header or data, not an .npy file
+            raise ValueError(f"{f}: cannot read it as an .npy array ({e}); the file is truncated or corrupt") from e
         a = a.view(dtype) if a.dtype.kind == "V" and a.dtype.itemsize == dtype.itemsize else a
-        if a.dtype != dtype or a.ndim != 2:
-            raise ValueError(f"{f}: activations must be {dtype.name} [N, d], got {a.dtype} {list(a.shape)}")
+        if a.dtype != dtype or a.ndim != 2 or a.shape[0] == 0:
+            raise ValueError(f"{f}: activations must be {dtype.name} [N > 0, d], got {a.dtype} {list(a.shape)}")
         if a.shape[1] != (arrays[0] if arrays else a).shape[1]:
             raise ValueError(f"{f}: width d={a.shape[1]} differs from {files[0].name}'s d={arrays[0].shape[1]}")
-        expected = manifest["shards"].get(f.name, {}).get("shape") if manifest else None
-        if manifest and expected != list(a.shape):
-            raise ValueError(f"{f}: shape {list(a.shape)} disagrees with {directory / MANIFEST} ({expected}); "
-                             "the directory is incomplete or corrupt: regenerate it")
+        if manifest:
+            expected = manifest["shards"].get(f.name, {}).get("shape", "not listed")
+            if expected != list(a.shape):
+                raise ValueError(f"{f}: shape {list(a.shape)} disagrees with {directory / MANIFEST} ({expected}); "
+                                 "the directory is incomplete or corrupt: regenerate it")
         arrays.append(a)
+    if manifest:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            list(pool.map(lambda a: verify_shard(a, manifest["shards"][pathlib.Path(a.filename).name]["sha256"]),
+                          arrays))
     return arrays, manifest
+
+
+def _read_manifest(path: pathlib.Path) -> dict:
+    """A shard directory's manifest, checked for the keys ``open_shards`` reads. Raises ValueError naming the file
+    and key."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the manifest ({e}); regenerate the directory") from e
+    problem = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
+        problem = "no 'shards' object"
+    elif manifest.get("dtype") not in STORAGE_DTYPES:
+        problem = f"'dtype' is {manifest.get('dtype')!r}, expected one of {sorted(STORAGE_DTYPES)}"
+    elif "site" not in manifest:
+        problem = "no 'site' key"
+    else:
+        bad = [name for name, entry in manifest["shards"].items()
+               if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+                       and isinstance(entry.get("sha256"), str))]
+        problem = f"shard entries {bad} lack 'shape' or 'sha256'" if bad else None
+    if problem:
+        raise ValueError(f"{path}: malformed manifest: {problem} (written by gemma_scope.activations.write_shards)")
+    return manifest
+
+
+def verify_shard(array: np.memmap, sha256: str) -> None:
+    """Checks a memory-mapped shard's file: the data after the ``.npy`` header is exactly ``array``'s bytes and
+    has the given sha256 (of ``array.tobytes()``, as ``write_shards`` records it).
+
+    Raises:
+      ValueError: naming the file, when its size or checksum differs.
+    """
+    path = pathlib.Path(array.filename)
+    size = path.stat().st_size
+    if size != array.offset + array.nbytes:
+        raise ValueError(f"{path}: {size} bytes, expected {array.offset + array.nbytes} for {array.dtype} "
+                         f"{list(array.shape)}; the file is truncated or corrupt: regenerate the directory")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(array.offset)
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise ValueError(f"{path}: sha256 {digest.hexdigest()[:12]}… differs from the manifest's {sha256[:12]}…; "
+                         "the shard is corrupt: regenerate the directory")
 
 
 def write_shards(source, out: str | os.PathLike, tokens: int, storage_dtype: str = "float32",

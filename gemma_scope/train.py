@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gemma_scope import activations, cli, evaluate, feed, step as step_lib
+from gemma_scope import activations, cli, evaluate, feed, step as step_lib, workdir as workdir_lib
 from gemma_scope.checkpoint import Checkpointer
 from gemma_scope.configs import hyperparams, validate_config
 from gemma_scope.export import write_release
@@ -34,9 +34,11 @@ class NonFiniteError(FloatingPointError):
     """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
 
 
-def _check_finite(state, last_good: int | None) -> None:
+def _check_finite(state, checkpointer: Checkpointer) -> None:
     bad = int(jax.device_get(state["nonfinite_step"]))
     if bad >= 0:
+        checkpointer.wait()
+        last_good = checkpointer.latest_step()
         kept = f"last good checkpoint: step {last_good}" if last_good is not None else "no checkpoint was written"
         raise NonFiniteError(f"non-finite loss (NaN/Inf) at step {bad}; stopped ({kept})")
 
@@ -58,6 +60,7 @@ def _make_mesh(config, batch_size: int) -> jax.sharding.Mesh:
     return mesh
 
 
+@workdir_lib.exclusive  # one trainer per workdir
 def run(config: ml_collections.ConfigDict, source: activations.ActivationSource | None = None) -> list[pathlib.Path]:
     """Trains the config's grid to ``config.train.steps`` (resuming from ``<workdir>/checkpoints``) and writes
     the release.
@@ -72,13 +75,14 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     Raises:
       ValueError: a bad config or bad activations (the message names the field / batch).
       NonFiniteError: a NaN/Inf loss, naming the step; the last good checkpoint is kept.
+      WorkdirInUseError, OSError: another trainer holds the workdir, or it cannot be written (``workdir.py``).
     """
     lambdas, targets = validate_config(config)
     if config.mesh.distributed and not jax.distributed.is_initialized():
         jax.distributed.initialize()  # a launcher may have initialised it with an explicit coordinator
     hp = hyperparams(config)
     workdir = pathlib.Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir_lib.check_writable(workdir, workdir / "checkpoints")
     if source is None:
         source = activations.make_source(config.data, config.seed)
     release_sites = {name: _site_of(name) for name in source.sites}  # fail early on a bad data.site
@@ -90,12 +94,13 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
 
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoint_every, config.train.keep_checkpoints)
     last_good = checkpointer.latest_step()
+    workdir_lib.check_resume(workdir, config, last_good)
     if last_good is not None:
         try:
             state = checkpointer.restore(last_good, step_lib.abstract_state(grid, hp, mesh))
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} does not match this config (changed "
-                             f"sae.width, sites or number of l0_coefficient values?); use a fresh workdir: {e}") from e
+            raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} passed its checksums but does not "
+                             f"restore onto this config's state: {e}") from e
     else:
         scales, b_dec = feed.normalisation_constants(source, mesh, batch_size, config.train.norm_batches,
                                                      config.sae.b_dec_init)
@@ -117,13 +122,12 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
             done = number + 1
             if done % config.train.log_every == 0 or done == steps:
                 source.check_finite()
-                _check_finite(state, last_good)
+                _check_finite(state, checkpointer)
                 log.write(done, jax.device_get(metrics))
             if done % config.train.checkpoint_every == 0 or done == steps:
                 source.check_finite()
-                _check_finite(state, last_good)
+                _check_finite(state, checkpointer)
                 checkpointer.save(done, state, force=done == steps)
-                last_good = done
     finally:
         batches.close()
         log.close()

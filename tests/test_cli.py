@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gemma_scope import cli
+from gemma_scope import cli, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"train": ["-m", "gemma_scope.train"], "activations": ["-m", "gemma_scope.activations"],
@@ -43,6 +43,15 @@ def test_user_error_is_one_line_with_exit_status_2(capsys):
     assert capsys.readouterr().err == "error: no SAE at /nowhere: expected a params.npz\n"
     with pytest.raises(FileNotFoundError):  # --verbose: the exception (and its traceback) goes through
         cli.run(main, ["--sae=/nowhere", "--verbose"])
+
+
+def test_a_nan_stop_is_one_line(capsys):
+    def main(argv):
+        raise train.NonFiniteError("non-finite loss (NaN/Inf) at step 9; stopped (last good checkpoint: step 8)")
+
+    with pytest.raises(SystemExit):
+        cli.run(main, [])
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_other_exceptions_are_not_hidden():

@@ -91,8 +91,13 @@ def build_corpus(sources: list[sources_lib.Source], out: str | pathlib.Path, tok
 
     Replaces an existing corpus at `out` (refuses to replace a non-empty directory without a manifest.json).
     Sources raising `fetch.SourceUnavailable` are skipped and listed under "skipped" in the manifest.
-    Returns the manifest. Raises ValueError if no source could be built.
+    Returns the manifest. Raises ValueError if no source could be built, or for heldout_fraction outside [0, 1)
+    or max_tokens < 0.
     """
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must lie in [0, 1) (the held-out share of documents), got {heldout_fraction}")
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0 (0: no cap), got {max_tokens}")
     out = pathlib.Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise ValueError(f"{out} is a non-empty directory that is not a corpus; choose another --out")

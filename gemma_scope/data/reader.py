@@ -53,6 +53,8 @@ class SequenceReader:
             raise ValueError(f"packing {packing!r}; expected one of {PACKINGS}")
         if seq_len < 2:
             raise ValueError(f"seq_len {seq_len}; expected >= 2 (BOS + at least one token)")
+        if not (isinstance(seed, (int, np.integer)) and seed >= 0):
+            raise ValueError(f"seed {seed!r}; expected an integer >= 0")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
         known = list(manifest["sources"])

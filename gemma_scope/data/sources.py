@@ -49,7 +49,8 @@ class TextFiles:
 
     `paths` are files or glob patterns (`**` recurses), expanded and sorted. Doc ids use file paths relative to
     each pattern's directory, so the held-out split does not depend on where the files live.
-    Raises FileNotFoundError if a pattern matches nothing.
+    Raises FileNotFoundError if a pattern matches nothing; ValueError naming the file (and line, for JSONL) for
+    text that is not UTF-8, a line that is not a JSON object, or a missing or non-string text field.
     """
 
     paths: list[str]
@@ -77,16 +78,35 @@ class TextFiles:
     def documents(self) -> Iterator[tuple[str, str]]:
         for f, file_id in self._files():
             if f.suffix != ".jsonl":
-                yield file_id, f.read_text(encoding="utf-8")
+                yield file_id, _utf8(f.read_bytes(), f)
                 continue
-            with open(f, encoding="utf-8") as lines:
-                for i, line in enumerate(lines):
+            with open(f, "rb") as lines:
+                for i, raw in enumerate(lines):
+                    where = f"{f}:{i + 1}"
+                    line = _utf8(raw, where)
                     if not line.strip():
                         continue
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except ValueError as e:
+                        raise ValueError(f"{where}: not valid JSON ({e}); expected one JSON object per line") from None
+                    if not isinstance(record, dict):
+                        raise ValueError(f"{where}: expected a JSON object, got a {type(record).__name__}")
                     if self.text_field not in record:
-                        raise ValueError(f"{f}:{i + 1}: no {self.text_field!r} field (keys: {sorted(record)})")
+                        raise ValueError(f"{where}: no {self.text_field!r} field (keys: {sorted(record)})")
+                    if not isinstance(record[self.text_field], str):
+                        raise ValueError(f"{where}: field {self.text_field!r} is a "
+                                         f"{type(record[self.text_field]).__name__}, expected a string")
                     yield str(record.get("id", f"{file_id}:{i + 1}")), record[self.text_field]
+
+
+def _utf8(data: bytes, where) -> str:
+    """``data`` decoded as UTF-8; ValueError naming ``where`` (a file, or file:line) and the byte offset if not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); convert it, "
+                         "e.g. with iconv") from None
 
 
 @dataclasses.dataclass

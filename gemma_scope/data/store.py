@@ -81,7 +81,8 @@ def write_source(directory: pathlib.Path, tokens: np.ndarray, offsets: np.ndarra
 def read_manifest(corpus: str | os.PathLike | None = None) -> dict:
     """The manifest of a built corpus (default `default_corpus_dir()`).
 
-    Raises FileNotFoundError with the build command when there is none, ValueError for another format version.
+    Raises FileNotFoundError with the build command when there is none, ValueError naming the file when it is not
+    JSON or has another format version.
     """
     corpus = pathlib.Path(corpus) if corpus is not None else default_corpus_dir()
     path = corpus / "manifest.json"
@@ -90,20 +91,36 @@ def read_manifest(corpus: str | os.PathLike | None = None) -> dict:
             f"no built corpus at {corpus} (missing manifest.json); build it with "
             f"`python -m gemma_scope.data.build --out={corpus}`"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: corpus format {manifest.get('format')}, expected {FORMAT_VERSION}; rebuild it")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not a valid corpus manifest ({e}); rebuild the corpus") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: corpus format {manifest.get('format') if isinstance(manifest, dict) else None}, "
+                         f"expected {FORMAT_VERSION}; rebuild it")
     return manifest
 
 
 def load_source(corpus: str | os.PathLike, name: str, role: str) -> SourceTokens:
-    """Memory-map one source of a built corpus."""
+    """Memory-map one source of a built corpus.
+
+    Raises FileNotFoundError naming a missing file, ValueError naming a truncated or corrupt one."""
     directory = pathlib.Path(corpus) / name
-    return SourceTokens(
-        name=name,
-        role=role,
-        tokens=np.load(directory / "tokens.npy", mmap_mode="r"),
-        offsets=np.load(directory / "offsets.npy"),
-        heldout=np.load(directory / "heldout.npy"),
-        doc_ids=json.loads((directory / "doc_ids.json").read_text()),
-    )
+    path = directory / "tokens.npy"
+    try:
+        source = SourceTokens(
+            name=name,
+            role=role,
+            tokens=np.load(path, mmap_mode="r"),
+            offsets=np.load(path := directory / "offsets.npy"),
+            heldout=np.load(path := directory / "heldout.npy"),
+            doc_ids=json.loads((path := directory / "doc_ids.json").read_text()),
+        )
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read it ({e}); the corpus is damaged: rebuild it") from e
+    if len(source.offsets) != len(source.heldout) + 1 or source.offsets[-1] != len(source.tokens):
+        raise ValueError(f"{directory}: tokens.npy, offsets.npy and heldout.npy disagree in length; the corpus is "
+                         "damaged: rebuild it")
+    return source
