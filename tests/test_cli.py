@@ -12,12 +12,15 @@ from gemma_scope import cli, train
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"train": ["-m", "gemma_scope.train"], "activations": ["-m", "gemma_scope.activations"],
                 "evaluate": ["-m", "gemma_scope.evaluate"], "score": ["-m", "gemma_scope.score"],
-                "data.build": ["-m", "gemma_scope.data.build"], "sweep": ["launch/sweep.py"]}
+                "data.build": ["-m", "gemma_scope.data.build"], "sweep": ["launch/sweep.py"],
+                "browse": ["-m", "gemma_scope.browse"], "steer": ["-m", "gemma_scope.steer"]}
 OPTIONS = {"train": ["--config"], "activations": ["--config", "--out", "--tokens", "--storage_dtype"],
            "evaluate": ["--sae", "--activations", "--model", "--model_config", "--out", "--verbose"],
            "score": ["--model", "--text_file", "--max_length", "--verbose"],
            "data.build": ["--out", "--sources", "--max_tokens", "--heldout_fraction", "--verbose"],
-           "sweep": ["--config", "--lambdas", "--workdir", "--mode", "--verbose"]}
+           "sweep": ["--config", "--lambdas", "--workdir", "--mode", "--verbose"],
+           "browse": ["--sae", "--model", "--out", "--tokens", "--site", "--verbose"],
+           "steer": ["--sae", "--latent", "--alpha", "--prompt", "--tokens", "--temperature", "--seed", "--verbose"]}
 
 
 def _run(args):

@@ -67,10 +67,8 @@ def _combine(halves: list[dict]) -> dict:
     return out
 
 
-def evaluate(saes: list[tuple[str, str, pathlib.Path]], n_sites: int, num_sequences: int,
-             lm_batch_size: int) -> list[dict]:
-    """``(row, site, path)`` (row-major, ``n_sites`` per row) → metrics on two disjoint halves of the held-out
-    sequences (module docstring)."""
+def evaluate(saes: list[tuple[str, str, pathlib.Path]], num_sequences: int, lm_batch_size: int) -> list[dict]:
+    """``(row, site, path)`` → metrics on two disjoint halves of the held-out sequences (module docstring)."""
     from gemma_scope import evaluate as evaluate_lib, model, release
     from gemma_scope.data.reader import SequenceReader
     from gemma_scope.sites import Site
@@ -88,25 +86,33 @@ def evaluate(saes: list[tuple[str, str, pathlib.Path]], n_sites: int, num_sequen
     results = []
     for i, (row, site, path) in enumerate(saes):
         pair = [halves[0][i], halves[1][i]]
+        meta = json.loads((path.parent / "cfg.json").read_text())["metadata"]
         results.append({"row": row, "site": site, "sae": str(path), **_combine(pair),
-                        "_delta_halves": [h["delta_lm_loss"] for h in pair],
-                        "_fvu_halves": [h["fvu"] for h in pair]})
-    # Noise of the change from the previous row at the same site: half the difference of the halves' differences.
+                        "l0_coefficient": meta.get("l0_coefficient"), "target_l0": meta.get("target_l0"),
+                        "halves": {k: [h[k] for h in pair] for k in ("delta_lm_loss", "fvu")}})
+    return results
+
+
+def add_change_noise(results: list[dict], n_sites: int) -> list[dict]:
+    """Adds to each row after the first the noise of its change from the previous row at the same site: half the
+    difference between the two halves' paired differences (results row-major, ``n_sites`` per row)."""
     for prev, cur in zip(results, results[n_sites:]):
-        for key in ("delta", "fvu"):
-            a, b = np.array(prev[f"_{key}_halves"]), np.array(cur[f"_{key}_halves"])
-            cur[f"{key}_change_noise"] = float(abs((b - a)[0] - (b - a)[1]) / 2)
+        for key in ("delta_lm_loss", "fvu"):
+            change = np.array(cur["halves"][key]) - np.array(prev["halves"][key])
+            cur[f"{key}_change"] = float(cur[key] - prev[key])
+            cur[f"{key}_change_noise"] = float(abs(change[0] - change[1]) / 2)
     return results
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| row | site | L0 | FVU | delta LM loss (nats) | loss recovered | dead fraction |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | site | λ | L0 | FVU | delta LM loss (nats) | change from the row above | loss recovered "
+             "| dead fraction |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['row']} | {r['site']} | {r['l0']:.1f} | {r['fvu']:.3f} ± {r['fvu_noise']:.3f} | "
-                     f"{r['delta_lm_loss']:.3f} ± {r['delta_lm_loss_noise']:.3f}"
-                     + (f" (change ± {r['delta_change_noise']:.3f})" if "delta_change_noise" in r else "")
-                     + f" | {100 * r['loss_recovered']:.1f}% | {r['dead_fraction']:.3f} |")
+        change = (f"{r['delta_lm_loss_change']:+.3f} ± {r['delta_lm_loss_change_noise']:.3f}"
+                  if "delta_lm_loss_change" in r else "–")
+        lines.append(f"| {r['row']} | {r['site']} | {r['l0_coefficient']} | {r['l0']:.1f} | "
+                     f"{r['fvu']:.3f} ± {r['fvu_noise']:.3f} | {r['delta_lm_loss']:.3f} ± {r['delta_lm_loss_noise']:.3f} "
+                     f"| {change} | {100 * r['loss_recovered']:.1f}% | {r['dead_fraction']:.3f} |")
     return "\n".join(lines)
 
 
@@ -134,7 +140,7 @@ def main() -> None:
                 _run(["-m", "gemma_scope.train", f"--config={CONFIG}:row={row},site={site}",
                       f"--config.data.path={acts / site}", f"--config.workdir={workdir}"])
             saes.append((row, site, _closest_release(workdir, 100.0)[0]))
-    results = evaluate(saes, len(sites), args.num_sequences, args.lm_batch_size)
+    results = add_change_noise(evaluate(saes, args.num_sequences, args.lm_batch_size), len(sites))
     (out / "ablation.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "ablation.md").write_text(table(results) + "\n")
     print(table(results))
