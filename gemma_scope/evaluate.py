@@ -369,7 +369,8 @@ def evaluate_saes(
         if model_name and site is None and info["site"] is None:
             raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
         records.append({"sae": str(path), "site": site or info["site"] or CUSTOM,
-                        "width": params["W_enc"].shape[1], "l0_coefficient": info["l0_coefficient"]})
+                        "width": params["W_enc"].shape[1], "l0_coefficient": info["l0_coefficient"],
+                        "target_l0": info["target_l0"]})
         saes.append(params)
     if model_name:
         lm, sequences = _load_lm(model_name, model_config, corpus, num_sequences, seq_len, packing)

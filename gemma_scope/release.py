@@ -161,7 +161,8 @@ def find_saes(path: str | pathlib.Path) -> list[pathlib.Path]:
 
 def sae_info(path: pathlib.Path) -> dict:
     """What a release says about an SAE file: ``site`` (from the ``<kind>/layer_<L>/width_<W>/average_l0_<K>``
-    layout or SAELens ``cfg.json`` metadata) and ``l0_coefficient`` (from the metadata), None when unknown."""
+    layout or SAELens ``cfg.json`` metadata), ``l0_coefficient`` and ``target_l0`` (from the metadata), None when
+    unknown."""
     cfg_path = path.parent / SAELENS_CFG_FILE
     meta = json.loads(cfg_path.read_text()).get("metadata", {}) if cfg_path.is_file() else {}
     site = meta.get("site")
@@ -169,7 +170,7 @@ def sae_info(path: pathlib.Path) -> dict:
     if site is None and len(parts) >= 4 and parts[-3].startswith("layer_") and parts[-3][6:].isdigit():
         kind = parts[-4]
         site = f"{kind}.{parts[-3][6:]}" if kind in sites.KINDS else None
-    return {"site": site, "l0_coefficient": meta.get("l0_coefficient")}
+    return {"site": site, "l0_coefficient": meta.get("l0_coefficient"), "target_l0": meta.get("target_l0")}
 
 
 def validate_params(params: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """Plots and a Markdown report of SAE evaluations, in the style of Gemma Scope's figures (arXiv 2408.05147 §4).
 
 A *record* is one evaluated SAE: a dict with ``site`` (str, "res.6"), ``width`` (int M), ``l0``, ``fvu`` and,
-when known, ``l0_coefficient`` (λ), ``delta_lm_loss``, ``clean_loss``, ``zero_ablation_loss``, ``dead_fraction``,
+when known, ``l0_coefficient`` (λ), ``target_l0``, ``delta_lm_loss``, ``clean_loss``, ``zero_ablation_loss``, ``dead_fraction``,
 ``n_tokens``, ``sae`` (path), ``frequencies`` (float ``[M]``, fraction of tokens each latent fires on) and
 ``by_position`` (``{"fvu": [T], "delta_lm_loss": [T-1], ...}``) — the outputs of ``gemma_scope.evaluate``.
 """
@@ -169,9 +169,10 @@ def _fmt(value, digits=4) -> str:
 
 
 def markdown_table(records: Sequence[dict]) -> str:
-    """One row per SAE (site, width, λ, L0, FVU, delta LM loss, losses, dead fraction, tokens); ★ marks each
-    (site, width)'s canonical SAE, the one with L0 closest to 100 (§4)."""
-    columns = ["site", "width", "λ", "L0", "FVU", "delta LM loss", "clean loss", "zero-abl. loss", "dead", "tokens"]
+    """One row per SAE (site, width, λ, target L0, L0, FVU, delta LM loss, losses, dead fraction, tokens); ★ marks
+    each (site, width)'s canonical SAE, the one with L0 closest to 100 (§4)."""
+    columns = ["site", "width", "λ", "target L0", "L0", "FVU", "delta LM loss", "clean loss", "zero-abl. loss", "dead",
+               "tokens"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     canonical = {id(r) for r in _canonical(records)}
     for group in _groups(records).values():
@@ -180,6 +181,7 @@ def markdown_table(records: Sequence[dict]) -> str:
                 r["site"] + (" ★" if id(r) in canonical and len(group) > 1 else ""),
                 release.width_label(int(r["width"])),
                 _fmt(r.get("l0_coefficient"), 3),
+                _fmt(r.get("target_l0"), 4),
                 _fmt(r["l0"], 4),
                 _fmt(r["fvu"], 3),
                 _fmt(r.get("delta_lm_loss"), 3),

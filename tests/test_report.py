@@ -33,7 +33,7 @@ def test_write_report_produces_table_and_plots(tmp_path):
     assert len(rows) == 9
     # Canonical SAE per (site, width): L0 closest to 100.
     assert sum("★" in row for row in rows) == 3
-    assert "| res.6 ★ | 4k | 0.0003 | 90 | 0.0527 | 0.0316 | 3 | 9 | 0.01 | 10,000 |" in rows
+    assert "| res.6 ★ | 4k | 0.0003 | – | 90 | 0.0527 | 0.0316 | 3 | 9 | 0.01 | 10,000 |" in rows
     for name in (report.FRONTIER_PLOT, report.POSITION_PLOT, report.FREQUENCY_PLOT):
         assert f"]({name})" in text
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC

@@ -279,3 +279,10 @@ def test_bad_recipe_configs_give_clear_errors(tmp_path, make_npy_dir, field, val
         config.sae[field] = value
     with pytest.raises(ValueError, match=message):
         train.run(config)
+
+
+def test_summary_shows_the_target_l0_and_the_loss_recovered():
+    record = {"site": "res.8", "l0_coefficient": 0.1, "target_l0": 100.0, "width": 2048, "l0": 98.2, "fvu": 0.031,
+              "delta_lm_loss": 1.0, "clean_loss": 3.0, "zero_ablation_loss": 13.0}
+    row = train.summary([record], 409_600).splitlines()[-1].split()
+    assert row == ["res.8", "0.1", "100", "2048", "98.2", "0.031", "1.0000", "10.000", "90.0%"]
