@@ -400,6 +400,7 @@ class ModelSource:
         self.groups = group_sites(self.sites, self.d_in)
         self._lm, self._reader = lm, reader
         self.model_name = cfg.name
+        self.num_layers = cfg.num_layers
         self._chunk, self._forward_batch, self._passes, self._seed = chunk_sequences, forward_batch, passes, seed
         self._buffer_dtype = jnp.dtype(buffer_dtype)
         self._valid: dict[int, np.ndarray] = {}

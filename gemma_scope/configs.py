@@ -48,6 +48,12 @@ def train_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.sae.threshold_init = 0.001
     config.sae.dtype = "float32"  # matmul input dtype: "float32" or "bfloat16" (accumulation always float32)
 
+    # Transcoders (Gemma Scope 2) beside the SAEs, same width and sparsity sweep, fed by the same LM pass: each of
+    # these layers' mlp_in.L predicts its mlp.L ("4,8,12", "*", "0-5"; "" for none; data.source "model" only).
+    config.transcoder = ml_collections.ConfigDict()
+    config.transcoder.layers = ""
+    config.transcoder.skip = (False,)  # which variants: (False,), (True,) or (False, True) (affine skip x @ W_skip)
+
     config.train = ml_collections.ConfigDict()
     config.train.steps = paper_tokens(2**14) // PAPER_BATCH_SIZE
     config.train.batch_size = PAPER_BATCH_SIZE
@@ -217,6 +223,12 @@ def validate_config(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if config.sae.dtype not in DTYPES:
         raise ValueError(f"sae.dtype must be one of {DTYPES}, got {config.sae.dtype!r}")
     sae.matryoshka_bounds(tuple(config.sae.matryoshka_prefixes), config.sae.width)
+    skips = tuple(config.transcoder.skip) if isinstance(config.transcoder.skip, (tuple, list)) else None
+    if not skips or not all(isinstance(v, bool) for v in skips) or len(set(skips)) != len(skips):
+        raise ValueError(f"transcoder.skip must be (False,), (True,) or (False, True), got {config.transcoder.skip!r}")
+    if config.transcoder.layers.strip() and config.data.source != "model":
+        raise ValueError(f"transcoder.layers={config.transcoder.layers!r} needs data.source='model' (a transcoder "
+                         f"reads mlp_in.L and mlp.L of one LM pass), got data.source={config.data.source!r}")
     if not config.workdir:
         raise ValueError("workdir must name an output directory")
     return sweep

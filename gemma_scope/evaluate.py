@@ -1,6 +1,9 @@
-"""Evaluate SAEs as Gemma Scope does (arXiv 2408.05147 §4, App. C): L0, FVU, delta LM loss, by position.
+"""Evaluate SAEs and transcoders as Gemma Scope does (arXiv 2408.05147 §4, App. C): L0, FVU, delta LM loss, by
+position.
 
-All metrics use folded (release-convention) params on raw activations (``gemma_scope.sae.encode``/``decode``).
+All metrics use folded (release-convention) params on raw activations (``gemma_scope.sae.predict``). An SAE
+reconstructs the site it reads; a transcoder reads ``mlp_in.L`` and predicts ``mlp.L``, and its FVU, MSE and
+splice are of that output (Gemma Scope 2).
 
 - L0: mean number of active latents per token.
 - FVU: mean squared reconstruction error / mean squared distance to the dataset mean (both summed over d).
@@ -30,7 +33,7 @@ import tqdm
 from gemma_scope import cli, model, release, sae
 from gemma_scope.files import json_ready
 from gemma_scope.shards import first_rows, open_shards
-from gemma_scope.sites import CUSTOM, Site
+from gemma_scope.sites import CUSTOM, Site, transcoder_label
 
 # Latent activations of one batch may take this many bytes (float32 [batch, M]) when batch_size is not given.
 _LATENT_BYTES_PER_BATCH = 2**28
@@ -42,25 +45,27 @@ def default_batch_size(width: int) -> int:
 
 
 @jax.jit
-def _reconstruction_sums(params: dict, x: jax.Array, weight: jax.Array, shift: jax.Array) -> dict[str, jax.Array]:
+def _reconstruction_sums(params: dict, x: jax.Array, y: jax.Array, weight: jax.Array,
+                         shift: jax.Array) -> dict[str, jax.Array]:
     """Weighted sums over tokens that the metrics are ratios of; also the per-token squared error.
 
     Args:
-      params: folded SAE params, width M, input width d.
-      x: raw activations ``[n, d]`` (any float dtype).
+      params: folded SAE or transcoder params, width M, input width d_in, output width d.
+      x: raw input activations ``[n, d_in]`` (any float dtype).
+      y: raw activations to predict ``[n, d]``: ``x`` for an SAE.
       weight: float32 ``[n]``, 1 for tokens that count and 0 for padding / special tokens.
       shift: float32 ``[d]``, subtracted before the variance sums so they do not cancel catastrophically
         (shifted-data variance; any value near the data mean works).
 
     Returns:
-      float32 ``n`` (tokens), ``sq_err`` (Σ||x − x̂||²), ``active`` (Σ L0), ``fires [M]`` (tokens each latent is
-      active on), ``centred [d]`` (Σ(x − shift)), ``centred_sq`` (Σ||x − shift||²), ``token_sq_err [n]``.
+      float32 ``n`` (tokens), ``sq_err`` (Σ||y − ŷ||²), ``active`` (Σ L0), ``fires [M]`` (tokens each latent is
+      active on), ``centred [d]`` (Σ(y − shift)), ``centred_sq`` (Σ||y − shift||²), ``token_sq_err [n]``.
     """
-    x = x.astype(jnp.float32)
     f = sae.encode(params, x)
-    token_sq_err = jnp.sum((x - sae.decode(params, f)) ** 2, axis=-1)
+    y = y.astype(jnp.float32)
+    token_sq_err = jnp.sum((y - sae.predict(params, x)) ** 2, axis=-1)
     active = (f > 0).astype(jnp.float32)
-    centred = x - shift
+    centred = y - shift
     return {
         "n": weight.sum(),
         "sq_err": weight @ token_sq_err,
@@ -79,12 +84,14 @@ class _Totals:
         self.sums: dict[str, np.ndarray] = {}
         self.shift: np.ndarray | None = None
 
-    def add(self, params: dict, x: jax.Array, weight: np.ndarray) -> np.ndarray:
-        """Adds one batch (``x [n, d]``, ``weight [n]``); returns its per-token squared error ``[n]``."""
+    def add(self, params: dict, x: jax.Array, weight: np.ndarray, y: jax.Array | None = None) -> np.ndarray:
+        """Adds one batch (input ``x [n, d_in]``, target ``y [n, d]`` (default x), ``weight [n]``); returns its
+        per-token squared error ``[n]``."""
+        y = x if y is None else y
         if self.shift is None:
-            counted = np.asarray(x, np.float64)[weight > 0]
-            self.shift = (counted.mean(axis=0) if len(counted) else np.zeros(x.shape[-1])).astype(np.float32)
-        sums = jax.device_get(_reconstruction_sums(params, x, jnp.asarray(weight, jnp.float32), self.shift))
+            counted = np.asarray(y, np.float64)[weight > 0]
+            self.shift = (counted.mean(axis=0) if len(counted) else np.zeros(y.shape[-1])).astype(np.float32)
+        sums = jax.device_get(_reconstruction_sums(params, x, y, jnp.asarray(weight, jnp.float32), self.shift))
         token_sq_err = sums.pop("token_sq_err")
         for key, value in sums.items():
             self.sums[key] = self.sums.get(key, 0.0) + np.asarray(value, np.float64)
@@ -190,18 +197,26 @@ def _clean_pass(params_lm, cfg, tokens: jax.Array, sites: tuple[Site, ...]):
     return nll, acts
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "site"))
-def spliced_pass(params_lm, cfg, tokens: jax.Array, mask: jax.Array, site: Site, sae_params: dict | None):
-    """Per-token NLL ``[B, T−1]`` with the site's content positions (``mask``) replaced by the SAE reconstruction,
-    or by zeros when ``sae_params`` is None (zero ablation). BOS, EOS and padding keep their clean activations,
-    since the SAE was trained without them (§3)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "site", "site_in"))
+def spliced_pass(params_lm, cfg, tokens: jax.Array, mask: jax.Array, site: Site, sae_params: dict | None,
+                  site_in: Site | None = None):
+    """Per-token NLL ``[B, T−1]`` with the site's content positions (``mask``) replaced by the SAE's (or
+    transcoder's) prediction from ``site_in`` (default ``site``) of the same forward pass, or by zeros when
+    ``sae_params`` is None (zero ablation). BOS, EOS and padding keep their clean activations, since the SAE was
+    trained without them (§3). ``site_in`` must come before ``site`` in the forward pass (mlp_in.L before mlp.L)."""
     splice = mask[..., None]
+    inputs = {}
+
+    def read(act):  # runs before ``replace`` when the model reaches site_in
+        inputs["x"] = act
+        return act
 
     def replace(act):
-        new = jnp.zeros_like(act) if sae_params is None else sae.decode(sae_params, sae.encode(sae_params, act))
+        new = jnp.zeros_like(act) if sae_params is None else sae.predict(sae_params, inputs.get("x", act))
         return jnp.where(splice, new.astype(act.dtype), act)
 
-    return model.token_nll(params_lm, cfg, tokens, replace={site: replace})
+    hooks = {site: replace} if site_in in (None, site) else {site_in: read, site: replace}
+    return model.token_nll(params_lm, cfg, tokens, replace=hooks)
 
 
 def evaluate_grid(
@@ -209,23 +224,26 @@ def evaluate_grid(
     cfg,
     tokens: np.ndarray,
     mask: np.ndarray,
-    saes: list[tuple[Site, dict]],
+    saes: list[tuple[Site, dict] | tuple[Site, dict, Site]],
     batch_size: int = 8,
     progress: bool = True,
 ) -> list[dict]:
-    """Delta LM loss (Gemma Scope §4.1) and reconstruction metrics of many SAEs on the same sequences.
+    """Delta LM loss (Gemma Scope §4.1) and reconstruction metrics of many SAEs and transcoders on the same
+    sequences.
 
-    Per batch of sequences: one clean pass (which also reads every site), one zero-ablation pass per site, one
-    spliced pass per SAE — so a λ sweep or a grid over layers costs 1 + sites + SAEs passes, not 3 per SAE. A
+    Per batch of sequences: one clean pass (which also reads every site), one zero-ablation pass per spliced site,
+    one spliced pass per SAE — so a λ sweep or a grid over layers costs 1 + sites + SAEs passes, not 3 per SAE. A
     target ``tokens[b, t+1]`` counts when ``mask[b, t+1]`` (a real content token). The paper's protocol is 2,048
-    sequences × 1,024 tokens.
+    sequences × 1,024 tokens. A transcoder ``(mlp_in.L, params, mlp.L)`` replaces ``mlp.L`` by its prediction from
+    ``mlp_in.L`` of the same pass; its zero ablation is that of ``mlp.L``.
 
     Args:
       params_lm: the LM's params (``model.load(...).params``).
       cfg: its ``model`` config (static).
       tokens: int32 ``[N, T]``, each sequence starting with BOS.
       mask: bool ``[N, T]``, True exactly at real content tokens.
-      saes: ``(site, folded SAE params)`` pairs; each SAE's d must equal ``cfg.site_width(site.kind)``.
+      saes: ``(site, folded SAE params)`` pairs, or ``(site read, folded transcoder params, site predicted)``
+        triples; input and output widths must equal the sites' ``cfg.site_width``.
       batch_size: sequences per jitted call (N is zero-padded to a multiple; padding is masked out).
       progress: show a tqdm bar.
 
@@ -233,35 +251,40 @@ def evaluate_grid(
       One dict per SAE, in order: floats ``clean_loss``, ``spliced_loss``, ``zero_ablation_loss`` (masked mean
       nats/token), ``delta_lm_loss`` (= spliced − clean), ``loss_recovered`` ((zero − spliced) / (zero − clean)),
       ``n_targets``; the ``activation_metrics`` keys (``l0``, ``fvu``, ``mse``, ``dead_fraction``, ``n_tokens``,
-      ``frequencies``) over the content tokens at the site; and ``by_position``: float arrays indexed by token
+      ``frequencies``) over the content tokens at the site (the predicted site for a transcoder); and ``by_position``: float arrays indexed by token
       position t (where the site is read and the next token predicted) — ``delta_lm_loss [T−1]``,
       ``clean_loss [T−1]``, ``mse [T]``, ``fvu [T]`` (MSE at t / the site's overall variance), ``n_tokens [T]``;
       NaN where no token counts.
 
     Raises:
-      ValueError: mismatched shapes, no SAE, or an SAE whose width does not fit its site.
+      ValueError: mismatched shapes, no SAE, an SAE whose widths do not fit its sites, or a transcoder whose
+        input site does not precede its output site in the same layer.
     """
     tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, bool)
     if tokens.ndim != 2 or tokens.shape != mask.shape:
         raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} must both be [sequences, length]")
     if not saes:
         raise ValueError("evaluate_grid needs at least one (site, SAE params) pair")
-    for site, params in saes:
-        d = params["W_enc"].shape[0]
-        if d != cfg.site_width(site.kind):
-            raise ValueError(f"SAE input width {d} does not match site {site} of {cfg.name} "
-                             f"(width {cfg.site_width(site.kind)})")
-    saes = [(site, jax.tree.map(jnp.asarray, params)) for site, params in saes]
-    sites = tuple(sorted({site for site, _ in saes}))
+    saes = [(entry[0], jax.tree.map(jnp.asarray, entry[1]), entry[2] if len(entry) > 2 else entry[0])
+            for entry in saes]
+    for site, params, site_out in saes:
+        for what, width, at in (("input", params["W_enc"].shape[0], site), ("output", params["W_dec"].shape[1], site_out)):
+            if width != cfg.site_width(at.kind):
+                raise ValueError(f"SAE {what} width {width} does not match site {at} of {cfg.name} "
+                                 f"(width {cfg.site_width(at.kind)})")
+        if site != site_out and (site, site_out) != (Site("mlp_in", site.layer), Site("mlp", site.layer)):
+            raise ValueError(f"a transcoder splices mlp.L from mlp_in.L of the same layer; got {site} -> {site_out}")
+    sites = tuple(sorted({s for site, _, site_out in saes for s in (site, site_out)}))
+    spliced_sites = sorted({site_out for _, _, site_out in saes})
     num, length = tokens.shape
     padded = -(-num // batch_size) * batch_size
     tokens = np.pad(tokens, ((0, padded - num), (0, 0)))
     mask = np.pad(mask, ((0, padded - num), (0, 0)))
-    clean_sum, zero_sum = np.zeros(length - 1), {site: np.zeros(length - 1) for site in sites}
+    clean_sum, zero_sum = np.zeros(length - 1), {site: np.zeros(length - 1) for site in spliced_sites}
     spliced_sum = [np.zeros(length - 1) for _ in saes]
     totals, sq_err = [_Totals() for _ in saes], [np.zeros(length) for _ in saes]
     targets = np.zeros(length - 1)
-    bar = tqdm.tqdm(total=padded // batch_size * (1 + len(sites) + len(saes)), unit="pass",
+    bar = tqdm.tqdm(total=padded // batch_size * (1 + len(spliced_sites) + len(saes)), unit="pass",
                     desc="delta LM loss", disable=not progress)
     for start in range(0, padded, batch_size):
         batch_tokens, batch_mask = tokens[start : start + batch_size], mask[start : start + batch_size]
@@ -274,12 +297,13 @@ def evaluate_grid(
         clean_nll, acts = _clean_pass(params_lm, cfg, batch_tokens, sites)
         clean_sum += masked(clean_nll)
         targets += target.sum(axis=0)
-        for site in sites:
+        for site in spliced_sites:
             zero_sum[site] += masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, None))
-        for i, (site, params) in enumerate(saes):
-            spliced_sum[i] += masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, params))
-            d = params["W_enc"].shape[0]
-            token_err = totals[i].add(params, acts[site].reshape(-1, d), batch_mask.reshape(-1).astype(np.float32))
+        for i, (site, params, site_out) in enumerate(saes):
+            spliced_sum[i] += masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site_out, params, site))
+            d_in, d_out = params["W_enc"].shape[0], params["W_dec"].shape[1]
+            token_err = totals[i].add(params, acts[site].reshape(-1, d_in), batch_mask.reshape(-1).astype(np.float32),
+                                      acts[site_out].reshape(-1, d_out))
             sq_err[i] += np.where(batch_mask, token_err.reshape(batch_mask.shape), 0.0).sum(axis=0)
     bar.close()
     if targets.sum() == 0:
@@ -287,8 +311,8 @@ def evaluate_grid(
     clean = float(clean_sum.sum() / targets.sum())
     tokens_at = mask.sum(axis=0).astype(np.float64)
     results = []
-    for i, (site, _) in enumerate(saes):
-        spliced, zero = float(spliced_sum[i].sum() / targets.sum()), float(zero_sum[site].sum() / targets.sum())
+    for i, (_, _, site_out) in enumerate(saes):
+        spliced, zero = float(spliced_sum[i].sum() / targets.sum()), float(zero_sum[site_out].sum() / targets.sum())
         result = totals[i].metrics()
         with np.errstate(invalid="ignore", divide="ignore"):  # NaN where nothing counts
             result["by_position"] = {
@@ -343,17 +367,19 @@ def evaluate_saes(
     out: str | pathlib.Path | None = None,
     notes: str = "",
 ) -> list[dict]:
-    """Evaluates released SAE files, printing one JSON line of metrics per SAE; returns the records.
+    """Evaluates released SAE and transcoder files, printing one JSON line of metrics per file; returns the records.
 
     With ``model_name`` (and ``model_config``, the architecture of an orbax checkpoint, as ``model.load``): delta LM
     loss and site metrics of all SAEs together (``evaluate_grid``) on the first ``num_sequences`` held-out sequences
-    of the corpus. With ``activations`` (a directory of cached ``.npy`` shards): ``activation_metrics`` on at most
-    ``max_tokens`` of them. With ``out``: ``metrics.json``, ``report.md`` and plots there (``notes`` goes under the
-    report's heading).
+    of the corpus. A transcoder's sites come from its release (``--site`` names an SAE's only); its record's
+    ``site`` reads ``"mlp_in.L→mlp.L"``, with ``" +skip"`` for an affine one. With ``activations`` (a directory of
+    cached ``.npy`` shards): ``activation_metrics`` on at most ``max_tokens`` of them. With ``out``:
+    ``metrics.json``, ``report.md`` and plots there (``notes`` goes under the report's heading).
 
     Raises:
       ValueError: neither ``model_name`` nor ``activations``; a count out of range; an SAE whose site is unknown
-        when splicing; malformed SAE files (``release.load_params``) or activations (``open_shards``, NaN/Inf).
+        when splicing; a transcoder with ``activations`` (one directory holds one site); malformed SAE files
+        (``release.load_params``) or activations (``open_shards``, NaN/Inf).
     """
     if not (activations or model_name):
         raise ValueError("give activations=DIR (cached activations) and/or model_name=NAME (delta LM loss)")
@@ -366,20 +392,28 @@ def evaluate_saes(
     for path in sae_paths:
         params = release.load_params(path)
         info = release.sae_info(path)
-        if model_name and site is None and info["site"] is None:
-            raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
-        records.append({"sae": str(path), "site": site or info["site"] or CUSTOM,
-                        "width": params["W_enc"].shape[1], "l0_coefficient": info["l0_coefficient"],
-                        "target_l0": info["target_l0"]})
-        saes.append(params)
+        if info["site_out"] != info["site"]:  # a transcoder: its sites are in its config, never overridden
+            if activations:
+                raise ValueError(f"{path}: a transcoder ({info['site']} -> {info['site_out']}) needs activations of "
+                                 "both sites; evaluate it with --model instead of --activations")
+            sites = (info["site"], info["site_out"])
+            label = transcoder_label(Site.parse(info["site"]), release.SKIP_KEY in params)
+        else:
+            if model_name and site is None and info["site"] is None:
+                raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
+            label = site or info["site"] or CUSTOM
+            sites = (label, label)
+        records.append({"sae": str(path), "site": label, "width": params["W_enc"].shape[1],
+                        "l0_coefficient": info["l0_coefficient"], "target_l0": info["target_l0"]})
+        saes.append((Site.parse(sites[0]) if model_name else None, params,
+                     Site.parse(sites[1]) if model_name else None))
     if model_name:
         lm, sequences = _load_lm(model_name, model_config, corpus, num_sequences, seq_len, packing)
-        grid = [(Site.parse(r["site"]), params) for r, params in zip(records, saes)]
-        for record, result in zip(records, evaluate_grid(lm.params, lm.config, *sequences, grid,
+        for record, result in zip(records, evaluate_grid(lm.params, lm.config, *sequences, saes,
                                                           batch_size=lm_batch_size)):
             record.update(result)
     arrays = open_shards(activations)[0] if activations else None  # opened (and verified) once
-    for record, params in zip(records, saes):
+    for record, (_, params, _) in zip(records, saes):
         if activations:
             record.update(activation_metrics(params, first_rows(arrays, max_tokens), batch_size=batch_size))
         print(json.dumps(json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),

@@ -1,5 +1,6 @@
-"""The release of a trained grid: every SAE folded into raw-activation space, its average L0 measured, and written
-in the Gemma Scope layout (``release.write_sae``)."""
+"""The release of a trained grid: every SAE and transcoder folded into raw-activation space, its average L0
+measured, and written in the Gemma Scope 1 layout (SAEs, ``release.write_sae``) and the Gemma Scope 2 layout (SAEs
+and transcoders, ``release.write_gs2``)."""
 
 from __future__ import annotations
 
@@ -11,60 +12,79 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemma_scope import configs, hosts, release, sae
-from gemma_scope.sites import Site
+from gemma_scope import configs, feed, hosts, release, sae
+from gemma_scope.sites import Site, transcoder_target
 from gemma_scope.step import Group
 
 
-def write_release(config, source, mesh, grid: dict[str, Group], release_sites: dict[str, Site | None],
-                  state: dict) -> list[pathlib.Path]:
-    """Folds every SAE of the grid (``sae.fold_normalisation``), measures its average L0 on the
-    ``train.eval_batches`` batches after training, and writes it to ``<workdir>/release`` with ``release.write_sae``
-    (process 0).
+def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict[str, Group],
+                  release_sites: dict[str, Site | None], state: dict) -> list[pathlib.Path]:
+    """Folds every SAE and transcoder of the grid (``sae.fold_normalisation``), measures its average L0 on the
+    ``train.eval_batches`` batches after training, and writes it (process 0): SAEs in the Gemma Scope 1 layout under
+    ``<workdir>/release`` (``release.write_sae``), SAEs on res/att/mlp sites and transcoders in the Gemma Scope 2
+    layout under ``<workdir>/release_gs2`` (``release.write_gs2``; a sweep's directories labelled by
+    ``release.gs2_labels``).
 
     Args:
-      config: the run's config (``train.*``, ``seed``, ``workdir``).
-      source: the run's activation source (its ``groups``: ``{group: [site name, ...]}``).
+      config: the run's config (``train.*``, ``seed``, ``workdir``, ``data.model``).
+      source: the run's activation source.
       mesh: the run's mesh; the L0 batches are measured where they are.
-      grid: ``{group: step.Group}`` of the run.
+      groups, grid: ``{group: [site name, ...]}`` and ``{group: step.Group}`` of the run (a transcoder group's
+        sites are the ``mlp_in.L`` its transcoders read).
       release_sites: ``{site name: Site or None (sites.CUSTOM)}``.
       state: the final train state.
 
     Returns:
-      The written ``params.npz`` paths (empty on processes other than 0).
+      The files to evaluate: the SAEs' ``params.npz`` and the transcoders' ``params.safetensors`` (empty on
+      processes other than 0).
 
-    SAEs of one site whose rounded average L0 coincide would share a release directory; the later ones are skipped
-    with a warning (they remain in the checkpoint).
+    SAEs (transcoders) of one site (and skip variant) whose rounded average L0 coincide would share a release
+    directory; the later ones are skipped with a warning (they remain in the checkpoint).
     """
     params = hosts.to_host(state["params"])
     scales = hosts.to_host(state["norm_scale"])
-    batches = list(source.batches(config.train.batch_size, config.train.steps, mesh,
-                                  stop=config.train.steps + config.train.eval_batches))
+    to_grid = feed.grid_batches(source.groups, groups, grid, mesh)
+    batches = [to_grid(b) for b in source.batches(config.train.batch_size, config.train.steps, mesh,
+                                                  stop=config.train.steps + config.train.eval_batches)]
     l0_of = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(sae.encode(p, x.astype(jnp.float32)) > 0, axis=-1)),
                              in_axes=(0, None)), out_shardings=NamedSharding(mesh, P()))
+    workdir = pathlib.Path(config.workdir)
     written, used = [], set()
-    for g, sites in source.groups.items():
+    for g, sites in groups.items():
         grp = grid[g]
         for s, site in enumerate(sites):
             saes = grp.saes_of_site(s)
-            folded = jax.vmap(sae.fold_normalisation, in_axes=(0, None))(
-                jax.tree.map(lambda a: a[saes], params[g]), scales[g][s])
-            l0 = np.mean([np.asarray(l0_of(folded, b[g][s])) for b in batches], axis=0)
+            trained = jax.tree.map(lambda a: a[saes], params[g])
+            if grp.transcoder:  # scales[g][s] = (C of mlp_in.L, C of mlp.L); L0 of the input x of (x, y)
+                folded = jax.vmap(sae.fold_normalisation, in_axes=(0, None, None))(trained, *scales[g][s])
+                l0 = np.mean([np.asarray(l0_of(folded, b[g][0][s])) for b in batches], axis=0)
+            else:
+                folded = jax.vmap(sae.fold_normalisation, in_axes=(0, None))(trained, scales[g][s])
+                l0 = np.mean([np.asarray(l0_of(folded, b[g][s])) for b in batches], axis=0)
+            labels = release.gs2_labels([float(v) for v in l0])
             for j, i in enumerate(range(saes.start, saes.stop)):
                 _, lam, target = grp.sae(i)
-                key = (site, round(float(l0[j])))
+                key = (g, site, round(float(l0[j])))
                 if key in used:
-                    print(f"warning: SAE of site {site} with l0_coefficient={lam}, target_l0={target} has the same "
-                          f"rounded average L0 ({key[1]}) as another; not released (it stays in the checkpoint)",
-                          file=sys.stderr)
+                    print(f"warning: {'transcoder' if grp.transcoder else 'SAE'} of site {site} with l0_coefficient="
+                          f"{lam}, target_l0={target} has the same rounded average L0 ({key[2]}) as another; not "
+                          "released (it stays in the checkpoint)", file=sys.stderr)
                     continue
                 used.add(key)
-                if jax.process_index() == 0:
-                    one = {k: np.asarray(v[j], np.float32) for k, v in folded.items()}
-                    meta = {"l0_coefficient": lam, "target_l0": target, **configs.recipe_metadata(config),
-                            "training_steps": config.train.steps,
-                            "training_tokens": config.train.steps * config.train.batch_size,
-                            "normalisation_constant": float(scales[g][s]), "seed": config.seed}
-                    written.append(release.write_sae(pathlib.Path(config.workdir) / "release", release_sites[site],
-                                                     one, float(l0[j]), meta))
+                if jax.process_index() != 0:
+                    continue
+                one = {k: np.asarray(v[j], np.float32) for k, v in folded.items()}
+                gs2 = dict(model_name=config.data.get("model") or "", l0_label=labels[j])
+                if grp.transcoder:
+                    in_site = Site.parse(site)
+                    written.append(release.write_gs2(workdir / "release_gs2", in_site, one, float(l0[j]),
+                                                     site_out=transcoder_target(in_site), **gs2))
+                    continue
+                meta = {"l0_coefficient": lam, "target_l0": target, **configs.recipe_metadata(config),
+                        "training_steps": config.train.steps,
+                        "training_tokens": config.train.steps * config.train.batch_size,
+                        "normalisation_constant": float(scales[g][s]), "seed": config.seed}
+                written.append(release.write_sae(workdir / "release", release_sites[site], one, float(l0[j]), meta))
+                if release_sites[site] is not None and release_sites[site].kind in release.GS2_FOLDERS:
+                    release.write_gs2(workdir / "release_gs2", release_sites[site], one, float(l0[j]), **gs2)
     return written

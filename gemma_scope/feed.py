@@ -1,5 +1,6 @@
 """Feeding an activation source to the step: the normalisation constants (Gemma Scope §3) and the initial b_dec,
-computed on the devices from the source's device-resident batches."""
+computed on the devices from the source's device-resident batches, and the grid's batches (SAE stacks and
+transcoder (x, y) pairs) gathered from the source's on the devices."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemma_scope import sae
+from gemma_scope import sae, step as step_lib
+from gemma_scope.sites import Site, transcoder_target
 
 
 def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec_init: str = "zero"
@@ -56,3 +58,59 @@ def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec
         centre = np.asarray(median[g], np.float64) if centre is None else centre
         b_dec[g] = (centre / scales[g][:, None]).astype(np.float32)
     return scales, b_dec
+
+
+def targets(groups: dict[str, list[str]], grid: dict[str, step_lib.Group]) -> dict[str, list[str]]:
+    """The sites each grid group's SAEs reconstruct: its own sites, or for a transcoder group the ``mlp.L`` that
+    each ``mlp_in.L`` predicts (``sites.transcoder_target``)."""
+    return {g: [str(transcoder_target(Site.parse(s))) if grid[g].transcoder else s for s in sites]
+            for g, sites in groups.items()}
+
+
+def _where(source_groups: dict[str, list[str]]) -> dict[str, tuple[str, int]]:
+    """``{site: (source group, index in it)}``."""
+    return {site: (g, i) for g, sites in source_groups.items() for i, site in enumerate(sites)}
+
+
+def grid_constants(source_groups: dict[str, list[str]], scales: dict[str, np.ndarray], b_dec: dict[str, np.ndarray],
+                   groups: dict[str, list[str]], grid: dict[str, step_lib.Group]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The grid's normalisation constants and initial b_dec from the source's (``normalisation_constants``).
+
+    Returns:
+      ``({group: C float32 [n_sites]}, {group: b_dec float32 [n_sites, d]})``, and for a transcoder group C float32
+      ``[n_sites, 2]`` = (C of its input ``mlp_in.L``, C of its output ``mlp.L``) with b_dec in the output's units.
+    """
+    where = _where(source_groups)
+    pick = lambda table, site: table[where[site][0]][where[site][1]]
+    outputs = targets(groups, grid)
+    grid_scales, grid_b_dec = {}, {}
+    for g, sites in groups.items():
+        grid_scales[g] = np.array([[pick(scales, s), pick(scales, o)] if grid[g].transcoder else pick(scales, s)
+                                   for s, o in zip(sites, outputs[g])], np.float32)
+        grid_b_dec[g] = np.stack([pick(b_dec, o) for o in outputs[g]]).astype(np.float32)
+    return grid_scales, grid_b_dec
+
+
+def grid_batches(source_groups: dict[str, list[str]], groups: dict[str, list[str]],
+                 grid: dict[str, step_lib.Group], mesh):
+    """A jitted function from a source batch ``{source group: [n, B, d]}`` to the step's batch: ``{group:
+    [n_sites, B, d]}`` for an SAE group, ``(x, y)`` of those for a transcoder group (its ``mlp_in.L`` and the
+    ``mlp.L`` they predict). The rows are gathered on the devices, in ``step.batch_sharding``; a group that is a
+    whole source group is passed through."""
+    where = _where(source_groups)
+
+    def stack(batch, sites):
+        (g, *others) = {where[s][0] for s in sites}
+        if others:
+            raise ValueError(f"sites {sites} of one grid group lie in several source groups (widths differ)")
+        index = [where[s][1] for s in sites]
+        return batch[g] if index == list(range(len(source_groups[g]))) else batch[g][np.array(index)]
+
+    outputs = targets(groups, grid)
+
+    def regroup(batch):
+        return {g: (stack(batch, sites), stack(batch, outputs[g])) if grid[g].transcoder else stack(batch, sites)
+                for g, sites in groups.items()}
+
+    return jax.jit(regroup, out_shardings=step_lib.batch_sharding(mesh))

@@ -1,8 +1,14 @@
-"""The JumpReLU sparse autoencoder of Gemma Scope as pure functions (arXiv 2408.05147 §2, arXiv 2407.14435).
+"""The JumpReLU sparse autoencoder of Gemma Scope, and its transcoder, as pure functions (arXiv 2408.05147 §2,
+arXiv 2407.14435; transcoders: arXiv 2406.11944, Gemma Scope 2).
 
 Params are a dict of float32 arrays ``{"W_enc": [d, M], "b_enc": [M], "W_dec": [M, d], "b_dec": [d],
 "threshold": [M]}`` (d = d_model of the site, M = width). A grid of SAEs is the same dict with a leading
 axis ``[n, ...]``; use ``jax.vmap`` over these functions.
+
+A transcoder has the same params (plus ``W_skip [d, d]``, the affine skip connection, when it has one) but reads
+one activation x (``mlp_in``) and predicts another, y (``mlp``): ``ŷ = JumpReLU(x @ W_enc + b_enc) @ W_dec + b_dec
+(+ x @ W_skip)``. It has no pre-encoder bias (b_dec lives in y's space, not x's): wherever an SAE subtracts b_dec
+from its input, a transcoder does not.
 
 Two conventions, both row-vector (``x @ W_enc``):
 
@@ -99,7 +105,8 @@ def _step_bwd(bandwidth, res, g):
 step.defvjp(_step_fwd, _step_bwd)
 
 
-def init_params(key: jax.Array, d_model: int, width: int, threshold: float = DEFAULT_THRESHOLD) -> dict[str, jax.Array]:
+def init_params(key: jax.Array, d_model: int, width: int, threshold: float = DEFAULT_THRESHOLD,
+                skip: bool = False) -> dict[str, jax.Array]:
     """Gemma Scope initialisation (§3): W_dec He-uniform with unit-norm rows, W_enc = W_decᵀ, θ constant, zero biases.
 
     Args:
@@ -107,6 +114,7 @@ def init_params(key: jax.Array, d_model: int, width: int, threshold: float = DEF
       d_model: input width d.
       width: number of latents M.
       threshold: initial θ (0.001 in the paper).
+      skip: add a transcoder's affine skip ``W_skip [d, d]``, zero (training starts from the plain transcoder).
 
     Returns:
       float32 params (module docstring).
@@ -126,6 +134,7 @@ def init_params(key: jax.Array, d_model: int, width: int, threshold: float = DEF
         "W_dec": w_dec,
         "b_dec": jnp.zeros((d_model,), jnp.float32),
         "threshold": jnp.full((width,), threshold, jnp.float32),
+        **({"W_skip": jnp.zeros((d_model, d_model), jnp.float32)} if skip else {}),
     }
 
 
@@ -134,8 +143,9 @@ def _matmul(a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
     return jnp.matmul(a.astype(compute_dtype), b.astype(compute_dtype), preferred_element_type=jnp.float32)
 
 
-def pre_activations_train(params: dict, x: jax.Array, compute_dtype=jnp.float32) -> jax.Array:
-    """Training pre-activations ``(x − b_dec) @ W_enc + b_enc`` (pre-encoder bias, §3), float32 ``[B, M]``.
+def pre_activations_train(params: dict, x: jax.Array, compute_dtype=jnp.float32, transcoder: bool = False) -> jax.Array:
+    """Training pre-activations ``(x − b_dec) @ W_enc + b_enc`` (pre-encoder bias, §3), float32 ``[B, M]``;
+    a transcoder's are ``x @ W_enc + b_enc``.
 
     Computed as ``x @ W_enc − b_dec @ W_enc + b_enc``: the gradient of ``b_dec`` then needs only a
     vector–matrix product instead of a second ``[B, M] × [M, d]`` matmul in the backward pass.
@@ -144,8 +154,14 @@ def pre_activations_train(params: dict, x: jax.Array, compute_dtype=jnp.float32)
       params: single-SAE params.
       x: normalised activations ``[B, d]``.
       compute_dtype: matmul input dtype (float32 or bfloat16).
+      transcoder: no pre-encoder bias.
     """
-    return _matmul(x, params["W_enc"], compute_dtype) - params["b_dec"] @ params["W_enc"] + params["b_enc"]
+    return _matmul(x, params["W_enc"], compute_dtype) + _encoder_bias(params, transcoder)
+
+
+def _encoder_bias(params: dict, transcoder: bool) -> jax.Array:
+    """``b_enc − b_dec @ W_enc`` (the pre-encoder bias folded into the encoder's, §3); ``b_enc`` for a transcoder."""
+    return params["b_enc"] if transcoder else params["b_enc"] - params["b_dec"] @ params["W_enc"]
 
 
 def decode(params: dict, f: jax.Array, compute_dtype=jnp.float32) -> jax.Array:
@@ -165,6 +181,13 @@ def encode(params: dict, x: jax.Array) -> jax.Array:
     """
     pre = x.astype(jnp.float32) @ params["W_enc"] + params["b_enc"]
     return (pre > params["threshold"]) * jax.nn.relu(pre)
+
+
+def predict(params: dict, x: jax.Array) -> jax.Array:
+    """Release/inference output on raw input ``x [B, d_in]``: ``decode(encode(x))``, plus ``x @ W_skip`` for a
+    transcoder with an affine skip connection (Gemma Scope 2); float32 ``[B, d_out]``."""
+    out = decode(params, encode(params, x))
+    return out + x.astype(jnp.float32) @ params["W_skip"] if "W_skip" in params else out
 
 
 def _transposed(a: jax.Array, compute_dtype) -> jax.Array:
@@ -192,9 +215,11 @@ def _dot(a: jax.Array, b: jax.Array, b_contracting: int, compute_dtype) -> jax.A
                                preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _reconstruction_and_l0(params: dict, x: jax.Array, bandwidth: float, compute_dtype):
-    """``(mse, frequencies)`` of ``loss``, with a hand-written backward pass.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _reconstruction_and_l0(params: dict, x: jax.Array, y: jax.Array, bandwidth: float, compute_dtype,
+                           transcoder: bool):
+    """``(mse, frequencies)`` of ``loss``, with a hand-written backward pass; ``y`` the target (``x`` for an SAE;
+    ``transcoder`` drops the pre-encoder bias).
 
     ``frequencies [M]`` = ``mean_B H(z − θ)``, each latent's firing frequency on the batch through the ``step``
     pseudo-derivative (so L0 = Σ frequencies, and per-latent penalties such as the frequency penalty get their
@@ -206,17 +231,19 @@ def _reconstruction_and_l0(params: dict, x: jax.Array, bandwidth: float, compute
     7–13% faster in float32 and 10–21% faster in bfloat16 at d/width/batch 640/16384/4096 and 2304/16384/1024,
     and the default job's 9-SAE step 16% faster, than holding the ``[B, M]`` arrays latent-major, ``[M, B]``.
     """
-    return _reconstruction_and_l0_fwd(params, x, bandwidth, compute_dtype)[0]
+    return _reconstruction_and_l0_fwd(params, x, y, bandwidth, compute_dtype, transcoder)[0]
 
 
-def _reconstruction_and_l0_fwd(params, x, bandwidth, compute_dtype):
+def _reconstruction_and_l0_fwd(params, x, y, bandwidth, compute_dtype, transcoder):
     w_enc = params["W_enc"]
-    bias = params["b_enc"] - params["b_dec"] @ w_enc  # (x − b_dec) W_enc + b_enc = x W_enc + bias (§3)
-    z = _dot(x, w_enc, 0, compute_dtype) + bias  # [B, M]
+    # (x − b_dec) W_enc + b_enc = x W_enc + bias (§3); a transcoder's bias is b_enc.
+    z = _dot(x, w_enc, 0, compute_dtype) + _encoder_bias(params, transcoder)  # [B, M]
     active = z > params["threshold"]
     f = jnp.where(active, z, 0.0)  # jumprelu(z)
-    x_hat = _dot(f, params["W_dec"], 0, compute_dtype) + params["b_dec"]
-    err = x_hat - x.astype(jnp.float32)  # x̂ − x [B, d]
+    y_hat = _dot(f, params["W_dec"], 0, compute_dtype) + params["b_dec"]
+    if "W_skip" in params:
+        y_hat = y_hat + _dot(x, params["W_skip"], 0, compute_dtype)
+    err = y_hat - y.astype(jnp.float32)  # ŷ − y [B, d]
     mse = jnp.mean(jnp.sum(err**2, axis=1))
     counts = jnp.sum(active, axis=0, dtype=jnp.int32)  # tokens on which each latent fired
     # The barrier keeps XLA from merging this sum with the caller's Σ over latents into one slow whole-array
@@ -225,11 +252,11 @@ def _reconstruction_and_l0_fwd(params, x, bandwidth, compute_dtype):
     return (mse, frequencies), (params, x, z, f.astype(compute_dtype), err)
 
 
-def _reconstruction_and_l0_bwd(bandwidth, compute_dtype, res, cotangents):
-    """With ``g = ∂/∂x̂ = 2·g_mse·(x̂ − x)/B``: ``∂W_dec = fᵀ g``, ``∂f = g W_decᵀ``, ``∂z = H(z − θ)·∂f`` and
+def _reconstruction_and_l0_bwd(bandwidth, compute_dtype, transcoder, res, cotangents):
+    """With ``g = ∂/∂ŷ = 2·g_mse·(ŷ − y)/B``: ``∂W_dec = fᵀ g``, ``∂f = g W_decᵀ``, ``∂z = H(z − θ)·∂f`` and
     ``∂θ = Σ_B K((z − θ)/ε)·(−(θ/ε)·∂f − (1/ε)·g_freq/B)`` (the ``jumprelu`` and ``step`` pseudo-derivatives,
     JumpReLU paper Eq. 11–12, summed in one pass), ``∂W_enc = (x − b_dec)ᵀ ∂z``, ``∂b_enc = Σ_B ∂z``,
-    ``∂b_dec = Σ_B g − W_enc ∂b_enc``.
+    ``∂b_dec = Σ_B g − W_enc ∂b_enc`` (a transcoder: ``∂W_enc = xᵀ ∂z``, ``∂b_dec = Σ_B g``), ``∂W_skip = xᵀ g``.
 
     One fused pass for ∂θ also keeps XLA from offloading two products to YNNPACK, which holds each ``[B, M]``
     intermediate of a fusion in memory of its own (≈ 2 GiB more at d=640, M=16384, B=4096).
@@ -251,15 +278,19 @@ def _reconstruction_and_l0_bwd(bandwidth, compute_dtype, res, cotangents):
     # f, which YNNPACK does not take and XLA's fallback dot cannot run in bfloat16.
     w_dec_grad_t = jax.lax.optimization_barrier(_dot(_transposed(g, compute_dtype), f, 0, compute_dtype))
     grads = {
-        "W_enc": enc_grads[:-1] - jnp.outer(params["b_dec"], d_b_enc),
+        "W_enc": enc_grads[:-1] if transcoder else enc_grads[:-1] - jnp.outer(params["b_dec"], d_b_enc),
         "b_enc": d_b_enc,
         "W_dec": w_dec_grad_t.T,
-        "b_dec": jnp.sum(g, axis=0) - params["W_enc"] @ d_b_enc,
+        "b_dec": jnp.sum(g, axis=0) if transcoder else jnp.sum(g, axis=0) - params["W_enc"] @ d_b_enc,
         "threshold": d_theta,
     }
-    # ∂x (dropped by XLA when only params are differentiated, as in training).
+    # ∂x and ∂y (dropped by XLA when only params are differentiated, as in training); an SAE's y is its x, and
+    # JAX adds the two.
     d_x = _dot(d_z, params["W_enc"], 1, jnp.float32)
-    return grads, (d_x - g).astype(x.dtype)
+    if "W_skip" in params:
+        grads["W_skip"] = _dot(_transposed(x, compute_dtype), g, 0, compute_dtype)
+        d_x = d_x + _dot(g, params["W_skip"], 1, jnp.float32)
+    return grads, d_x.astype(x.dtype), (-g).astype(x.dtype)  # y has x's dtype (``loss``)
 
 
 _reconstruction_and_l0.defvjp(_reconstruction_and_l0_fwd, _reconstruction_and_l0_bwd)
@@ -329,22 +360,25 @@ def matryoshka_bounds(prefixes: tuple[int, ...], width: int) -> tuple[int, ...]:
     return prefixes if prefixes and prefixes[-1] == width else (*prefixes, width)
 
 
-def _matryoshka_reconstruction(params: dict, x: jax.Array, bounds: tuple[int, ...], bandwidth: float,
-                               compute_dtype) -> tuple[jax.Array, jax.Array]:
-    """``(mse [len(bounds)], frequencies [M])``: the squared error of each nested prefix's reconstruction
-    ``x̂_m = f[:, :m] @ W_dec[:m] + b_dec`` and the latents' firing frequencies.
+def _matryoshka_reconstruction(params: dict, x: jax.Array, y: jax.Array, bounds: tuple[int, ...], bandwidth: float,
+                               compute_dtype, transcoder: bool) -> tuple[jax.Array, jax.Array]:
+    """``(mse [len(bounds)], frequencies [M])``: the squared error against the target ``y`` (``x`` for an SAE) of
+    each nested prefix's reconstruction ``ŷ_m = f[:, :m] @ W_dec[:m] + b_dec (+ x @ W_skip)`` and the latents'
+    firing frequencies.
 
     Plain autodiff through ``jumprelu`` and ``step`` (not the hand-written backward pass of the plain loss); the
     prefixes are decoded cumulatively, so the decoder matmuls cost one full decode.
     """
-    z = pre_activations_train(params, x, compute_dtype)
+    z = pre_activations_train(params, x, compute_dtype, transcoder)
     f = jumprelu(z, params["threshold"], bandwidth)
     frequencies = jnp.mean(step(z, params["threshold"], bandwidth), axis=0)
-    x32 = x.astype(jnp.float32)
-    x_hat, start, mses = params["b_dec"], 0, []
+    y32 = y.astype(jnp.float32)
+    y_hat, start, mses = params["b_dec"], 0, []
+    if "W_skip" in params:
+        y_hat = y_hat + _matmul(x, params["W_skip"], compute_dtype)
     for end in bounds:
-        x_hat = x_hat + _matmul(f[:, start:end], params["W_dec"][start:end], compute_dtype)
-        mses.append(jnp.mean(jnp.sum((x32 - x_hat) ** 2, axis=-1)))
+        y_hat = y_hat + _matmul(f[:, start:end], params["W_dec"][start:end], compute_dtype)
+        mses.append(jnp.mean(jnp.sum((y32 - y_hat) ** 2, axis=-1)))
         start = end
     return jnp.stack(mses), frequencies
 
@@ -361,9 +395,12 @@ def loss(
     frequency_coefficient: jax.Array | float = 0.0,
     frequency_threshold: float = DEFAULT_FREQUENCY_THRESHOLD,
     matryoshka_prefixes: tuple[int, ...] = (),
+    y: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Gemma Scope loss (Eq. 4) ``mean_batch ||x − x̂||² + λ · mean_batch Σ_i H(z_i − θ_i)``, or a Gemma Scope 2
     style recipe: another sparsity term, a frequency penalty (``sparsity_penalty``), a Matryoshka reconstruction.
+    For a transcoder (``y`` given) the reconstruction term is ``mean_batch ||y − ŷ||²`` with ŷ of the module
+    docstring (the transcoder loss of arXiv 2406.11944 §3, with the same sparsity terms as an SAE).
 
     The L0 term is taken on the pre-activations z through ``step`` (trains θ only); the reconstruction goes
     through ``jumprelu``. Without Matryoshka the backward pass is written by hand (same gradients, every large
@@ -376,33 +413,36 @@ def loss(
     sparsity coefficients apply with and without it. No auxiliary loss (the paper's is for BatchTopK).
 
     Args:
-      params: single-SAE params (training convention).
+      params: single-SAE or transcoder params (training convention).
       x: normalised activations ``[B, d]`` (float32 or bfloat16).
       l0_coefficient: λ ≥ 0, scalar (may be traced).
       bandwidth: ε (static).
       compute_dtype: matmul input dtype.
       sparsity_loss, target_l0, frequency_coefficient, frequency_threshold: see ``sparsity_penalty``.
       matryoshka_prefixes: nested prefix sizes (static); empty: the plain reconstruction.
+      y: a transcoder's normalised target activations ``[B, d]`` (cast to x's dtype); None for an SAE.
 
     Returns:
       ``(loss, aux)``: scalar float32 loss; aux float32 scalars ``mse`` (mean squared error of the full
-      dictionary, summed over d), ``fvu`` (squared error / squared distance to the batch mean), ``l0`` (mean active
-      latents), and ``fired`` bool ``[M]`` (latent active on some token of the batch).
+      dictionary, summed over d), ``fvu`` (squared error / squared distance to the batch mean of the target),
+      ``l0`` (mean active latents), and ``fired`` bool ``[M]`` (latent active on some token of the batch).
 
     Raises:
       ValueError: an unknown ``sparsity_loss`` or bad ``matryoshka_prefixes``.
     """
+    target = x if y is None else y.astype(x.dtype)
     if matryoshka_prefixes:
         bounds = matryoshka_bounds(matryoshka_prefixes, params["W_dec"].shape[0])
-        mses, frequencies = _matryoshka_reconstruction(params, x, bounds, bandwidth, compute_dtype)
+        mses, frequencies = _matryoshka_reconstruction(params, x, target, bounds, bandwidth, compute_dtype,
+                                                       y is not None)
         reconstruction, mse = jnp.mean(mses), mses[-1]
     else:
-        mse, frequencies = _reconstruction_and_l0(params, x, bandwidth, compute_dtype)
+        mse, frequencies = _reconstruction_and_l0(params, x, target, bandwidth, compute_dtype, y is not None)
         reconstruction = mse
     penalty, l0 = sparsity_penalty(frequencies, l0_coefficient, sparsity_loss, target_l0, frequency_coefficient,
                                    frequency_threshold)
-    x = x.astype(jnp.float32)
-    variance = jnp.mean(jnp.sum((x - x.mean(axis=0)) ** 2, axis=-1))
+    target = target.astype(jnp.float32)
+    variance = jnp.mean(jnp.sum((target - target.mean(axis=0)) ** 2, axis=-1))
     return reconstruction + penalty, {"mse": mse, "fvu": mse / variance, "l0": l0, "fired": frequencies > 0}
 
 
@@ -435,25 +475,42 @@ def normalise_decoder(w_dec: jax.Array) -> jax.Array:
     return w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
 
 
-def fold_normalisation(params: dict, scale: float | jax.Array) -> dict:
+def fold_normalisation(params: dict, scale: float | jax.Array, scale_out: float | jax.Array | None = None) -> dict:
     """Exports trained params to the release convention on raw activations (Gemma Scope §3, release format).
 
-    Training sees ``x = x_raw / C`` and ``x − b_dec``. Folded: ``b_enc' = C·(b_enc − b_dec @ W_enc)``,
-    ``θ' = C·θ``, ``b_dec' = C·b_dec``, W_enc and W_dec unchanged; then ``encode(folded, x_raw) = C · f`` and
-    ``decode(folded, ·)`` gives ``C · x̂`` of the trained SAE on ``x_raw / C``.
+    SAE (``scale_out`` None): training sees ``x = x_raw / C`` and ``x − b_dec``. Folded:
+    ``b_enc' = C·(b_enc − b_dec @ W_enc)``, ``θ' = C·θ``, ``b_dec' = C·b_dec``, W_enc and W_dec unchanged; then
+    ``encode(folded, x_raw) = C · f`` and ``decode(folded, ·)`` gives ``C · x̂`` of the trained SAE on ``x_raw / C``.
+
+    Transcoder (``scale_out`` = C_out, ``scale`` = C_in): training sees ``x_raw / C_in`` and predicts
+    ``y_raw / C_out``. Folded with latents ``C_out · f``: ``W_enc' = (C_out/C_in)·W_enc``, ``b_enc' = C_out·b_enc``,
+    ``θ' = C_out·θ``, ``b_dec' = C_out·b_dec``, ``W_skip' = (C_out/C_in)·W_skip``, W_dec unchanged (unit rows), so
+    that ``predict(folded, x_raw) = C_out · ŷ``. Equal constants give W_enc unchanged, as for an SAE.
 
     Args:
-      params: single-SAE trained params, float32.
-      scale: the normalisation constant C > 0 (scalar).
+      params: single-SAE or transcoder trained params, float32.
+      scale: the input's normalisation constant C > 0 (scalar).
+      scale_out: a transcoder's output normalisation constant; None for an SAE.
 
     Returns:
       float32 params in the release convention.
     """
     scale = jnp.asarray(scale, jnp.float32)
-    return {
-        "W_enc": params["W_enc"],
-        "b_enc": scale * (params["b_enc"] - params["b_dec"] @ params["W_enc"]),
+    if scale_out is None:
+        return {
+            "W_enc": params["W_enc"],
+            "b_enc": scale * (params["b_enc"] - params["b_dec"] @ params["W_enc"]),
+            "W_dec": params["W_dec"],
+            "b_dec": scale * params["b_dec"],
+            "threshold": scale * params["threshold"],
+        }
+    scale_out = jnp.asarray(scale_out, jnp.float32)
+    ratio = scale_out / scale
+    folded = {
+        "W_enc": ratio * params["W_enc"],
+        "b_enc": scale_out * params["b_enc"],
         "W_dec": params["W_dec"],
-        "b_dec": scale * params["b_dec"],
-        "threshold": scale * params["threshold"],
+        "b_dec": scale_out * params["b_dec"],
+        "threshold": scale_out * params["threshold"],
     }
+    return dict(folded, W_skip=ratio * params["W_skip"]) if "W_skip" in params else folded

@@ -1,22 +1,26 @@
 """Activation sites of a Gemma decoder, named as in Gemma Scope (arXiv 2408.05147, §3.1, Fig. 1).
 
 A Gemma 2/3 block computes ``a = post_attention_norm(attn(pre_attention_norm(x))); h = x + a;
-m = post_ffw_norm(mlp(pre_ffw_norm(h))); out = h + m``. Its three sites, layers zero-based:
+m = post_ffw_norm(mlp(pre_ffw_norm(h))); out = h + m``. Its sites, layers zero-based:
 
 - ``res``: the block output ``out`` (residual stream after the block), ``d_model`` wide;
 - ``att``: per-head attention outputs concatenated over heads, before the output projection W_O,
   ``num_heads * head_dim`` wide;
-- ``mlp``: ``m``, the MLP output after post_ffw_norm and before the residual add, ``d_model`` wide.
+- ``mlp``: ``m``, the MLP output after post_ffw_norm and before the residual add, ``d_model`` wide;
+- ``mlp_in``: ``pre_ffw_norm(h)``, the MLP's input, ``d_model`` wide (Hugging Face
+  ``model.layers.L.pre_feedforward_layernorm.output``): what a transcoder reads to predict ``mlp``
+  (Gemma Scope 2; GS1 has no SAEs here).
 
 A site is written ``"<kind>.<layer>"`` (``"res.12"``). A spec lists sites separated by commas, and ``*`` stands for
-every layer: ``"res.*"``, ``"res.3,att.3,mlp.3"``, ``"mlp.0-5"``.
+every layer: ``"res.*"``, ``"res.3,att.3,mlp.3"``, ``"mlp.0-5"``. A transcoder of layer L reads ``mlp_in.L`` and
+predicts ``mlp.L``; a transcoder spec lists layers in the same forms (``"4,8,12"``, ``"*"``, ``"0-5"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-KINDS = ("res", "att", "mlp")
+KINDS = ("res", "att", "mlp", "mlp_in")
 # Name of activations not tied to a model site (a source's site name; released under ``custom/layer_0``).
 CUSTOM = "custom"
 
@@ -77,3 +81,27 @@ def parse_sites(spec: str, num_layers: int) -> list[Site]:
     if not sites:
         raise ValueError(f"site spec {spec!r} names no site")
     return sorted(sites)
+
+
+def transcoder_spec(layers: str) -> str:
+    """The site spec the transcoders of a layer spec read and predict: ``"4,8"`` -> ``"mlp_in.4,mlp.4,mlp_in.8,mlp.8"``
+    (``"*"`` and ``"a-b"`` as in site specs; ``""`` -> ``""``)."""
+    return ",".join(f"{kind}.{entry.strip()}" for entry in layers.split(",") if entry.strip()
+                    for kind in ("mlp_in", "mlp"))
+
+
+def transcoder_target(site: Site) -> Site:
+    """The site a transcoder reading ``site`` (``mlp_in.L``) predicts: ``mlp.L``.
+
+    Raises:
+      ValueError: ``site`` is not an ``mlp_in`` site.
+    """
+    if site.kind != "mlp_in":
+        raise ValueError(f"a transcoder reads an mlp_in site, got {site}")
+    return Site("mlp", site.layer)
+
+
+def transcoder_label(site: Site, skip: bool) -> str:
+    """How metrics and reports name the transcoder reading ``site``: ``"mlp_in.4→mlp.4"``, plus ``" +skip"`` with
+    an affine skip connection."""
+    return f"{site}→{transcoder_target(site)}" + (" +skip" if skip else "")

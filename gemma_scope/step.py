@@ -1,9 +1,12 @@
-"""The jitted train step of a grid of JumpReLU SAEs, sharded on a ('data', 'model') mesh (Gemma Scope §3, §3.3).
+"""The jitted train step of a grid of JumpReLU SAEs and transcoders, sharded on a ('data', 'model') mesh (Gemma
+Scope §3, §3.3).
 
 A grid is a dict of groups; a group is ``n_sites`` sites of equal width d (e.g. ``res`` of every layer) times the
 λ values (or target L0s) of a sweep. Its params are stacked ``[n, ...]`` with ``n = n_sites * n_lambdas``, site-major
 (SAE ``i`` reads site ``i // n_lambdas`` and uses λ ``l0_coefficients[i % n_lambdas]``). One activation batch per
-step, ``{group: float32/bfloat16 [n_sites, B, d]}``, feeds every SAE of its group.
+step, ``{group: float32/bfloat16 [n_sites, B, d]}``, feeds every SAE of its group. A transcoder group's "site" is
+a layer's pair (``mlp_in.L`` read, ``mlp.L`` predicted) and its batch the pair ``(x, y)`` of such arrays; all its
+transcoders have an affine skip or none do (``Group.skip``).
 
 Sharding: the batch axis is split over ``'data'``; the latent axis M of ``W_enc``, ``b_enc``, ``W_dec``,
 ``threshold`` (and their Adam moments) over ``'model'`` — a ``model`` axis of size 1 is pure data parallelism
@@ -13,7 +16,8 @@ Train state (a pytree of arrays, checkpointed whole)::
 
     {"step": int32 [], "params": {group: stacked params}, "opt_state": Adam state (``adam_init``),
      "last_fired": {group: int32 [n, M]}  # step at which each latent last fired (dead-latent window)
-     "norm_scale": {group: float32 [n_sites]}  # C of each site, E||x_raw / C||^2 = 1 (passed through)
+     "norm_scale": {group: float32 [n_sites]}  # C of each site, E||x_raw / C||^2 = 1 (passed through);
+                                               # [n_sites, 2] (input, output) for a transcoder group
      "nonfinite_step": int32 []}  # first step whose loss was NaN/Inf, -1 if none
 """
 
@@ -37,6 +41,7 @@ _PARAM_SPECS = {
     "threshold": P(None, "model"),
     "W_dec": P(None, "model", None),
     "b_dec": P(None, None),
+    "W_skip": P(None, None, None),  # [d, d], small: replicated
 }
 
 
@@ -44,13 +49,20 @@ _PARAM_SPECS = {
 class Group:
     """SAEs sharing one input width: ``n_sites`` sites × a sweep of ``len(l0_coefficients)`` SAEs, all ``width``
     wide. Sweep entry ``j`` uses λ ``l0_coefficients[j]`` and, with ``sparsity_loss="target_l0"``, the target L0
-    ``target_l0s[j]`` (``target_l0s`` is then as long as ``l0_coefficients``; empty otherwise)."""
+    ``target_l0s[j]`` (``target_l0s`` is then as long as ``l0_coefficients``; empty otherwise). A transcoder group
+    holds transcoders (``mlp_in.L`` → ``mlp.L``, d_model both) with an affine skip connection or without."""
 
     n_sites: int
     d_model: int
     width: int
     l0_coefficients: tuple[float, ...]
     target_l0s: tuple[float, ...] = ()
+    transcoder: bool = False
+    skip: bool = False
+
+    def __post_init__(self):
+        if self.skip and not self.transcoder:
+            raise ValueError("an affine skip connection (skip=True) belongs to transcoder groups only")
 
     @property
     def n(self) -> int:
@@ -203,7 +215,7 @@ def _build_state(key: jax.Array, grid: dict[str, Group], hp: Hyperparams, norm_s
     """The fresh, unsharded train state (module docstring); every SAE gets its own init key."""
     params = {}
     for k, (g, grp) in zip(jax.random.split(key, len(grid)), sorted(grid.items())):
-        init = lambda kk, grp=grp: sae.init_params(kk, grp.d_model, grp.width, hp.threshold_init)  # noqa: E731
+        init = lambda kk, grp=grp: sae.init_params(kk, grp.d_model, grp.width, hp.threshold_init, grp.skip)  # noqa: E731
         params[g] = jax.vmap(init)(jax.random.split(k, grp.n))
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -222,40 +234,55 @@ def init_state(key: jax.Array, grid: dict[str, Group], hp: Hyperparams, mesh: ja
     Args:
       key: PRNG key of the initialisation (``sae.init_params`` per SAE).
       grid: ``{group name: Group}``.
-      norm_scale: ``{group: float32 [n_sites]}`` normalisation constants C; ones if None.
+      norm_scale: ``{group: float32 [n_sites]}`` normalisation constants C (``[n_sites, 2]``, input and output, for
+        a transcoder group); ones if None.
     """
-    norm_scale = norm_scale or {g: np.ones(grp.n_sites, np.float32) for g, grp in grid.items()}
+    norm_scale = norm_scale or _unit_scales(grid)
     build = lambda k: _build_state(k, grid, hp, norm_scale)  # noqa: E731
     shardings = state_shardings(jax.eval_shape(build, key), mesh)
     return jax.jit(build, out_shardings=shardings)(key)
 
 
+def _unit_scales(grid: dict[str, Group]) -> dict[str, np.ndarray]:
+    return {g: np.ones((grp.n_sites, 2) if grp.transcoder else grp.n_sites, np.float32) for g, grp in grid.items()}
+
+
 def abstract_state(grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.Mesh) -> dict:
     """The state's ``jax.ShapeDtypeStruct`` tree with shardings: the restore target of a checkpoint."""
-    ones = {g: np.ones(grp.n_sites, np.float32) for g, grp in grid.items()}
+    ones = _unit_scales(grid)
     tree = jax.eval_shape(lambda k: _build_state(k, grid, hp, ones), jax.random.key(0))
     shardings = state_shardings(tree, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _group_loss(params: dict, x: jax.Array, sparsity_scale: jax.Array, grp: Group, hp: Hyperparams):
-    """Sum of the group's SAE losses and their per-SAE aux; params ``[n, ...]``, x ``[n_sites, B, d]``;
-    ``sparsity_scale`` the warmup factor of every sparsity coefficient (``l0_scale``)."""
+def _group_loss(params: dict, x: jax.Array, y: jax.Array | None, sparsity_scale: jax.Array, grp: Group,
+                hp: Hyperparams):
+    """Sum of the group's SAE losses and their per-SAE aux; params ``[n, ...]``, x ``[n_sites, B, d]``, y the
+    transcoders' targets like x (None for SAEs); ``sparsity_scale`` the warmup factor of every sparsity
+    coefficient (``l0_scale``)."""
     n_l = len(grp.l0_coefficients)
     by_site = jax.tree.map(lambda a: a.reshape(grp.n_sites, n_l, *a.shape[1:]), params)
     lambdas = sparsity_scale * jnp.asarray(grp.l0_coefficients, jnp.float32)
     targets = jnp.asarray(grp.target_l0s or (1.0,) * n_l, jnp.float32)
 
-    def one(p, xs, lam, target):
+    def one(p, xs, ys, lam, target):
         return sae.loss(p, xs, lam, hp.bandwidth, jnp.dtype(hp.compute_dtype), sparsity_loss=hp.sparsity_loss,
                         target_l0=target, frequency_coefficient=sparsity_scale * hp.frequency_coefficient,
-                        frequency_threshold=hp.frequency_threshold, matryoshka_prefixes=hp.matryoshka_prefixes)
+                        frequency_threshold=hp.frequency_threshold, matryoshka_prefixes=hp.matryoshka_prefixes, y=ys)
 
     # Inner vmap: the sweep shares its site's batch; outer vmap: one batch per site.
-    losses, aux = jax.vmap(jax.vmap(one, in_axes=(0, None, 0, 0)), in_axes=(0, 0, None, None))(
-        by_site, x, lambdas, targets)
+    losses, aux = jax.vmap(jax.vmap(one, in_axes=(0, None, None, 0, 0)), in_axes=(0, 0, 0, None, None))(
+        by_site, x, y, lambdas, targets)
     flat = lambda a: a.reshape(grp.n, *a.shape[2:])  # noqa: E731
     return losses.sum(), (flat(losses), jax.tree.map(flat, aux))
+
+
+def _normalised(batch, scale: jax.Array, transcoder: bool) -> tuple[jax.Array, jax.Array | None]:
+    """``(x / C, None)`` for SAEs, ``(x / C_in, y / C_out)`` for transcoders; float32 ``[n_sites, B, d]``."""
+    if not transcoder:
+        return batch.astype(jnp.float32) / scale[:, None, None], None
+    x, y = batch
+    return x.astype(jnp.float32) / scale[:, 0, None, None], y.astype(jnp.float32) / scale[:, 1, None, None]
 
 
 def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group], hp: Hyperparams):
@@ -267,7 +294,8 @@ def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group],
 
     Args:
       state: train state (module docstring).
-      batch: ``{group: [n_sites, B, d]}`` raw activations (divided by ``state["norm_scale"]`` here).
+      batch: ``{group: [n_sites, B, d]}`` raw activations, a pair ``(x, y)`` of them for a transcoder group
+        (divided by ``state["norm_scale"]`` here).
 
     Returns:
       ``(new_state, metrics)``: metrics ``{group: {"loss", "mse", "fvu", "l0", "dead_fraction": float32 [n]}}``
@@ -275,11 +303,11 @@ def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group],
     """
     step = state["step"]
     scale = l0_scale(step, hp)
-    # Unit mean squared norm inputs (§3): x = x_raw / C, C per site.
-    batch = {g: batch[g].astype(jnp.float32) / state["norm_scale"][g][:, None, None] for g in grid}
+    # Unit mean squared norm inputs (§3): x = x_raw / C, C per site (a transcoder's input and target each their own).
+    batch = {g: _normalised(batch[g], state["norm_scale"][g], grp.transcoder) for g, grp in grid.items()}
 
     def total_loss(params):
-        out = {g: _group_loss(params[g], batch[g], scale, grp, hp) for g, grp in grid.items()}
+        out = {g: _group_loss(params[g], *batch[g], scale, grp, hp) for g, grp in grid.items()}
         return sum(v[0] for v in out.values()), {g: v[1] for g, v in out.items()}
 
     grads, per_group = jax.grad(total_loss, has_aux=True)(state["params"])

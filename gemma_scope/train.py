@@ -1,4 +1,5 @@
-"""Train a grid of JumpReLU SAEs: ``python -m gemma_scope.train --config=experiments/<name>.py [--config.x.y=v]``.
+"""Train a grid of JumpReLU SAEs and transcoders: ``python -m gemma_scope.train --config=experiments/<name>.py
+[--config.x.y=v]``.
 
 ``run`` is the story of a run: validate the config (``configs``), build the activation source (``activations``),
 the grid and the mesh (``step``), restore or initialise the state (``checkpoint``, ``feed``), loop over the
@@ -7,7 +8,9 @@ release (``export``). A run killed at any moment and restarted with the same com
 and ends with exactly the parameters of an uninterrupted run (batches are numbered; the state holds everything else).
 
 Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step) and
-the same metrics as TensorBoard event files, ``config.json`` and ``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/params.npz``.
+the same metrics as TensorBoard event files, ``config.json``, the SAEs in the Gemma Scope 1 layout
+``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/`` and SAEs and transcoders in the Gemma Scope 2 layout under
+``release_gs2/`` (``export``, ``release``).
 """
 
 from __future__ import annotations
@@ -25,13 +28,46 @@ from gemma_scope.checkpoint import Checkpointer
 from gemma_scope.configs import hyperparams, validate_config
 from gemma_scope.export import write_release
 from gemma_scope.metrics import MetricsLog
-from gemma_scope.sites import CUSTOM, Site
+from gemma_scope.sites import CUSTOM, Site, parse_sites, transcoder_label, transcoder_spec
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (experiments/<name>.py)")
 
 
 class NonFiniteError(FloatingPointError):
     """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+def build_grid(source: activations.ActivationSource, sae_sites: list[str], transcoder_sites: list[str], config,
+               sweep: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[dict[str, list[str]], dict[str, step_lib.Group]]:
+    """The grid: SAE sites grouped by input width (``{"d<width>": [site, ...]}``, ``activations.group_sites``) and
+    the transcoders' input sites once per skip variant (``"tc_d<width>"``, ``"tc_skip_d<width>"``), with each
+    group's ``step.Group``; ``sweep`` is ``(λs, target L0s)`` (``configs.sweep_of``)."""
+    groups = activations.group_sites(sae_sites, source.d_in)
+    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, *sweep) for g, sites in groups.items()}
+    for skip in config.transcoder.skip if transcoder_sites else ():
+        d = source.d_in[transcoder_sites[0]]
+        g = f"tc{'_skip' if skip else ''}_d{d}"
+        groups[g] = list(transcoder_sites)
+        grid[g] = step_lib.Group(len(transcoder_sites), d, config.sae.width, *sweep, transcoder=True, skip=skip)
+    return groups, grid
+
+
+def split_sites(config, source: activations.ActivationSource) -> tuple[list[str], list[str]]:
+    """``(SAE sites, transcoder input sites)`` among the source's: ``data.sites`` and the ``mlp_in.L`` of
+    ``transcoder.layers`` (the source holds both and each transcoder's ``mlp.L``). Without transcoders every source
+    site gets SAEs."""
+    if not config.transcoder.layers.strip():
+        return list(source.sites), []
+    n = source.num_layers
+    sae_sites = [str(s) for s in parse_sites(config.data.sites, n)] if config.data.sites.strip() else []
+    inputs = [str(s) for s in parse_sites(transcoder_spec(config.transcoder.layers), n) if s.kind == "mlp_in"]
+    return sae_sites, inputs
+
+
+def _labels(groups: dict[str, list[str]], grid: dict[str, step_lib.Group]) -> dict[str, list[str]]:
+    """Each group's site names as metrics and reports show them (a transcoder's: ``sites.transcoder_label``)."""
+    return {g: [transcoder_label(Site.parse(s), grid[g].skip) if grid[g].transcoder else s for s in sites]
+            for g, sites in groups.items()}
 
 
 def _check_finite(state, checkpointer: Checkpointer) -> None:
@@ -84,11 +120,13 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     workdir = pathlib.Path(config.workdir)
     workdir_lib.check_writable(workdir, workdir / "checkpoints")
     if source is None:
-        source = activations.make_source(config.data, config.seed)
+        data = config.data
+        if config.transcoder.layers.strip():  # the source also reads the transcoders' mlp_in.L and mlp.L
+            data = ml_collections.ConfigDict(config.data.to_dict())
+            data.sites = ",".join(filter(None, (config.data.sites.strip(), transcoder_spec(config.transcoder.layers))))
+        source = activations.make_source(data, config.seed)
     release_sites = {name: _site_of(name) for name in source.sites}  # fail early on a bad data.site
-    groups = source.groups
-    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, lambdas, targets)
-            for g, sites in groups.items()}
+    groups, grid = build_grid(source, *split_sites(config, source), config, (lambdas, targets))
     batch_size, steps = config.train.batch_size, config.train.steps
     mesh = _make_mesh(config, batch_size)
 
@@ -102,8 +140,10 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
             raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} passed its checksums but does not "
                              f"restore onto this config's state: {e}") from e
     else:
-        scales, b_dec = feed.normalisation_constants(source, mesh, batch_size, config.train.norm_batches,
-                                                     config.sae.b_dec_init)
+        # Per source site on the devices, then per grid group: a transcoder group's sites have (input, output)
+        # constants and its b_dec lives in the output's space.
+        scales, b_dec = feed.grid_constants(source.groups, *feed.normalisation_constants(
+            source, mesh, batch_size, config.train.norm_batches, config.sae.b_dec_init), groups, grid)
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
         if config.sae.b_dec_init != "zero":  # site-major like the stacked params (step.Group.sae)
             state["params"] = {g: dict(p, b_dec=jax.device_put(np.repeat(b_dec[g], len(lambdas), axis=0),
@@ -114,11 +154,12 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
 
     start = int(jax.device_get(state["step"]))
     train_step = step_lib.make_train_step(grid, hp, mesh)
+    to_grid = feed.grid_batches(source.groups, groups, grid, mesh)
     batches = source.batches(batch_size, start, mesh, stop=steps)
-    log = MetricsLog(workdir, groups, grid, batch_size, start, steps)
+    log = MetricsLog(workdir, _labels(groups, grid), grid, batch_size, start, steps)
     try:  # no host sync between log steps: batches and steps are dispatched ahead of the device
         for number, batch in zip(range(start, steps), batches):
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, to_grid(batch))
             done = number + 1
             if done % config.train.log_every == 0 or done == steps:
                 source.check_finite()
@@ -133,7 +174,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         log.close()
         checkpointer.wait()
     checkpointer.close()
-    return write_release(config, source, mesh, grid, release_sites, state)
+    return write_release(config, source, mesh, groups, grid, release_sites, state)
 
 
 def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:

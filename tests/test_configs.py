@@ -7,7 +7,7 @@ import pytest
 
 from gemma_scope import configs
 from gemma_scope.model import get_config as model_config
-from gemma_scope.sites import parse_sites
+from gemma_scope.sites import parse_sites, transcoder_spec
 
 EXPERIMENTS_DIR = pathlib.Path(__file__).parents[1] / "experiments"
 EXPERIMENTS = sorted(EXPERIMENTS_DIR.glob("*.py"))
@@ -29,7 +29,16 @@ def test_every_experiment_validates(path):
     configs.validate_config(config)
     if config.data.source == "model":
         name = config.data.model_config or config.data.model
-        parse_sites(config.data.sites, model_config(name).num_layers)  # sites exist in that model
+        spec = ",".join(filter(None, (config.data.sites, transcoder_spec(config.transcoder.layers))))
+        parse_sites(spec, model_config(name).num_layers)  # sites (and transcoders' sites) exist in that model
+
+
+def test_transcoder_runs():
+    small = load(EXPERIMENTS_DIR / "gemma3_270m_transcoder.py")
+    assert (small.data.sites, small.transcoder.layers, small.transcoder.skip) == ("", "4,8,12", (False, True))
+    paper = load(EXPERIMENTS_DIR / "2b_transcoder.py", "layer=all")
+    assert (paper.data.model_config, paper.data.sites, paper.transcoder.layers) == ("gemma2_2b", "", "*")
+    assert paper.train.steps * paper.train.batch_size == pytest.approx(configs.paper_tokens(2**14), rel=1e-3)
 
 
 def test_paper_runs_follow_the_recipe():

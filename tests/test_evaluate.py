@@ -10,6 +10,7 @@ import pytest
 
 from gemma_scope import evaluate, release
 from gemma_scope.sites import Site
+from test_release import write_gs2_by_hand
 
 
 def random_sae(d=8, width=32, seed=0):
@@ -244,6 +245,26 @@ def test_cli_max_tokens_and_malformed_sae(tmp_path, capsys):
         evaluate.main([f"--sae={tmp_path / 'params.npz'}", f"--activations={tmp_path / 'acts'}"])
 
 
+def test_cli_gs2_directory_evaluates_like_the_same_weights_in_gs1_layout(tmp_path, capsys):
+    """A Gemma Scope 2 directory written from the published key names (not by release.py) and the same weights in
+    a Gemma Scope 1 params.npz give identical metrics; and both reach those of the weights in memory."""
+    x = activations(n=300)
+    (tmp_path / "acts").mkdir()
+    np.save(tmp_path / "acts" / "a.npy", x)
+    params = random_sae()
+    np.savez(tmp_path / "params.npz", **params)
+    gs2 = write_gs2_by_hand(tmp_path / "gs2" / "resid_post_all" / "layer_4_width_32_l0_small", params,
+                            "model.layers.4.output")
+    for sae in (tmp_path / "params.npz", gs2, tmp_path / "gs2"):
+        evaluate.main([f"--sae={sae}", f"--activations={tmp_path / 'acts'}"])
+    gs1, gs2_dir, gs2_root = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert gs2_dir["site"] == gs2_root["site"] == "res.4"
+    want = evaluate.activation_metrics(params, x)
+    for key in ("l0", "fvu", "mse", "dead_fraction", "n_tokens"):
+        assert gs1[key] == gs2_dir[key] == gs2_root[key], key
+        np.testing.assert_allclose(gs1[key], want[key], rtol=1e-6, err_msg=key)
+
+
 @pytest.mark.slow
 def test_identity_splice_on_real_gemma3_270m_gives_zero_delta():
     from gemma_scope import model
@@ -278,6 +299,120 @@ def test_grid_equals_each_sae_alone_on_tiny_gemma():
             np.testing.assert_allclose(got[key], alone[key], rtol=1e-6, err_msg=f"{site} {key}")
     assert together[0]["spliced_loss"] != together[1]["spliced_loss"]
     assert together[0]["zero_ablation_loss"] != together[2]["zero_ablation_loss"]
+
+
+def random_transcoder(d_in, d_out, width=16, seed=0, affine=True):
+    rng = np.random.default_rng(seed)
+    params = dict(random_sae(d=d_in, width=width, seed=seed), W_dec=rng.normal(size=(width, d_out)).astype(np.float32),
+                  b_dec=rng.normal(size=d_out).astype(np.float32))
+    if affine:
+        params["W_skip"] = rng.normal(size=(d_in, d_out)).astype(np.float32) * 0.1
+    return params
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma():
+    from gemma_scope import model
+
+    cfg = model.get_config("gemma3_tiny")
+    params = model.init_params(cfg, jax.random.key(3))
+    tokens = np.random.default_rng(4).integers(3, cfg.vocab_size, size=(3, 12)).astype(np.int32)
+    tokens[:, 0] = 2
+    tokens[2, 9:] = 0
+    return params, cfg, tokens, tokens > 2
+
+
+def test_transcoder_giving_the_true_mlp_output_has_zero_delta(tiny_gemma, monkeypatch):
+    """The splice feeds the prediction the same pass's mlp_in.L and writes mlp.L: a "transcoder" that computes the
+    layer's own MLP (and post-FFN norm) from it leaves the loss unchanged."""
+    from gemma_scope import sae
+    from gemma_scope.model.layers import FeedForward, RMSNorm
+
+    params, cfg, tokens, mask = tiny_gemma
+    layer = params["layer_1"]  # modules bound here: flax forbids making them inside the model's own apply
+    ffn = FeedForward(cfg).bind({"params": layer["mlp"]})
+    post_norm = RMSNorm(cfg.norm_eps).bind({"params": layer["post_ffw_norm"]})
+
+    def true_mlp(_, x):  # x [B, T, d] in the splice, [n, d] in the metrics
+        return post_norm(ffn(x.reshape(-1, 1, x.shape[-1]))).reshape(x.shape).astype(jnp.float32)
+
+    monkeypatch.setattr(evaluate, "sae", types.SimpleNamespace(encode=sae.encode, predict=true_mlp))
+    d = cfg.d_model
+    out = evaluate.evaluate_grid(params, cfg, tokens, mask, [(Site("mlp_in", 1), random_sae(d=d), Site("mlp", 1))],
+                                 batch_size=2, progress=False)[0]
+    assert abs(out["delta_lm_loss"]) < 1e-6 and out["fvu"] < 1e-10
+    assert out["zero_ablation_loss"] - out["clean_loss"] > 1e-3
+
+
+def test_transcoder_splice_matches_direct_computation(tiny_gemma):
+    from gemma_scope import model, sae
+
+    params, cfg, tokens, mask = tiny_gemma
+    site, site_out = Site("mlp_in", 0), Site("mlp", 0)
+    tc = random_transcoder(cfg.d_model, cfg.d_model, seed=7)
+    out = evaluate.evaluate_grid(params, cfg, tokens, mask, [(site, tc, site_out)], batch_size=2, progress=False)[0]
+    clean = model.forward(params, cfg, jnp.asarray(tokens), capture=[site, site_out])
+    x, y = np.asarray(clean.acts[site]), np.asarray(clean.acts[site_out])
+    pred = np.asarray(sae.predict(tc, x.reshape(-1, cfg.d_model))).reshape(y.shape)
+    target = mask[:, 1:]
+    nll = lambda replace: np.asarray(model.token_nll(params, cfg, jnp.asarray(tokens), replace))[target].mean()  # noqa: E731
+    spliced = nll({site_out: lambda act: jnp.where(mask[..., None], pred, act)})
+    zero = nll({site_out: lambda act: jnp.where(mask[..., None], 0.0, act)})
+    np.testing.assert_allclose(out["spliced_loss"], spliced, rtol=1e-5)
+    np.testing.assert_allclose(out["zero_ablation_loss"], zero, rtol=1e-5)
+    assert abs(out["delta_lm_loss"]) > 1e-3
+    # FVU and MSE of the output site; L0 of the latents; numpy formulas on the content tokens.
+    f = (np.maximum(x @ tc["W_enc"] + tc["b_enc"], 0) * (x @ tc["W_enc"] + tc["b_enc"] > tc["threshold"]))[mask]
+    y_hat = f @ tc["W_dec"] + tc["b_dec"] + x[mask] @ tc["W_skip"]
+    mse = np.mean(np.sum((y[mask] - y_hat) ** 2, axis=-1))
+    np.testing.assert_allclose(out["mse"], mse, rtol=1e-4)
+    np.testing.assert_allclose(out["fvu"], mse / np.mean(np.sum((y[mask] - y[mask].mean(0)) ** 2, axis=-1)), rtol=1e-4)
+    np.testing.assert_allclose(out["l0"], (f > 0).sum(-1).mean(), rtol=1e-6)
+
+
+def test_grid_of_saes_and_transcoders_equals_each_alone(tiny_gemma):
+    params, cfg, tokens, mask = tiny_gemma
+    d = cfg.d_model
+    grid = [(Site("mlp", 1), random_sae(d=d, width=16, seed=1)),
+            (Site("mlp_in", 1), random_transcoder(d, d, seed=2), Site("mlp", 1)),
+            (Site("mlp_in", 1), random_transcoder(d, d, seed=3, affine=False), Site("mlp", 1))]
+    together = evaluate.evaluate_grid(params, cfg, tokens, mask, grid, batch_size=2, progress=False)
+    for entry, got in zip(grid, together):
+        alone = evaluate.evaluate_grid(params, cfg, tokens, mask, [entry], batch_size=2, progress=False)[0]
+        for key in ("clean_loss", "spliced_loss", "zero_ablation_loss", "l0", "fvu"):
+            np.testing.assert_allclose(got[key], alone[key], rtol=1e-6, err_msg=f"{entry[0]} {key}")
+    assert together[0]["zero_ablation_loss"] == together[1]["zero_ablation_loss"]  # both ablate mlp.1
+
+
+def test_transcoder_grid_errors(tiny_gemma):
+    params, cfg, tokens, mask = tiny_gemma
+    d = cfg.d_model
+    with pytest.raises(ValueError, match="from mlp_in.L of the same layer; got mlp_in.0 -> mlp.1"):
+        evaluate.evaluate_grid(params, cfg, tokens, mask, [(Site("mlp_in", 0), random_transcoder(d, d), Site("mlp", 1))])
+    with pytest.raises(ValueError, match="output width 5 does not match site mlp.0"):
+        evaluate.evaluate_grid(params, cfg, tokens, mask, [(Site("mlp_in", 0), random_transcoder(d, 5), Site("mlp", 0))])
+
+
+def test_cli_evaluates_gs2_transcoders_with_the_model_only(tiny_gemma, tmp_path, monkeypatch, capsys):
+    params, cfg, tokens, mask = tiny_gemma
+    d = cfg.d_model
+    for affine in (False, True):
+        release.write_gs2(tmp_path / "rel", Site("mlp_in", 1), random_transcoder(d, d, affine=affine), 15,
+                          model_name="tiny", site_out=Site("mlp", 1))
+    release.write_gs2(tmp_path / "rel", Site("mlp", 1), random_sae(d=d, width=16), 40, model_name="tiny")
+    lm = types.SimpleNamespace(params=params, config=cfg)
+    monkeypatch.setattr(evaluate, "_load_lm", lambda *args: (lm, (tokens, mask)))
+    records = evaluate.main([f"--sae={tmp_path / 'rel'}", "--model=tiny", "--lm_batch_size=2"])
+    assert [r["site"] for r in records] == ["mlp.1", "mlp_in.1→mlp.1", "mlp_in.1→mlp.1 +skip"]
+    want = evaluate.evaluate_grid(params, cfg, tokens, mask, [
+        (Site("mlp_in", 1), release.load_params(tmp_path / "rel" / "transcoder_all" / "layer_1_width_16_l0_small_affine"),
+         Site("mlp", 1))], batch_size=2, progress=False)[0]
+    assert records[2]["delta_lm_loss"] == want["delta_lm_loss"] and records[2]["fvu"] == want["fvu"]
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    (tmp_path / "acts").mkdir()
+    np.save(tmp_path / "acts" / "a.npy", activations(n=10, d=d))
+    with pytest.raises(ValueError, match="needs activations of both sites; evaluate it with --model"):
+        evaluate.main([f"--sae={tmp_path / 'rel' / 'transcoder_all'}", f"--activations={tmp_path / 'acts'}"])
 
 
 def test_model_config_reaches_model_load_from_the_cli_and_the_trainer(tmp_path, monkeypatch):

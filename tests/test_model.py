@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from gemma_scope import model
-from gemma_scope.model.layers import RMSNorm
+from gemma_scope.model.layers import FeedForward, RMSNorm
 from gemma_scope.model.params import expected_shapes
 from gemma_scope.sites import Site
 
@@ -32,7 +32,27 @@ def tiny(request):
 
 
 def all_sites(cfg):
-    return [Site(kind, layer) for layer in range(cfg.num_layers) for kind in ("res", "att", "mlp")]
+    return [Site(kind, layer) for layer in range(cfg.num_layers) for kind in ("res", "att", "mlp_in", "mlp")]
+
+
+def check_block_sites(cfg, params, tokens, acts, layer):
+    """Recomputes block ``layer`` from its captured sites and ``res.{layer-1}`` (the embedding for layer 0):
+    ``h = res_prev + post_attention_norm(att @ W_O)``, ``mlp_in = pre_ffw_norm(h)``,
+    ``mlp = post_ffw_norm(FFN(mlp_in))`` (our ``mlp`` is after the post-FFN norm), ``res = h + mlp``."""
+    p = params[f"layer_{layer}"]
+    norm = lambda name, x: RMSNorm(cfg.norm_eps).apply({"params": p[name]}, x)  # noqa: E731
+    if layer == 0:
+        previous = params["embedder"]["input_embedding"][tokens] * np.sqrt(cfg.d_model)
+    else:
+        previous = acts[Site("res", layer - 1)]
+    w_o = p["attn"]["attn_vec_einsum"]["w"].reshape(cfg.site_width("att"), cfg.d_model)
+    h = previous + norm("post_attention_norm", acts[Site("att", layer)] @ w_o)
+    mlp_in, mlp = acts[Site("mlp_in", layer)], acts[Site("mlp", layer)]
+    ffn = FeedForward(cfg).apply({"params": p["mlp"]}, mlp_in)
+    for actual, expected in [(mlp_in, norm("pre_ffw_norm", h)), (mlp, norm("post_ffw_norm", ffn)),
+                             (acts[Site("res", layer)], h + mlp)]:
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
+    assert rel_l2(ffn, mlp) > 1e-2  # so the site is after the post-FFN norm, not before it
 
 
 def test_tiny_parity_with_transformers(tiny):
@@ -51,19 +71,15 @@ def test_tiny_parity_with_transformers(tiny):
 
 
 def test_residual_decomposes_into_sites(tiny):
-    """res_i = res_{i-1} + post_attention_norm(att_i @ W_O) + mlp_i (arXiv 2408.05147 §3.1), res_{-1} the embedding."""
+    """res_i = h_i + mlp_i with h_i = res_{i-1} + post_attention_norm(att_i @ W_O) (arXiv 2408.05147 §3.1),
+    res_{-1} the embedding; mlp_in_i = pre_ffw_norm(h_i) and mlp_i = post_ffw_norm(FFN(mlp_in_i))."""
     lm, golden = tiny
     cfg, params, tokens = lm.config, lm.params, jnp.asarray(golden["tokens"])
     acts = jax.jit(lambda p, t: model.forward(p, cfg, t, capture=all_sites(cfg), logits=False).acts)(params, tokens)
-    previous = params["embedder"]["input_embedding"][tokens] * np.sqrt(cfg.d_model)
     for layer in range(cfg.num_layers):
-        p = params[f"layer_{layer}"]
-        w_o = p["attn"]["attn_vec_einsum"]["w"].reshape(cfg.site_width("att"), cfg.d_model)
-        attn_out = RMSNorm(cfg.norm_eps).apply({"params": p["post_attention_norm"]}, acts[Site("att", layer)] @ w_o)
-        expected = previous + attn_out + acts[Site("mlp", layer)]
-        np.testing.assert_allclose(acts[Site("res", layer)], expected, rtol=1e-5, atol=1e-5)
+        check_block_sites(cfg, params, tokens, acts, layer)
         assert acts[Site("att", layer)].shape == tokens.shape + (cfg.num_heads * cfg.head_dim,)
-        previous = acts[Site("res", layer)]
+        assert acts[Site("mlp_in", layer)].shape == tokens.shape + (cfg.d_model,)
 
 
 def test_replacing_sites(tiny):
@@ -94,6 +110,17 @@ def test_replacing_sites(tiny):
     np.testing.assert_allclose(out.acts[site], clean.acts[site], rtol=1e-6, atol=1e-6)
     assert rel_l2(out.acts[Site("res", 1)], clean.acts[Site("res", 1)]) > 1e-3
     assert rel_l2(out.logits, clean.logits) > 1e-3
+
+    # mlp_in is replaceable: the MLP has no biases and RMSNorm(0) = 0, so a zero mlp_in zeroes the mlp site, and
+    # the block output is then h alone; the captured mlp_in is the clean one.
+    site = Site("mlp_in", 1)
+    sites = [Site("res", 0), Site("att", 1), site, Site("mlp", 1), Site("res", 1)]
+    zeroed = model.forward(params, cfg, tokens, capture=sites, replace={site: jnp.zeros_like})
+    np.testing.assert_array_equal(zeroed.acts[Site("mlp", 1)], 0.0)
+    np.testing.assert_allclose(zeroed.acts[site], clean.acts[site], rtol=1e-6, atol=1e-6)
+    h = clean.acts[Site("res", 1)] - clean.acts[Site("mlp", 1)]
+    np.testing.assert_allclose(zeroed.acts[Site("res", 1)], h, rtol=1e-5, atol=1e-5 * float(jnp.abs(h).max()))
+    assert rel_l2(zeroed.logits, clean.logits) > 1e-3
 
 
 def test_logits_false_skips_later_layers(tiny):

@@ -1,5 +1,6 @@
 """The real embedded Gemma 3 270M against transformers' outputs on the same GGUF weights (tests/golden, made by
-scripts/make_golden.py): logits, residual stream, per-token loss, greedy completion and the score command."""
+scripts/make_golden.py): logits, residual stream, per-token loss, greedy completion and the score command; the
+sites the goldens lack (mlp_in, mlp, att) by recomputing golden-checked blocks from them."""
 
 import json
 import pathlib
@@ -11,6 +12,7 @@ import pytest
 
 from gemma_scope import model, score
 from gemma_scope.sites import Site
+from test_model import check_block_sites
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 
@@ -50,6 +52,22 @@ def test_logits_and_residuals_match_reference(gemma3_270m, golden):
     assert rel_l2(jax.nn.logsumexp(logits, axis=-1), golden["logsumexp"]) <= 1e-4
     for site, expected in zip(sites, golden["res"]):
         assert rel_l2(out.acts[site][0], expected) <= 1e-4
+
+
+def test_block_sites_recompute_the_reference_residuals(gemma3_270m, golden):
+    """At the golden layers 5 and 11 (res checked against transformers above), res = h + mlp with
+    mlp_in = pre_ffw_norm(h) and mlp = post_ffw_norm(FFN(mlp_in)); replacing mlp_in by itself changes nothing."""
+    cfg, params = gemma3_270m.config, gemma3_270m.params
+    tokens = jnp.asarray(golden["tokens"][None, :64])
+    layers = [int(layer) for layer in golden["res_layers"] if layer > 0]
+    sites = [Site(kind, layer) for layer in layers for kind in ("att", "mlp_in", "mlp", "res")]
+    sites += [Site("res", layer - 1) for layer in layers]
+    acts = jax.jit(lambda p, t: model.forward(p, cfg, t, capture=sites, logits=False).acts)(params, tokens)
+    for layer in layers:
+        check_block_sites(cfg, params, tokens, acts, layer)
+    nll = jax.jit(lambda p, t, replace: model.token_nll(p, cfg, t, replace), static_argnums=2)
+    identity = tuple((Site("mlp_in", layer), lambda x: x) for layer in layers)
+    np.testing.assert_array_equal(nll(params, tokens, identity), nll(params, tokens, ()))
 
 
 def test_prose_loss_matches_reference(gemma3_270m, golden):

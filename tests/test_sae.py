@@ -144,11 +144,15 @@ def test_recovers_a_known_sparse_dictionary():
     assert 2.0 <= l0 <= 4.5, l0
 
 
-def _autodiff_loss(params, x, lam, compute_dtype):
-    """Eq. 4 composed from the public pieces and differentiated by JAX (the hand-written backward's reference)."""
-    z = sae.pre_activations_train(params, x, compute_dtype)
+def _autodiff_loss(params, x, lam, compute_dtype, y=None):
+    """Eq. 4 composed from the public pieces and differentiated by JAX (the hand-written backward's reference);
+    a transcoder's (module docstring of sae.py) when y is given."""
+    z = sae.pre_activations_train(params, x, compute_dtype, transcoder=y is not None)
     x_hat = sae.decode(params, sae.jumprelu(z, params["threshold"], EPS), compute_dtype)
-    mse = jnp.mean(jnp.sum((x.astype(jnp.float32) - x_hat) ** 2, axis=-1))
+    if "W_skip" in params:
+        x_hat = x_hat + jnp.matmul(x.astype(compute_dtype), params["W_skip"].astype(compute_dtype),
+                                   preferred_element_type=jnp.float32)
+    mse = jnp.mean(jnp.sum(((x if y is None else y).astype(jnp.float32) - x_hat) ** 2, axis=-1))
     return mse + lam * jnp.mean(jnp.sum(sae.step(z, params["threshold"], EPS), axis=-1))
 
 
@@ -171,6 +175,95 @@ def test_loss_gradients_equal_autodiff_of_the_pieces(compute_dtype, rtol):
     x_grad = jax.grad(lambda x_: sae.loss(params, x_, 0.02, EPS)[0])(x)
     np.testing.assert_allclose(x_grad, jax.grad(lambda x_: _autodiff_loss(params, x_, 0.02, jnp.float32))(x),
                                rtol=1e-5, atol=1e-7)
+
+
+# Transcoders: ŷ = JumpReLU(x W_enc + b_enc) W_dec + b_dec (+ x W_skip), no pre-encoder bias.
+
+
+def _transcoder(rng, d, m, skip):
+    params = dict(sae.init_params(jax.random.key(4), d, m, skip=skip),
+                  b_enc=jnp.asarray(rng.normal(size=m) * 0.05, jnp.float32),
+                  b_dec=jnp.asarray(rng.normal(size=d) * 0.1, jnp.float32),
+                  threshold=jnp.asarray(rng.uniform(0.0, 0.05, size=m), jnp.float32))
+    if skip:
+        params["W_skip"] = jnp.asarray(rng.normal(size=(d, d)) * 0.1, jnp.float32)
+    return params
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoder_loss_gradients_equal_the_formulas(skip):
+    """L = mean_B ||y − ŷ||² + λ·mean_B Σ H(z − θ), z = x W_enc + b_enc: with g = 2(ŷ − y)/B,
+    ∂W_dec = fᵀg, ∂b_dec = Σg, ∂W_skip = xᵀg, ∂W_enc = xᵀ(H(z−θ)·gW_decᵀ), ∂b_enc = Σ H(z−θ)·gW_decᵀ,
+    ∂θ = Σ K((z−θ)/ε)·(−(θ/ε)·gW_decᵀ − λ/(εB)); ∂x = (H·gW_decᵀ)W_encᵀ + gW_skipᵀ, ∂y = −g."""
+    rng = np.random.default_rng(8)
+    d, m, batch, lam = 12, 48, 160, 0.02
+    params = _transcoder(rng, d, m, skip)
+    x = jnp.asarray(rng.normal(size=(batch, d)) / np.sqrt(d), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(batch, d)) / np.sqrt(d) + 0.3, jnp.float32)
+    loss_fn = lambda p, x_, y_: sae.loss(p, x_, lam, EPS, y=y_)[0]  # noqa: E731
+    grads, d_x, d_y = jax.jit(jax.grad(loss_fn, argnums=(0, 1, 2)))(params, x, y)
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    z = xs @ p["W_enc"] + p["b_enc"]
+    np.testing.assert_allclose(sae.pre_activations_train(params, x, transcoder=True), z, rtol=1e-5, atol=1e-6)
+    active, kernel = z > p["threshold"], np.abs((z - p["threshold"]) / EPS) < 0.5
+    assert kernel.any()  # the θ kernel is exercised
+    f = z * active
+    y_hat = f @ p["W_dec"] + p["b_dec"] + (xs @ p["W_skip"] if skip else 0)
+    g = 2 * (y_hat - ys) / batch
+    d_f = g @ p["W_dec"].T
+    d_z = d_f * active
+    want = {"W_dec": f.T @ g, "b_dec": g.sum(0), "W_enc": xs.T @ d_z, "b_enc": d_z.sum(0),
+            "threshold": np.sum(kernel * (-(p["threshold"] / EPS) * d_f - lam / (EPS * batch)), 0)}
+    if skip:
+        want["W_skip"] = xs.T @ g
+    assert sorted(grads) == sorted(want)
+    for key, value in want.items():
+        np.testing.assert_allclose(grads[key], value, rtol=1e-4, atol=1e-4 * np.abs(value).max(), err_msg=key)
+    np.testing.assert_allclose(d_x, d_z @ p["W_enc"].T + (g @ p["W_skip"].T if skip else 0), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(d_y, -g, rtol=1e-5, atol=1e-8)
+    total, aux = sae.loss(params, x, lam, EPS, y=y)
+    mse = np.mean(np.sum((ys - y_hat) ** 2, -1))
+    np.testing.assert_allclose(aux["mse"], mse, rtol=1e-5)
+    np.testing.assert_allclose(aux["fvu"], mse / np.mean(np.sum((ys - ys.mean(0)) ** 2, -1)), rtol=1e-5)
+    np.testing.assert_allclose(total, mse + lam * active.sum(1).mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("compute_dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_transcoder_loss_gradients_equal_autodiff_of_the_pieces(compute_dtype, rtol):
+    rng = np.random.default_rng(9)
+    params = _transcoder(rng, 16, 64, skip=True)
+    x = jnp.asarray(rng.normal(size=(128, 16)) / 4, jnp.float32)
+    y = jnp.asarray(rng.normal(size=(128, 16)) / 4, jnp.float32)
+    grad = jax.jit(jax.grad(lambda p: sae.loss(p, x, 0.01, EPS, compute_dtype, y=y)[0]))(params)
+    ref = jax.jit(jax.grad(lambda p: _autodiff_loss(p, x, 0.01, compute_dtype, y)))(params)
+    for key in params:
+        assert grad[key].dtype == jnp.float32
+        np.testing.assert_allclose(grad[key], ref[key], rtol=0, atol=rtol * np.abs(ref[key]).max(), err_msg=key)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoder_fold_gives_scaled_output_on_raw_activations(skip):
+    rng = np.random.default_rng(10)
+    d, m, c_in, c_out = 12, 40, 3.7, 0.6
+    params = _transcoder(rng, d, m, skip)
+    params["threshold"] = jnp.asarray(rng.uniform(0.02, 0.1, size=m), jnp.float32)
+    x_raw = jnp.asarray(rng.normal(size=(256, d)) * c_in / np.sqrt(d), jnp.float32)
+    x = x_raw / c_in
+    f = sae.jumprelu(sae.pre_activations_train(params, x, transcoder=True), params["threshold"])
+    y_hat = sae.decode(params, f) + (x @ params["W_skip"] if skip else 0)
+    folded = sae.fold_normalisation(params, c_in, c_out)
+    assert sorted(folded) == sorted(params)
+    assert np.count_nonzero(f) > 100
+    np.testing.assert_allclose(sae.encode(folded, x_raw), c_out * f, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sae.predict(folded, x_raw), c_out * y_hat, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(folded["W_dec"], params["W_dec"])
+
+
+def test_init_skip_is_zero():
+    p = sae.init_params(jax.random.key(3), 16, 64, skip=True)
+    np.testing.assert_array_equal(p["W_skip"], np.zeros((16, 16), np.float32))
+    assert "W_skip" not in sae.init_params(jax.random.key(3), 16, 64)
 
 
 def _recipe_setup(seed=11, d=12, m=48, batch=256):
@@ -281,3 +374,24 @@ def test_geometric_median_is_the_minimiser_and_resists_outliers():
     for step in (np.eye(6) * 0.05):
         assert objective(median) <= min(objective(median + step), objective(median - step))
     assert np.abs(median - 3.0).max() < 0.3 and np.abs(points.mean(axis=0) - 3.0).min() > 30
+
+
+def test_transcoder_matryoshka_and_target_l0_loss_equal_their_formulas():
+    """With prefixes the reconstruction term is the mean over prefixes m of ||y − (f[:, :m] W_dec[:m] + b_dec +
+    x W_skip)||²; the target-L0 term λ·(L0/target − 1)² is the SAE's (sparsity_penalty)."""
+    rng = np.random.default_rng(12)
+    d, m, lam, target = 12, 48, 0.3, 5.0
+    params = _transcoder(rng, d, m, skip=True)
+    x = jnp.asarray(rng.normal(size=(200, d)) / np.sqrt(d), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(200, d)) / np.sqrt(d), jnp.float32)
+    total, aux = sae.loss(params, x, lam, EPS, sparsity_loss="target_l0", target_l0=target,
+                          matryoshka_prefixes=(8, 24), y=y)
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    z = xs @ p["W_enc"] + p["b_enc"]
+    f = z * (z > p["threshold"])
+    mses = [np.mean(np.sum((ys - (f[:, :k] @ p["W_dec"][:k] + p["b_dec"] + xs @ p["W_skip"])) ** 2, -1))
+            for k in (8, 24, m)]
+    l0 = (z > p["threshold"]).sum(1).mean()
+    np.testing.assert_allclose(aux["mse"], mses[-1], rtol=1e-5)
+    np.testing.assert_allclose(total, np.mean(mses) + lam * (l0 / target - 1) ** 2, rtol=1e-5)

@@ -13,3 +13,16 @@ def test_parse_expands_wildcards_and_ranges_sorted_unique():
 def test_bad_specs_raise_clear_errors(spec):
     with pytest.raises(ValueError, match="site|layer"):
         parse_sites(spec, num_layers=3)
+
+
+def test_transcoder_spec_target_and_label():
+    from gemma_scope.sites import transcoder_label, transcoder_spec, transcoder_target
+
+    assert transcoder_spec("4, 8") == "mlp_in.4,mlp.4,mlp_in.8,mlp.8"
+    assert [str(s) for s in parse_sites(transcoder_spec("*"), 2)] == ["mlp.0", "mlp.1", "mlp_in.0", "mlp_in.1"]
+    assert transcoder_spec("") == ""
+    assert transcoder_target(Site("mlp_in", 3)) == Site("mlp", 3)
+    with pytest.raises(ValueError, match="reads an mlp_in site"):
+        transcoder_target(Site("mlp", 3))
+    assert transcoder_label(Site("mlp_in", 3), skip=True) == "mlp_in.3→mlp.3 +skip"
+    assert Site.parse("mlp_in.7") == Site("mlp_in", 7)

@@ -32,14 +32,9 @@ def _config(workdir, data_path, **train_overrides):
     return config
 
 
-def test_sharded_step_equals_single_device():
-    grid = {"d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2)),
-            "d8": step_lib.Group(n_sites=1, d_model=8, width=64, l0_coefficients=(1e-3, 3e-2))}
-    hp = step_lib.Hyperparams(learning_rate=1e-2, lr_warmup_steps=2, l0_warmup_steps=2)
-    rng = np.random.default_rng(0)
-    batches = [{"d16": rng.normal(size=(2, 64, 16)).astype(np.float32),
-                "d8": rng.normal(size=(1, 64, 8)).astype(np.float32)} for _ in range(3)]
-    scales = {"d16": np.array([1.5, 2.0], np.float32), "d8": np.array([0.5], np.float32)}
+def _sharded_equals_single_device(grid, batches, scales, hp):
+    """Runs the step on one device and on 8 (data 8 × model 1, data 2 × model 4); returns the single-device state
+    after asserting every sharded state and metric equals it."""
 
     def run(mesh):
         state = step_lib.init_state(jax.random.key(0), grid, hp, mesh, scales)
@@ -55,8 +50,49 @@ def test_sharded_step_equals_single_device():
         sharded, metrics = run(mesh)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single, sharded)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single_metrics, metrics)
-    assert single["step"] == 3 and not np.array_equal(single["params"]["d16"]["b_dec"], 0)
+    assert single["step"] == len(batches)
+    return single
+
+
+def test_sharded_step_equals_single_device():
+    grid = {"d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2)),
+            "d8": step_lib.Group(n_sites=1, d_model=8, width=64, l0_coefficients=(1e-3, 3e-2))}
+    hp = step_lib.Hyperparams(learning_rate=1e-2, lr_warmup_steps=2, l0_warmup_steps=2)
+    rng = np.random.default_rng(0)
+    batches = [{"d16": rng.normal(size=(2, 64, 16)).astype(np.float32),
+                "d8": rng.normal(size=(1, 64, 8)).astype(np.float32)} for _ in range(3)]
+    scales = {"d16": np.array([1.5, 2.0], np.float32), "d8": np.array([0.5], np.float32)}
+    single = _sharded_equals_single_device(grid, batches, scales, hp)
+    assert not np.array_equal(single["params"]["d16"]["b_dec"], 0)
     np.testing.assert_allclose(np.linalg.norm(single["params"]["d16"]["W_dec"], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_sharded_transcoder_grid_equals_single_device():
+    """SAEs and transcoders with and without the affine skip in one grid, one batch each step."""
+    grid = {"d16": step_lib.Group(n_sites=1, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2)),
+            "tc_d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2), transcoder=True),
+            "tc_skip_d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3,), transcoder=True,
+                                          skip=True)}
+    hp = step_lib.Hyperparams(learning_rate=1e-2, lr_warmup_steps=2, l0_warmup_steps=2)
+    rng = np.random.default_rng(1)
+
+    def pair():
+        x = rng.normal(size=(2, 64, 16)).astype(np.float32)
+        return x, (np.tanh(x) * 3 + rng.normal(size=x.shape) * 0.1).astype(np.float32)
+
+    batches = []
+    for _ in range(3):
+        x, y = pair()
+        batches.append({"d16": x[:1], "tc_d16": (x, y), "tc_skip_d16": (x, y)})
+    scales = {"d16": np.array([1.5], np.float32), "tc_d16": np.array([[1.5, 3.0], [2.0, 0.5]], np.float32),
+              "tc_skip_d16": np.array([[1.5, 3.0], [2.0, 0.5]], np.float32)}
+    single = _sharded_equals_single_device(grid, batches, scales, hp)
+    params = single["params"]
+    assert "W_skip" not in params["tc_d16"] and params["tc_skip_d16"]["W_skip"].shape == (2, 16, 16)
+    assert np.abs(params["tc_skip_d16"]["W_skip"]).max() > 1e-3  # trained away from its zero init
+    np.testing.assert_allclose(np.linalg.norm(params["tc_skip_d16"]["W_dec"], axis=-1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="transcoder groups only"):
+        step_lib.Group(n_sites=1, d_model=16, width=64, l0_coefficients=(1e-3,), skip=True)
 
 
 def test_latent_axis_is_sharded_on_the_model_axis():
@@ -220,6 +256,61 @@ def test_benchmark_step_runs_the_real_step_on_a_sharded_mesh():
         np.testing.assert_allclose(np.linalg.norm(results[-1]["W_dec"], axis=-1), 1.0, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
 
+
+class _MlpSource:
+    """A stand-in model source: sites res.0, mlp_in.0 and mlp.0 with mlp = x @ A + relu(x) @ B (a mostly linear
+    map, as an affine skip can fit), batch ``b`` a pure function of b, placed on the mesh like ModelSource's."""
+
+    num_layers = 1
+    sites = ["mlp.0", "mlp_in.0", "res.0"]
+    d_in = {site: 16 for site in sites}
+    groups = activations.group_sites(sites, d_in)
+
+    @staticmethod
+    def host_batch(batch_size, number):
+        rng = np.random.default_rng(0)
+        a, b = rng.normal(size=(16, 16)) * 0.5, rng.normal(size=(16, 16)) * 0.2
+        x = np.random.default_rng(number + 1).normal(size=(batch_size, 16))
+        return {"mlp_in.0": (3 * x).astype(np.float32), "mlp.0": (x @ a + np.maximum(x, 0) @ b).astype(np.float32),
+                "res.0": (x[:, ::-1] + 1).astype(np.float32)}
+
+    def batches(self, batch_size, start=0, mesh=None, stop=None):
+        sharding = step_lib.batch_sharding(mesh or activations.single_device_mesh())
+        for number in range(start, 2**62 if stop is None else stop):
+            batch = self.host_batch(batch_size, number)
+            yield {"d16": jax.device_put(np.stack([batch[s] for s in self.sites]), sharding)}
+
+    def check_finite(self):
+        pass
+
+
+def test_transcoders_train_beside_saes_and_release_in_both_layouts(tmp_path):
+    config = _config(tmp_path / "run", tmp_path, steps=200, log_every=50, checkpoint_every=200, l0_warmup_steps=10,
+                     learning_rate=3e-3, eval_batches=4)
+    config.data.source, config.data.sites, config.data.model = "model", "res.0", "stand-in"
+    config.transcoder.layers, config.transcoder.skip = "0", (False, True)
+    config.sae.l0_coefficient = (1e-3,)
+    paths = train.run(config, source=_MlpSource())
+    root = tmp_path / "run"
+    gs2 = sorted(str(p.parent.relative_to(root / "release_gs2")) for p in (root / "release_gs2").rglob("config.json"))
+    assert [p.split("/")[0] for p in gs2] == ["resid_post_all", "transcoder_all", "transcoder_all"]
+    assert gs2[2].endswith("_affine") and not gs2[1].endswith("_affine")
+    assert [p.suffix for p in paths] == [".npz", ".safetensors", ".safetensors"]
+    assert release.sae_info(paths[1]) == {"site": "mlp_in.0", "site_out": "mlp.0", "l0_coefficient": None,
+        "target_l0": None}
+    labels = {json.loads(line)["site"] for line in (root / "metrics.jsonl").read_text().splitlines()}
+    assert labels == {"res.0", "mlp_in.0→mlp.0", "mlp_in.0→mlp.0 +skip"}
+    # The released transcoders work on raw activations; the affine one fits the mostly linear map better.
+    batch = _MlpSource.host_batch(2048, 1000)
+    x, y = batch["mlp_in.0"], batch["mlp.0"]
+    fvu = {}
+    for path in paths[1:]:
+        params = release.load_params(path)
+        fvu["W_skip" in params] = np.sum((np.asarray(sae.predict(params, x)) - y) ** 2) / np.sum((y - y.mean(0)) ** 2)
+    assert fvu[True] < fvu[False] < 0.9, fvu
+    with pytest.raises(ValueError, match="transcoder.layers='0' needs data.source='model'"):
+        config.data.source = "npy"
+        train.run(config, source=_MlpSource())
 
 
 @pytest.mark.parametrize("b_dec_init", ["zero", "mean", "geometric_median"])

@@ -73,12 +73,12 @@ class Config:
         return self.num_kv_heads == self.num_heads
 
     def site_width(self, kind: str) -> int:
-        """Width of a site's activations: ``num_heads * head_dim`` for "att", ``d_model`` for "res"/"mlp"."""
+        """Width of a site's activations: ``num_heads * head_dim`` for "att", ``d_model`` for "res"/"mlp"/"mlp_in"."""
         if kind == "att":
             return self.num_heads * self.head_dim
-        if kind in ("res", "mlp"):
+        if kind in ("res", "mlp", "mlp_in"):
             return self.d_model
-        raise ValueError(f"unknown site kind {kind!r}; expected 'res', 'att' or 'mlp'")
+        raise ValueError(f"unknown site kind {kind!r}; expected 'res', 'att', 'mlp' or 'mlp_in'")
 
 
 def _pattern(pattern: tuple[str, ...], num_layers: int) -> tuple[str, ...]:

@@ -6,9 +6,10 @@ layout load unchanged. The block is the one of the Gemma 2 report (arXiv 2408.00
 (arXiv 2503.19786, §2): RMSNorm with (1 + scale), pre/post attention and pre/post feed-forward norms, GQA with RoPE,
 optional QK-norm, attention-logit softcap, GeGLU MLP, tied embeddings scaled by sqrt(d_model).
 
-Each block calls ``hook(kind, value)`` at its three sites (`gemma_scope.sites`): "att" with the per-head attention
-outputs concatenated over heads ``[B, T, num_heads * head_dim]`` before W_O, "mlp" after post_ffw_norm, and "res"
-with the block output; whatever the hook returns flows downstream.
+Each block calls ``hook(kind, value)`` at its four sites (`gemma_scope.sites`): "att" with the per-head attention
+outputs concatenated over heads ``[B, T, num_heads * head_dim]`` before W_O, "mlp_in" with the MLP's input (after
+pre_ffw_norm), "mlp" after post_ffw_norm, and "res" with the block output; whatever the hook returns flows
+downstream.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer; calls ``hook`` at its "att", "mlp" and "res" sites (module docstring)."""
+    """One decoder layer; calls ``hook`` at its "att", "mlp_in", "mlp" and "res" sites (module docstring)."""
 
     config: Config
     attn_type: str
@@ -162,7 +163,8 @@ class Block(nn.Module):
         b, t, n, h = heads.shape
         att = hook("att", heads.reshape(b, t, n * h)).reshape(b, t, n, h)
         x = x + self.post_attention_norm(self.attn.project(att))
-        mlp = hook("mlp", self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x))))
+        mlp_in = hook("mlp_in", self.pre_ffw_norm(x))
+        mlp = hook("mlp", self.post_ffw_norm(self.mlp(mlp_in)))
         return hook("res", x + mlp)
 
 
