@@ -284,6 +284,33 @@ class _MlpSource:
         pass
 
 
+def test_grid_batches_and_constants_are_gathered_from_the_source_groups():
+    """SAE stacks and a transcoder's (mlp_in.L, mlp.L) pair are the source's rows, gathered on the mesh; a
+    transcoder's constants are (C of mlp_in.L, C of mlp.L) and its b_dec that of mlp.L."""
+    source_groups = {"d4": ["res.0", "mlp_in.1", "res.1", "mlp.1"], "d8": ["x"]}
+    groups = {"d4": ["res.1", "res.0"], "tc_d4": ["mlp_in.1"], "d8": ["x"]}
+    grid = {"d4": step_lib.Group(2, 4, 8, (1e-3,)), "tc_d4": step_lib.Group(1, 4, 8, (1e-3,), transcoder=True),
+            "d8": step_lib.Group(1, 8, 8, (1e-3,))}
+    mesh = step_lib.make_mesh(devices=jax.devices()[:2])
+    rng = np.random.default_rng(0)
+    host = {"d4": rng.normal(size=(4, 6, 4)).astype(np.float32), "d8": rng.normal(size=(1, 6, 8)).astype(np.float32)}
+    batch = {g: jax.device_put(x, step_lib.batch_sharding(mesh)) for g, x in host.items()}
+    out = feed.grid_batches(source_groups, groups, grid, mesh)(batch)
+    np.testing.assert_array_equal(out["d4"], host["d4"][[2, 0]])
+    np.testing.assert_array_equal(out["tc_d4"][0], host["d4"][[1]])
+    np.testing.assert_array_equal(out["tc_d4"][1], host["d4"][[3]])
+    np.testing.assert_array_equal(out["d8"], host["d8"])
+    assert out["tc_d4"][1].sharding == step_lib.batch_sharding(mesh)
+    scales = {"d4": np.array([1.0, 2.0, 3.0, 4.0], np.float32), "d8": np.array([5.0], np.float32)}
+    b_dec = {g: np.arange(c.size)[:, None] * np.ones(int(g[1:]), np.float32) for g, c in scales.items()}
+    grid_scales, grid_b_dec = feed.grid_constants(source_groups, scales, b_dec, groups, grid)
+    np.testing.assert_array_equal(grid_scales["d4"], [3.0, 1.0])
+    np.testing.assert_array_equal(grid_scales["tc_d4"], [[2.0, 4.0]])
+    np.testing.assert_array_equal(grid_b_dec["d4"][:, 0], [2, 0])
+    np.testing.assert_array_equal(grid_b_dec["tc_d4"][:, 0], [3])
+    np.testing.assert_array_equal(grid_scales["d8"], [5.0])
+
+
 def test_transcoders_train_beside_saes_and_release_in_both_layouts(tmp_path):
     config = _config(tmp_path / "run", tmp_path, steps=200, log_every=50, checkpoint_every=200, l0_warmup_steps=10,
                      learning_rate=3e-3, eval_batches=4)
