@@ -94,23 +94,31 @@ def grid_constants(source_groups: dict[str, list[str]], scales: dict[str, np.nda
 
 def grid_batches(source_groups: dict[str, list[str]], groups: dict[str, list[str]],
                  grid: dict[str, step_lib.Group], mesh):
-    """A jitted function from a source batch ``{source group: [n, B, d]}`` to the step's batch: ``{group:
-    [n_sites, B, d]}`` for an SAE group, ``(x, y)`` of those for a transcoder group (its ``mlp_in.L`` and the
-    ``mlp.L`` they predict). The rows are gathered on the devices, in ``step.batch_sharding``; a group that is a
-    whole source group is passed through."""
+    """A function from a source batch ``{source group: [n, B, d]}`` to the step's batch: ``{group: [n_sites, B,
+    d]}`` for an SAE group, ``(x, y)`` of those for a transcoder group (its ``mlp_in.L`` and the ``mlp.L`` they
+    predict). Rows are gathered on the devices into ``step.batch_sharding``; a group that is a whole source group
+    is the source's array itself (no copy), so a run without transcoders feeds the source's batches unchanged.
+
+    Raises:
+      ValueError: the sites of one grid group lie in several source groups.
+    """
     where = _where(source_groups)
 
-    def stack(batch, sites):
-        (g, *others) = {where[s][0] for s in sites}
+    def plan(sites):  # (source group, rows to gather or None for all of it)
+        (g, *others) = sorted({where[s][0] for s in sites})
         if others:
-            raise ValueError(f"sites {sites} of one grid group lie in several source groups (widths differ)")
-        index = [where[s][1] for s in sites]
-        return batch[g] if index == list(range(len(source_groups[g]))) else batch[g][np.array(index)]
+            raise ValueError(f"sites {sites} of one grid group lie in several source groups ({[g, *others]})")
+        index = tuple(where[s][1] for s in sites)
+        return g, None if index == tuple(range(len(source_groups[g]))) else index
 
     outputs = targets(groups, grid)
+    plans = {g: [plan(sites)] + ([plan(outputs[g])] if grid[g].transcoder else []) for g, sites in groups.items()}
+    gather = jax.jit(lambda x, index: x[np.array(index)], static_argnums=1,
+                     out_shardings=step_lib.batch_sharding(mesh))
 
-    def regroup(batch):
-        return {g: (stack(batch, sites), stack(batch, outputs[g])) if grid[g].transcoder else stack(batch, sites)
-                for g, sites in groups.items()}
+    def to_grid(batch):
+        taken = {g: [batch[s] if index is None else gather(batch[s], index) for s, index in p]
+                 for g, p in plans.items()}
+        return {g: tuple(x) if grid[g].transcoder else x[0] for g, x in taken.items()}
 
-    return jax.jit(regroup, out_shardings=step_lib.batch_sharding(mesh))
+    return to_grid
