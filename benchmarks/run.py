@@ -27,7 +27,7 @@ from benchmarks import report
 from benchmarks.common import DTYPES, SAE_SHAPES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "allocator", "gpu")
+PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "pipeline", "allocator", "gpu")
 TCMALLOC_GLOBS = ("/usr/lib/*/libtcmalloc_minimal.so.4",
                   str(ROOT / ".cache/tcmalloc/usr/lib/*/libtcmalloc_minimal.so.4"))
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
     parser.add_argument("--shapes", default="all", help="'all' or comma list d x width x batch, e.g. 640x4096x4096")
     parser.add_argument("--only", default=",".join(PARTS),
-                        help="comma list of parts to run: peak, ours, saelens, generator, allocator, gpu")
+                        help="comma list of parts to run: " + ", ".join(PARTS))
     parser.add_argument("--allocator", choices=("tcmalloc", "system"), default="tcmalloc",
                         help="tcmalloc (LD_PRELOAD, falls back to system when not installed) or glibc malloc")
     parser.add_argument("--saelens-python",
@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     e2e_args = [*timing, "--config", args.e2e_config, *(f"--set={kv}" for kv in args.e2e_set)]
     results["generator"] = generator
     results["end_to_end"] = ours_worker("endtoend", "benchmarks.end_to_end", e2e_args)
+    results["pipeline"] = ours_worker("pipeline", "benchmarks.pipeline", timing, cpu=False)
     results["gpu"] = ours_worker("gpu", "benchmarks.gpu_step", timing, cpu=False)
     if "error" in generator:
         errors["generator"] = generator["error"]

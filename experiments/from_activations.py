@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.source = "npy"
     data.path = ""  # directory of float32 .npy files, each [N, d]
     data.site = ""  # e.g. "res.12"; empty: released under custom/layer_0
+    data.buffer_rows = 2**18  # rows per shuffle buffer on the devices (random blocks of 4,096 contiguous rows)
     config = configs.train_config(data)
     config.workdir = "/tmp/gemma_scope/from_activations"
     config.sae.width = 4096

@@ -1,9 +1,13 @@
 """Sources of site activations for the trainer: the ``ActivationSource`` protocol and its implementations.
 
-A source names its sites (``"res.3"``, or ``sites.CUSTOM`` = ``"custom"`` for activations not tied to a model site)
-and yields numbered batches ``{site: float32 [batch_size, d]}``. Batch ``b`` is a pure function of (source config,
-seed, b), so a resumed run sees exactly the batches an uninterrupted run would have seen. On multi-host runs each
-process builds its source with its own ``shard_index`` and gets its own rows of every global batch.
+A source names its sites (``"res.3"``, or ``sites.CUSTOM`` for activations not tied to a model site) and yields
+numbered global batches ``{group: [n_sites, batch_size, d]}`` (sites grouped by width, ``group_sites``) as
+``jax.Array``s laid out as the train step wants them (``step.batch_sharding``). Batch ``b`` is a pure function of
+(source config, seed, mesh size, b), so a resumed run sees exactly the batches an uninterrupted run would have seen.
+
+The shuffle buffer lives on the devices (``ShuffleBuffers``): its token axis is split over every device of the
+mesh, one slot per device, and each device gathers its share of every batch from its own slot with one
+``jnp.take``; the host holds only token ids, masks and permutation indices, and never waits on the device.
 
 Activations can also be written to disk once and reused (e.g. by a λ sweep), one directory per site:
 
@@ -17,122 +21,360 @@ writes ``DIR/<site>/shard_<k>.npy`` (``[n_k, d]``, content tokens of chunk k in 
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import os
 import pathlib
-from typing import Iterator, Protocol
+import sys
+import threading
+from typing import Callable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma_scope import model
-from gemma_scope.sites import CUSTOM
+from gemma_scope import step as step_lib
 from gemma_scope.shards import STORAGE_DTYPES, open_shards, write_shards
+from gemma_scope.sites import CUSTOM
+SLOTS = ("data", "model")  # the buffer's token axis is split over every device of the mesh, data-major
+NPY_BLOCK_ROWS = 4096  # rows of one contiguous read from a shard file
+
+
+def group_sites(sites: list[str], d_in: dict[str, int]) -> dict[str, list[str]]:
+    """Sites grouped by input width (one stacked group each): ``{"d<width>": [site, ...]}``, in ``sites`` order."""
+    groups: dict[str, list[str]] = {}
+    for site in sites:
+        groups.setdefault(f"d{d_in[site]}", []).append(site)
+    return groups
+
+
+def single_device_mesh() -> Mesh:
+    """The default mesh of a source used outside the trainer: this process's first device."""
+    return step_lib.make_mesh(devices=jax.local_devices()[:1])
+
 
 class ActivationSource(Protocol):
     """Numbered batches of activations of one or more sites (see the module docstring)."""
 
     sites: list[str]
     d_in: dict[str, int]
+    groups: dict[str, list[str]]
 
-    def batches(self, batch_size: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Batch number start, start+1, ...; each ``{site: float32 [batch_size, d_in[site]]}``."""
+    def batches(self, batch_size: int, start: int = 0, mesh: Mesh | None = None,
+                stop: int | None = None) -> Iterator[dict[str, jax.Array]]:
+        """Global batch number start, start+1, ... (up to ``stop``, endless if None); each ``{group: [n_sites,
+        batch_size, d_in]}`` in the step's batch sharding on ``mesh`` (default ``single_device_mesh()``), in the
+        buffer's dtype. No buffer past ``stop`` is prepared."""
         ...
+
+    def check_finite(self) -> None:
+        """Raises ValueError naming the batches and site if a buffer handed out so far held NaN/Inf."""
+        ...
+
+
+def _free_bytes(device: jax.Device, devices_sharing: int) -> int | None:
+    """Memory free on ``device`` (accelerators: ``memory_stats``; CPU devices: the host's available memory split
+    among this process's devices); None if unknown."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+    return kib * 1024 // devices_sharing
+
+
+class ShuffleBuffers:
+    """Shuffle buffers on a mesh: a slot of ``rows`` rows per device, one array ``[n_sites, devices·rows, d]``
+    per group with the token axis split over every device (``SLOTS``).
+
+    Each process fills the slots of its own devices (so buffers change at each process's own pace); a buffer's
+    slot ``s`` has ``valid[s]`` rows, visited ``passes`` times, each time in a fresh permutation seeded by
+    ``(*seed, pass, s)``. Global batch ``i`` of a buffer is, on every device, rows ``[i·b, (i+1)·b)`` of its
+    slot's permutation with ``b = batch_size / devices``: one device-local ``jnp.take`` (no communication), then
+    the step's batch sharding (an all-gather over ``'model'`` when that axis is > 1). A buffer yields
+    ``passes · (min_s valid[s] // b)`` batches (the rest of each slot is dropped).
+
+    Args:
+      mesh: the trainer's ('data', 'model') mesh.
+      widths: ``{group: (n_sites, d)}``.
+      rows: slot rows per device.
+      dtype: buffer dtype.
+      passes: visits of each buffer.
+    """
+
+    def __init__(self, mesh: Mesh, widths: dict[str, tuple[int, int]], rows: int, dtype, passes: int = 1):
+        devices = list(mesh.devices.flat)
+        self.mesh, self.widths, self.rows, self.dtype, self.passes = mesh, widths, rows, jnp.dtype(dtype), passes
+        self.count = len(devices)
+        self.local = [s for s, d in enumerate(devices) if d.process_index == jax.process_index()]
+        self.local_devices = [devices[s] for s in self.local]
+        self.local_mesh = Mesh(np.array(self.local_devices), ("slot",))
+        self._sharding = NamedSharding(mesh, P(None, SLOTS, None))
+        self._slot_sharding = NamedSharding(mesh, P(SLOTS))
+        self._gathers: dict[int, Callable] = {}
+        self._pending: list[tuple[int, int, int, dict]] = []  # (buffer, first batch, end batch, finite flags)
+
+    @property
+    def bytes_per_device(self) -> int:
+        """Device bytes of one buffer's slot and its permutations."""
+        return self.rows * (sum(n * d for n, d in self.widths.values()) * self.dtype.itemsize + 4 * self.passes)
+
+    def check_fits(self, fields: str) -> None:
+        """Prints the buffer's size; raises MemoryError (naming ``fields``) if two buffers (the one in use and
+        the next one filling) do not fit in a device's free memory."""
+        need = 2 * self.bytes_per_device
+        if jax.process_index() == 0:
+            print(f"shuffle buffer: {self.count * self.rows:,} rows ({self.rows:,} per device on {self.count} "
+                  f"device(s)), {self.bytes_per_device / 2**20:,.1f} MiB per device; 2 live while the next one "
+                  "fills", file=sys.stderr, flush=True)
+        free = _free_bytes(self.local_devices[0], len(self.local_devices))
+        if free is not None and need > free:
+            raise MemoryError(f"two shuffle buffers need {need / 2**30:.2f} GiB per device but "
+                              f"{self.local_devices[0]} has {free / 2**30:.2f} GiB free; lower {fields}")
+
+    def per_slot(self, batch_size: int) -> int:
+        """Rows each device gathers per batch; ValueError unless ``batch_size`` splits evenly over the devices."""
+        if batch_size <= 0 or batch_size % self.count:
+            raise ValueError(f"batch size {batch_size} must be a positive multiple of the number of devices "
+                             f"{self.count} (each device gathers an equal share of every batch from its slot)")
+        return batch_size // self.count
+
+    def batches_in(self, valid: np.ndarray, batch_size: int) -> int:
+        """Batches a buffer whose slots hold ``valid`` rows yields."""
+        return self.passes * (int(np.min(valid)) // self.per_slot(batch_size))
+
+    def _global(self, shards: list[jax.Array], shape: tuple[int, ...], sharding: NamedSharding) -> jax.Array:
+        return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+    def view(self, local: dict[str, list[jax.Array]]) -> dict[str, jax.Array]:
+        """The global buffers ``{group: [n, devices·rows, d]}`` over this process's per-device slots (no copy)."""
+        return {g: self._global(shards, (shards[0].shape[0], self.count * self.rows, shards[0].shape[2]),
+                                self._sharding) for g, shards in local.items()}
+
+    def permutations(self, valid: np.ndarray, seed: tuple[int, ...]) -> jax.Array:
+        """int32 ``[devices, passes, rows]``: each local slot's row order per pass (padded with 0), on its device."""
+        shards = []
+        for s, n, device in zip(self.local, valid, self.local_devices):
+            order = np.zeros((1, self.passes, self.rows), np.int32)
+            for p in range(self.passes):
+                order[0, p, :n] = np.random.default_rng((*seed, p, s)).permutation(int(n))
+            shards.append(jax.device_put(order, device))
+        return self._global(shards, (self.count, self.passes, self.rows), self._slot_sharding)
+
+    def _gather(self, per_slot: int) -> Callable:
+        if per_slot not in self._gathers:
+            def take(buffers, order, position):  # one device's slot, its row orders and (pass, batch)
+                rows = jax.lax.dynamic_slice_in_dim(order[0, position[0, 0]], position[0, 1] * per_slot, per_slot)
+                return {g: jnp.take(x, rows, axis=1) for g, x in buffers.items()}
+
+            self._gathers[per_slot] = jax.jit(
+                jax.shard_map(take, mesh=self.mesh, in_specs=(P(None, SLOTS, None), P(SLOTS), P(SLOTS)),
+                              out_specs=P(None, SLOTS, None)),
+                out_shardings=step_lib.batch_sharding(self.mesh))
+        return self._gathers[per_slot]
+
+    def stream(self, batch_size: int, start: int, stop: int | None, count_of: Callable[[int], int],
+               load) -> Iterator[dict]:
+        """Global batches ``start, start+1, ...`` (before ``stop``, if given) from buffers ``u = 0, 1, ...``.
+
+        ``count_of(u)``: batches of buffer u (from its valid counts, host only); ``load(u)``: a future of
+        ``(view(...), permutations(...), {group: finite flags})``, asked for one buffer ahead while the stream will
+        reach it.
+        """
+        per_slot = self.per_slot(batch_size)
+        gather = self._gather(per_slot)
+        u, first = 0, 0
+        while first + (count := count_of(u)) <= start:
+            u, first = u + 1, first + count
+        b = start
+        while stop is None or b < stop:  # buffer u holds batches [first, first + count)
+            buffers, order, finite = load(u).result()
+            self._pending.append((u, first, first + count, finite))
+            if stop is None or first + count < stop:
+                load(u + 1)  # the next buffer's reads and forward pass start now
+            per_pass = count // self.passes
+            for j in range(b - first, count if stop is None else min(count, stop - first)):
+                position = np.tile(np.array(divmod(j, per_pass), np.int32), (len(self.local), 1))
+                yield gather(buffers, order, jax.make_array_from_process_local_data(
+                    self._slot_sharding, position, (self.count, 2)))
+            u, first = u + 1, first + count
+            b = first
+            if stop is None or b < stop:
+                count = count_of(u)
+
+    def check_finite(self, groups: dict[str, list[str]]) -> None:
+        """Raises ValueError if a buffer handed out so far held NaN/Inf (fetches a few flags per buffer)."""
+        pending, self._pending = self._pending, []
+        for u, first, end, finite in pending:
+            for g, flags in finite.items():
+                ok = np.concatenate([np.asarray(f).reshape(-1, len(groups[g])) for f in flags]).all(axis=0)
+                if not ok.all():
+                    site = groups[g][int(np.argmin(ok))]
+                    raise ValueError(f"activation source gave non-finite values in batches {first}–{end - 1} "
+                                     f"(shuffle buffer {u}), site {site!r}; expected finite activations")
+
+
+class _Loads:
+    """Futures of a source's buffer loads, run one at a time in a background thread; the two most recently
+    asked for are kept, so a stream restarted at the same place (normalisation, then training) reuses them."""
+
+    def __init__(self, load: Callable[[int], tuple]):
+        self._load, self._futures = load, collections.OrderedDict()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="activations")
+
+    def __call__(self, u: int) -> concurrent.futures.Future:
+        if u not in self._futures:
+            self._futures[u] = self._pool.submit(self._load, u)
+        self._futures.move_to_end(u)
+        while len(self._futures) > 2:
+            self._futures.popitem(last=False)
+        return self._futures[u]
 
 
 class NpyShardSource:
     """Activations of one site cached on disk as ``.npy`` files, each ``[N_i, d]`` (``open_shards``), read
-    memory-mapped; batches are float32.
+    memory-mapped in contiguous blocks of ``NPY_BLOCK_ROWS`` rows and shuffled on the devices.
 
-    Rows are visited in a fresh permutation every epoch (seeded by ``(seed, epoch)``); global batch ``b`` of
-    ``batch_size * shard_count`` rows is the slice ``[b·G, (b+1)·G)`` of the epoch-wise permuted stream, and
-    this process gets its ``shard_index``-th part of it. The permutation is held in memory (8 bytes per row).
+    Every epoch the blocks of all files are put in a fresh order (seeded by ``(seed, epoch)``) and taken
+    ``buffer_rows // NPY_BLOCK_ROWS`` at a time into a shuffle buffer (``ShuffleBuffers``; its rows are split into
+    equal contiguous slots, one per device; each process reads only its own devices' slots, in a background
+    thread while the previous buffer is trained on). Each row is visited at most once per epoch; the few rows of a
+    buffer that do not fill a batch are dropped. Batches are in the storage dtype (float32 or bfloat16).
 
     Args:
-      path: directory holding the ``.npy`` files (sorted by name) — all float32, 2-D, with the same d.
+      path: directory holding the ``.npy`` files (sorted by name) — float32 (or bfloat16 with a manifest), 2-D,
+        with the same d.
       site: name of the site the activations come from (``"res.12"``), or ``CUSTOM`` (then the site of the
         directory's manifest, if it has one).
       seed: shuffling seed.
-      shard_index, shard_count: this process's part of each global batch (``jax.process_index/count``).
+      buffer_rows: rows per shuffle buffer (over all devices).
 
     Raises:
-      FileNotFoundError / ValueError: as ``open_shards``; a bad shard index.
+      FileNotFoundError / ValueError: as ``open_shards``; ``buffer_rows`` < 1.
     """
 
-    def __init__(self, path: str, site: str = CUSTOM, seed: int = 0, shard_index: int = 0, shard_count: int = 1):
+    def __init__(self, path: str, site: str = CUSTOM, seed: int = 0, buffer_rows: int = 2**18):
         self._arrays, manifest = open_shards(path)
+        if buffer_rows < 1:
+            raise ValueError(f"data.buffer_rows must be >= 1, got {buffer_rows}")
         site = site if site != CUSTOM or manifest is None else manifest["site"]
-        if not 0 <= shard_index < shard_count:
-            raise ValueError(f"shard_index {shard_index} must lie in [0, shard_count={shard_count})")
         self.sites = [site]
         self.d_in = {site: int(self._arrays[0].shape[1])}
-        self._offsets = np.cumsum([0] + [a.shape[0] for a in self._arrays])
-        self._seed, self._shard_index, self._shard_count = seed, shard_index, shard_count
-        self._perm_epoch, self._perm = -1, None
+        self.groups = group_sites(self.sites, self.d_in)
+        block = min(NPY_BLOCK_ROWS, buffer_rows)
+        self._blocks = np.array([(i, a, min(a + block, len(x))) for i, x in enumerate(self._arrays)
+                                 for a in range(0, len(x), block)], np.int64)  # (file, first row, end row)
+        self._per_buffer = max(1, buffer_rows // block)
+        self._buffers_per_epoch = -(-len(self._blocks) // self._per_buffer)
+        self._seed, self._order = seed, (None, None)
+        self._buffers: ShuffleBuffers | None = None
+        self._loads: _Loads | None = None
 
     @property
     def num_rows(self) -> int:
         """Total number of activation rows over all files."""
-        return int(self._offsets[-1])
+        return sum(len(a) for a in self._arrays)
 
-    def _rows(self, start: int, count: int) -> np.ndarray:
-        """Row indices ``[start, start + count)`` of the epoch-wise permuted infinite stream."""
-        out = np.empty(count, np.int64)
-        filled = 0
-        while filled < count:
-            epoch, pos = divmod(start + filled, self.num_rows)
-            if epoch != self._perm_epoch:
-                self._perm = np.random.default_rng((self._seed, epoch)).permutation(self.num_rows)
-                self._perm_epoch = epoch
-            take = min(count - filled, self.num_rows - pos)
-            out[filled:filled + take] = self._perm[pos:pos + take]
-            filled += take
+    def _buffer_blocks(self, u: int) -> np.ndarray:
+        """The blocks of buffer u (epoch u // buffers per epoch), in order."""
+        epoch, j = divmod(u, self._buffers_per_epoch)
+        order = self._order  # read once: the loader thread and the batch counter both call this
+        if order[0] != epoch:
+            order = self._order = (epoch, np.random.default_rng((self._seed, epoch)).permutation(len(self._blocks)))
+        return self._blocks[order[1][j * self._per_buffer:(j + 1) * self._per_buffer]]
+
+    def _slot_bounds(self, u: int) -> np.ndarray:
+        """Row bounds ``[devices + 1]`` of each slot within buffer u's concatenated blocks."""
+        blocks = self._buffer_blocks(u)
+        n = int(np.sum(blocks[:, 2] - blocks[:, 1]))
+        return np.arange(self._buffers.count + 1) * n // self._buffers.count
+
+    def _read_slot(self, blocks: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Rows ``[lo, hi)`` of the concatenated blocks as a ``[1, rows, d]`` array (zero padded)."""
+        out = np.zeros((1, self._buffers.rows, self.d_in[self.sites[0]]), self._arrays[0].dtype)
+        pieces, at, filled = [], 0, 0
+        for file, a, b in blocks:
+            take_lo, take_hi = max(lo, at), min(hi, at + b - a)
+            if take_lo < take_hi:
+                pieces.append((filled, file, a + take_lo - at, take_hi - take_lo))
+                filled += take_hi - take_lo
+            at += b - a
+
+        def copy(piece):
+            to, file, first, n = piece
+            out[0, to:to + n] = self._arrays[file][first:first + n]  # NumPy drops the GIL while copying
+
+        list(_READERS.map(copy, pieces))
         return out
 
-    def _gather(self, rows: np.ndarray) -> np.ndarray:
-        """Reads the given global rows (in order) from the memory-mapped files."""
-        out = np.empty((rows.size, self.d_in[self.sites[0]]), np.float32)
-        file_of = np.searchsorted(self._offsets, rows, side="right") - 1
-        for i in np.unique(file_of):
-            where = np.nonzero(file_of == i)[0]
-            local = rows[where] - self._offsets[i]
-            order = np.argsort(local)  # sequential reads of the memmap
-            out[where[order]] = self._arrays[i][local[order]]  # casts bfloat16 storage to float32
-        return out
+    def _load(self, u: int):
+        buffers = self._buffers
+        blocks, bounds = self._buffer_blocks(u), self._slot_bounds(u)
+        slots = [jax.device_put(self._read_slot(blocks, bounds[s], bounds[s + 1]), device)
+                 for s, device in zip(buffers.local, buffers.local_devices)]
+        (group,) = self.groups
+        finite = {group: [_all_finite(x) for x in slots]}
+        valid = np.diff(bounds)[buffers.local]
+        return buffers.view({group: slots}), buffers.permutations(valid, (self._seed, u)), finite
 
-    def batches(self, batch_size: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Batch number start, start+1, ... as ``{site: float32 [batch_size, d]}`` (module docstring)."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        global_size = batch_size * self._shard_count
-        b = start
-        while True:
-            rows = self._rows(b * global_size + self._shard_index * batch_size, batch_size)
-            yield {self.sites[0]: self._gather(rows)}
-            b += 1
+    def batches(self, batch_size: int, start: int = 0, mesh: Mesh | None = None,
+                stop: int | None = None) -> Iterator[dict[str, jax.Array]]:
+        """Global batch number start, start+1, ... (before ``stop``) as ``{group: [1, batch_size, d]}`` (class
+        docstring)."""
+        mesh = mesh or single_device_mesh()
+        if self._buffers is None or self._buffers.mesh != mesh:
+            largest = int(np.sort(self._blocks[:, 2] - self._blocks[:, 1])[-self._per_buffer:].sum())
+            count = mesh.devices.size
+            self._buffers = ShuffleBuffers(mesh, {g: (1, self.d_in[s[0]]) for g, s in self.groups.items()},
+                                           -(-largest // count), self._arrays[0].dtype)
+            self._buffers.check_fits("data.buffer_rows")
+            self._loads = _Loads(self._load)
+        per_slot = self._buffers.per_slot(batch_size)
+        if all(np.diff(self._slot_bounds(u)).min() < per_slot for u in range(self._buffers_per_epoch)):
+            raise ValueError(f"no shuffle buffer of {self.num_rows:,} rows fills a batch of {batch_size} "
+                             f"({per_slot} rows on each of {self._buffers.count} devices); raise data.buffer_rows "
+                             "or lower train.batch_size")
+        return self._buffers.stream(batch_size, start, stop, lambda u: self._buffers.batches_in(
+            np.diff(self._slot_bounds(u)), batch_size), self._loads)
+
+    def check_finite(self) -> None:
+        """Raises ValueError naming the batches if a buffer handed out so far held NaN/Inf."""
+        if self._buffers is not None:
+            self._buffers.check_finite(self.groups)
+
+
+_READERS = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="npy-read")
+_all_finite = jax.jit(lambda x: jnp.isfinite(x).all(axis=(1, 2)))
 
 
 class ModelSource:
-    """Activations of many sites of a Gemma model, all from ONE forward pass per batch of token sequences.
+    """Activations of many sites of a Gemma model, all from ONE forward pass per batch of token sequences, kept on
+    the devices from the forward pass to the SAE step.
 
     Chunk ``k`` is the sequence reader's batch ``k`` of ``chunk_sequences`` sequences (so chunks are disjoint
-    across processes). Its sequences run through the model ``forward_batch`` at a time, capturing every site at
-    once (layers after the deepest site are skipped); positions whose mask is False (BOS, EOS, padding; Gemma
-    Scope §3) are dropped. The chunk's ``n_k`` activation rows are the shuffle buffer: they are permuted with
-    ``(seed, k, pass)`` — the same permutation for every site, so row i of each site is the same token — and cut
-    into ``n_k // batch_size`` batches (the remainder is dropped). ``passes > 1`` visits each buffer that many
-    times in fresh permutations: fewer LM forward passes per SAE step, at the cost of data diversity (1 is the
-    paper's setting). Batch numbering is a pure function of the reader, seed and batch size, found by counting
-    mask entries (no forward pass), so a resumed run gets exactly the batches it would have got.
+    across processes). It is split into equal contiguous runs of sequences, one per device of this process (the
+    last runs padded with empty sequences); every device runs the model on its run, ``forward_batch`` sequences
+    at a time over all devices, capturing every site at once (layers after the deepest site are skipped), and
+    writes the content tokens (mask True: not BOS, EOS, padding; Gemma Scope §3) into its slot of the shuffle
+    buffer (``ShuffleBuffers``), in the buffer dtype — all in one jitted call per chunk that the host does not
+    wait for. Each slot is visited ``passes`` times in fresh permutations seeded by ``(seed, k, pass, slot)``:
+    fewer LM forward passes per SAE step, at the cost of data diversity (1 is the paper's setting). Batch
+    counts come from the masks (no forward pass), so a resumed run gets exactly the batches it would have got.
 
     Args:
       lm: a ``model.LoadedModel``.
-      reader: a ``data.SequenceReader`` (its process index/count shard the chunks).
+      reader: a ``data.SequenceReader`` (its process index/count shard the chunks; its ``seq_len`` is used).
       sites: the sites to capture, ``Site`` objects.
-      chunk_sequences: sequences per shuffle buffer.
-      forward_batch: sequences per forward pass (a divisor of ``chunk_sequences``).
+      chunk_sequences: sequences per shuffle buffer (per process).
+      forward_batch: sequences per forward pass over all of this process's devices.
       passes: visits of each buffer (>= 1).
       seed: permutation seed.
-      buffer_dtype: ``"float32"`` or ``"bfloat16"`` storage of the buffer (batches are always float32).
+      buffer_dtype: ``"float32"`` or ``"bfloat16"``: the buffer and the batches.
 
     Raises:
       ValueError: a site beyond the model's layers, bad sizes or dtype.
@@ -152,66 +394,136 @@ class ModelSource:
         for site in sites:
             if site.layer >= cfg.num_layers:
                 raise ValueError(f"site {site} is beyond {cfg.name}'s layers 0..{cfg.num_layers - 1}")
-        self._sites = list(sites)
-        self.sites = [str(s) for s in self._sites]
-        self.d_in = {str(s): cfg.site_width(s.kind) for s in self._sites}
+        self._sites = {str(s): s for s in sites}
+        self.sites = list(self._sites)
+        self.d_in = {str(s): cfg.site_width(s.kind) for s in sites}
+        self.groups = group_sites(self.sites, self.d_in)
         self._lm, self._reader = lm, reader
         self.model_name = cfg.name
         self.num_layers = cfg.num_layers
         self._chunk, self._forward_batch, self._passes, self._seed = chunk_sequences, forward_batch, passes, seed
-        self._buffer_dtype = jnp.bfloat16 if buffer_dtype == "bfloat16" else jnp.float32
-        capture = tuple(self._sites)
-        self._forward = jax.jit(lambda params, tokens: model.forward(params, cfg, tokens, capture=capture, logits=False).acts)
-        self._cached, self._cached_perm = (None, None), (None, None)
+        self._buffer_dtype = jnp.dtype(buffer_dtype)
+        self._valid: dict[int, np.ndarray] = {}
+        self._reading = threading.Lock()
+        self._mesh, self._buffers, self._loads = None, None, None
 
-    def chunk(self, k: int) -> dict[str, np.ndarray]:
-        """Chunk k's content-token activations ``{site: [n_k, d]}`` in token order, in the buffer dtype (the last
-        chunk is cached)."""
-        if self._cached[0] != k:
+    def _layout(self, mesh: Mesh) -> None:
+        """Buffers, jitted fill and replicated params for ``mesh`` (once per mesh)."""
+        if self._mesh == mesh:
+            return
+        local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        self._per_forward = max(1, self._forward_batch // local)  # sequences per device per forward pass
+        per_device = -(-self._chunk // local)
+        self._per_device = -(-per_device // self._per_forward) * self._per_forward
+        seq_len = self._reader.seq_len
+        widths = {g: (len(s), self.d_in[s[0]]) for g, s in self.groups.items()}
+        self._buffers = ShuffleBuffers(mesh, widths, self._per_device * seq_len, self._buffer_dtype, self._passes)
+        self._buffers.check_fits("data.chunk_sequences, data.seq_len or data.buffer_dtype, or capture fewer "
+                                 "data.sites per run")
+        self._params = jax.device_put(self._lm.params, NamedSharding(self._buffers.local_mesh, P()))
+        self._fill = self._make_fill(seq_len)
+        self._mesh, self._valid, self._loads = mesh, {}, _Loads(self._load)
+
+    def _make_fill(self, seq_len: int) -> Callable:
+        """jit: (params, tokens, mask ``[devices·per_device, T]``) → local buffers and finite flags."""
+        cfg, capture, rows, dtype = self._lm.config, tuple(self._sites.values()), self._buffers.rows, self._buffer_dtype
+        per_forward, groups = self._per_forward, self.groups
+
+        def fill(params, tokens, mask):  # one device's run of sequences
+            def forward(carry, batch):
+                buffers, filled, finite = carry
+                t, m = batch
+                acts = model.forward(params, cfg, t, capture=capture, logits=False).acts
+                m = m.reshape(-1)
+                where = jnp.where(m, filled + jnp.cumsum(m) - 1, rows)  # content tokens in order; the rest dropped
+                buffers, finite = dict(buffers), dict(finite)
+                for g, names in groups.items():
+                    x = jnp.stack([acts[self._sites[s]].reshape(m.size, -1) for s in names]).astype(dtype)
+                    buffers[g] = buffers[g].at[:, where].set(x, mode="drop")
+                    finite[g] &= jnp.all(jnp.isfinite(x) | ~m[None, :, None], axis=(1, 2))
+                return (buffers, filled + m.sum(), finite), None
+
+            init = ({g: jnp.zeros((len(s), rows, self.d_in[s[0]]), dtype) for g, s in groups.items()},
+                    jnp.zeros((), jnp.int32), {g: jnp.ones(len(s), bool) for g, s in groups.items()})
+            batches = (tokens.reshape(-1, per_forward, seq_len), mask.reshape(-1, per_forward, seq_len))
+            (buffers, _, finite), _ = jax.lax.scan(forward, init, batches)
+            return buffers, {g: f[None] for g, f in finite.items()}
+
+        return jax.jit(jax.shard_map(fill, mesh=self._buffers.local_mesh, in_specs=(P(), P("slot"), P("slot")),
+                                     out_specs=(P(None, "slot", None), P("slot")), check_vma=False))
+
+    def _tokens(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk k's tokens and mask ``[devices·per_device, T]``, padded with empty sequences."""
+        with self._reading:  # the loader thread and the batch counter share the reader's caches
             batch = self._reader.batch(k, self._chunk)
-            parts = {s: [] for s in self.sites}
-            for i in range(0, self._chunk, self._forward_batch):
-                tokens, mask = batch["tokens"][i:i + self._forward_batch], batch["mask"][i:i + self._forward_batch]
-                acts = self._forward(self._lm.params, tokens)
-                for site, name in zip(self._sites, self.sites):
-                    parts[name].append(np.asarray(acts[site].astype(self._buffer_dtype))[mask])
-            self._cached = (k, {s: np.concatenate(p) for s, p in parts.items()})
-        return self._cached[1]
+        shape = (len(self._buffers.local) * self._per_device, batch["tokens"].shape[1])
+        tokens, mask = np.zeros(shape, np.int32), np.zeros(shape, bool)
+        tokens[:self._chunk], mask[:self._chunk] = batch["tokens"], batch["mask"]
+        return tokens, mask
 
-    def _permutation(self, k: int, p: int, n: int) -> np.ndarray:
-        """Row order of pass p over chunk k's n rows (the last one is cached)."""
-        if self._cached_perm[0] != (k, p):
-            self._cached_perm = ((k, p), np.random.default_rng((self._seed, k, p)).permutation(n))
-        return self._cached_perm[1]
+    def _valid_rows(self, k: int) -> np.ndarray:
+        """Content tokens of chunk k in each local slot (from the masks alone)."""
+        if k not in self._valid:
+            self._valid[k] = self._tokens(k)[1].reshape(len(self._buffers.local), -1).sum(axis=1)
+        return self._valid[k]
 
-    def _batches_in(self, k: int, batch_size: int) -> int:
-        return self._passes * (int(self._reader.batch(k, self._chunk)["mask"].sum()) // batch_size)
+    def _local_chunk(self, k: int):
+        """Dispatches chunk k's fill; ``({group: local array [n, devices·rows, d]}, flags, valid per slot)``."""
+        tokens, mask = self._tokens(k)
+        sharding = NamedSharding(self._buffers.local_mesh, P("slot"))
+        buffers, finite = self._fill(self._params, jax.device_put(tokens, sharding), jax.device_put(mask, sharding))
+        return buffers, finite, mask.reshape(len(self._buffers.local), -1).sum(axis=1)
 
-    def batches(self, batch_size: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Batch number start, start+1, ... as ``{site: float32 [batch_size, d]}`` (class docstring)."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        k, first = 0, 0  # chunk k holds batches [first, first + count)
-        while first + (count := self._batches_in(k, batch_size)) <= start:
-            k, first = k + 1, first + count
-        b = start
-        while True:
-            buffer = self.chunk(k)
-            per_pass = count // self._passes
-            rows_in_buffer = len(buffer[self.sites[0]])
-            for j in range(b - first, count):
-                p, i = divmod(j, per_pass)
-                rows = self._permutation(k, p, rows_in_buffer)[i * batch_size:(i + 1) * batch_size]
-                yield {s: buffer[s][rows].astype(np.float32) for s in self.sites}
-            b, first, k = first + count, first + count, k + 1
-            count = self._batches_in(k, batch_size)
+    def _load(self, k: int):
+        buffers, finite, valid = self._local_chunk(k)
+        shards = {g: [s.data for s in sorted(x.addressable_shards, key=lambda s: s.index[1].start)]
+                  for g, x in buffers.items()}
+        return self._buffers.view(shards), self._buffers.permutations(valid, (self._seed, k)), \
+            {g: [f] for g, f in finite.items()}
+
+    def chunk(self, k: int, mesh: Mesh | None = None, dtype=None) -> dict[str, np.ndarray]:
+        """Chunk k's content-token activations ``{site: [n_k, d]}`` in token order, in ``dtype`` (default the
+        buffer dtype), cast on the device: one device-to-host transfer per site. ``mesh``: this process's
+        devices share the forward passes (default ``single_device_mesh()``)."""
+        self._layout(mesh or single_device_mesh())
+        buffers, _, valid = self._local_chunk(k)
+        rows = self._buffers.rows
+        out = {}
+        for g, names in self.groups.items():
+            for i, site in enumerate(names):
+                x = np.asarray(buffers[g][i].astype(dtype or self._buffer_dtype))
+                out[site] = np.concatenate([x[s * rows:s * rows + n] for s, n in enumerate(valid)])
+        return out
+
+    def batches(self, batch_size: int, start: int = 0, mesh: Mesh | None = None,
+                stop: int | None = None) -> Iterator[dict[str, jax.Array]]:
+        """Global batch number start, start+1, ... (before ``stop``) as ``{group: [n_sites, batch_size, d]}`` (class
+        docstring)."""
+        self._layout(mesh or single_device_mesh())
+        per_slot = self._buffers.per_slot(batch_size)
+
+        def count_of(k: int) -> int:
+            valid = self._valid_rows(k)
+            if valid.min() < per_slot:
+                raise ValueError(f"chunk {k} gives a device only {valid.min()} content tokens, fewer than its "
+                                 f"{per_slot} rows of a batch of {batch_size} on {self._buffers.count} devices; "
+                                 "raise data.chunk_sequences (to at least the device count) or lower "
+                                 "train.batch_size")
+            return self._buffers.batches_in(valid, batch_size)
+
+        return self._buffers.stream(batch_size, start, stop, count_of, self._loads)
+
+    def check_finite(self) -> None:
+        """Raises ValueError naming the batches and site if a buffer handed out so far held NaN/Inf."""
+        if self._buffers is not None:
+            self._buffers.check_finite(self.groups)
 
 
-def make_source(data_config, seed: int, shard_index: int = 0, shard_count: int = 1) -> ActivationSource:
-    """Builds the activation source a config's ``data`` block describes.
+def make_source(data_config, seed: int) -> ActivationSource:
+    """Builds the activation source a config's ``data`` block describes (this process's part on multi-process runs).
 
     ``data.source``:
-      ``"npy"``: ``NpyShardSource(data.path, data.site or CUSTOM, seed, ...)``;
+      ``"npy"``: ``NpyShardSource(data.path, data.site or CUSTOM, seed, data.buffer_rows)``;
       ``"model"``: ``ModelSource`` over ``data.model`` (``model.load``) reading ``data.sites`` from the corpus
         ``data.corpus`` (split ``train``, ``data.seq_len`` tokens per sequence, ``data.packing``).
 
@@ -222,7 +534,7 @@ def make_source(data_config, seed: int, shard_index: int = 0, shard_count: int =
     if data_config.source == "npy":
         if not data_config.get("path"):
             raise ValueError("data.source='npy' needs data.path: a directory of float32 .npy files [N, d]")
-        return NpyShardSource(data_config.path, data_config.get("site") or CUSTOM, seed, shard_index, shard_count)
+        return NpyShardSource(data_config.path, data_config.get("site") or CUSTOM, seed, data_config.buffer_rows)
     if data_config.source == "model":
         from gemma_scope.data import SequenceReader
         from gemma_scope.sites import parse_sites
@@ -232,8 +544,8 @@ def make_source(data_config, seed: int, shard_index: int = 0, shard_count: int =
                              "checkpoint (Hugging Face directory or orbax checkpoint)")
         lm = model.load(data_config.model, config=data_config.get("model_config") or None)
         reader = SequenceReader(data_config.corpus or None, split="train", seq_len=data_config.seq_len,
-                                packing=data_config.packing, seed=seed, process_index=shard_index,
-                                process_count=shard_count, tokenizer=lm.tokenizer)
+                                packing=data_config.packing, seed=seed, process_index=jax.process_index(),
+                                process_count=jax.process_count(), tokenizer=lm.tokenizer)
         source = ModelSource(lm, reader, parse_sites(data_config.sites, lm.config.num_layers),
                              chunk_sequences=data_config.chunk_sequences, forward_batch=data_config.forward_batch,
                              passes=data_config.passes, seed=seed, buffer_dtype=data_config.buffer_dtype)
@@ -261,7 +573,8 @@ def main(argv: list[str]) -> dict[str, pathlib.Path]:
     token_source = {"model": data.model, "corpus": data.corpus or "default", "split": "train",
                     "seq_len": data.seq_len, "packing": data.packing, "seed": config.seed,
                     "chunk_sequences": data.chunk_sequences}
-    dirs = write_shards(source, out, flags.FLAGS.tokens, flags.FLAGS.storage_dtype, token_source)
+    dirs = write_shards(source, out, flags.FLAGS.tokens, flags.FLAGS.storage_dtype, token_source,
+                        step_lib.make_mesh(devices=jax.local_devices()))
     for directory in dirs.values():
         print(directory)
     return dirs

@@ -167,9 +167,10 @@ class Checkpointer:
             self._pending = self._latest
             return
         self._latest = self._pending
-        if jax.process_index() == 0:
-            for step in self._steps_on_disk()[self._keep:]:
-                self._manager.delete(step)
+        # Every process, from Orbax's own step list (a directory listing could race process 0's deletes): Orbax
+        # deletes on process 0 and syncs the processes after each step.
+        for step in sorted(self._manager.all_steps(), reverse=True)[self._keep:]:
+            self._manager.delete(step)
 
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""

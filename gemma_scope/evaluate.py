@@ -198,7 +198,7 @@ def _clean_pass(params_lm, cfg, tokens: jax.Array, sites: tuple[Site, ...]):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "site", "site_in"))
-def _spliced_pass(params_lm, cfg, tokens: jax.Array, mask: jax.Array, site: Site, sae_params: dict | None,
+def spliced_pass(params_lm, cfg, tokens: jax.Array, mask: jax.Array, site: Site, sae_params: dict | None,
                   site_in: Site | None = None):
     """Per-token NLL ``[B, T−1]`` with the site's content positions (``mask``) replaced by the SAE's (or
     transcoder's) prediction from ``site_in`` (default ``site``) of the same forward pass, or by zeros when
@@ -298,9 +298,9 @@ def evaluate_grid(
         clean_sum += masked(clean_nll)
         targets += target.sum(axis=0)
         for site in spliced_sites:
-            zero_sum[site] += masked(_spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, None))
+            zero_sum[site] += masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, None))
         for i, (site, params, site_out) in enumerate(saes):
-            spliced_sum[i] += masked(_spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site_out, params, site))
+            spliced_sum[i] += masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site_out, params, site))
             d_in, d_out = params["W_enc"].shape[0], params["W_dec"].shape[1]
             token_err = totals[i].add(params, acts[site].reshape(-1, d_in), batch_mask.reshape(-1).astype(np.float32),
                                       acts[site_out].reshape(-1, d_out))

@@ -10,13 +10,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemma_scope import configs, hosts, release, sae
+from gemma_scope import configs, feed, hosts, release, sae
 from gemma_scope.sites import Site, transcoder_target
 from gemma_scope.step import Group
 
 
-def write_release(config, source, groups: dict[str, list[str]], grid: dict[str, Group],
+def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict[str, Group],
                   release_sites: dict[str, Site | None], state: dict) -> list[pathlib.Path]:
     """Folds every SAE and transcoder of the grid (``sae.fold_normalisation``), measures its average L0 on the
     ``train.eval_batches`` batches after training, and writes it (process 0): SAEs in the Gemma Scope 1 layout under
@@ -27,6 +28,7 @@ def write_release(config, source, groups: dict[str, list[str]], grid: dict[str, 
     Args:
       config: the run's config (``train.*``, ``seed``, ``workdir``, ``data.model``).
       source: the run's activation source.
+      mesh: the run's mesh; the L0 batches are measured where they are.
       groups, grid: ``{group: [site name, ...]}`` and ``{group: step.Group}`` of the run (a transcoder group's
         sites are the ``mlp_in.L`` its transcoders read).
       release_sites: ``{site name: Site or None (sites.CUSTOM)}``.
@@ -41,9 +43,11 @@ def write_release(config, source, groups: dict[str, list[str]], grid: dict[str, 
     """
     params = hosts.to_host(state["params"])
     scales = hosts.to_host(state["norm_scale"])
-    batch_size = config.train.batch_size // jax.process_count()
-    batches = list(zip(range(config.train.eval_batches), source.batches(batch_size, config.train.steps)))
-    l0_of = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(sae.encode(p, x) > 0, axis=-1)), in_axes=(0, None)))
+    to_grid = feed.grid_batches(source.groups, groups, grid, mesh)
+    batches = [to_grid(b) for b in source.batches(config.train.batch_size, config.train.steps, mesh,
+                                                  stop=config.train.steps + config.train.eval_batches)]
+    l0_of = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(sae.encode(p, x.astype(jnp.float32)) > 0, axis=-1)),
+                             in_axes=(0, None)), out_shardings=NamedSharding(mesh, P()))
     workdir = pathlib.Path(config.workdir)
     written, used = [], set()
     for g, sites in groups.items():
@@ -51,11 +55,12 @@ def write_release(config, source, groups: dict[str, list[str]], grid: dict[str, 
         for s, site in enumerate(sites):
             saes = grp.saes_of_site(s)
             trained = jax.tree.map(lambda a: a[saes], params[g])
-            if grp.transcoder:  # scales[g][s] = (C of mlp_in.L, C of mlp.L)
+            if grp.transcoder:  # scales[g][s] = (C of mlp_in.L, C of mlp.L); L0 of the input x of (x, y)
                 folded = jax.vmap(sae.fold_normalisation, in_axes=(0, None, None))(trained, *scales[g][s])
+                l0 = np.mean([np.asarray(l0_of(folded, b[g][0][s])) for b in batches], axis=0)
             else:
                 folded = jax.vmap(sae.fold_normalisation, in_axes=(0, None))(trained, scales[g][s])
-            l0 = hosts.global_mean(np.mean([np.asarray(l0_of(folded, b[site])) for _, b in batches], axis=0))
+                l0 = np.mean([np.asarray(l0_of(folded, b[g][s])) for b in batches], axis=0)
             labels = release.gs2_labels([float(v) for v in l0])
             for j, i in enumerate(range(saes.start, saes.stop)):
                 _, lam, target = grp.sae(i)

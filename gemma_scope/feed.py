@@ -1,121 +1,124 @@
-"""Feeding an activation source to the mesh: finite checks, the normalisation constants (Gemma Scope §3) and the
-prefetch thread that places numbered batches on the devices while the step runs."""
+"""Feeding an activation source to the step: the normalisation constants (Gemma Scope §3) and the initial b_dec,
+computed on the devices from the source's device-resident batches, and the grid's batches (SAE stacks and
+transcoder (x, y) pairs) gathered from the source's on the devices."""
 
 from __future__ import annotations
 
-import queue
-import threading
-
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemma_scope import hosts, sae, step as step_lib
+from gemma_scope import sae, step as step_lib
 from gemma_scope.sites import Site, transcoder_target
 
 
-def check_finite_batch(batch: dict[str, np.ndarray], number: int) -> None:
-    """Raises ValueError naming the batch and site if the source gave NaN/Inf activations."""
-    for site, x in batch.items():
-        if not np.isfinite(x).all():
-            raise ValueError(f"activation source gave non-finite values in batch {number}, site {site!r} "
-                             f"({x.size - np.isfinite(x).sum()} values); expected finite float32 activations")
-
-
-def normalisation_constants(source, sites: list[str], batch_size: int, n_batches: int,
-                            b_dec_init: str = "zero") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec_init: str = "zero"
+                            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """C per site with ``E||x / C||² = 1`` (Gemma Scope §3) and each site's initial b_dec in normalised units,
-    both from one pass over the source's first ``n_batches`` batches.
+    both from one pass over the source's first ``n_batches`` global batches, summed on the devices (one transfer
+    at the end; on several processes the figures are over the global batches).
 
     ``b_dec_init``: ``"zero"`` (the paper, §3), ``"mean"`` (the activations' mean / C) or ``"geometric_median"``
-    (``sae.geometric_median`` of these batches / C; it holds them in memory, and on several processes averages the
-    per-process medians). Deviation from the paper where the mean is used: Adam moves b_dec by about the learning
-    rate per step, so a short run never reaches a residual stream's mean (≈ 79% of E||x||² at Gemma 3 270M's
-    layer 8) from 0; issue 12 measured loss recovered 52–66% from zero, 74–88% from the mean (res.8, 1,600 steps).
+    (``sae.geometric_median`` of these batches / C; it keeps them on the devices). Deviation from the paper where
+    the mean is used: Adam moves b_dec by about the learning rate per step, so a short run never reaches a residual
+    stream's mean (≈ 79% of E||x||² at Gemma 3 270M's layer 8) from 0; issue 12 measured loss recovered 52–66%
+    from zero, 74–88% from the mean (res.8, 1,600 steps).
 
     Returns:
-      ``(C float32 [len(sites)], {site: float32 [d]})``.
+      ``({group: C float32 [n_sites]}, {group: b_dec float32 [n_sites, d]})`` (groups as ``source.groups``).
 
     Raises:
-      ValueError: activations all zero or not finite; an unknown ``b_dec_init``.
+      ValueError: activations not finite (naming the batches and site) or all zero; an unknown ``b_dec_init``.
     """
     if b_dec_init not in sae.B_DEC_INITS:
         raise ValueError(f"b_dec_init must be one of {sae.B_DEC_INITS}, got {b_dec_init!r}")
-    sums = np.zeros(len(sites), np.float64)
-    means: dict[str, np.ndarray] = {}
-    kept: dict[str, list[np.ndarray]] = {s: [] for s in sites}
-    for number, batch in zip(range(n_batches), source.batches(batch_size, 0)):
-        check_finite_batch(batch, number)
-        sums += [np.mean(np.sum(np.square(batch[s], dtype=np.float64), axis=-1)) for s in sites]
-        for s in sites:
-            means[s] = means.get(s, 0.0) + np.mean(batch[s], axis=0, dtype=np.float64) / n_batches
-            if b_dec_init == "geometric_median":
-                kept[s].append(np.asarray(batch[s], np.float32))
-    mean_sq = hosts.global_mean(sums / n_batches)
-    if not (np.isfinite(mean_sq).all() and (mean_sq > 0).all()):
-        raise ValueError(f"cannot normalise sites {sites}: mean squared norms {mean_sq.tolist()} (zero or not finite)")
-    constants = np.sqrt(mean_sq).astype(np.float32)
-    b_dec = {}
-    for s, c in zip(sites, constants):
-        if b_dec_init == "zero":
-            centre = np.zeros_like(means[s])
-        elif b_dec_init == "mean":
-            centre = hosts.global_mean(means[s])
-        else:
-            centre = hosts.global_mean(np.asarray(sae.geometric_median(np.concatenate(kept[s])), np.float64))
-        b_dec[s] = (centre / c).astype(np.float32)
-    return constants, b_dec
+    replicated = NamedSharding(mesh, P())
+    moments = jax.jit(lambda batch: {g: (jnp.mean(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1), axis=-1),
+                                         jnp.mean(x.astype(jnp.float32), axis=1)) for g, x in batch.items()},
+                      out_shardings=replicated)
+    batches = source.batches(batch_size, 0, mesh, stop=n_batches)
+    totals, kept = None, []
+    for batch in batches:
+        totals = moments(batch) if totals is None else jax.tree.map(jnp.add, totals, moments(batch))
+        if b_dec_init == "geometric_median":
+            kept.append(batch)
+    source.check_finite()
+    if kept:
+        median = jax.jit(lambda xs: {g: jax.vmap(sae.geometric_median)(jnp.concatenate([x[g] for x in xs], axis=1))
+                                     for g in xs[0]}, out_shardings=replicated)(kept)
+    scales, b_dec = {}, {}
+    for g, (sum_sq, sum_x) in totals.items():
+        mean_sq, mean = np.asarray(sum_sq, np.float64) / n_batches, np.asarray(sum_x, np.float64) / n_batches
+        if not (np.isfinite(mean_sq).all() and (mean_sq > 0).all()):
+            raise ValueError(f"cannot normalise sites {source.groups[g]}: mean squared norms {mean_sq.tolist()} "
+                             "(zero or not finite)")
+        scales[g] = np.sqrt(mean_sq).astype(np.float32)
+        centre = {"zero": np.zeros_like(mean), "mean": mean}.get(b_dec_init)
+        centre = np.asarray(median[g], np.float64) if centre is None else centre
+        b_dec[g] = (centre / scales[g][:, None]).astype(np.float32)
+    return scales, b_dec
 
 
-class Prefetcher:
-    """Reads, checks and places batches ``start, start+1, ...`` on the mesh in a background thread.
+def targets(groups: dict[str, list[str]], grid: dict[str, step_lib.Group]) -> dict[str, list[str]]:
+    """The sites each grid group's SAEs reconstruct: its own sites, or for a transcoder group the ``mlp.L`` that
+    each ``mlp_in.L`` predicts (``sites.transcoder_target``)."""
+    return {g: [str(transcoder_target(Site.parse(s))) if grid[g].transcoder else s for s in sites]
+            for g, sites in groups.items()}
 
-    ``get()`` returns the next ``{group: [n_sites, batch_size, d]}`` global arrays (``step.batch_sharding``), a
-    pair ``(x, y)`` of them for a transcoder group (its sites' activations and those of the sites they predict), or
-    re-raises what the source raised; ``close()`` stops the thread.
+
+def _where(source_groups: dict[str, list[str]]) -> dict[str, tuple[str, int]]:
+    """``{site: (source group, index in it)}``."""
+    return {site: (g, i) for g, sites in source_groups.items() for i, site in enumerate(sites)}
+
+
+def grid_constants(source_groups: dict[str, list[str]], scales: dict[str, np.ndarray], b_dec: dict[str, np.ndarray],
+                   groups: dict[str, list[str]], grid: dict[str, step_lib.Group]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The grid's normalisation constants and initial b_dec from the source's (``normalisation_constants``).
+
+    Returns:
+      ``({group: C float32 [n_sites]}, {group: b_dec float32 [n_sites, d]})``, and for a transcoder group C float32
+      ``[n_sites, 2]`` = (C of its input ``mlp_in.L``, C of its output ``mlp.L``) with b_dec in the output's units.
     """
+    where = _where(source_groups)
+    pick = lambda table, site: table[where[site][0]][where[site][1]]
+    outputs = targets(groups, grid)
+    grid_scales, grid_b_dec = {}, {}
+    for g, sites in groups.items():
+        grid_scales[g] = np.array([[pick(scales, s), pick(scales, o)] if grid[g].transcoder else pick(scales, s)
+                                   for s, o in zip(sites, outputs[g])], np.float32)
+        grid_b_dec[g] = np.stack([pick(b_dec, o) for o in outputs[g]]).astype(np.float32)
+    return grid_scales, grid_b_dec
 
-    def __init__(self, source, groups: dict[str, list[str]], grid: dict[str, step_lib.Group], batch_size: int,
-                 start: int, count: int, mesh):
-        self._queue: queue.Queue = queue.Queue(maxsize=2)
-        self._stop = threading.Event()
-        sharding = step_lib.batch_sharding(mesh)
-        local = batch_size // jax.process_count()
 
-        def work():
-            try:
-                for number, batch in zip(range(start, start + count), source.batches(local, start)):
-                    placed = {}
-                    check_finite_batch(batch, number)
-                    for g, sites in groups.items():
-                        stacks = [np.stack([batch[s] for s in sites])]
-                        if grid[g].transcoder:
-                            stacks.append(np.stack([batch[str(transcoder_target(Site.parse(s)))] for s in sites]))
-                        arrays = tuple(jax.make_array_from_process_local_data(
-                            sharding, x, (len(sites), batch_size, x.shape[-1])) for x in stacks)
-                        placed[g] = arrays if grid[g].transcoder else arrays[0]
-                    if not self._put(placed):
-                        return
-            except BaseException as e:  # handed to the training loop, which re-raises it
-                self._put(e)
+def grid_batches(source_groups: dict[str, list[str]], groups: dict[str, list[str]],
+                 grid: dict[str, step_lib.Group], mesh):
+    """A function from a source batch ``{source group: [n, B, d]}`` to the step's batch: ``{group: [n_sites, B,
+    d]}`` for an SAE group, ``(x, y)`` of those for a transcoder group (its ``mlp_in.L`` and the ``mlp.L`` they
+    predict). Rows are gathered on the devices into ``step.batch_sharding``; a group that is a whole source group
+    is the source's array itself (no copy), so a run without transcoders feeds the source's batches unchanged.
 
-        self._thread = threading.Thread(target=work, daemon=True)
-        self._thread.start()
+    Raises:
+      ValueError: the sites of one grid group lie in several source groups.
+    """
+    where = _where(source_groups)
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def plan(sites):  # (source group, rows to gather or None for all of it)
+        (g, *others) = sorted({where[s][0] for s in sites})
+        if others:
+            raise ValueError(f"sites {sites} of one grid group lie in several source groups ({[g, *others]})")
+        index = tuple(where[s][1] for s in sites)
+        return g, None if index == tuple(range(len(source_groups[g]))) else index
 
-    def get(self):
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+    outputs = targets(groups, grid)
+    plans = {g: [plan(sites)] + ([plan(outputs[g])] if grid[g].transcoder else []) for g, sites in groups.items()}
+    gather = jax.jit(lambda x, index: x[np.array(index)], static_argnums=1,
+                     out_shardings=step_lib.batch_sharding(mesh))
 
-    def close(self):
-        self._stop.set()
-        self._thread.join()
+    def to_grid(batch):
+        taken = {g: [batch[s] if index is None else gather(batch[s], index) for s, index in p]
+                 for g, p in plans.items()}
+        return {g: tuple(x) if grid[g].transcoder else x[0] for g, x in taken.items()}
+
+    return to_grid

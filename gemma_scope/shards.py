@@ -125,11 +125,13 @@ def verify_shard(array: np.memmap, sha256: str) -> None:
 
 
 def write_shards(source, out: str | os.PathLike, tokens: int, storage_dtype: str = "float32",
-                 token_source: dict | None = None) -> dict[str, pathlib.Path]:
+                 token_source: dict | None = None, mesh=None) -> dict[str, pathlib.Path]:
     """Writes at least ``tokens`` content-token activations of every site of ``source`` to disk.
 
     ``source`` is an ``activations.ModelSource`` (anything with ``sites``, ``d_in``, ``model_name`` and
-    ``chunk(k) -> {site: [n_k, d]}``). One shard per chunk and site, written atomically (temporary name, then rename), and
+    ``chunk(k, mesh, dtype) -> {site: [n_k, d]}``, which runs the forward passes on ``mesh`` and casts to the storage
+    dtype on the device, one device-to-host copy per site). One shard per chunk and site, written atomically
+    (temporary name, then rename), and
     a ``manifest.json`` per site written last: model, site, dtype, d, count, ``token_source`` and each shard's
     shape and sha256. Returns ``{site: directory}``.
 
@@ -149,10 +151,9 @@ def write_shards(source, out: str | os.PathLike, tokens: int, storage_dtype: str
     written, k = 0, 0
     with tqdm.tqdm(total=tokens, unit="tok", desc="activations") as bar:
         while written < tokens:
-            chunk = source.chunk(k)
-            for site, x in chunk.items():
+            chunk = source.chunk(k, mesh, STORAGE_DTYPES[storage_dtype])
+            for site, data in chunk.items():
                 name = f"shard_{k:05d}.npy"
-                data = np.ascontiguousarray(x.astype(STORAGE_DTYPES[storage_dtype]))
                 with atomic_path(dirs[site] / name) as tmp, open(tmp, "wb") as f:
                     np.save(f, data)
                 shards[site][name] = {"shape": list(data.shape), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}

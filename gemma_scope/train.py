@@ -3,8 +3,8 @@
 
 ``run`` is the story of a run: validate the config (``configs``), build the activation source (``activations``),
 the grid and the mesh (``step``), restore or initialise the state (``checkpoint``, ``feed``), loop over the
-prefetched batches (``feed``) logging metrics (``metrics``) and checkpointing, then write the release
-(``export``). A run killed at any moment and restarted with the same command resumes from its newest checkpoint
+source's device-resident batches (``activations``) logging metrics (``metrics``) and checkpointing, then write the
+release (``export``). A run killed at any moment and restarted with the same command resumes from its newest checkpoint
 and ends with exactly the parameters of an uninterrupted run (batches are numbered; the state holds everything else).
 
 Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step) and
@@ -28,7 +28,7 @@ from gemma_scope.checkpoint import Checkpointer
 from gemma_scope.configs import hyperparams, validate_config
 from gemma_scope.export import write_release
 from gemma_scope.metrics import MetricsLog
-from gemma_scope.sites import CUSTOM, Site, parse_sites, transcoder_label, transcoder_spec, transcoder_target
+from gemma_scope.sites import CUSTOM, Site, parse_sites, transcoder_label, transcoder_spec
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (experiments/<name>.py)")
 
@@ -37,14 +37,12 @@ class NonFiniteError(FloatingPointError):
     """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
 
 
-def group_sites(source: activations.ActivationSource, sae_sites: list[str], transcoder_sites: list[str], config,
-                sweep: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[dict[str, list[str]], dict[str, step_lib.Group]]:
-    """The grid: SAE sites grouped by input width (``{"d<width>": [site, ...]}``) and the transcoders' input sites
-    once per skip variant (``"tc_d<width>"``, ``"tc_skip_d<width>"``), with each group's ``step.Group``; ``sweep``
-    is ``(λs, target L0s)`` (``configs.sweep_of``)."""
-    groups: dict[str, list[str]] = {}
-    for site in sae_sites:
-        groups.setdefault(f"d{source.d_in[site]}", []).append(site)
+def build_grid(source: activations.ActivationSource, sae_sites: list[str], transcoder_sites: list[str], config,
+               sweep: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[dict[str, list[str]], dict[str, step_lib.Group]]:
+    """The grid: SAE sites grouped by input width (``{"d<width>": [site, ...]}``, ``activations.group_sites``) and
+    the transcoders' input sites once per skip variant (``"tc_d<width>"``, ``"tc_skip_d<width>"``), with each
+    group's ``step.Group``; ``sweep`` is ``(λs, target L0s)`` (``configs.sweep_of``)."""
+    groups = activations.group_sites(sae_sites, source.d_in)
     grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, *sweep) for g, sites in groups.items()}
     for skip in config.transcoder.skip if transcoder_sites else ():
         d = source.d_in[transcoder_sites[0]]
@@ -72,7 +70,6 @@ def _labels(groups: dict[str, list[str]], grid: dict[str, step_lib.Group]) -> di
             for g, sites in groups.items()}
 
 
-
 def _check_finite(state, checkpointer: Checkpointer) -> None:
     bad = int(jax.device_get(state["nonfinite_step"]))
     if bad >= 0:
@@ -91,9 +88,9 @@ def _make_mesh(config, batch_size: int) -> jax.sharding.Mesh:
     """The config's ('data', 'model') mesh; ValueError if the batch or the width does not split over it."""
     mesh = step_lib.make_mesh(config.mesh.data,
                               step_lib.model_axis_size(config.mesh.model, config.sae.width, jax.device_count()))
-    if batch_size % (mesh.shape["data"] * jax.process_count()):
-        raise ValueError(f"train.batch_size={batch_size} must be divisible by the mesh's data size "
-                         f"{mesh.shape['data']} and the process count {jax.process_count()}")
+    if batch_size % mesh.size:
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by the mesh's data size × model size = "
+                         f"{mesh.size} devices (each device gathers an equal share of every batch)")
     if config.sae.width % mesh.shape["model"]:
         raise ValueError(f"sae.width={config.sae.width} must be divisible by the mesh's model size {mesh.shape['model']}")
     return mesh
@@ -117,8 +114,8 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
       WorkdirInUseError, OSError: another trainer holds the workdir, or it cannot be written (``workdir.py``).
     """
     lambdas, targets = validate_config(config)
-    if config.mesh.distributed:
-        jax.distributed.initialize()
+    if config.mesh.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize()  # a launcher may have initialised it with an explicit coordinator
     hp = hyperparams(config)
     workdir = pathlib.Path(config.workdir)
     workdir_lib.check_writable(workdir, workdir / "checkpoints")
@@ -127,9 +124,9 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         if config.transcoder.layers.strip():  # the source also reads the transcoders' mlp_in.L and mlp.L
             data = ml_collections.ConfigDict(config.data.to_dict())
             data.sites = ",".join(filter(None, (config.data.sites.strip(), transcoder_spec(config.transcoder.layers))))
-        source = activations.make_source(data, config.seed, jax.process_index(), jax.process_count())
+        source = activations.make_source(data, config.seed)
     release_sites = {name: _site_of(name) for name in source.sites}  # fail early on a bad data.site
-    groups, grid = group_sites(source, *split_sites(config, source), config, (lambdas, targets))
+    groups, grid = build_grid(source, *split_sites(config, source), config, (lambdas, targets))
     batch_size, steps = config.train.batch_size, config.train.steps
     mesh = _make_mesh(config, batch_size)
 
@@ -143,43 +140,41 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
             raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} passed its checksums but does not "
                              f"restore onto this config's state: {e}") from e
     else:
-        # One pass over the first batches for every site (a source may recompute batches it no longer caches).
-        constants, b_dec = feed.normalisation_constants(
-            source, source.sites, batch_size // jax.process_count(), config.train.norm_batches, config.sae.b_dec_init)
-        constants = dict(zip(source.sites, constants))
-        # A transcoder group's sites have (input, output) constants; its b_dec lives in the output's space.
-        outputs = {g: [str(transcoder_target(Site.parse(s))) if grid[g].transcoder else s for s in sites]
-                   for g, sites in groups.items()}
-        scales = {g: np.array([[constants[s], constants[o]] if grid[g].transcoder else constants[s]
-                               for s, o in zip(sites, outputs[g])], np.float32) for g, sites in groups.items()}
+        # Per source site on the devices, then per grid group: a transcoder group's sites have (input, output)
+        # constants and its b_dec lives in the output's space.
+        scales, b_dec = feed.grid_constants(source.groups, *feed.normalisation_constants(
+            source, mesh, batch_size, config.train.norm_batches, config.sae.b_dec_init), groups, grid)
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
         if config.sae.b_dec_init != "zero":  # site-major like the stacked params (step.Group.sae)
-            state["params"] = {g: dict(p, b_dec=jax.device_put(
-                np.repeat(np.stack([b_dec[s] for s in outputs[g]]), len(lambdas), axis=0), p["b_dec"].sharding))
-                for g, p in state["params"].items()}
+            state["params"] = {g: dict(p, b_dec=jax.device_put(np.repeat(b_dec[g], len(lambdas), axis=0),
+                                                               p["b_dec"].sharding))
+                               for g, p in state["params"].items()}
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     start = int(jax.device_get(state["step"]))
     train_step = step_lib.make_train_step(grid, hp, mesh)
-    prefetch = feed.Prefetcher(source, groups, grid, batch_size, start, max(steps - start, 0), mesh)
+    to_grid = feed.grid_batches(source.groups, groups, grid, mesh)
+    batches = source.batches(batch_size, start, mesh, stop=steps)
     log = MetricsLog(workdir, _labels(groups, grid), grid, batch_size, start, steps)
-    try:
-        for number in range(start, steps):
-            state, metrics = train_step(state, prefetch.get())
+    try:  # no host sync between log steps: batches and steps are dispatched ahead of the device
+        for number, batch in zip(range(start, steps), batches):
+            state, metrics = train_step(state, to_grid(batch))
             done = number + 1
             if done % config.train.log_every == 0 or done == steps:
+                source.check_finite()
                 _check_finite(state, checkpointer)
                 log.write(done, jax.device_get(metrics))
             if done % config.train.checkpoint_every == 0 or done == steps:
+                source.check_finite()
                 _check_finite(state, checkpointer)
                 checkpointer.save(done, state, force=done == steps)
     finally:
-        prefetch.close()
+        batches.close()
         log.close()
         checkpointer.wait()
     checkpointer.close()
-    return write_release(config, source, groups, grid, release_sites, state)
+    return write_release(config, source, mesh, groups, grid, release_sites, state)
 
 
 def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:

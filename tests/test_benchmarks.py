@@ -82,3 +82,27 @@ def test_targets_apply_the_issue_thresholds():
     met = [t["met"] for t in run._targets(rows, generator, gpu)]
     # f32 1.3× (2× yes), f32 85% peak (80% no), bf16 as fast (0.91× no), shape 3 unmeasured ×2, res capture, 2 GPUs
     assert met == [True, False, False, None, None, True, True, False]
+
+
+def test_accelerator_block_is_merged_beside_the_cpu_block():
+    cpu = report.merge_block("", "# Benchmarks\ncpu numbers\n")
+    both = report.merge_block(cpu, "# Accelerator\ngpu numbers\n", report.ACCELERATOR_MARKERS)
+    again = report.merge_block(both, "# Accelerator\nnewer\n", report.ACCELERATOR_MARKERS)
+    assert "cpu numbers" in again and "newer" in again and "gpu numbers" not in again
+    assert report.merge_block(again, "# Benchmarks\nnew cpu\n").count(report.ACCELERATOR_MARKERS[0]) == 1
+
+
+@pytest.mark.slow
+def test_accelerator_benchmarks_run_on_cpu_at_tiny_shapes(tmp_path):
+    from benchmarks import accelerator
+
+    results = accelerator.main(["--tiny", "--steps", "1", "--warmup", "1", "--out-dir", str(tmp_path)])
+    assert not [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    pipeline = results["pipeline"]
+    assert pipeline["preset"] == "tiny" and 0 < pipeline["model_fraction"] and 0 < pipeline["npy_fraction"]
+    ideal = 1 / (1 / pipeline["forward"]["tokens_per_s"] + 1 / pipeline["step"]["tokens_per_s"])
+    assert abs(pipeline["serial_ideal_tokens_per_s"] - ideal) < 1e-6 * ideal
+    assert {r["width"] for r in results["gpu"]["sae_step"]} == {256, 1024}
+    assert set(results["evaluation"]["passes"]) == {"clean", "spliced"}
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert f"# Accelerator benchmarks: {results['device']}" in text and "| model |" in text

@@ -84,8 +84,8 @@ def test_checkpoint_without_checksums_is_not_trusted(tmp_path, make_npy_dir, cap
 class _Exploding(activations.NpyShardSource):
     """Finite activations whose squares overflow float32 from batch 9 on: an infinite loss after checkpoint 8."""
 
-    def batches(self, batch_size, start=0):
-        for number, batch in enumerate(super().batches(batch_size, start), start):
+    def batches(self, batch_size, start=0, mesh=None, stop=None):
+        for number, batch in enumerate(super().batches(batch_size, start, mesh, stop), start):
             yield {k: v * np.float32(1e30) if number >= 9 else v for k, v in batch.items()}
 
 
@@ -174,8 +174,8 @@ class _FakeModelSource:
 
     sites, d_in, model_name = ["res.3"], {"res.3": 8}, "fake"
 
-    def chunk(self, k):
-        return {"res.3": np.random.default_rng(k).normal(size=(100, 8)).astype(np.float32)}
+    def chunk(self, k, mesh=None, dtype=np.float32):
+        return {"res.3": np.random.default_rng(k).normal(size=(100, 8)).astype(dtype)}
 
 
 @pytest.fixture

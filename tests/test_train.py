@@ -108,8 +108,8 @@ class _Interrupted(activations.NpyShardSource):
 
     die_at = 10
 
-    def batches(self, batch_size, start=0):
-        for number, batch in enumerate(super().batches(batch_size, start), start):
+    def batches(self, batch_size, start=0, mesh=None, stop=None):
+        for number, batch in enumerate(super().batches(batch_size, start, mesh, stop), start):
             if number == self.die_at:
                 raise KeyboardInterrupt
             yield batch
@@ -208,19 +208,33 @@ def test_bad_data_dir_gives_clear_errors(tmp_path):
         activations.NpyShardSource(str(tmp_path / "bad"))
 
 
-def test_npy_source_is_a_pure_function_of_batch_number_and_shards_rows(tmp_path, make_npy_dir):
+def test_npy_source_is_a_pure_function_of_batch_number_and_shuffles_blocks_on_the_devices(tmp_path, make_npy_dir):
     data = make_npy_dir(rows=(50, 30), d=4)
-    source = activations.NpyShardSource(str(data), seed=3)
-    first = [b["custom"] for _, b in zip(range(6), source.batches(32))]
-    later = [b["custom"] for _, b in zip(range(2), activations.NpyShardSource(str(data), seed=3).batches(32, 4))]
+    everything = np.concatenate([np.load(f) for f in sorted(data.glob("*.npy"))])
+    row_of = {tuple(r): i for i, r in enumerate(everything)}
+    # Blocks of 32 rows ([0, 32), [32, 50) of file 0; file 1), one per buffer: 2 + 1 + 1 batches of 16 an epoch.
+    source = activations.NpyShardSource(str(data), seed=3, buffer_rows=32)
+    first = [np.asarray(b["d4"][0]) for _, b in zip(range(6), source.batches(16))]
+    later = [np.asarray(b["d4"][0]) for _, b in
+             zip(range(2), activations.NpyShardSource(str(data), seed=3, buffer_rows=32).batches(16, 4))]
     np.testing.assert_array_equal(first[4], later[0])
     np.testing.assert_array_equal(first[5], later[1])
-    rows = np.concatenate(first[:2] + [first[2][:16]])  # the first epoch: 80 rows, each exactly once
-    everything = np.concatenate([np.load(f) for f in sorted(data.glob("*.npy"))])
-    assert sorted(map(tuple, rows)) == sorted(map(tuple, everything))
-    halves = [next(activations.NpyShardSource(str(data), seed=3, shard_index=i, shard_count=2).batches(16))["custom"]
-              for i in range(2)]
-    np.testing.assert_array_equal(np.concatenate(halves), first[0])
+    epoch = [[row_of[tuple(r)] for r in batch] for batch in first[:4]]
+    assert len(set(sum(epoch, []))) == 64  # no row twice in an epoch
+    blocks = {(0, 32): range(0, 32), (32, 50): range(32, 50), (50, 80): range(50, 80)}
+    for batch in epoch:  # each batch from one block (one buffer), rows shuffled within it
+        assert sum(set(batch) <= set(rows) for rows in blocks.values()) == 1
+    assert epoch[0] != sorted(epoch[0])
+    # On 2 devices each one shuffles its half of the buffer: the first half of every batch comes from slot 0.
+    mesh = step_lib.make_mesh(devices=jax.devices()[:2])
+    two = [np.asarray(b["d4"][0]) for _, b in zip(range(4), source.batches(16, 0, mesh))]
+    for batch in two:
+        rows = [row_of[tuple(r)] for r in batch]
+        block = next(r for r in blocks.values() if set(rows) <= set(r))
+        half = block[0] + len(block) // 2
+        assert all(r < half for r in rows[:8]) and all(r >= half for r in rows[8:])
+    with pytest.raises(ValueError, match="raise data.buffer_rows"):
+        next(activations.NpyShardSource(str(data), buffer_rows=8).batches(16))
 
 
 def test_unknown_override_key_is_named(tmp_path):
@@ -245,21 +259,56 @@ def test_benchmark_step_runs_the_real_step_on_a_sharded_mesh():
 
 class _MlpSource:
     """A stand-in model source: sites res.0, mlp_in.0 and mlp.0 with mlp = x @ A + relu(x) @ B (a mostly linear
-    map, as an affine skip can fit), batch ``b`` a pure function of b."""
+    map, as an affine skip can fit), batch ``b`` a pure function of b, placed on the mesh like ModelSource's."""
 
     num_layers = 1
     sites = ["mlp.0", "mlp_in.0", "res.0"]
     d_in = {site: 16 for site in sites}
+    groups = activations.group_sites(sites, d_in)
 
-    def batches(self, batch_size, start=0):
+    @staticmethod
+    def host_batch(batch_size, number):
         rng = np.random.default_rng(0)
         a, b = rng.normal(size=(16, 16)) * 0.5, rng.normal(size=(16, 16)) * 0.2
-        number = start
-        while True:
-            x = np.random.default_rng(number + 1).normal(size=(batch_size, 16))
-            yield {"mlp_in.0": (3 * x).astype(np.float32), "mlp.0": (x @ a + np.maximum(x, 0) @ b).astype(np.float32),
-                   "res.0": (x[:, ::-1] + 1).astype(np.float32)}
-            number += 1
+        x = np.random.default_rng(number + 1).normal(size=(batch_size, 16))
+        return {"mlp_in.0": (3 * x).astype(np.float32), "mlp.0": (x @ a + np.maximum(x, 0) @ b).astype(np.float32),
+                "res.0": (x[:, ::-1] + 1).astype(np.float32)}
+
+    def batches(self, batch_size, start=0, mesh=None, stop=None):
+        sharding = step_lib.batch_sharding(mesh or activations.single_device_mesh())
+        for number in range(start, 2**62 if stop is None else stop):
+            batch = self.host_batch(batch_size, number)
+            yield {"d16": jax.device_put(np.stack([batch[s] for s in self.sites]), sharding)}
+
+    def check_finite(self):
+        pass
+
+
+def test_grid_batches_and_constants_are_gathered_from_the_source_groups():
+    """SAE stacks and a transcoder's (mlp_in.L, mlp.L) pair are the source's rows, gathered on the mesh; a
+    transcoder's constants are (C of mlp_in.L, C of mlp.L) and its b_dec that of mlp.L."""
+    source_groups = {"d4": ["res.0", "mlp_in.1", "res.1", "mlp.1"], "d8": ["x"]}
+    groups = {"d4": ["res.1", "res.0"], "tc_d4": ["mlp_in.1"], "d8": ["x"]}
+    grid = {"d4": step_lib.Group(2, 4, 8, (1e-3,)), "tc_d4": step_lib.Group(1, 4, 8, (1e-3,), transcoder=True),
+            "d8": step_lib.Group(1, 8, 8, (1e-3,))}
+    mesh = step_lib.make_mesh(devices=jax.devices()[:2])
+    rng = np.random.default_rng(0)
+    host = {"d4": rng.normal(size=(4, 6, 4)).astype(np.float32), "d8": rng.normal(size=(1, 6, 8)).astype(np.float32)}
+    batch = {g: jax.device_put(x, step_lib.batch_sharding(mesh)) for g, x in host.items()}
+    out = feed.grid_batches(source_groups, groups, grid, mesh)(batch)
+    np.testing.assert_array_equal(out["d4"], host["d4"][[2, 0]])
+    np.testing.assert_array_equal(out["tc_d4"][0], host["d4"][[1]])
+    np.testing.assert_array_equal(out["tc_d4"][1], host["d4"][[3]])
+    assert out["d8"] is batch["d8"]  # a whole source group is passed through, not copied
+    assert out["tc_d4"][1].sharding == step_lib.batch_sharding(mesh)
+    scales = {"d4": np.array([1.0, 2.0, 3.0, 4.0], np.float32), "d8": np.array([5.0], np.float32)}
+    b_dec = {g: np.arange(c.size)[:, None] * np.ones(int(g[1:]), np.float32) for g, c in scales.items()}
+    grid_scales, grid_b_dec = feed.grid_constants(source_groups, scales, b_dec, groups, grid)
+    np.testing.assert_array_equal(grid_scales["d4"], [3.0, 1.0])
+    np.testing.assert_array_equal(grid_scales["tc_d4"], [[2.0, 4.0]])
+    np.testing.assert_array_equal(grid_b_dec["d4"][:, 0], [2, 0])
+    np.testing.assert_array_equal(grid_b_dec["tc_d4"][:, 0], [3])
+    np.testing.assert_array_equal(grid_scales["d8"], [5.0])
 
 
 def test_transcoders_train_beside_saes_and_release_in_both_layouts(tmp_path):
@@ -279,7 +328,7 @@ def test_transcoders_train_beside_saes_and_release_in_both_layouts(tmp_path):
     labels = {json.loads(line)["site"] for line in (root / "metrics.jsonl").read_text().splitlines()}
     assert labels == {"res.0", "mlp_in.0→mlp.0", "mlp_in.0→mlp.0 +skip"}
     # The released transcoders work on raw activations; the affine one fits the mostly linear map better.
-    batch = next(_MlpSource().batches(2048, 1000))
+    batch = _MlpSource.host_batch(2048, 1000)
     x, y = batch["mlp_in.0"], batch["mlp.0"]
     fvu = {}
     for path in paths[1:]:
@@ -300,12 +349,13 @@ def test_b_dec_is_estimated_with_the_normalisation_constant(tmp_path, make_npy_d
     x = (rng.normal(size=(512, 16)) + np.arange(16) * 2.0).astype(np.float32)  # a mean far from 0
     np.save(path / "part00.npy", x)
     source = activations.NpyShardSource(str(path))
-    constants, b_dec = feed.normalisation_constants(source, source.sites, 128, 4, b_dec_init)
+    mesh = step_lib.make_mesh(devices=jax.devices()[:2])
+    scales, b_dec = feed.normalisation_constants(source, mesh, 128, 4, b_dec_init)
     c = np.sqrt(np.mean(np.sum(x.astype(np.float64) ** 2, axis=1)))  # 4 × 128 rows: every row once
-    np.testing.assert_allclose(constants, [c], rtol=1e-5)
+    np.testing.assert_allclose(scales["d16"], [c], rtol=1e-5)
     expected = {"zero": np.zeros(16), "mean": x.mean(axis=0) / c,
                 "geometric_median": np.asarray(sae.geometric_median(x)) / c}[b_dec_init]
-    np.testing.assert_allclose(b_dec[source.sites[0]], expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(b_dec["d16"][0], expected, rtol=1e-4, atol=1e-6)
     config = _config(tmp_path / "run", path, steps=1, norm_batches=4, batch_size=128)
     config.sae.update(b_dec_init=b_dec_init, l0_coefficient=(1e-3,))
     config.train.learning_rate = 1e-12  # the one step leaves b_dec where it started

@@ -1,0 +1,91 @@
+"""The trainer on a 2-process CPU mesh (jax.distributed, gloo): the same SAEs as 1 process with the same devices
+and global batch, and a kill -9 of both processes then a restart resumes exactly."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gemma_scope import release
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEVICES = 4  # in all: 1 process × 4 devices, or 2 processes × 2 devices
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(workdir, data, processes: int, **overrides):
+    overrides = {"workdir": str(workdir), "data.path": str(data), "sae.width": 32, "sae.l0_coefficient": [1e-3],
+                 "data.buffer_rows": 256, "train.batch_size": 32, "train.steps": 40, "train.learning_rate": 1e-3,
+                 "train.lr_warmup_steps": 4, "train.l0_warmup_steps": 10, "train.checkpoint_every": 10,
+                 "train.log_every": 5, "train.norm_batches": 2, "train.eval_batches": 2, **overrides}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, "tests/_train_process.py", str(i), str(processes), str(port),
+                              str(DEVICES // processes), json.dumps(overrides)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
+
+
+def _finish(procs):
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+def _released(workdir):
+    return {p.relative_to(workdir): release.load_params(p) for p in sorted(pathlib.Path(workdir).rglob("params.npz"))}
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_saes_as_one_and_resume_exactly_after_kill(tmp_path, make_npy_dir):
+    data = make_npy_dir(rows=(600, 424))
+    one, two = _start(tmp_path / "one", data, 1), _start(tmp_path / "two", data, 2)
+    outs = _finish(one + two)
+    assert [out.splitlines()[0] for out, _ in outs] == ["processes=1 devices=4"] + ["processes=2 devices=4"] * 2
+    single, double = _released(tmp_path / "one"), _released(tmp_path / "two")
+    assert len(single) == 1 and single.keys() == double.keys()  # same measured L0 → same release name
+    for name in single:
+        for key in single[name]:
+            np.testing.assert_allclose(double[name][key], single[name][key], rtol=1e-4, atol=1e-5)
+
+    _kill_restart_and_compare(tmp_path, data, **{"train.steps": 400, "train.checkpoint_every": 20})
+
+
+@pytest.mark.slow
+def test_two_processes_on_model_activations_resume_exactly_after_kill(tmp_path):
+    """Each process runs the LM on its own sequences into its devices' slots of the shuffle buffer."""
+    _kill_restart_and_compare(tmp_path, "", **{"data.source": "model", "train.steps": 300,
+                                               "train.checkpoint_every": 20})
+
+
+def _kill_restart_and_compare(tmp_path, data, **train):
+    """kill -9 both processes after their first checkpoint, rerun the same command: the release equals that of
+    an uninterrupted 2-process run, bit for bit."""
+    victims = _start(tmp_path / "killed", data, 2, **train)
+    checkpoints, deadline = tmp_path / "killed/checkpoints", time.time() + 120
+    while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        assert all(p.poll() is None for p in victims) and time.time() < deadline, "ended before a checkpoint"
+        time.sleep(0.01)
+    for p in victims:
+        os.kill(p.pid, signal.SIGKILL)
+        p.communicate()
+    assert not _released(tmp_path / "killed")
+    _finish(_start(tmp_path / "killed", data, 2, **train))
+    _finish(_start(tmp_path / "straight", data, 2, **train))
+    resumed, straight = _released(tmp_path / "killed"), _released(tmp_path / "straight")
+    assert resumed.keys() == straight.keys() and resumed
+    for name in straight:
+        for key in straight[name]:
+            np.testing.assert_array_equal(resumed[name][key], straight[name][key])
