@@ -55,12 +55,10 @@ def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict
         for s, site in enumerate(sites):
             saes = grp.saes_of_site(s)
             trained = jax.tree.map(lambda a: a[saes], params[g])
-            if grp.transcoder:  # scales[g][s] = (C of mlp_in.L, C of mlp.L); L0 of the input x of (x, y)
-                folded = jax.vmap(sae.fold_normalisation, in_axes=(0, None, None))(trained, *scales[g][s])
-                l0 = np.mean([np.asarray(l0_of(folded, b[g][0][s])) for b in batches], axis=0)
-            else:
-                folded = jax.vmap(sae.fold_normalisation, in_axes=(0, None))(trained, scales[g][s])
-                l0 = np.mean([np.asarray(l0_of(folded, b[g][s])) for b in batches], axis=0)
+            # A transcoder's scales[g][s] = (C of mlp_in.L, C of mlp.L), and its L0 is taken on the x of (x, y).
+            constants = np.atleast_1d(scales[g][s])
+            folded = jax.vmap(sae.fold_normalisation, in_axes=(0, *[None] * len(constants)))(trained, *constants)
+            l0 = np.mean([np.asarray(l0_of(folded, (b[g][0] if grp.transcoder else b[g])[s])) for b in batches], axis=0)
             labels = release.gs2_labels([float(v) for v in l0])
             for j, i in enumerate(range(saes.start, saes.stop)):
                 _, lam, target = grp.sae(i)
