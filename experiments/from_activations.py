@@ -17,12 +17,7 @@ from gemma_scope import configs
 
 def get_config() -> ml_collections.ConfigDict:
     """The from-activations run; every field can be overridden with ``--config.<path>=value``."""
-    data = ml_collections.ConfigDict()
-    data.source = "npy"
-    data.path = ""  # directory of float32 .npy files, each [N, d]
-    data.site = ""  # e.g. "res.12"; empty: released under custom/layer_0
-    data.buffer_rows = 2**18  # rows per shuffle buffer on the devices (random blocks of 4,096 contiguous rows)
-    config = configs.train_config(data)
+    config = configs.train_config(configs.npy_data())  # --config.data.path=DIR, --config.data.site=res.12
     config.workdir = "/tmp/gemma_scope/from_activations"
     config.sae.width = 4096
     config.train.steps = 20_000

@@ -104,6 +104,17 @@ def lm_data(model: str, sites: str) -> ml_collections.ConfigDict:
     return data
 
 
+def npy_data(path: str = "", site: str = "") -> ml_collections.ConfigDict:
+    """``data`` block: activations cached as ``.npy`` shards in ``path`` (``python -m gemma_scope.activations`` or
+    any float ``[N, d]`` arrays), released as ``site`` (e.g. "res.12"; empty: ``custom/layer_0``)."""
+    data = ml_collections.ConfigDict()
+    data.source = "npy"
+    data.path = path
+    data.site = site
+    data.buffer_rows = 2**18  # rows per shuffle buffer on the devices (random blocks of 4,096 contiguous rows)
+    return data
+
+
 def paper_run(name: str, kind: str, layers: tuple[int, ...], arg: str | None,
               width: int = 2**14) -> ml_collections.ConfigDict:
     """A run of the Gemma Scope grid (``name`` such as "gemma2_9b"): one site kind at ``layers``, width and λ sweep

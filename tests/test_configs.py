@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from gemma_scope import configs
+from gemma_scope import activations, configs
 from gemma_scope.model import get_config as model_config
 from gemma_scope.sites import parse_sites, transcoder_spec
 
@@ -56,16 +56,19 @@ def test_paper_runs_follow_the_recipe():
         assert (config.sae.sparsity_loss, config.sae.b_dec_init) == ("l0", "zero")  # the paper's sparsity and init
 
 
-def test_ablation_rows_share_the_default_budget_and_change_one_thing_each():
+def test_ablation_rows_share_the_default_budget_and_change_one_thing_each(make_npy_dir):
     spec = importlib.util.spec_from_file_location("ablation", EXPERIMENTS_DIR / "ablation/config.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
     default = load(EXPERIMENTS_DIR / "gemma3_270m_res.py")
+    acts = make_npy_dir()
     recipe_keys = ("b_dec_init", "sparsity_loss", "frequency_coefficient", "matryoshka_prefixes")
     previous = None
     for row in ablation.ROWS:
         config = ablation.get_config(f"row={row},site=res.8")
         configs.validate_config(config)
+        config.data.path = str(acts)
+        assert activations.make_source(config.data, config.seed).sites == ["res.8"]  # the data block is complete
         assert config.train.to_dict() == default.train.to_dict() and config.seed == default.seed
         assert config.sae.width == default.sae.width and config.data.site == "res.8"
         recipe = tuple(config.sae[k] for k in recipe_keys)

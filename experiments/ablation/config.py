@@ -23,6 +23,8 @@ import pathlib
 
 import ml_collections
 
+from gemma_scope import configs
+
 ROWS = ("gs1", "mean_b_dec", "target_l0", "frequency", "matryoshka")
 TARGET_L0 = 100.0
 TARGET_L0_COEFFICIENT = 0.1  # λ of λ·(L0/target − 1)²: L0 within 10% of 100 by step 300 of a res.8 trial
@@ -57,11 +59,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if row not in ROWS:
         raise ValueError(f"row must be one of {ROWS}, got {row!r}")
     config = _default_config()
-    data = ml_collections.ConfigDict()
-    data.source = "npy"
-    data.path = ""  # runs/ablation/acts/<site>, written by python -m gemma_scope.activations
-    data.site = options["site"]
-    config.data = data
+    config.data = configs.npy_data(site=options["site"])  # data.path: runs/ablation/acts/<site> (run.py)
     config.eval.num_sequences = 0  # run.py evaluates all rows together on the same held-out tokens
     config.workdir = f"runs/ablation/{row}/{options['site']}"
     stage = ROWS.index(row)
