@@ -32,6 +32,7 @@ import tqdm
 
 from gemma_scope import cli, model, release, sae
 from gemma_scope.files import json_ready
+from gemma_scope.release_params import SKIP_KEY
 from gemma_scope.shards import first_rows, open_shards
 from gemma_scope.sites import CUSTOM, Site, transcoder_label
 
@@ -397,7 +398,7 @@ def evaluate_saes(
                 raise ValueError(f"{path}: a transcoder ({info['site']} -> {info['site_out']}) needs activations of "
                                  "both sites; evaluate it with --model instead of --activations")
             sites = (info["site"], info["site_out"])
-            label = transcoder_label(Site.parse(info["site"]), release.SKIP_KEY in params)
+            label = transcoder_label(Site.parse(info["site"]), SKIP_KEY in params)
         else:
             if model_name and site is None and info["site"] is None:
                 raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")

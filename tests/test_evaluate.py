@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_scope import evaluate, release
+from gemma_scope import evaluate, release, release_gs2
 from gemma_scope.sites import Site
 from test_release import write_gs2_by_hand
 
@@ -397,9 +397,9 @@ def test_cli_evaluates_gs2_transcoders_with_the_model_only(tiny_gemma, tmp_path,
     params, cfg, tokens, mask = tiny_gemma
     d = cfg.d_model
     for affine in (False, True):
-        release.write_gs2(tmp_path / "rel", Site("mlp_in", 1), random_transcoder(d, d, affine=affine), 15,
+        release_gs2.write_gs2(tmp_path / "rel", Site("mlp_in", 1), random_transcoder(d, d, affine=affine), 15,
                           model_name="tiny", site_out=Site("mlp", 1))
-    release.write_gs2(tmp_path / "rel", Site("mlp", 1), random_sae(d=d, width=16), 40, model_name="tiny")
+    release_gs2.write_gs2(tmp_path / "rel", Site("mlp", 1), random_sae(d=d, width=16), 40, model_name="tiny")
     lm = types.SimpleNamespace(params=params, config=cfg)
     monkeypatch.setattr(evaluate, "_load_lm", lambda *args: (lm, (tokens, mask)))
     records = evaluate.main([f"--sae={tmp_path / 'rel'}", "--model=tiny", "--lm_batch_size=2"])
