@@ -134,7 +134,7 @@ def plot_frequency_histograms(records: Sequence[dict], path: str | pathlib.Path)
     one step curve each; dead latents (frequency 0) are left out and counted in the legend. Returns the PNG path."""
     records = _canonical([r for r in records if r.get("frequencies") is not None])
     if not records:
-        raise ValueError("no record has latent frequencies (they come from evaluate.activation_metrics)")
+        raise ValueError("no record has latent frequencies (they come from reconstruction.activation_metrics)")
     logs = [np.log10(np.asarray(r["frequencies"], np.float64)[np.asarray(r["frequencies"]) > 0]) for r in records]
     low = min((x.min() for x in logs if x.size), default=-6.0)
     bins = np.linspace(math.floor(low), 0, 41)
