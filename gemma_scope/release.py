@@ -102,18 +102,17 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
         than "none". The message names the file and the key.
     """
     path = _params_file(pathlib.Path(path))
+    if path.name == GS2_PARAMS_FILE:
+        return load_gs2(path)
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
                 raw = {k: npz[k] for k in npz.files}
         except Exception as e:  # numpy raises many types for corrupt files; report them uniformly.
             raise ValueError(f"{path}: cannot read SAE parameters ({type(e).__name__}: {e})") from e
-        params = validate_params(raw, source=str(path))
     else:
-        if path.name == GS2_PARAMS_FILE:
-            return load_gs2(path)
         raw = read_safetensors(path)
-        params = validate_params(raw, source=str(path))
+    params = validate_params(raw, source=str(path))
     cfg_path = path.parent / SAELENS_CFG_FILE
     if cfg_path.is_file():
         cfg = _check_saelens_cfg(params, cfg_path)
