@@ -85,8 +85,8 @@ def _matryoshka_reconstruction(params: dict, x: jax.Array, y: jax.Array, bounds:
     each nested prefix's reconstruction ``ŷ_m = f[:, :m] @ W_dec[:m] + b_dec (+ x @ W_skip)`` and the latents'
     firing frequencies.
 
-    Plain autodiff through ``sae.jumprelu`` and ``sae.step`` (not the hand-written backward pass of the plain loss); the
-    prefixes are decoded cumulatively, so the decoder matmuls cost one full decode.
+    Plain autodiff through ``sae.jumprelu`` and ``sae.step`` (not the hand-written backward pass of the plain
+    loss); the prefixes are decoded cumulatively, so the decoder matmuls cost one full decode.
     """
     z = sae.pre_activations_train(params, x, compute_dtype, transcoder)
     f = sae.jumprelu(z, params["threshold"], bandwidth)
