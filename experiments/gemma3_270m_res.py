@@ -27,7 +27,7 @@ layer 8, and one dimension holds 40–88% of the variance, most of it on ~0.2% o
 newlines acting as attention sinks). With b_dec starting at 0 the SAE spends the run chasing the mean, and λ
 hardly moved L0 (res.8: λ = 1e-4 / 3e-4 / 1e-3 gave L0 167 / 193 / 151); Adam normalises a λ·L0 push away
 (SAELens issue #719). The quadratic pull towards a target L0 (Gemma Scope 2's answer, form of dictionary_learning's
-JumpReLU trainer; ``gemma_scope.sae.sparsity_penalty``) changes sign at the target, so each SAE lands near it.
+JumpReLU trainer; ``gemma_scope.losses.sparsity_penalty``) changes sign at the target, so each SAE lands near it.
 The frequency penalty (c_f = 1e-3 on latents firing on > 10% of tokens, our form) is on: in the res.8 ablation it
 cut delta LM loss by 0.17 ± 0.03 nats and the dead fraction from 0.19 to 0.03; the Matryoshka loss is off (it
 missed the target L0 by 26% and cost 0.26 ± 0.02 nats; README "Recipe ablation"). ``--config.sae.sparsity_loss=l0

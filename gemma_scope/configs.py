@@ -13,7 +13,7 @@ import math
 
 import ml_collections
 
-from gemma_scope import sae, step
+from gemma_scope import feed, losses, step
 
 # §3: width 2^14 -> 4B tokens, 2^20 -> 16B, every other released width -> 8B.
 PAPER_BATCH_SIZE = 4096
@@ -36,7 +36,7 @@ def train_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.sae = ml_collections.ConfigDict()
     config.sae.width = 2**14
     config.sae.l0_coefficient = (1e-3,)  # λ; several values train a sweep in one step
-    # The sparsity recipe (gemma_scope.sae.loss). "l0": Gemma Scope's λ·L0. "target_l0": λ·(L0/target − 1)²
+    # The sparsity recipe (gemma_scope.losses.loss). "l0": Gemma Scope's λ·L0. "target_l0": λ·(L0/target − 1)²
     # towards each value of sae.target_l0 (several train a sweep in one step, λ one value or one per target).
     config.sae.sparsity_loss = "l0"
     config.sae.target_l0 = (100.0,)
@@ -202,10 +202,10 @@ def validate_config(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     Raises:
       ValueError: naming the field, its value and what is expected.
     """
-    if config.sae.sparsity_loss not in sae.SPARSITY_LOSSES:
-        raise ValueError(f"sae.sparsity_loss must be one of {sae.SPARSITY_LOSSES}, got {config.sae.sparsity_loss!r}")
-    if config.sae.b_dec_init not in sae.B_DEC_INITS:
-        raise ValueError(f"sae.b_dec_init must be one of {sae.B_DEC_INITS}, got {config.sae.b_dec_init!r}")
+    if config.sae.sparsity_loss not in losses.SPARSITY_LOSSES:
+        raise ValueError(f"sae.sparsity_loss must be one of {losses.SPARSITY_LOSSES}, got {config.sae.sparsity_loss!r}")
+    if config.sae.b_dec_init not in feed.B_DEC_INITS:
+        raise ValueError(f"sae.b_dec_init must be one of {feed.B_DEC_INITS}, got {config.sae.b_dec_init!r}")
     if not (config.sae.frequency_coefficient >= 0 and 0 < config.sae.frequency_threshold <= 1):
         raise ValueError(f"sae.frequency_coefficient must be >= 0 and sae.frequency_threshold in (0, 1], got "
                          f"{config.sae.frequency_coefficient}, {config.sae.frequency_threshold}")
@@ -233,7 +233,7 @@ def validate_config(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
                          f"{config.sae.threshold_init}")
     if config.sae.dtype not in DTYPES:
         raise ValueError(f"sae.dtype must be one of {DTYPES}, got {config.sae.dtype!r}")
-    sae.matryoshka_bounds(tuple(config.sae.matryoshka_prefixes), config.sae.width)
+    losses.matryoshka_bounds(tuple(config.sae.matryoshka_prefixes), config.sae.width)
     skips = tuple(config.transcoder.skip) if isinstance(config.transcoder.skip, (tuple, list)) else None
     if not skips or not all(isinstance(v, bool) for v in skips) or len(set(skips)) != len(skips):
         raise ValueError(f"transcoder.skip must be (False,), (True,) or (False, True), got {config.transcoder.skip!r}")

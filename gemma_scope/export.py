@@ -1,6 +1,6 @@
 """The release of a trained grid: every SAE and transcoder folded into raw-activation space, its average L0
 measured, and written in the Gemma Scope 1 layout (SAEs, ``release.write_sae``) and the Gemma Scope 2 layout (SAEs
-and transcoders, ``release.write_gs2``)."""
+and transcoders, ``release_gs2.write_gs2``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemma_scope import configs, feed, hosts, release, sae
+from gemma_scope import configs, feed, hosts, release, release_gs2, sae
 from gemma_scope.sites import Site, transcoder_target
 from gemma_scope.step import Group
 
@@ -22,8 +22,8 @@ def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict
     """Folds every SAE and transcoder of the grid (``sae.fold_normalisation``), measures its average L0 on the
     ``train.eval_batches`` batches after training, and writes it (process 0): SAEs in the Gemma Scope 1 layout under
     ``<workdir>/release`` (``release.write_sae``), SAEs on res/att/mlp sites and transcoders in the Gemma Scope 2
-    layout under ``<workdir>/release_gs2`` (``release.write_gs2``; a sweep's directories labelled by
-    ``release.gs2_labels``).
+    layout under ``<workdir>/release_gs2`` (``release_gs2.write_gs2``; a sweep's directories labelled by
+    ``release_gs2.gs2_labels``).
 
     Args:
       config: the run's config (``train.*``, ``seed``, ``workdir``, ``data.model``).
@@ -59,7 +59,7 @@ def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict
             constants = np.atleast_1d(scales[g][s])
             folded = jax.vmap(sae.fold_normalisation, in_axes=(0, *[None] * len(constants)))(trained, *constants)
             l0 = np.mean([np.asarray(l0_of(folded, (b[g][0] if grp.transcoder else b[g])[s])) for b in batches], axis=0)
-            labels = release.gs2_labels([float(v) for v in l0])
+            labels = release_gs2.gs2_labels([float(v) for v in l0])
             for j, i in enumerate(range(saes.start, saes.stop)):
                 _, lam, target = grp.sae(i)
                 key = (g, site, round(float(l0[j])))
@@ -75,7 +75,7 @@ def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict
                 gs2 = dict(model_name=config.data.get("model") or "", l0_label=labels[j])
                 if grp.transcoder:
                     in_site = Site.parse(site)
-                    written.append(release.write_gs2(workdir / "release_gs2", in_site, one, float(l0[j]),
+                    written.append(release_gs2.write_gs2(workdir / "release_gs2", in_site, one, float(l0[j]),
                                                      site_out=transcoder_target(in_site), **gs2))
                     continue
                 meta = {"l0_coefficient": lam, "target_l0": target, **configs.recipe_metadata(config),
@@ -83,6 +83,6 @@ def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict
                         "training_tokens": config.train.steps * config.train.batch_size,
                         "normalisation_constant": float(scales[g][s]), "seed": config.seed}
                 written.append(release.write_sae(workdir / "release", release_sites[site], one, float(l0[j]), meta))
-                if release_sites[site] is not None and release_sites[site].kind in release.GS2_FOLDERS:
-                    release.write_gs2(workdir / "release_gs2", release_sites[site], one, float(l0[j]), **gs2)
+                if release_sites[site] is not None and release_sites[site].kind in release_gs2.GS2_FOLDERS:
+                    release_gs2.write_gs2(workdir / "release_gs2", release_sites[site], one, float(l0[j]), **gs2)
     return written

@@ -1,6 +1,6 @@
-"""Feeding an activation source to the step: the normalisation constants (Gemma Scope §3) and the initial b_dec,
-computed on the devices from the source's device-resident batches, and the grid's batches (SAE stacks and
-transcoder (x, y) pairs) gathered from the source's on the devices."""
+"""Feeding an activation source to the step: the normalisation constants (Gemma Scope §3) and the initial b_dec
+(zero, mean or geometric median), computed on the devices from the source's device-resident batches, and the
+grid's batches (SAE stacks and transcoder (x, y) pairs) gathered from the source's on the devices."""
 
 from __future__ import annotations
 
@@ -9,8 +9,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemma_scope import sae, step as step_lib
+from gemma_scope import step as step_lib
 from gemma_scope.sites import Site, transcoder_target
+
+B_DEC_INITS = ("zero", "mean", "geometric_median")  # zero: the paper (§3); the others as SAELens offers them
+
+
+def geometric_median(points: jax.Array, iterations: int = 100, eps: float = 1e-6) -> jax.Array:
+    """The geometric median ``argmin_m Σ_i ||x_i − m||`` of ``points [N, d]``, float32 ``[d]``.
+
+    Weiszfeld's algorithm (Weiszfeld 1937; as SAELens computes it for its ``b_dec_init_method="geometric_median"``):
+    ``m ← Σ_i w_i x_i / Σ_i w_i`` with ``w_i = 1 / max(||x_i − m||, eps)``, starting from the mean; a fixed number
+    of iterations (deterministic, jit-friendly) instead of SAELens's tolerance test.
+    """
+    points = jnp.asarray(points, jnp.float32)
+
+    def update(_, m):
+        w = 1.0 / jnp.maximum(jnp.linalg.norm(points - m, axis=-1), eps)
+        return (w @ points) / jnp.sum(w)
+
+    return jax.lax.fori_loop(0, iterations, update, jnp.mean(points, axis=0))
 
 
 def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec_init: str = "zero"
@@ -20,7 +38,7 @@ def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec
     at the end; on several processes the figures are over the global batches).
 
     ``b_dec_init``: ``"zero"`` (the paper, §3), ``"mean"`` (the activations' mean / C) or ``"geometric_median"``
-    (``sae.geometric_median`` of these batches / C; it keeps them on the devices). Deviation from the paper where
+    (``geometric_median`` of these batches / C; it keeps them on the devices). Deviation from the paper where
     the mean is used: Adam moves b_dec by about the learning rate per step, so a short run never reaches a residual
     stream's mean (≈ 79% of E||x||² at Gemma 3 270M's layer 8) from 0; issue 12 measured loss recovered 52–66%
     from zero, 74–88% from the mean (res.8, 1,600 steps).
@@ -31,8 +49,8 @@ def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec
     Raises:
       ValueError: activations not finite (naming the batches and site) or all zero; an unknown ``b_dec_init``.
     """
-    if b_dec_init not in sae.B_DEC_INITS:
-        raise ValueError(f"b_dec_init must be one of {sae.B_DEC_INITS}, got {b_dec_init!r}")
+    if b_dec_init not in B_DEC_INITS:
+        raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {b_dec_init!r}")
     replicated = NamedSharding(mesh, P())
     moments = jax.jit(lambda batch: {g: (jnp.mean(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1), axis=-1),
                                          jnp.mean(x.astype(jnp.float32), axis=1)) for g, x in batch.items()},
@@ -45,7 +63,7 @@ def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec
             kept.append(batch)
     source.check_finite()
     if kept:
-        median = jax.jit(lambda xs: {g: jax.vmap(sae.geometric_median)(jnp.concatenate([x[g] for x in xs], axis=1))
+        median = jax.jit(lambda xs: {g: jax.vmap(geometric_median)(jnp.concatenate([x[g] for x in xs], axis=1))
                                      for g in xs[0]}, out_shardings=replicated)(kept)
     scales, b_dec = {}, {}
     for g, (sum_sq, sum_x) in totals.items():
@@ -122,3 +140,4 @@ def grid_batches(source_groups: dict[str, list[str]], groups: dict[str, list[str
         return {g: tuple(x) if grid[g].transcoder else x[0] for g, x in taken.items()}
 
     return to_grid
+

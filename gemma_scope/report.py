@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma_scope import release  # noqa: E402
 from gemma_scope.files import json_ready  # noqa: E402
+from gemma_scope.release_params import width_label  # noqa: E402
 from gemma_scope.sites import Site  # noqa: E402
 
 FRONTIER_PLOT = "frontier.png"
@@ -39,7 +39,7 @@ Definitions follow Gemma Scope (arXiv 2408.05147, §4)."""
 
 
 def _label(record: dict) -> str:
-    return f"{record['site']} {release.width_label(int(record['width']))}"
+    return f"{record['site']} {width_label(int(record['width']))}"
 
 
 def _site_order(site: str):
@@ -134,7 +134,7 @@ def plot_frequency_histograms(records: Sequence[dict], path: str | pathlib.Path)
     one step curve each; dead latents (frequency 0) are left out and counted in the legend. Returns the PNG path."""
     records = _canonical([r for r in records if r.get("frequencies") is not None])
     if not records:
-        raise ValueError("no record has latent frequencies (they come from evaluate.activation_metrics)")
+        raise ValueError("no record has latent frequencies (they come from reconstruction.activation_metrics)")
     logs = [np.log10(np.asarray(r["frequencies"], np.float64)[np.asarray(r["frequencies"]) > 0]) for r in records]
     low = min((x.min() for x in logs if x.size), default=-6.0)
     bins = np.linspace(math.floor(low), 0, 41)
@@ -179,7 +179,7 @@ def markdown_table(records: Sequence[dict]) -> str:
         for r in group:
             cells = [
                 r["site"] + (" ★" if id(r) in canonical and len(group) > 1 else ""),
-                release.width_label(int(r["width"])),
+                width_label(int(r["width"])),
                 _fmt(r.get("l0_coefficient"), 3),
                 _fmt(r.get("target_l0"), 4),
                 _fmt(r["l0"], 4),

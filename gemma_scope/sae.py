@@ -12,8 +12,9 @@ from its input, a transcoder does not.
 
 Two conventions, both row-vector (``x @ W_enc``):
 
-- training (``encode_train`` / ``loss``): the encoder sees ``x - b_dec`` (pre-encoder bias, §3) and ``x`` is the
-  normalised activation ``x_raw / C`` with ``E||x||^2 = 1``;
+- training (``pre_activations_train`` / ``reconstruction_and_l0``; the loss is ``losses.loss``): the encoder
+  sees ``x - b_dec`` (pre-encoder bias, §3) and ``x`` is the normalised activation ``x_raw / C`` with
+  ``E||x||^2 = 1``;
 - inference / release (``encode`` / ``decode``): ``pre = x @ W_enc + b_enc; f = (pre > threshold) * relu(pre);
   x_hat = f @ W_dec + b_dec`` on raw activations, after ``fold_normalisation``.
 
@@ -31,9 +32,6 @@ import jax.numpy as jnp
 PARAM_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 DEFAULT_BANDWIDTH = 0.001  # ε of the rectangle kernel; assumes unit mean squared norm inputs (JumpReLU paper §4).
 DEFAULT_THRESHOLD = 0.001  # initial θ (Gemma Scope §3).
-SPARSITY_LOSSES = ("l0", "target_l0")  # λ·L0 (Gemma Scope Eq. 4) | c·(L0/target − 1)² (Gemma Scope 2 style)
-B_DEC_INITS = ("zero", "mean", "geometric_median")  # zero: the paper (§3); the others as SAELens offers them
-DEFAULT_FREQUENCY_THRESHOLD = 0.1  # firing frequency above which the frequency penalty acts (our choice)
 
 
 def _rectangle(u: jax.Array) -> jax.Array:
@@ -138,7 +136,7 @@ def init_params(key: jax.Array, d_model: int, width: int, threshold: float = DEF
     }
 
 
-def _matmul(a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
+def matmul(a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
     """``a @ b`` with inputs cast to ``compute_dtype`` and float32 accumulation/output."""
     return jnp.matmul(a.astype(compute_dtype), b.astype(compute_dtype), preferred_element_type=jnp.float32)
 
@@ -156,7 +154,7 @@ def pre_activations_train(params: dict, x: jax.Array, compute_dtype=jnp.float32,
       compute_dtype: matmul input dtype (float32 or bfloat16).
       transcoder: no pre-encoder bias.
     """
-    return _matmul(x, params["W_enc"], compute_dtype) + _encoder_bias(params, transcoder)
+    return matmul(x, params["W_enc"], compute_dtype) + _encoder_bias(params, transcoder)
 
 
 def _encoder_bias(params: dict, transcoder: bool) -> jax.Array:
@@ -166,7 +164,7 @@ def _encoder_bias(params: dict, transcoder: bool) -> jax.Array:
 
 def decode(params: dict, f: jax.Array, compute_dtype=jnp.float32) -> jax.Array:
     """Reconstruction ``x̂ = f @ W_dec + b_dec`` (Gemma Scope Eq. 2), float32 ``[B, d]`` from latents ``[B, M]``."""
-    return _matmul(f, params["W_dec"], compute_dtype) + params["b_dec"]
+    return matmul(f, params["W_dec"], compute_dtype) + params["b_dec"]
 
 
 def encode(params: dict, x: jax.Array) -> jax.Array:
@@ -216,10 +214,14 @@ def _dot(a: jax.Array, b: jax.Array, b_contracting: int, compute_dtype) -> jax.A
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _reconstruction_and_l0(params: dict, x: jax.Array, y: jax.Array, bandwidth: float, compute_dtype,
+def reconstruction_and_l0(params: dict, x: jax.Array, y: jax.Array, bandwidth: float, compute_dtype,
                            transcoder: bool):
-    """``(mse, frequencies)`` of ``loss``, with a hand-written backward pass; ``y`` the target (``x`` for an SAE;
-    ``transcoder`` drops the pre-encoder bias).
+    """The reconstruction term of ``losses.loss`` and the latents' firing frequencies, with a hand-written
+    backward pass: float32 ``(mse, frequencies [M])``, ``mse`` = ``mean_B ||y − ŷ||²`` (summed over d).
+
+    Args: single-SAE or transcoder ``params`` (training convention); normalised input ``x [B, d_in]``; target
+    ``y [B, d_out]`` in x's dtype (``x`` for an SAE); ``bandwidth`` ε, ``compute_dtype`` and ``transcoder`` (no
+    pre-encoder bias) static.
 
     ``frequencies [M]`` = ``mean_B H(z − θ)``, each latent's firing frequency on the batch through the ``step``
     pseudo-derivative (so L0 = Σ frequencies, and per-latent penalties such as the frequency penalty get their
@@ -290,176 +292,10 @@ def _reconstruction_and_l0_bwd(bandwidth, compute_dtype, transcoder, res, cotang
     if "W_skip" in params:
         grads["W_skip"] = _dot(_transposed(x, compute_dtype), g, 0, compute_dtype)
         d_x = d_x + _dot(g, params["W_skip"], 1, jnp.float32)
-    return grads, d_x.astype(x.dtype), (-g).astype(x.dtype)  # y has x's dtype (``loss``)
+    return grads, d_x.astype(x.dtype), (-g).astype(x.dtype)  # y has x's dtype (``losses.loss``)
 
 
-_reconstruction_and_l0.defvjp(_reconstruction_and_l0_fwd, _reconstruction_and_l0_bwd)
-
-
-def sparsity_penalty(
-    frequencies: jax.Array,
-    l0_coefficient: jax.Array | float,
-    sparsity_loss: str = "l0",
-    target_l0: jax.Array | float = 1.0,
-    frequency_coefficient: jax.Array | float = 0.0,
-    frequency_threshold: float = DEFAULT_FREQUENCY_THRESHOLD,
-) -> tuple[jax.Array, jax.Array]:
-    """The sparsity terms of the loss from the latents' firing frequencies; returns ``(penalty, l0)``.
-
-    With ``p_i = mean_B H(z_i − θ_i)`` (``frequencies``) and ``L0 = Σ_i p_i``:
-
-    - ``"l0"``: ``λ · L0`` (Gemma Scope Eq. 4).
-    - ``"target_l0"``: ``λ · (L0 / target_l0 − 1)²``, the form of dictionary_learning's ``JumpReluTrainer``
-      (saprmarks/dictionary_learning, ``trainers/jumprelu.py``: ``sparsity_coefficient · (l0 / target_l0 − 1)²``
-      on the batch-mean L0). Gemma Scope 2 announces "a quadratic L0 penalty" towards a target L0 but its exact
-      form is in a report we could not read; SAELens's JumpReLU "quadratic" mode was not in the sources we could
-      read either, so this is the best-sourced public form. The gradient changes sign at the target, so Adam's
-      normalisation (which makes λ·L0 a near-constant push, SAELens issue #719) cannot wash it out. One deviation
-      from dictionary_learning: its step is taken on the JumpReLU output, ours on the pre-activations z (as the
-      JumpReLU paper and Gemma Scope Eq. 4 do).
-    - plus, if ``frequency_coefficient > 0``, the frequency penalty ``c_f · Σ_i max(0, p_i − p_max)`` against
-      high-frequency latents (Gemma Scope 2 announces a frequency penalty without its form; this linear hinge is
-      OUR choice: a latent firing on more than ``p_max`` of the tokens gets an extra L0 penalty of ``c_f`` on its
-      own threshold, latents below ``p_max`` are untouched, so the penalty does not fight the L0 target).
-
-    Gradients reach θ through the ``step`` pseudo-derivative of each ``p_i`` (JumpReLU paper Eq. 12).
-
-    Args:
-      frequencies: float32 ``[M]``, fraction of the batch's tokens on which each latent fired.
-      l0_coefficient: λ ≥ 0 (may be traced: the warmup scales it).
-      sparsity_loss: one of ``SPARSITY_LOSSES`` (static).
-      target_l0: target mean L0 > 0 (``"target_l0"`` only; may be traced).
-      frequency_coefficient: c_f ≥ 0 (may be traced).
-      frequency_threshold: p_max in (0, 1].
-
-    Raises:
-      ValueError: an unknown ``sparsity_loss``.
-    """
-    l0 = jnp.sum(frequencies)
-    if sparsity_loss == "l0":
-        penalty = l0_coefficient * l0
-    elif sparsity_loss == "target_l0":
-        penalty = l0_coefficient * (l0 / target_l0 - 1.0) ** 2
-    else:
-        raise ValueError(f"sparsity_loss must be one of {SPARSITY_LOSSES}, got {sparsity_loss!r}")
-    penalty = penalty + frequency_coefficient * jnp.sum(jax.nn.relu(frequencies - frequency_threshold))
-    return penalty, l0
-
-
-def matryoshka_bounds(prefixes: tuple[int, ...], width: int) -> tuple[int, ...]:
-    """The Matryoshka prefix sizes, strictly increasing and ending at ``width`` (appended if missing).
-
-    Raises:
-      ValueError: sizes not strictly increasing integers in ``[1, width]``.
-    """
-    prefixes = tuple(prefixes)
-    if (not all(isinstance(m, int) and 0 < m <= width for m in prefixes)
-            or any(a >= b for a, b in zip(prefixes, prefixes[1:]))):
-        raise ValueError(f"matryoshka_prefixes must be strictly increasing integers in [1, width={width}], "
-                         f"got {prefixes}")
-    return prefixes if prefixes and prefixes[-1] == width else (*prefixes, width)
-
-
-def _matryoshka_reconstruction(params: dict, x: jax.Array, y: jax.Array, bounds: tuple[int, ...], bandwidth: float,
-                               compute_dtype, transcoder: bool) -> tuple[jax.Array, jax.Array]:
-    """``(mse [len(bounds)], frequencies [M])``: the squared error against the target ``y`` (``x`` for an SAE) of
-    each nested prefix's reconstruction ``ŷ_m = f[:, :m] @ W_dec[:m] + b_dec (+ x @ W_skip)`` and the latents'
-    firing frequencies.
-
-    Plain autodiff through ``jumprelu`` and ``step`` (not the hand-written backward pass of the plain loss); the
-    prefixes are decoded cumulatively, so the decoder matmuls cost one full decode.
-    """
-    z = pre_activations_train(params, x, compute_dtype, transcoder)
-    f = jumprelu(z, params["threshold"], bandwidth)
-    frequencies = jnp.mean(step(z, params["threshold"], bandwidth), axis=0)
-    y32 = y.astype(jnp.float32)
-    y_hat, start, mses = params["b_dec"], 0, []
-    if "W_skip" in params:
-        y_hat = y_hat + _matmul(x, params["W_skip"], compute_dtype)
-    for end in bounds:
-        y_hat = y_hat + _matmul(f[:, start:end], params["W_dec"][start:end], compute_dtype)
-        mses.append(jnp.mean(jnp.sum((y32 - y_hat) ** 2, axis=-1)))
-        start = end
-    return jnp.stack(mses), frequencies
-
-
-def loss(
-    params: dict,
-    x: jax.Array,
-    l0_coefficient: jax.Array | float,
-    bandwidth: float = DEFAULT_BANDWIDTH,
-    compute_dtype=jnp.float32,
-    *,
-    sparsity_loss: str = "l0",
-    target_l0: jax.Array | float = 1.0,
-    frequency_coefficient: jax.Array | float = 0.0,
-    frequency_threshold: float = DEFAULT_FREQUENCY_THRESHOLD,
-    matryoshka_prefixes: tuple[int, ...] = (),
-    y: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Gemma Scope loss (Eq. 4) ``mean_batch ||x − x̂||² + λ · mean_batch Σ_i H(z_i − θ_i)``, or a Gemma Scope 2
-    style recipe: another sparsity term, a frequency penalty (``sparsity_penalty``), a Matryoshka reconstruction.
-    For a transcoder (``y`` given) the reconstruction term is ``mean_batch ||y − ŷ||²`` with ŷ of the module
-    docstring (the transcoder loss of arXiv 2406.11944 §3, with the same sparsity terms as an SAE).
-
-    The L0 term is taken on the pre-activations z through ``step`` (trains θ only); the reconstruction goes
-    through ``jumprelu``. Without Matryoshka the backward pass is written by hand (same gradients, every large
-    matmul in the layout XLA's CPU backend runs fastest; see ``_reconstruction_and_l0``).
-
-    Matryoshka (Bussmann et al. 2025, arXiv 2503.17547, Eq. 2): with ``matryoshka_prefixes = (m_1, ..., m_k)``
-    (``matryoshka_bounds`` appends the full width) the reconstruction term is the MEAN over prefixes of
-    ``||x − (f[:m] @ W_dec[:m] + b_dec)||²``, so the first latents must reconstruct on their own. The paper sums
-    over prefixes; the mean (our choice) keeps the reconstruction on the scale of the plain loss, so the same
-    sparsity coefficients apply with and without it. No auxiliary loss (the paper's is for BatchTopK).
-
-    Args:
-      params: single-SAE or transcoder params (training convention).
-      x: normalised activations ``[B, d]`` (float32 or bfloat16).
-      l0_coefficient: λ ≥ 0, scalar (may be traced).
-      bandwidth: ε (static).
-      compute_dtype: matmul input dtype.
-      sparsity_loss, target_l0, frequency_coefficient, frequency_threshold: see ``sparsity_penalty``.
-      matryoshka_prefixes: nested prefix sizes (static); empty: the plain reconstruction.
-      y: a transcoder's normalised target activations ``[B, d]`` (cast to x's dtype); None for an SAE.
-
-    Returns:
-      ``(loss, aux)``: scalar float32 loss; aux float32 scalars ``mse`` (mean squared error of the full
-      dictionary, summed over d), ``fvu`` (squared error / squared distance to the batch mean of the target),
-      ``l0`` (mean active latents), and ``fired`` bool ``[M]`` (latent active on some token of the batch).
-
-    Raises:
-      ValueError: an unknown ``sparsity_loss`` or bad ``matryoshka_prefixes``.
-    """
-    target = x if y is None else y.astype(x.dtype)
-    if matryoshka_prefixes:
-        bounds = matryoshka_bounds(matryoshka_prefixes, params["W_dec"].shape[0])
-        mses, frequencies = _matryoshka_reconstruction(params, x, target, bounds, bandwidth, compute_dtype,
-                                                       y is not None)
-        reconstruction, mse = jnp.mean(mses), mses[-1]
-    else:
-        mse, frequencies = _reconstruction_and_l0(params, x, target, bandwidth, compute_dtype, y is not None)
-        reconstruction = mse
-    penalty, l0 = sparsity_penalty(frequencies, l0_coefficient, sparsity_loss, target_l0, frequency_coefficient,
-                                   frequency_threshold)
-    target = target.astype(jnp.float32)
-    variance = jnp.mean(jnp.sum((target - target.mean(axis=0)) ** 2, axis=-1))
-    return reconstruction + penalty, {"mse": mse, "fvu": mse / variance, "l0": l0, "fired": frequencies > 0}
-
-
-def geometric_median(points: jax.Array, iterations: int = 100, eps: float = 1e-6) -> jax.Array:
-    """The geometric median ``argmin_m Σ_i ||x_i − m||`` of ``points [N, d]``, float32 ``[d]``.
-
-    Weiszfeld's algorithm (Weiszfeld 1937; as SAELens computes it for its ``b_dec_init_method="geometric_median"``):
-    ``m ← Σ_i w_i x_i / Σ_i w_i`` with ``w_i = 1 / max(||x_i − m||, eps)``, starting from the mean; a fixed number
-    of iterations (deterministic, jit-friendly) instead of SAELens's tolerance test.
-    """
-    points = jnp.asarray(points, jnp.float32)
-
-    def update(_, m):
-        w = 1.0 / jnp.maximum(jnp.linalg.norm(points - m, axis=-1), eps)
-        return (w @ points) / jnp.sum(w)
-
-    return jax.lax.fori_loop(0, iterations, update, jnp.mean(points, axis=0))
+reconstruction_and_l0.defvjp(_reconstruction_and_l0_fwd, _reconstruction_and_l0_bwd)
 
 
 def remove_parallel_component(w_dec: jax.Array, grad: jax.Array) -> jax.Array:

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemma_scope import sae
+from gemma_scope import losses, sae
 
 NARROW_WIDTH = 2**14  # Gemma Scope §3.3: pure data parallelism up to this width, latent-axis parallelism beyond
 # Partition spec of each stacked param (leading grid axis never split): the latent axis M goes on 'model'.
@@ -99,11 +99,11 @@ class Hyperparams:
     threshold_init: float = sae.DEFAULT_THRESHOLD
     compute_dtype: str = "float32"
     dead_window_steps: int = 1_000  # a latent is dead if it fired on no token in this many steps
-    # The sparsity recipe (``sae.loss``): "l0" is Gemma Scope's λ·L0, "target_l0" the quadratic pull towards each
+    # The sparsity recipe (``losses.loss``): "l0" is Gemma Scope's λ·L0, "target_l0" the quadratic pull towards each
     # SAE's target L0; the frequency penalty and the Matryoshka prefixes are off by default.
     sparsity_loss: str = "l0"
     frequency_coefficient: float = 0.0
-    frequency_threshold: float = sae.DEFAULT_FREQUENCY_THRESHOLD
+    frequency_threshold: float = losses.DEFAULT_FREQUENCY_THRESHOLD
     matryoshka_prefixes: tuple[int, ...] = ()
 
 
@@ -266,15 +266,16 @@ def _group_loss(params: dict, x: jax.Array, y: jax.Array | None, sparsity_scale:
     targets = jnp.asarray(grp.target_l0s or (1.0,) * n_l, jnp.float32)
 
     def one(p, xs, ys, lam, target):
-        return sae.loss(p, xs, lam, hp.bandwidth, jnp.dtype(hp.compute_dtype), sparsity_loss=hp.sparsity_loss,
-                        target_l0=target, frequency_coefficient=sparsity_scale * hp.frequency_coefficient,
-                        frequency_threshold=hp.frequency_threshold, matryoshka_prefixes=hp.matryoshka_prefixes, y=ys)
+        return losses.loss(p, xs, lam, hp.bandwidth, jnp.dtype(hp.compute_dtype), sparsity_loss=hp.sparsity_loss,
+                           target_l0=target, frequency_coefficient=sparsity_scale * hp.frequency_coefficient,
+                           frequency_threshold=hp.frequency_threshold, matryoshka_prefixes=hp.matryoshka_prefixes,
+                           y=ys)
 
     # Inner vmap: the sweep shares its site's batch; outer vmap: one batch per site.
-    losses, aux = jax.vmap(jax.vmap(one, in_axes=(0, None, None, 0, 0)), in_axes=(0, 0, 0, None, None))(
+    sae_losses, aux = jax.vmap(jax.vmap(one, in_axes=(0, None, None, 0, 0)), in_axes=(0, 0, 0, None, None))(
         by_site, x, y, lambdas, targets)
     flat = lambda a: a.reshape(grp.n, *a.shape[2:])  # noqa: E731
-    return losses.sum(), (flat(losses), jax.tree.map(flat, aux))
+    return sae_losses.sum(), (flat(sae_losses), jax.tree.map(flat, aux))
 
 
 def _normalised(batch, scale: jax.Array, transcoder: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -288,7 +289,7 @@ def _normalised(batch, scale: jax.Array, transcoder: bool) -> tuple[jax.Array, j
 def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group], hp: Hyperparams):
     """One Gemma Scope training step for every SAE of the grid (§3); pure, jit it (see ``make_train_step``).
 
-    Forward, loss (Eq. 4 with λ warmup, or the recipe ``hp.sparsity_loss`` etc. select: ``sae.loss``), backward through the JumpReLU/step pseudo-derivatives, removal of the
+    Forward, loss (Eq. 4 with λ warmup, or the recipe ``hp.sparsity_loss`` etc. select: ``losses.loss``), backward through the JumpReLU/step pseudo-derivatives, removal of the
     decoder gradient's parallel component, Adam, unit-norm decoder rows, θ clamped at ≥ 0 (JumpReLU needs θ ≥ 0;
     the release convention applies relu).
 
@@ -319,12 +320,12 @@ def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group],
               for g, p in params.items()}
 
     metrics, last_fired, finite = {}, {}, jnp.array(True)
-    for g, (losses, aux) in per_group.items():
+    for g, (sae_losses, aux) in per_group.items():
         last_fired[g] = jnp.where(aux["fired"], step, state["last_fired"][g])
         dead = (step - last_fired[g]) >= hp.dead_window_steps
-        metrics[g] = {"loss": losses, "mse": aux["mse"], "fvu": aux["fvu"], "l0": aux["l0"],
+        metrics[g] = {"loss": sae_losses, "mse": aux["mse"], "fvu": aux["fvu"], "l0": aux["l0"],
                       "dead_fraction": dead.mean(axis=-1)}
-        finite &= jnp.isfinite(losses).all()
+        finite &= jnp.isfinite(sae_losses).all()
     metrics["learning_rate"] = learning_rate_schedule(hp)(step)
     metrics["l0_scale"] = scale
     nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, step, state["nonfinite_step"])

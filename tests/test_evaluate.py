@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_scope import evaluate, release
+from gemma_scope import evaluate, reconstruction, release, release_gs2
 from gemma_scope.sites import Site
 from test_release import write_gs2_by_hand
 
@@ -57,7 +57,7 @@ def activations(n=300, d=8, seed=1, offset=20.0):
 def test_activation_metrics_match_numpy():
     params, x = random_sae(), activations()
     params["b_dec"] += 20.0  # keep FVU < 1 so the test sees a realistic regime
-    got, want = evaluate.activation_metrics(params, x, batch_size=64), numpy_metrics(params, x)
+    got, want = reconstruction.activation_metrics(params, x, batch_size=64), numpy_metrics(params, x)
     assert got["n_tokens"] == 300
     for key in ("l0", "mse", "fvu", "dead_fraction"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-4, err_msg=key)
@@ -67,8 +67,8 @@ def test_activation_metrics_match_numpy():
 
 def test_streamed_batches_equal_one_array():
     params, x = random_sae(), activations()
-    whole = evaluate.activation_metrics(params, x)
-    streamed = evaluate.activation_metrics(params, iter([x[:7], x[7:150], x[150:]]), batch_size=32)
+    whole = reconstruction.activation_metrics(params, x)
+    streamed = reconstruction.activation_metrics(params, iter([x[:7], x[7:150], x[150:]]), batch_size=32)
     for key in ("l0", "mse", "fvu", "dead_fraction", "n_tokens"):
         np.testing.assert_allclose(streamed[key], whole[key], rtol=1e-5, err_msg=key)
     np.testing.assert_array_equal(streamed["frequencies"], whole["frequencies"])
@@ -76,25 +76,25 @@ def test_streamed_batches_equal_one_array():
 
 def test_identity_sae_has_zero_fvu_and_mean_predictor_has_fvu_one():
     x = activations()
-    assert evaluate.activation_metrics(identity_sae(8), x)["fvu"] == 0.0
+    assert reconstruction.activation_metrics(identity_sae(8), x)["fvu"] == 0.0
     mean_only = dict(identity_sae(8), threshold=np.full(16, 1e9, np.float32), b_dec=x.mean(0))
-    metrics = evaluate.activation_metrics(mean_only, x)
+    metrics = reconstruction.activation_metrics(mean_only, x)
     np.testing.assert_allclose(metrics["fvu"], 1.0, rtol=1e-4)
     assert metrics["l0"] == 0 and metrics["dead_fraction"] == 1
 
 
 def test_wrong_activation_width_and_empty_input_errors():
     with pytest.raises(ValueError, match=r"expected \[tokens, 8\]"):
-        evaluate.activation_metrics(random_sae(), np.zeros((4, 5), np.float32))
+        reconstruction.activation_metrics(random_sae(), np.zeros((4, 5), np.float32))
     with pytest.raises(ValueError, match="no tokens"):
-        evaluate.activation_metrics(random_sae(), iter([]))
+        reconstruction.activation_metrics(random_sae(), iter([]))
 
 
 def test_written_release_file_evaluates_like_in_memory(tmp_path):
     params, x = random_sae(), activations()
     path = release.write_sae(tmp_path, Site("res", 0), params, average_l0=3.0)
-    from_file = evaluate.activation_metrics(release.load_params(path), x)
-    in_memory = evaluate.activation_metrics(params, x)
+    from_file = reconstruction.activation_metrics(release.load_params(path), x)
+    in_memory = reconstruction.activation_metrics(params, x)
     for key in ("l0", "mse", "fvu", "dead_fraction", "n_tokens"):
         assert from_file[key] == in_memory[key], key
     np.testing.assert_array_equal(from_file["frequencies"], in_memory["frequencies"])
@@ -217,7 +217,7 @@ def test_cli_on_cached_activations_prints_metrics_and_writes_report(tmp_path, ca
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 2 == len(records)
     for line, params in zip(lines, sweep[::-1]):  # sorted paths: average_l0_1 (λ=1e-4) before average_l0_10
-        want = evaluate.activation_metrics(params, x)
+        want = reconstruction.activation_metrics(params, x)
         assert line["site"] == "res.4" and line["width"] == 32 and line["n_tokens"] == 500
         for key in ("l0", "fvu", "mse", "dead_fraction"):
             np.testing.assert_allclose(line[key], want[key], rtol=1e-5, err_msg=key)
@@ -259,7 +259,7 @@ def test_cli_gs2_directory_evaluates_like_the_same_weights_in_gs1_layout(tmp_pat
         evaluate.main([f"--sae={sae}", f"--activations={tmp_path / 'acts'}"])
     gs1, gs2_dir, gs2_root = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert gs2_dir["site"] == gs2_root["site"] == "res.4"
-    want = evaluate.activation_metrics(params, x)
+    want = reconstruction.activation_metrics(params, x)
     for key in ("l0", "fvu", "mse", "dead_fraction", "n_tokens"):
         assert gs1[key] == gs2_dir[key] == gs2_root[key], key
         np.testing.assert_allclose(gs1[key], want[key], rtol=1e-6, err_msg=key)
@@ -336,7 +336,9 @@ def test_transcoder_giving_the_true_mlp_output_has_zero_delta(tiny_gemma, monkey
     def true_mlp(_, x):  # x [B, T, d] in the splice, [n, d] in the metrics
         return post_norm(ffn(x.reshape(-1, 1, x.shape[-1]))).reshape(x.shape).astype(jnp.float32)
 
-    monkeypatch.setattr(evaluate, "sae", types.SimpleNamespace(encode=sae.encode, predict=true_mlp))
+    fake = types.SimpleNamespace(encode=sae.encode, predict=true_mlp)
+    monkeypatch.setattr(evaluate, "sae", fake)  # the splice
+    monkeypatch.setattr(reconstruction, "sae", fake)  # the metrics
     d = cfg.d_model
     out = evaluate.evaluate_grid(params, cfg, tokens, mask, [(Site("mlp_in", 1), random_sae(d=d), Site("mlp", 1))],
                                  batch_size=2, progress=False)[0]
@@ -397,9 +399,9 @@ def test_cli_evaluates_gs2_transcoders_with_the_model_only(tiny_gemma, tmp_path,
     params, cfg, tokens, mask = tiny_gemma
     d = cfg.d_model
     for affine in (False, True):
-        release.write_gs2(tmp_path / "rel", Site("mlp_in", 1), random_transcoder(d, d, affine=affine), 15,
+        release_gs2.write_gs2(tmp_path / "rel", Site("mlp_in", 1), random_transcoder(d, d, affine=affine), 15,
                           model_name="tiny", site_out=Site("mlp", 1))
-    release.write_gs2(tmp_path / "rel", Site("mlp", 1), random_sae(d=d, width=16), 40, model_name="tiny")
+    release_gs2.write_gs2(tmp_path / "rel", Site("mlp", 1), random_sae(d=d, width=16), 40, model_name="tiny")
     lm = types.SimpleNamespace(params=params, config=cfg)
     monkeypatch.setattr(evaluate, "_load_lm", lambda *args: (lm, (tokens, mask)))
     records = evaluate.main([f"--sae={tmp_path / 'rel'}", "--model=tiny", "--lm_batch_size=2"])

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from gemma_scope import release
+from gemma_scope import release, release_gs2, release_params
+from gemma_scope.sae import PARAM_KEYS
 from gemma_scope.sites import Site
 
 
@@ -27,12 +28,12 @@ def random_params(d=6, width=16, seed=0):
      (4096, "4k"), (1024, "1k"), (1536, "1536"), (3 * 4096, "12288"), (16, "16")],
 )
 def test_width_label_matches_gemma_scope_names(width, label):
-    assert release.width_label(width) == label
+    assert release_params.width_label(width) == label
 
 
 def test_width_label_rejects_non_positive():
     with pytest.raises(ValueError, match="positive integer"):
-        release.width_label(0)
+        release_params.width_label(0)
 
 
 def test_write_load_round_trip_in_gemma_scope_layout(tmp_path):
@@ -40,10 +41,10 @@ def test_write_load_round_trip_in_gemma_scope_layout(tmp_path):
     path = release.write_sae(tmp_path, Site("res", 3), params, average_l0=71.6, metadata={"model_name": "gemma3_270m"})
     assert path == tmp_path / "res" / "layer_3" / "width_16" / "average_l0_72" / "params.npz"
     with np.load(path) as npz:
-        assert sorted(npz.files) == sorted(release.PARAM_KEYS)
+        assert sorted(npz.files) == sorted(PARAM_KEYS)
         assert all(npz[k].dtype == np.float32 for k in npz.files)
     loaded = release.load_params(path)
-    for key in release.PARAM_KEYS:
+    for key in PARAM_KEYS:
         np.testing.assert_array_equal(loaded[key], params[key])
     # No temporary files are left behind.
     assert sorted(p.name for p in path.parent.iterdir()) == ["cfg.json", "params.npz", "sae_weights.safetensors"]
@@ -67,7 +68,7 @@ def test_saelens_files_match_saelens_jumprelu_format(tmp_path):
     assert cfg["metadata"]["hook_name"] == "blocks.2.attn.hook_z"
     assert cfg["metadata"]["model_name"] == "gemma3_270m"
     weights = safetensors.numpy.load_file(path.parent / "sae_weights.safetensors")
-    for key in release.PARAM_KEYS:
+    for key in PARAM_KEYS:
         np.testing.assert_array_equal(weights[key], params[key])
     loaded = release.load_params(path.parent / "sae_weights.safetensors")
     np.testing.assert_array_equal(loaded["b_enc"], params["b_enc"])
@@ -164,21 +165,21 @@ def random_transcoder(d_in=6, d_out=5, width=16, seed=0, affine=True):
                                        (24.5, "medium"), (30, "medium"), (60, "medium"), (73.4, "medium"),
                                        (73.5, "big"), (90, "big"), (150, "big"), (900, "big")])
 def test_l0_bucket_bands_and_the_log_midpoints_between_them(l0, bucket):
-    assert release.l0_bucket(l0) == bucket
+    assert release_gs2.l0_bucket(l0) == bucket
 
 
 def test_gs2_labels_name_per_bucket_the_l0_nearest_its_centre():
     # centres: small √200 ≈ 14.1, medium √1800 ≈ 42.4, big √13500 ≈ 116.2
-    assert release.gs2_labels([8.0, 13.0, 22.0, 35.0, 50.0, 200.0, 120.4]) == [
+    assert release_gs2.gs2_labels([8.0, 13.0, 22.0, 35.0, 50.0, 200.0, 120.4]) == [
         "8", "small", "22", "35", "medium", "200", "big"]
-    assert release.gs2_labels([0.0, 3.0]) == ["0", "small"]
-    assert release.gs2_labels([]) == []
+    assert release_gs2.gs2_labels([0.0, 3.0]) == ["0", "small"]
+    assert release_gs2.gs2_labels([]) == []
 
 
 def test_l0_bucket_rejects_negative_and_nan():
     for bad in (-1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="average_l0"):
-            release.l0_bucket(bad)
+            release_gs2.l0_bucket(bad)
 
 
 @pytest.mark.parametrize("kind,folder,point", [("res", "resid_post_all", "model.layers.3.output"),
@@ -186,20 +187,20 @@ def test_l0_bucket_rejects_negative_and_nan():
                                                ("mlp", "mlp_out_all", "model.layers.3.post_feedforward_layernorm.output")])
 def test_gs2_sae_round_trip_is_bitwise(tmp_path, kind, folder, point):
     params = random_params(width=2**14)
-    path = release.write_gs2(tmp_path, Site(kind, 3), params, average_l0=41.6, model_name="google/gemma-3-270m-pt")
+    path = release_gs2.write_gs2(tmp_path, Site(kind, 3), params, average_l0=41.6, model_name="google/gemma-3-270m-pt")
     assert path == tmp_path / folder / "layer_3_width_16k_l0_medium" / "params.safetensors"
     assert sorted(p.name for p in path.parent.iterdir()) == ["config.json", "params.safetensors"]
     config = json.loads((path.parent / "config.json").read_text())
     assert config == {"hf_hook_point_in": point, "hf_hook_point_out": point, "width": 2**14,
                       "model_name": "google/gemma-3-270m-pt", "architecture": "jump_relu", "l0": 42,
                       "affine_connection": False, "type": "sae"}
-    assert list(config) == list(release.GS2_CONFIG_KEYS)
+    assert list(config) == list(release_gs2.GS2_CONFIG_KEYS)
     tensors = safetensors.numpy.load_file(path)
     assert sorted(tensors) == ["b_dec", "b_enc", "threshold", "w_dec", "w_enc"]
     assert all(v.dtype == np.float32 for v in tensors.values())
     for loaded in (release.load_params(path), release.load_params(path.parent)):
-        assert sorted(loaded) == sorted(release.PARAM_KEYS)
-        for key in release.PARAM_KEYS:
+        assert sorted(loaded) == sorted(PARAM_KEYS)
+        for key in PARAM_KEYS:
             assert loaded[key].tobytes() == params[key].tobytes()
     assert release.sae_info(path) == {"site": f"{kind}.3", "site_out": f"{kind}.3", "l0_coefficient": None,
         "target_l0": None}
@@ -208,7 +209,7 @@ def test_gs2_sae_round_trip_is_bitwise(tmp_path, kind, folder, point):
 @pytest.mark.parametrize("affine", [False, True])
 def test_gs2_transcoder_round_trip_is_bitwise(tmp_path, affine):
     params = random_transcoder(affine=affine)
-    path = release.write_gs2(tmp_path, Site("mlp_in", 7), params, average_l0=12, model_name="m",
+    path = release_gs2.write_gs2(tmp_path, Site("mlp_in", 7), params, average_l0=12, model_name="m",
                              site_out=Site("mlp", 7))
     name = "layer_7_width_16_l0_small" + ("_affine" if affine else "")
     assert path == tmp_path / "transcoder_all" / name / "params.safetensors"
@@ -226,21 +227,21 @@ def test_gs2_transcoder_round_trip_is_bitwise(tmp_path, affine):
 
 
 def test_write_gs2_with_a_sweep_label(tmp_path):
-    path = release.write_gs2(tmp_path, Site("res", 1), random_params(), 37.2, model_name="m", l0_label="37")
+    path = release_gs2.write_gs2(tmp_path, Site("res", 1), random_params(), 37.2, model_name="m", l0_label="37")
     assert path.parent.name == "layer_1_width_16_l0_37"
     assert json.loads((path.parent / "config.json").read_text())["l0"] == 37
 
 
 def test_write_gs2_rejects_what_gs2_has_no_layout_for(tmp_path):
     with pytest.raises(ValueError, match="no layout for SAEs on mlp_in.2"):
-        release.write_gs2(tmp_path, Site("mlp_in", 2), random_params(), 20, model_name="m")
+        release_gs2.write_gs2(tmp_path, Site("mlp_in", 2), random_params(), 20, model_name="m")
     with pytest.raises(ValueError, match="reads mlp_in.L and predicts mlp.L; got res.2 -> mlp.2"):
-        release.write_gs2(tmp_path, Site("res", 2), random_transcoder(), 20, model_name="m", site_out=Site("mlp", 2))
+        release_gs2.write_gs2(tmp_path, Site("res", 2), random_transcoder(), 20, model_name="m", site_out=Site("mlp", 2))
     with pytest.raises(ValueError, match="got mlp_in.2 -> mlp.3"):
-        release.write_gs2(tmp_path, Site("mlp_in", 2), random_transcoder(), 20, model_name="m", site_out=Site("mlp", 3))
+        release_gs2.write_gs2(tmp_path, Site("mlp_in", 2), random_transcoder(), 20, model_name="m", site_out=Site("mlp", 3))
     sae_with_skip = dict(random_params(), W_skip=np.zeros((6, 6), np.float32))
     with pytest.raises(ValueError, match="'W_skip' is an affine skip connection; expected one only in a transcoder"):
-        release.write_gs2(tmp_path, Site("res", 2), sae_with_skip, 20, model_name="m")
+        release_gs2.write_gs2(tmp_path, Site("res", 2), sae_with_skip, 20, model_name="m")
     with pytest.raises(ValueError, match="'W_skip' is an affine skip connection"):
         release.write_sae(tmp_path, Site("res", 2), sae_with_skip, 20)
     assert not any(tmp_path.iterdir())
@@ -263,7 +264,7 @@ def test_hand_written_gs2_directories_load(tmp_path):
     sae = random_params()
     folder = write_gs2_by_hand(tmp_path / "resid_post_all" / "layer_5_width_16_l0_small", sae, "model.layers.5.output")
     loaded = release.load_params(folder)
-    for key in release.PARAM_KEYS:
+    for key in PARAM_KEYS:
         np.testing.assert_array_equal(loaded[key], sae[key])
     transcoder = random_transcoder()
     folder = write_gs2_by_hand(tmp_path / "transcoder_all" / "layer_5_width_16_l0_small_affine", transcoder,

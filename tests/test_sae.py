@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_scope import sae
+from gemma_scope import feed, losses, sae
 from gemma_scope import step as step_lib
 
 EPS = 0.001
@@ -53,7 +53,7 @@ def test_loss_gradient_of_threshold_combines_both_estimators():
                                                                                           jnp.float32))
     x = jnp.asarray(rng.normal(size=(256, 8)) * 0.3, jnp.float32)
     lam = 0.01
-    grad = jax.grad(lambda p: sae.loss(p, x, lam, EPS)[0])(params)["threshold"]
+    grad = jax.grad(lambda p: losses.loss(p, x, lam, EPS)[0])(params)["threshold"]
     z = np.asarray(sae.pre_activations_train(params, x))
     f = z * (z > 0.05)
     x_hat = f @ np.asarray(params["W_dec"]) + np.asarray(params["b_dec"])
@@ -105,9 +105,9 @@ def test_bfloat16_compute_keeps_threshold_float32_and_matches_float32():
     rng = np.random.default_rng(6)
     params = sae.init_params(jax.random.key(1), 32, 64)
     x = jnp.asarray(rng.normal(size=(128, 32)) / np.sqrt(32), jnp.float32)
-    l32, _ = sae.loss(params, x, 1e-3)
-    l16, _ = sae.loss(params, x, 1e-3, compute_dtype=jnp.bfloat16)
-    grads = jax.grad(lambda p: sae.loss(p, x, 1e-3, compute_dtype=jnp.bfloat16)[0])(params)
+    l32, _ = losses.loss(params, x, 1e-3)
+    l16, _ = losses.loss(params, x, 1e-3, compute_dtype=jnp.bfloat16)
+    grads = jax.grad(lambda p: losses.loss(p, x, 1e-3, compute_dtype=jnp.bfloat16)[0])(params)
     assert grads["threshold"].dtype == jnp.float32 and grads["W_enc"].dtype == jnp.float32
     np.testing.assert_allclose(l16, l32, rtol=2e-2)
 
@@ -165,14 +165,14 @@ def test_loss_gradients_equal_autodiff_of_the_pieces(compute_dtype, rtol):
                   b_dec=jnp.asarray(rng.normal(size=d) * 0.1, jnp.float32),
                   threshold=jnp.asarray(rng.uniform(0.0, 0.05, size=m), jnp.float32))
     x = jnp.asarray(rng.normal(size=(batch, d)) / np.sqrt(d), jnp.float32)
-    grad = jax.jit(jax.grad(lambda p: sae.loss(p, x, 0.02, EPS, compute_dtype)[0]))(params)
+    grad = jax.jit(jax.grad(lambda p: losses.loss(p, x, 0.02, EPS, compute_dtype)[0]))(params)
     ref = jax.jit(jax.grad(lambda p: _autodiff_loss(p, x, 0.02, compute_dtype)))(params)
     z = np.asarray(sae.pre_activations_train(params, x))
     assert np.any(np.abs(z - np.asarray(params["threshold"])) < EPS / 2)  # the θ kernel is exercised
     for key in sae.PARAM_KEYS:
         scale = np.abs(np.asarray(ref[key])).max()
         np.testing.assert_allclose(grad[key], ref[key], rtol=0, atol=rtol * scale, err_msg=key)
-    x_grad = jax.grad(lambda x_: sae.loss(params, x_, 0.02, EPS)[0])(x)
+    x_grad = jax.grad(lambda x_: losses.loss(params, x_, 0.02, EPS)[0])(x)
     np.testing.assert_allclose(x_grad, jax.grad(lambda x_: _autodiff_loss(params, x_, 0.02, jnp.float32))(x),
                                rtol=1e-5, atol=1e-7)
 
@@ -200,7 +200,7 @@ def test_transcoder_loss_gradients_equal_the_formulas(skip):
     params = _transcoder(rng, d, m, skip)
     x = jnp.asarray(rng.normal(size=(batch, d)) / np.sqrt(d), jnp.float32)
     y = jnp.asarray(rng.normal(size=(batch, d)) / np.sqrt(d) + 0.3, jnp.float32)
-    loss_fn = lambda p, x_, y_: sae.loss(p, x_, lam, EPS, y=y_)[0]  # noqa: E731
+    loss_fn = lambda p, x_, y_: losses.loss(p, x_, lam, EPS, y=y_)[0]  # noqa: E731
     grads, d_x, d_y = jax.jit(jax.grad(loss_fn, argnums=(0, 1, 2)))(params, x, y)
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -222,7 +222,7 @@ def test_transcoder_loss_gradients_equal_the_formulas(skip):
         np.testing.assert_allclose(grads[key], value, rtol=1e-4, atol=1e-4 * np.abs(value).max(), err_msg=key)
     np.testing.assert_allclose(d_x, d_z @ p["W_enc"].T + (g @ p["W_skip"].T if skip else 0), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(d_y, -g, rtol=1e-5, atol=1e-8)
-    total, aux = sae.loss(params, x, lam, EPS, y=y)
+    total, aux = losses.loss(params, x, lam, EPS, y=y)
     mse = np.mean(np.sum((ys - y_hat) ** 2, -1))
     np.testing.assert_allclose(aux["mse"], mse, rtol=1e-5)
     np.testing.assert_allclose(aux["fvu"], mse / np.mean(np.sum((ys - ys.mean(0)) ** 2, -1)), rtol=1e-5)
@@ -235,7 +235,7 @@ def test_transcoder_loss_gradients_equal_autodiff_of_the_pieces(compute_dtype, r
     params = _transcoder(rng, 16, 64, skip=True)
     x = jnp.asarray(rng.normal(size=(128, 16)) / 4, jnp.float32)
     y = jnp.asarray(rng.normal(size=(128, 16)) / 4, jnp.float32)
-    grad = jax.jit(jax.grad(lambda p: sae.loss(p, x, 0.01, EPS, compute_dtype, y=y)[0]))(params)
+    grad = jax.jit(jax.grad(lambda p: losses.loss(p, x, 0.01, EPS, compute_dtype, y=y)[0]))(params)
     ref = jax.jit(jax.grad(lambda p: _autodiff_loss(p, x, 0.01, compute_dtype, y)))(params)
     for key in params:
         assert grad[key].dtype == jnp.float32
@@ -283,8 +283,8 @@ def _recipe_setup(seed=11, d=12, m=48, batch=256):
 
 def _penalty_gradient(params, x, **recipe):
     """∂(loss with the recipe) − ∂(reconstruction alone): the gradient of the sparsity terms only."""
-    with_penalty = jax.grad(lambda p: sae.loss(p, x, recipe.pop("lam", 0.0), EPS, **recipe)[0])(params)
-    without = jax.grad(lambda p: sae.loss(p, x, 0.0, EPS)[0])(params)
+    with_penalty = jax.grad(lambda p: losses.loss(p, x, recipe.pop("lam", 0.0), EPS, **recipe)[0])(params)
+    without = jax.grad(lambda p: losses.loss(p, x, 0.0, EPS)[0])(params)
     return {k: np.asarray(with_penalty[k]) - np.asarray(without[k]) for k in sae.PARAM_KEYS}
 
 
@@ -293,8 +293,8 @@ def test_target_l0_penalty_gradient_is_its_formula():
     params, x, z, theta, kernel_sum = _recipe_setup()
     lam, target = 0.3, 7.0
     l0 = (z > theta).sum(axis=1).mean()
-    loss, aux = sae.loss(params, x, lam, EPS, sparsity_loss="target_l0", target_l0=target)
-    plain, _ = sae.loss(params, x, 0.0, EPS)
+    loss, aux = losses.loss(params, x, lam, EPS, sparsity_loss="target_l0", target_l0=target)
+    plain, _ = losses.loss(params, x, 0.0, EPS)
     np.testing.assert_allclose(aux["l0"], l0, rtol=1e-6)
     np.testing.assert_allclose(loss - plain, lam * (l0 / target - 1) ** 2, rtol=1e-5)
     grad = _penalty_gradient(params, x, lam=lam, sparsity_loss="target_l0", target_l0=target)
@@ -312,8 +312,8 @@ def test_frequency_penalty_gradient_acts_only_on_frequent_latents():
     above = frequencies > p_max
     assert (above & (kernel_sum > 0)).any() and (~above & (kernel_sum > 0)).any()  # both kinds of latent
     c_f = 0.5
-    loss, _ = sae.loss(params, x, 0.0, EPS, frequency_coefficient=c_f, frequency_threshold=p_max)
-    plain, _ = sae.loss(params, x, 0.0, EPS)
+    loss, _ = losses.loss(params, x, 0.0, EPS, frequency_coefficient=c_f, frequency_threshold=p_max)
+    plain, _ = losses.loss(params, x, 0.0, EPS)
     np.testing.assert_allclose(loss - plain, c_f * np.sum(np.maximum(frequencies - p_max, 0)), rtol=1e-4)
     grad = _penalty_gradient(params, x, frequency_coefficient=c_f, frequency_threshold=p_max)
     expected = c_f * above * (-1 / EPS) * kernel_sum / x.shape[0]
@@ -326,15 +326,15 @@ def test_matryoshka_loss_and_decoder_gradient_are_the_formula():
     """Mean over prefixes m of ||x − f[:m] W_dec[:m] − b_dec||²; ∂W_dec row i = mean over prefixes containing i."""
     params, x, z, theta, _ = _recipe_setup(seed=13, m=48)
     prefixes = (8, 20)
-    bounds = sae.matryoshka_bounds(prefixes, 48)
+    bounds = losses.matryoshka_bounds(prefixes, 48)
     assert bounds == (8, 20, 48)
     f = z * (z > theta)
     w_dec, b_dec, xs = np.asarray(params["W_dec"]), np.asarray(params["b_dec"]), np.asarray(x)
     errors = [f[:, :m] @ w_dec[:m] + b_dec - xs for m in bounds]
-    loss, aux = sae.loss(params, x, 0.0, EPS, matryoshka_prefixes=prefixes)
+    loss, aux = losses.loss(params, x, 0.0, EPS, matryoshka_prefixes=prefixes)
     np.testing.assert_allclose(loss, np.mean([np.mean(np.sum(e**2, axis=1)) for e in errors]), rtol=1e-5)
     np.testing.assert_allclose(aux["mse"], np.mean(np.sum(errors[-1] ** 2, axis=1)), rtol=1e-5)  # full dictionary
-    grad = jax.grad(lambda p: sae.loss(p, x, 0.0, EPS, matryoshka_prefixes=prefixes)[0])(params)["W_dec"]
+    grad = jax.grad(lambda p: losses.loss(p, x, 0.0, EPS, matryoshka_prefixes=prefixes)[0])(params)["W_dec"]
     expected = np.zeros_like(w_dec)
     for m, e in zip(bounds, errors):
         expected[:m] += 2 * f[:, :m].T @ e / x.shape[0] / len(bounds)
@@ -346,8 +346,8 @@ def test_hand_written_backward_equals_autodiff_with_the_whole_recipe():
     the full width as its only prefix) under target L0 + frequency penalty: same loss and gradients."""
     params, x, *_ = _recipe_setup(seed=14)
     recipe = dict(sparsity_loss="target_l0", target_l0=5.0, frequency_coefficient=0.2, frequency_threshold=0.05)
-    fast = jax.value_and_grad(lambda p: sae.loss(p, x, 0.1, EPS, **recipe)[0])(params)
-    slow = jax.value_and_grad(lambda p: sae.loss(p, x, 0.1, EPS, matryoshka_prefixes=(48,), **recipe)[0])(params)
+    fast = jax.value_and_grad(lambda p: losses.loss(p, x, 0.1, EPS, **recipe)[0])(params)
+    slow = jax.value_and_grad(lambda p: losses.loss(p, x, 0.1, EPS, matryoshka_prefixes=(48,), **recipe)[0])(params)
     np.testing.assert_allclose(fast[0], slow[0], rtol=1e-6)
     for key in sae.PARAM_KEYS:
         scale = np.abs(np.asarray(slow[1][key])).max()
@@ -357,17 +357,17 @@ def test_hand_written_backward_equals_autodiff_with_the_whole_recipe():
 def test_bad_recipe_arguments_are_named():
     params, x, *_ = _recipe_setup(seed=15)
     with pytest.raises(ValueError, match="sparsity_loss must be one of"):
-        sae.loss(params, x, 0.1, EPS, sparsity_loss="l1")
+        losses.loss(params, x, 0.1, EPS, sparsity_loss="l1")
     for prefixes in ((20, 8), (0, 8), (8, 64)):
         with pytest.raises(ValueError, match="strictly increasing integers in"):
-            sae.loss(params, x, 0.1, EPS, matryoshka_prefixes=prefixes)
+            losses.loss(params, x, 0.1, EPS, matryoshka_prefixes=prefixes)
 
 
 def test_geometric_median_is_the_minimiser_and_resists_outliers():
     rng = np.random.default_rng(16)
     points = rng.normal(size=(500, 6)).astype(np.float32) + 3.0
     points[:40] += 400.0  # 8% far outliers drag the mean, not the median
-    median = np.asarray(sae.geometric_median(jnp.asarray(points)))
+    median = np.asarray(feed.geometric_median(jnp.asarray(points)))
     unit = (points - median) / np.linalg.norm(points - median, axis=1, keepdims=True)
     assert np.linalg.norm(unit.sum(axis=0)) < 1e-2 * len(points)  # ∇ Σ_i ||x_i − m|| = 0 at the minimiser
     objective = lambda m: np.linalg.norm(points - m, axis=1).sum()  # noqa: E731
@@ -378,13 +378,13 @@ def test_geometric_median_is_the_minimiser_and_resists_outliers():
 
 def test_transcoder_matryoshka_and_target_l0_loss_equal_their_formulas():
     """With prefixes the reconstruction term is the mean over prefixes m of ||y − (f[:, :m] W_dec[:m] + b_dec +
-    x W_skip)||²; the target-L0 term λ·(L0/target − 1)² is the SAE's (sparsity_penalty)."""
+    x W_skip)||²; the target-L0 term λ·(L0/target − 1)² is the SAE's (losses.sparsity_penalty)."""
     rng = np.random.default_rng(12)
     d, m, lam, target = 12, 48, 0.3, 5.0
     params = _transcoder(rng, d, m, skip=True)
     x = jnp.asarray(rng.normal(size=(200, d)) / np.sqrt(d), jnp.float32)
     y = jnp.asarray(rng.normal(size=(200, d)) / np.sqrt(d), jnp.float32)
-    total, aux = sae.loss(params, x, lam, EPS, sparsity_loss="target_l0", target_l0=target,
+    total, aux = losses.loss(params, x, lam, EPS, sparsity_loss="target_l0", target_l0=target,
                           matryoshka_prefixes=(8, 24), y=y)
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)

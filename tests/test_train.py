@@ -354,7 +354,7 @@ def test_b_dec_is_estimated_with_the_normalisation_constant(tmp_path, make_npy_d
     c = np.sqrt(np.mean(np.sum(x.astype(np.float64) ** 2, axis=1)))  # 4 × 128 rows: every row once
     np.testing.assert_allclose(scales["d16"], [c], rtol=1e-5)
     expected = {"zero": np.zeros(16), "mean": x.mean(axis=0) / c,
-                "geometric_median": np.asarray(sae.geometric_median(x)) / c}[b_dec_init]
+                "geometric_median": np.asarray(feed.geometric_median(x)) / c}[b_dec_init]
     np.testing.assert_allclose(b_dec["d16"][0], expected, rtol=1e-4, atol=1e-6)
     config = _config(tmp_path / "run", path, steps=1, norm_batches=4, batch_size=128)
     config.sae.update(b_dec_init=b_dec_init, l0_coefficient=(1e-3,))
