@@ -44,6 +44,8 @@ def train_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.sae.frequency_threshold = 0.1
     config.sae.matryoshka_prefixes = ()  # e.g. (128, 512): nested prefixes that must reconstruct on their own
     config.sae.b_dec_init = "zero"  # "zero" (the paper) | "mean" | "geometric_median" of the first norm_batches
+    # x / C with one C per site (the paper) or one per dimension (feed.normalisation_constants), folded at release
+    config.sae.normalisation = "scalar"  # "scalar" | "per_dimension"
     config.sae.bandwidth = 0.001  # ε of the pseudo-derivatives
     config.sae.threshold_init = 0.001
     config.sae.dtype = "float32"  # matmul input dtype: "float32" or "bfloat16" (accumulation always float32)
@@ -206,6 +208,8 @@ def validate_config(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
         raise ValueError(f"sae.sparsity_loss must be one of {losses.SPARSITY_LOSSES}, got {config.sae.sparsity_loss!r}")
     if config.sae.b_dec_init not in feed.B_DEC_INITS:
         raise ValueError(f"sae.b_dec_init must be one of {feed.B_DEC_INITS}, got {config.sae.b_dec_init!r}")
+    if config.sae.normalisation not in feed.NORMALISATIONS:
+        raise ValueError(f"sae.normalisation must be one of {feed.NORMALISATIONS}, got {config.sae.normalisation!r}")
     if not (config.sae.frequency_coefficient >= 0 and 0 < config.sae.frequency_threshold <= 1):
         raise ValueError(f"sae.frequency_coefficient must be >= 0 and sae.frequency_threshold in (0, 1], got "
                          f"{config.sae.frequency_coefficient}, {config.sae.frequency_threshold}")
@@ -259,7 +263,8 @@ def hyperparams(config) -> step.Hyperparams:
 
 def recipe_metadata(config) -> dict:
     """The training recipe of a config as JSON-ready release metadata (per-SAE λ and target L0 come on top)."""
-    return {"b_dec_init": config.sae.b_dec_init, "sparsity_loss": config.sae.sparsity_loss,
+    return {"normalisation": config.sae.normalisation, "b_dec_init": config.sae.b_dec_init,
+            "sparsity_loss": config.sae.sparsity_loss,
             "frequency_coefficient": float(config.sae.frequency_coefficient),
             "frequency_threshold": float(config.sae.frequency_threshold),
             "matryoshka_prefixes": [int(m) for m in config.sae.matryoshka_prefixes]}

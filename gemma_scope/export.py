@@ -55,8 +55,9 @@ def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict
         for s, site in enumerate(sites):
             saes = grp.saes_of_site(s)
             trained = jax.tree.map(lambda a: a[saes], params[g])
-            # A transcoder's scales[g][s] = (C of mlp_in.L, C of mlp.L), and its L0 is taken on the x of (x, y).
-            constants = np.atleast_1d(scales[g][s])
+            # scales[g][s]: C [d], or a transcoder's (C of mlp_in.L, C of mlp.L) [2, d], whose L0 is taken on the
+            # x of (x, y).
+            constants = scales[g][s].reshape(-1, scales[g].shape[-1])
             folded = jax.vmap(sae.fold_normalisation, in_axes=(0, *[None] * len(constants)))(trained, *constants)
             l0 = np.mean([np.asarray(l0_of(folded, (b[g][0] if grp.transcoder else b[g])[s])) for b in batches], axis=0)
             labels = release_gs2.gs2_labels([float(v) for v in l0])
@@ -81,7 +82,9 @@ def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict
                 meta = {"l0_coefficient": lam, "target_l0": target, **configs.recipe_metadata(config),
                         "training_steps": config.train.steps,
                         "training_tokens": config.train.steps * config.train.batch_size,
-                        "normalisation_constant": float(scales[g][s]), "seed": config.seed}
+                        "seed": config.seed}
+                if np.all(scales[g][s] == scales[g][s][0]):  # a scalar C: Gemma Scope's normalisation constant
+                    meta["normalisation_constant"] = float(scales[g][s][0])
                 written.append(release.write_sae(workdir / "release", release_sites[site], one, float(l0[j]), meta))
                 if release_sites[site] is not None and release_sites[site].kind in release_gs2.GS2_FOLDERS:
                     release_gs2.write_gs2(workdir / "release_gs2", release_sites[site], one, float(l0[j]), **gs2)

@@ -314,39 +314,37 @@ def normalise_decoder(w_dec: jax.Array) -> jax.Array:
 def fold_normalisation(params: dict, scale: float | jax.Array, scale_out: float | jax.Array | None = None) -> dict:
     """Exports trained params to the release convention on raw activations (Gemma Scope §3, release format).
 
-    SAE (``scale_out`` None): training sees ``x = x_raw / C`` and ``x − b_dec``. Folded:
-    ``b_enc' = C·(b_enc − b_dec @ W_enc)``, ``θ' = C·θ``, ``b_dec' = C·b_dec``, W_enc and W_dec unchanged; then
-    ``encode(folded, x_raw) = C · f`` and ``decode(folded, ·)`` gives ``C · x̂`` of the trained SAE on ``x_raw / C``.
+    Training sees ``x = x_raw / C`` (elementwise; C a scalar or one constant per dimension, ``[d]``) and, for an
+    SAE, ``x − b_dec``; a transcoder reads ``x_raw / C_in`` and predicts ``y_raw / C_out``. The release's latents
+    are ``r ⊙ f`` with ``r_i = ||W_dec[i] ⊙ C_out||`` (C_out = C for an SAE), so its decoder rows keep unit norm:
 
-    Transcoder (``scale_out`` = C_out, ``scale`` = C_in): training sees ``x_raw / C_in`` and predicts
-    ``y_raw / C_out``. Folded with latents ``C_out · f``: ``W_enc' = (C_out/C_in)·W_enc``, ``b_enc' = C_out·b_enc``,
-    ``θ' = C_out·θ``, ``b_dec' = C_out·b_dec``, ``W_skip' = (C_out/C_in)·W_skip``, W_dec unchanged (unit rows), so
-    that ``predict(folded, x_raw) = C_out · ŷ``. Equal constants give W_enc unchanged, as for an SAE.
+    - ``W_enc' = diag(1/C_in) · W_enc · diag(r)``, ``θ' = r ⊙ θ``,
+    - ``b_enc' = r ⊙ (b_enc − b_dec @ W_enc)`` for an SAE, ``r ⊙ b_enc`` for a transcoder,
+    - ``W_dec' = diag(1/r) · W_dec · diag(C_out)``, ``b_dec' = C_out ⊙ b_dec``,
+    - ``W_skip' = diag(1/C_in) · W_skip · diag(C_out)`` (affine transcoder),
+
+    so that ``predict(folded, x_raw) = C_out ⊙ x̂`` of the trained model. With scalar constants this is Gemma
+    Scope's fold (r = C_out: W_dec unchanged, W_enc scaled by C_out/C_in).
 
     Args:
-      params: single-SAE or transcoder trained params, float32.
-      scale: the input's normalisation constant C > 0 (scalar).
-      scale_out: a transcoder's output normalisation constant; None for an SAE.
+      params: single-SAE or transcoder trained params, float32, decoder rows of unit norm.
+      scale: the input's normalisation constant(s) C > 0: a scalar or float32 ``[d_in]``.
+      scale_out: a transcoder's output constant(s) (scalar or ``[d_out]``); None for an SAE.
 
     Returns:
       float32 params in the release convention.
     """
-    scale = jnp.asarray(scale, jnp.float32)
-    if scale_out is None:
-        return {
-            "W_enc": params["W_enc"],
-            "b_enc": scale * (params["b_enc"] - params["b_dec"] @ params["W_enc"]),
-            "W_dec": params["W_dec"],
-            "b_dec": scale * params["b_dec"],
-            "threshold": scale * params["threshold"],
-        }
-    scale_out = jnp.asarray(scale_out, jnp.float32)
-    ratio = scale_out / scale
+    c_in = jnp.asarray(scale, jnp.float32)
+    c_out = c_in if scale_out is None else jnp.asarray(scale_out, jnp.float32)
+    r = jnp.linalg.norm(params["W_dec"] * c_out, axis=-1)
+    b_enc = params["b_enc"] if scale_out is not None else params["b_enc"] - params["b_dec"] @ params["W_enc"]
     folded = {
-        "W_enc": ratio * params["W_enc"],
-        "b_enc": scale_out * params["b_enc"],
-        "W_dec": params["W_dec"],
-        "b_dec": scale_out * params["b_dec"],
-        "threshold": scale_out * params["threshold"],
+        "W_enc": params["W_enc"] / jnp.reshape(c_in, (-1, 1)) * r,
+        "b_enc": r * b_enc,
+        "W_dec": params["W_dec"] * c_out / r[:, None],
+        "b_dec": c_out * params["b_dec"],
+        "threshold": r * params["threshold"],
     }
-    return dict(folded, W_skip=ratio * params["W_skip"]) if "W_skip" in params else folded
+    if "W_skip" in params:
+        folded["W_skip"] = params["W_skip"] / jnp.reshape(c_in, (-1, 1)) * c_out
+    return folded

@@ -16,8 +16,8 @@ Train state (a pytree of arrays, checkpointed whole)::
 
     {"step": int32 [], "params": {group: stacked params}, "opt_state": Adam state (``adam_init``),
      "last_fired": {group: int32 [n, M]}  # step at which each latent last fired (dead-latent window)
-     "norm_scale": {group: float32 [n_sites]}  # C of each site, E||x_raw / C||^2 = 1 (passed through);
-                                               # [n_sites, 2] (input, output) for a transcoder group
+     "norm_scale": {group: float32 [n_sites, d]}  # C of each site and dimension, x = x_raw / C (passed
+                                                  # through); [n_sites, 2, d] (input, output) for transcoders
      "nonfinite_step": int32 []}  # first step whose loss was NaN/Inf, -1 if none
 """
 
@@ -234,8 +234,8 @@ def init_state(key: jax.Array, grid: dict[str, Group], hp: Hyperparams, mesh: ja
     Args:
       key: PRNG key of the initialisation (``sae.init_params`` per SAE).
       grid: ``{group name: Group}``.
-      norm_scale: ``{group: float32 [n_sites]}`` normalisation constants C (``[n_sites, 2]``, input and output, for
-        a transcoder group); ones if None.
+      norm_scale: ``{group: float32 [n_sites, d]}`` normalisation constants C (``[n_sites, 2, d]``, input and
+        output, for a transcoder group; ``feed.normalisation_constants``); ones if None.
     """
     norm_scale = norm_scale or _unit_scales(grid)
     build = lambda k: _build_state(k, grid, hp, norm_scale)  # noqa: E731
@@ -244,7 +244,8 @@ def init_state(key: jax.Array, grid: dict[str, Group], hp: Hyperparams, mesh: ja
 
 
 def _unit_scales(grid: dict[str, Group]) -> dict[str, np.ndarray]:
-    return {g: np.ones((grp.n_sites, 2) if grp.transcoder else grp.n_sites, np.float32) for g, grp in grid.items()}
+    return {g: np.ones((grp.n_sites, 2, grp.d_model) if grp.transcoder else (grp.n_sites, grp.d_model), np.float32)
+            for g, grp in grid.items()}
 
 
 def abstract_state(grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.Mesh) -> dict:
@@ -281,9 +282,9 @@ def _group_loss(params: dict, x: jax.Array, y: jax.Array | None, sparsity_scale:
 def _normalised(batch, scale: jax.Array, transcoder: bool) -> tuple[jax.Array, jax.Array | None]:
     """``(x / C, None)`` for SAEs, ``(x / C_in, y / C_out)`` for transcoders; float32 ``[n_sites, B, d]``."""
     if not transcoder:
-        return batch.astype(jnp.float32) / scale[:, None, None], None
+        return batch.astype(jnp.float32) / scale[:, None, :], None
     x, y = batch
-    return x.astype(jnp.float32) / scale[:, 0, None, None], y.astype(jnp.float32) / scale[:, 1, None, None]
+    return x.astype(jnp.float32) / scale[:, 0, None, :], y.astype(jnp.float32) / scale[:, 1, None, :]
 
 
 def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group], hp: Hyperparams):

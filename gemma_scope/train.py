@@ -143,7 +143,8 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         # Per source site on the devices, then per grid group: a transcoder group's sites have (input, output)
         # constants and its b_dec lives in the output's space.
         scales, b_dec = feed.grid_constants(source.groups, *feed.normalisation_constants(
-            source, mesh, batch_size, config.train.norm_batches, config.sae.b_dec_init), groups, grid)
+            source, mesh, batch_size, config.train.norm_batches, config.sae.b_dec_init, config.sae.normalisation),
+            groups, grid)
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
         if config.sae.b_dec_init != "zero":  # site-major like the stacked params (step.Group.sae)
             state["params"] = {g: dict(p, b_dec=jax.device_put(np.repeat(b_dec[g], len(lambdas), axis=0),

@@ -81,9 +81,13 @@ def test_parallel_gradient_removed_and_rows_stay_unit():
     np.testing.assert_allclose(np.sum(np.asarray(g) * np.asarray(w), axis=1), 0.0, atol=1e-6)
 
 
-def test_fold_normalisation_gives_scaled_latents_and_reconstruction():
+@pytest.mark.parametrize("per_dimension", [False, True])
+def test_fold_normalisation_gives_scaled_latents_and_reconstruction(per_dimension):
+    """Folded params on raw x give latents r ⊙ f and reconstruction C ⊙ x̂ of the trained SAE on x / C, with
+    r_i = ||W_dec[i] ⊙ C|| (= C for a scalar C, Gemma Scope's fold) and unit-norm decoder rows."""
     rng = np.random.default_rng(5)
-    d, m, c = 12, 40, 3.7
+    d, m = 12, 40
+    c = rng.uniform(0.2, 30.0, size=d).astype(np.float32) if per_dimension else np.float32(3.7)
     params = {
         "W_enc": jnp.asarray(rng.normal(size=(d, m)) / np.sqrt(d), jnp.float32),
         "b_enc": jnp.asarray(rng.normal(size=m) * 0.1, jnp.float32),
@@ -97,8 +101,14 @@ def test_fold_normalisation_gives_scaled_latents_and_reconstruction():
     folded = sae.fold_normalisation(params, c)
     f = sae.encode(folded, x_raw)
     assert np.count_nonzero(f) > 100  # latents actually fire
-    np.testing.assert_allclose(f, c * f_trained, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(sae.decode(folded, f), c * x_hat_trained, rtol=1e-5, atol=1e-5)
+    r = np.linalg.norm(np.asarray(params["W_dec"]) * c, axis=-1)
+    np.testing.assert_allclose(f, r * f_trained, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sae.decode(folded, f), c * x_hat_trained, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(folded["W_dec"], axis=-1), 1.0, rtol=1e-5)
+    if not per_dimension:  # Gemma Scope's fold: latents C·f, both weight matrices as trained
+        np.testing.assert_allclose(r, c, rtol=1e-6)
+        np.testing.assert_allclose(folded["W_dec"], params["W_dec"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(folded["W_enc"], params["W_enc"], rtol=1e-6, atol=1e-7)
 
 
 def test_bfloat16_compute_keeps_threshold_float32_and_matches_float32():
@@ -131,7 +141,7 @@ def test_recovers_a_known_sparse_dictionary():
     grid = {"g": step_lib.Group(n_sites=1, d_model=32, width=128, l0_coefficients=(3e-2,))}
     hp = step_lib.Hyperparams(learning_rate=3e-3, lr_warmup_steps=100, l0_warmup_steps=500)
     mesh = step_lib.make_mesh(devices=jax.devices()[:1])
-    state = step_lib.init_state(jax.random.key(0), grid, hp, mesh, {"g": np.array([scale], np.float32)})
+    state = step_lib.init_state(jax.random.key(0), grid, hp, mesh, {"g": np.full((1, 32), scale, np.float32)})
     train_step = step_lib.make_train_step(grid, hp, mesh)
     batches = jnp.asarray(pool.reshape(32, 1, batch, 32))
     for s in range(steps):
@@ -257,7 +267,7 @@ def test_transcoder_fold_gives_scaled_output_on_raw_activations(skip):
     assert np.count_nonzero(f) > 100
     np.testing.assert_allclose(sae.encode(folded, x_raw), c_out * f, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sae.predict(folded, x_raw), c_out * y_hat, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(folded["W_dec"], params["W_dec"])
+    np.testing.assert_allclose(folded["W_dec"], params["W_dec"], rtol=1e-6, atol=1e-7)
 
 
 def test_init_skip_is_zero():

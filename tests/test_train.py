@@ -61,7 +61,7 @@ def test_sharded_step_equals_single_device():
     rng = np.random.default_rng(0)
     batches = [{"d16": rng.normal(size=(2, 64, 16)).astype(np.float32),
                 "d8": rng.normal(size=(1, 64, 8)).astype(np.float32)} for _ in range(3)]
-    scales = {"d16": np.array([1.5, 2.0], np.float32), "d8": np.array([0.5], np.float32)}
+    scales = {"d16": rng.uniform(0.5, 2.0, size=(2, 16)).astype(np.float32), "d8": np.full((1, 8), 0.5, np.float32)}
     single = _sharded_equals_single_device(grid, batches, scales, hp)
     assert not np.array_equal(single["params"]["d16"]["b_dec"], 0)
     np.testing.assert_allclose(np.linalg.norm(single["params"]["d16"]["W_dec"], axis=-1), 1.0, rtol=1e-5)
@@ -84,8 +84,9 @@ def test_sharded_transcoder_grid_equals_single_device():
     for _ in range(3):
         x, y = pair()
         batches.append({"d16": x[:1], "tc_d16": (x, y), "tc_skip_d16": (x, y)})
-    scales = {"d16": np.array([1.5], np.float32), "tc_d16": np.array([[1.5, 3.0], [2.0, 0.5]], np.float32),
-              "tc_skip_d16": np.array([[1.5, 3.0], [2.0, 0.5]], np.float32)}
+    per_dim = np.array([[1.5, 3.0], [2.0, 0.5]], np.float32)[..., None] * rng.uniform(0.5, 2.0, size=16)
+    scales = {"d16": np.full((1, 16), 1.5, np.float32), "tc_d16": per_dim.astype(np.float32),
+              "tc_skip_d16": per_dim.astype(np.float32)}
     single = _sharded_equals_single_device(grid, batches, scales, hp)
     params = single["params"]
     assert "W_skip" not in params["tc_d16"] and params["tc_skip_d16"]["W_skip"].shape == (2, 16, 16)
@@ -301,14 +302,15 @@ def test_grid_batches_and_constants_are_gathered_from_the_source_groups():
     np.testing.assert_array_equal(out["tc_d4"][1], host["d4"][[3]])
     assert out["d8"] is batch["d8"]  # a whole source group is passed through, not copied
     assert out["tc_d4"][1].sharding == step_lib.batch_sharding(mesh)
-    scales = {"d4": np.array([1.0, 2.0, 3.0, 4.0], np.float32), "d8": np.array([5.0], np.float32)}
-    b_dec = {g: np.arange(c.size)[:, None] * np.ones(int(g[1:]), np.float32) for g, c in scales.items()}
+    scales = {"d4": np.array([1.0, 2.0, 3.0, 4.0], np.float32)[:, None] * np.arange(1, 5, dtype=np.float32),
+              "d8": np.full((1, 8), 5.0, np.float32)}
+    b_dec = {g: np.arange(len(c))[:, None] * np.ones(int(g[1:]), np.float32) for g, c in scales.items()}
     grid_scales, grid_b_dec = feed.grid_constants(source_groups, scales, b_dec, groups, grid)
-    np.testing.assert_array_equal(grid_scales["d4"], [3.0, 1.0])
-    np.testing.assert_array_equal(grid_scales["tc_d4"], [[2.0, 4.0]])
+    np.testing.assert_array_equal(grid_scales["d4"], scales["d4"][[2, 0]])
+    np.testing.assert_array_equal(grid_scales["tc_d4"], scales["d4"][None, [1, 3]])  # [n_sites, (in, out), d]
     np.testing.assert_array_equal(grid_b_dec["d4"][:, 0], [2, 0])
     np.testing.assert_array_equal(grid_b_dec["tc_d4"][:, 0], [3])
-    np.testing.assert_array_equal(grid_scales["d8"], [5.0])
+    np.testing.assert_array_equal(grid_scales["d8"], scales["d8"])
 
 
 def test_transcoders_train_beside_saes_and_release_in_both_layouts(tmp_path):
@@ -340,27 +342,35 @@ def test_transcoders_train_beside_saes_and_release_in_both_layouts(tmp_path):
         train.run(config, source=_MlpSource())
 
 
-@pytest.mark.parametrize("b_dec_init", ["zero", "mean", "geometric_median"])
-def test_b_dec_is_estimated_with_the_normalisation_constant(tmp_path, make_npy_dir, b_dec_init):
-    """b_dec starts at 0, the mean or the geometric median of the norm batches, in normalised units (÷ C)."""
+@pytest.mark.parametrize("b_dec_init,normalisation", [("zero", "scalar"), ("mean", "scalar"),
+                                                      ("geometric_median", "scalar"), ("mean", "per_dimension")])
+def test_b_dec_is_estimated_with_the_normalisation_constant(tmp_path, b_dec_init, normalisation):
+    """C is √E||x||² (scalar) or σ_j·√d per dimension; b_dec starts at 0, the mean or the geometric median of the
+    norm batches, in normalised units (÷ C); the release reconstructs raw activations either way."""
     rng = np.random.default_rng(3)
     path = tmp_path / "acts"
     path.mkdir()
-    x = (rng.normal(size=(512, 16)) + np.arange(16) * 2.0).astype(np.float32)  # a mean far from 0
+    spread = np.geomspace(0.1, 30.0, 16)  # dimensions of very different scales, as in a residual stream
+    x = (rng.normal(size=(512, 16)) * spread + np.arange(16) * 2.0).astype(np.float32)  # a mean far from 0
     np.save(path / "part00.npy", x)
     source = activations.NpyShardSource(str(path))
     mesh = step_lib.make_mesh(devices=jax.devices()[:2])
-    scales, b_dec = feed.normalisation_constants(source, mesh, 128, 4, b_dec_init)
-    c = np.sqrt(np.mean(np.sum(x.astype(np.float64) ** 2, axis=1)))  # 4 × 128 rows: every row once
-    np.testing.assert_allclose(scales["d16"], [c], rtol=1e-5)
+    scales, b_dec = feed.normalisation_constants(source, mesh, 128, 4, b_dec_init, normalisation)
+    x64 = x.astype(np.float64)  # 4 × 128 rows: every row once
+    c = (np.full(16, np.sqrt(np.mean(np.sum(x64**2, axis=1)))) if normalisation == "scalar"
+         else x64.std(axis=0) * np.sqrt(16))
+    np.testing.assert_allclose(scales["d16"], [c], rtol=1e-4)
     expected = {"zero": np.zeros(16), "mean": x.mean(axis=0) / c,
                 "geometric_median": np.asarray(feed.geometric_median(x)) / c}[b_dec_init]
     np.testing.assert_allclose(b_dec["d16"][0], expected, rtol=1e-4, atol=1e-6)
     config = _config(tmp_path / "run", path, steps=1, norm_batches=4, batch_size=128)
-    config.sae.update(b_dec_init=b_dec_init, l0_coefficient=(1e-3,))
+    config.sae.update(b_dec_init=b_dec_init, normalisation=normalisation, l0_coefficient=(1e-3,))
     config.train.learning_rate = 1e-12  # the one step leaves b_dec where it started
     (released,) = train.run(config)
     np.testing.assert_allclose(release.load_params(released)["b_dec"], c * expected, rtol=1e-4, atol=1e-4)
+    metadata = json.loads((released.parent / "cfg.json").read_text())["metadata"]
+    assert metadata["normalisation"] == normalisation
+    assert ("normalisation_constant" in metadata) == (normalisation == "scalar")
 
 
 def test_target_l0_sweep_trains_as_one_grid_and_records_its_recipe(tmp_path, make_npy_dir):
