@@ -5,7 +5,7 @@
 
 One forward pass per batch of text feeds a grid of 9 SAEs: `res` of layers 4, 8 and 12, each with a sweep of
 three target L0s (so the report shows a sparsity–fidelity frontier per layer). The paper's recipe (§3), scaled to
-a 2-core CPU and ~15 minutes of training, with two changes to the recipe itself (issue 12, README "Recipe"):
+a 2-core CPU and ~15 minutes of training, with three changes to the recipe itself (issue 12, README "Recipe"):
 
 | knob | here | paper | why |
 |---|---|---|---|
@@ -13,25 +13,29 @@ a 2-core CPU and ~15 minutes of training, with two changes to the recipe itself 
 | batch | 256 | 4,096 | more Adam steps for the same tokens; a short run is step-bound |
 | width | 2,048 (3.2 × d_model) | 16k–1M | a short run cannot use more latents; wider costs linearly |
 | sites | 3 layers × 3 target L0s | one site per run, many λ | shows the one-pass grid and the frontier |
-| sparsity loss | λ·(L0/target − 1)², targets 50/100/200, λ 0.1 | λ·L0 | λ·L0 does not choose L0 under Adam (below) |
-| b_dec init | mean of the first 16 batches / C | 0 | Adam moves b_dec ≈ lr per step: it never reaches the mean |
-| frequency penalty | 1e-3 · Σ max(0, p_i − 0.1) | – (Gemma Scope 2 has one) | fewer dead latents, lower delta LM loss |
+| normalisation | x / C with C_j = σ_j·√d per dimension | one C per site | one dimension holds 55% of the variance (below) |
+| sparsity loss | λ·(L0/target − 1)², targets 50/100/200, λ 1 | λ·L0 | λ·L0 does not choose L0 under Adam (below) |
+| b_dec init | mean of the first 64 batches / C | 0 | Adam moves b_dec ≈ lr per step: it never reaches the mean |
 | context | 256 tokens | 1,024 | 4× cheaper attention and evaluation |
 | buffer visits (`data.passes`) | 2 | 1 | halves LM passes per SAE step |
 | learning rate | 5e-4, 50 warmup steps | 7e-5, 1,000 | ~1.6k steps instead of a million |
 | sparsity warmup | 400 steps | 10,000 | same reason |
 | evaluation | 64 × 256 held-out tokens (16k) | 2,048 × 1,024 | one spliced pass per SAE at ~200 tokens/s |
 
-Why not λ·L0: Gemma 3 270M's residual stream carries a few "massive" dimensions (the mean is ~79% of E||x||² at
-layer 8, and one dimension holds 40–88% of the variance, most of it on ~0.2% of tokens: apostrophes, spaces,
-newlines acting as attention sinks). With b_dec starting at 0 the SAE spends the run chasing the mean, and λ
-hardly moved L0 (res.8: λ = 1e-4 / 3e-4 / 1e-3 gave L0 167 / 193 / 151); Adam normalises a λ·L0 push away
-(SAELens issue #719). The quadratic pull towards a target L0 (Gemma Scope 2's answer, form of dictionary_learning's
-JumpReLU trainer; ``gemma_scope.losses.sparsity_penalty``) changes sign at the target, so each SAE lands near it.
-The frequency penalty (c_f = 1e-3 on latents firing on > 10% of tokens, our form) is on: in the res.8 ablation it
-cut delta LM loss by 0.17 ± 0.03 nats and the dead fraction from 0.19 to 0.03; the Matryoshka loss is off (it
-missed the target L0 by 26% and cost 0.26 ± 0.02 nats; README "Recipe ablation"). ``--config.sae.sparsity_loss=l0
---config.sae.b_dec_init=zero --config.sae.l0_coefficient=1e-4,3e-4,1e-3`` runs the paper's recipe.
+Why per dimension: Gemma 3 270M's residual stream has one dimension with ~50× the median standard deviation (55%
+of the variance of ordinary tokens at layer 8), and a few "massive" tokens (~0.1%: apostrophes, spaces, newlines
+acting as attention sinks) with ~1,000× the squared norm of the rest. Under the paper's MSE the SAE spends itself on
+that dimension (reconstructed to 0.7% of its variance) and leaves ~20% of the other dimensions' variance, which the
+LM needs: delta LM loss ≈ 1 nat at L0 100 on res.8. Scaling each dimension by its standard deviation makes the MSE
+weigh them alike; the same run then loses ≈ 0.25 nats (README "Recipe ablation"). The constants fold into the
+released weights, so the release is a plain JumpReLU SAE on raw activations. λ is 1 rather than 0.1 because the
+reconstruction term is ~10× larger per dimension-normalised token. Why not λ·L0: Adam normalises a λ·L0 push away
+(SAELens issue #719; λ = 1e-4 / 3e-4 / 1e-3 gave L0 167 / 193 / 151 at res.8). The quadratic pull towards a
+target L0 (Gemma Scope 2's answer, form of dictionary_learning's JumpReLU trainer; ``gemma_scope.losses``)
+changes sign at the target, so each SAE lands near it. The frequency penalty and the Matryoshka loss are off (with
+the per-dimension normalisation no latent was dead without the frequency penalty; README "Recipe ablation").
+``--config.sae.normalisation=scalar --config.sae.sparsity_loss=l0 --config.sae.b_dec_init=zero
+--config.sae.l0_coefficient=1e-4,3e-4,1e-3`` runs the paper's recipe.
 
 On a GPU/TPU the same file scales by config alone, e.g. ``--config.sae.width=16384 --config.train.steps=100000
 --config.data.seq_len=1024 --config.data.passes=1 --config.train.learning_rate=7e-5 --config.data.sites=res.*``.
@@ -50,12 +54,11 @@ def get_config():
     config.data.passes = 2
 
     config.sae.width = 2048
+    config.sae.normalisation = "per_dimension"
     config.sae.sparsity_loss = "target_l0"
     config.sae.target_l0 = (50.0, 100.0, 200.0)
-    config.sae.l0_coefficient = (0.1,)
+    config.sae.l0_coefficient = (1.0,)
     config.sae.b_dec_init = "mean"
-    config.sae.frequency_coefficient = 1e-3
-    config.sae.frequency_threshold = 0.1
 
     config.train.steps = 1600
     config.train.batch_size = 256
@@ -65,7 +68,7 @@ def get_config():
     config.train.checkpoint_every = 400
     config.train.log_every = 100
     config.train.dead_window_steps = 400
-    config.train.norm_batches = 16
+    config.train.norm_batches = 64  # 16k tokens (one shuffle buffer): ~16 massive tokens in the σ estimate
 
     config.eval.num_sequences = 64  # 16,384 tokens: the dead fraction and delta LM loss on >= 16k tokens
     config.eval.seq_len = 256

@@ -62,8 +62,8 @@ def test_ablation_rows_share_the_default_budget_and_change_one_thing_each(make_n
     spec.loader.exec_module(ablation)
     default = load(EXPERIMENTS_DIR / "gemma3_270m_res.py")
     acts = make_npy_dir()
-    recipe_keys = ("b_dec_init", "sparsity_loss", "frequency_coefficient", "matryoshka_prefixes")
-    previous = None
+    recipe_keys = ("normalisation", "b_dec_init", "sparsity_loss", "frequency_coefficient", "matryoshka_prefixes")
+    recipes = {}
     for row in ablation.ROWS:
         config = ablation.get_config(f"row={row},site=res.8")
         configs.validate_config(config)
@@ -71,10 +71,10 @@ def test_ablation_rows_share_the_default_budget_and_change_one_thing_each(make_n
         assert activations.make_source(config.data, config.seed).sites == ["res.8"]  # the data block is complete
         assert config.train.to_dict() == default.train.to_dict() and config.seed == default.seed
         assert config.sae.width == default.sae.width and config.data.site == "res.8"
-        recipe = tuple(config.sae[k] for k in recipe_keys)
-        if previous is not None:
-            assert sum(a != b for a, b in zip(recipe, previous)) == 1, row  # cumulative: one change per row
-        previous = recipe
+        recipes[row] = tuple(config.sae[k] for k in recipe_keys)
+        if row in ablation.PARENT:  # one change from its parent row
+            assert sum(a != b for a, b in zip(recipes[row], recipes[ablation.PARENT[row]])) == 1, row
+    assert set(ablation.PARENT) == set(ablation.ROWS[1:])
     with pytest.raises(ValueError, match="row must be one of"):
         ablation.get_config("row=topk")
 

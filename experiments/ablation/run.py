@@ -1,4 +1,4 @@
-"""The recipe ablation of issue 12 in one command: ``python experiments/ablation/run.py [--out=runs/ablation]``.
+"""The recipe ablation of issue 12 in one command: ``python experiments/ablation/run.py [--out=runs/ablation] [--rows=…] [--sites=…]``.
 
 1. Caches at least 140,000 activations per site of res.4/8/12 of Gemma 3 270M once (``python -m
    gemma_scope.activations``, bfloat16, 256-token sequences of the corpus's train split; 9 shards, 146,800
@@ -7,8 +7,9 @@
 3. Takes, per row and site, the released SAE with L0 closest to 100, and evaluates all of them together on the
    first ``--num_sequences`` held-out sequences × 256 tokens (one clean pass shared by all), in two disjoint
    halves: each metric is the token-weighted mean of the halves, its noise half the halves' difference (the
-   standard error of a mean of two halves), and for the change from one row to the next the same is taken of
-   the paired difference (both rows see the same tokens, so the pair's noise is smaller than either row's).
+   standard error of a mean of two halves), and for the change from a row's parent row (``PARENT`` of
+   config.py) the same is taken of the paired difference (both rows see the same tokens, so the pair's noise is
+   smaller than either row's).
 4. Writes ``<out>/ablation.json`` and ``<out>/ablation.md`` (the table in the README).
 
 Steps already done (a manifest, a release) are skipped, so a killed run resumes by rerunning the command.
@@ -37,11 +38,11 @@ def _run(args: list[str]) -> None:
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
 
 
-def _rows() -> tuple[str, ...]:
+def _ablation():
     sys.path.insert(0, str(CONFIG.parent))
     import config  # experiments/ablation/config.py
 
-    return config.ROWS
+    return config
 
 
 def _closest_release(workdir: pathlib.Path, target: float) -> tuple[pathlib.Path, dict]:
@@ -93,10 +94,15 @@ def evaluate(saes: list[tuple[str, str, pathlib.Path]], num_sequences: int, lm_b
     return results
 
 
-def add_change_noise(results: list[dict], n_sites: int) -> list[dict]:
-    """Adds to each row after the first the noise of its change from the previous row at the same site: half the
-    difference between the two halves' paired differences (results row-major, ``n_sites`` per row)."""
-    for prev, cur in zip(results, results[n_sites:]):
+def add_change_noise(results: list[dict], parent: dict[str, str]) -> list[dict]:
+    """Adds to each row whose parent row was evaluated at the same site its change from the parent, with the noise
+    of that change: half the difference between the two halves' paired differences."""
+    by_key = {(r["row"], r["site"]): r for r in results}
+    for cur in results:
+        prev = by_key.get((parent.get(cur["row"]), cur["site"]))
+        if prev is None:
+            continue
+        cur["parent"] = prev["row"]
         for key in ("delta_lm_loss", "fvu"):
             change = np.array(cur["halves"][key]) - np.array(prev["halves"][key])
             cur[f"{key}_change"] = float(cur[key] - prev[key])
@@ -105,10 +111,10 @@ def add_change_noise(results: list[dict], n_sites: int) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| row | site | λ | L0 | FVU | delta LM loss (nats) | change from the row above | loss recovered "
+    lines = ["| row | site | λ | L0 | FVU | delta LM loss (nats) | change from its parent row | loss recovered "
              "| dead fraction |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        change = (f"{r['delta_lm_loss_change']:+.3f} ± {r['delta_lm_loss_change_noise']:.3f}"
+        change = (f"{r['delta_lm_loss_change']:+.3f} ± {r['delta_lm_loss_change_noise']:.3f} ({r['parent']})"
                   if "delta_lm_loss_change" in r else "–")
         lines.append(f"| {r['row']} | {r['site']} | {r['l0_coefficient']} | {r['l0']:.1f} | "
                      f"{r['fvu']:.3f} ± {r['fvu_noise']:.3f} | {r['delta_lm_loss']:.3f} ± {r['delta_lm_loss_noise']:.3f} "
@@ -122,10 +128,14 @@ def main() -> None:
     parser.add_argument("--num_sequences", type=int, default=64, help="held-out sequences × 256 tokens (≥ 16k tokens)")
     parser.add_argument("--lm_batch_size", type=int, default=8)
     parser.add_argument("--sites", default=",".join(SITES), help="a subset of res.4,res.8,res.12")
+    ablation = _ablation()
+    parser.add_argument("--rows", default=",".join(ablation.ROWS), help="a subset of the rows of config.py")
     args = parser.parse_args()
-    sites = tuple(args.sites.split(","))
+    sites, rows = tuple(args.sites.split(",")), tuple(args.rows.split(","))
     if not set(sites) <= set(SITES):
         parser.error(f"--sites must be a subset of {SITES}, got {sites}")
+    if not set(rows) <= set(ablation.ROWS):
+        parser.error(f"--rows must be a subset of {ablation.ROWS}, got {rows}")
     out = (ROOT / args.out).resolve()
     acts = out / "acts"
     if not all((acts / site / "manifest.json").is_file() for site in sites):
@@ -133,14 +143,14 @@ def main() -> None:
               f"--config.data.sites={','.join(SITES)}", f"--config.data.seq_len={SEQ_LEN}", f"--out={acts}",
               f"--tokens={TOKENS}", "--storage_dtype=bfloat16"])
     saes = []
-    for row in _rows():
+    for row in rows:
         for site in sites:
             workdir = out / row / site
             if not any(workdir.glob("release/**/params.npz")):
                 _run(["-m", "gemma_scope.train", f"--config={CONFIG}:row={row},site={site}",
                       f"--config.data.path={acts / site}", f"--config.workdir={workdir}"])
             saes.append((row, site, _closest_release(workdir, 100.0)[0]))
-    results = add_change_noise(evaluate(saes, args.num_sequences, args.lm_batch_size), len(sites))
+    results = add_change_noise(evaluate(saes, args.num_sequences, args.lm_batch_size), ablation.PARENT)
     (out / "ablation.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "ablation.md").write_text(table(results) + "\n")
     print(table(results))
