@@ -7,8 +7,9 @@ One forward pass per batch of text feeds 12 transcoders: at layers 4, 8 and 12 e
 pre-feed-forward RMSNorm's output) and predicts ``mlp.L`` (after the post-feed-forward norm, before the residual
 add), without and with ``x @ W_skip``, each pulled towards target L0 15 and 45 (Gemma Scope 2's small and medium
 buckets), so the two variants are compared at equal L0. Every other knob is the embedded SAE default's
-(experiments/gemma3_270m_res.py: the target-L0 loss with λ 0.1, b_dec from the mean (of mlp.L here), batch 256 ×
-1,600 steps, width 2,048, 256-token context, learning rate 5e-4). The release is
+(experiments/gemma3_270m_res.py: per-dimension normalisation of input and output, the target-L0 loss with λ 1,
+b_dec from the mean (of mlp.L here), batch 256 × 1,600 steps, width 2,048, 256-token context, learning rate
+5e-4). The release is
 ``release_gs2/transcoder_all/layer_L_width_2k_l0_{small|medium}[_affine]`` (Gemma Scope 2 layout) and the
 evaluation splices each transcoder's prediction in place of ``mlp.L``.
 """
