@@ -83,7 +83,7 @@ def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict
                         "training_steps": config.train.steps,
                         "training_tokens": config.train.steps * config.train.batch_size,
                         "seed": config.seed}
-                if np.all(scales[g][s] == scales[g][s][0]):  # a scalar C: Gemma Scope's normalisation constant
+                if config.sae.normalisation == "scalar":  # one C per site: Gemma Scope's normalisation constant
                     meta["normalisation_constant"] = float(scales[g][s][0])
                 written.append(release.write_sae(workdir / "release", release_sites[site], one, float(l0[j]), meta))
                 if release_sites[site] is not None and release_sites[site].kind in release_gs2.GS2_FOLDERS:
