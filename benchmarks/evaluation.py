@@ -1,5 +1,5 @@
 """Evaluation throughput: tokens/s of the per-token NLL pass (``model.token_nll``) clean and with a random SAE
-spliced in at one site (``evaluate.delta_lm_loss``'s two passes), timed round-robin. Run as
+spliced in at one site (``splice.delta_lm_loss``'s two passes), timed round-robin. Run as
 ``python -m benchmarks.evaluation --out FILE [--model gemma2_2b --dtype bfloat16 --batch 8 --seq-len 1024]``;
 random weights, random token ids.
 """
@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from benchmarks.common import time_interleaved, worker_args, write_json
 from benchmarks.generator import random_model, random_tokens
-from gemma_scope import evaluate, model, sae
+from gemma_scope import model, sae
+from gemma_scope.evaluation import splice
 from gemma_scope.sites import Site
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     sae_params = sae.init_params(jax.random.key(1), cfg.site_width("res"), args.width)
     clean = jax.jit(lambda p, t: model.token_nll(p, cfg, t))
     calls = {"clean": lambda: jax.block_until_ready(clean(lm.params, tokens)),
-             "spliced": lambda: jax.block_until_ready(evaluate.spliced_pass(lm.params, cfg, tokens, mask, site,
+             "spliced": lambda: jax.block_until_ready(splice.spliced_pass(lm.params, cfg, tokens, mask, site,
                                                                             sae_params))}
     result = {"device": jax.devices()[0].device_kind, "model": args.model, "dtype": args.dtype, "batch": args.batch,
               "seq_len": args.seq_len, "site": str(site), "width": args.width, "passes": {}}

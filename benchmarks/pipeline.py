@@ -38,8 +38,9 @@ import numpy as np
 from benchmarks.common import time_calls, worker_args, write_json
 from benchmarks.generator import random_model
 from gemma_scope import activations, configs, model, train
-from gemma_scope import step as step_lib
+from gemma_scope import mesh as mesh_lib
 from gemma_scope.sites import parse_sites
+from gemma_scope.training import step as step_lib
 
 PRESETS = {
     "gpu": dict(model="gemma2_2b", sites="res.6,res.12,res.18", lambdas=2, width=16384, batch=4096, seq_len=1024,
@@ -91,13 +92,13 @@ def loop_tokens_per_s(config, source) -> float:
 
 def step_tokens_per_s(config, widths: dict[str, tuple[int, int]], warmup: int, steps: int) -> dict:
     """The grid's train step alone on one device-resident batch of the buffer dtype."""
-    mesh = step_lib.make_mesh()
+    mesh = mesh_lib.make_mesh()
     lambdas = configs.lambdas_of(config)
     grid = {g: step_lib.Group(n, d, config.sae.width, lambdas) for g, (n, d) in widths.items()}
     hp = configs.hyperparams(config)
     state = step_lib.init_state(jax.random.key(0), grid, hp, mesh)
     batch = {g: jax.device_put(jax.random.normal(jax.random.key(1), (n, config.train.batch_size, d),
-                                                 jnp.dtype(config.data.buffer_dtype)), step_lib.batch_sharding(mesh))
+                                                 jnp.dtype(config.data.buffer_dtype)), mesh_lib.batch_sharding(mesh))
              for g, (n, d) in widths.items()}
     step_fn = step_lib.make_train_step(grid, hp, mesh)
 

@@ -8,10 +8,18 @@ from __future__ import annotations
 import jax
 import jaxlib
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from benchmarks.common import (sae_step_flops_per_token, sae_step_rows, step_worker_args, throughput, time_calls, write_json)
-from gemma_scope import step
+from benchmarks.common import (
+    sae_step_flops_per_token,
+    sae_step_rows,
+    step_worker_args,
+    throughput,
+    time_calls,
+    write_json,
+)
+from gemma_scope.training import step
 
 
 def build_benchmark_step(d_model: int, width: int, batch_size: int, compute_dtype: str = "float32",

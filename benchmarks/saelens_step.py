@@ -19,7 +19,15 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-from benchmarks.common import (DTYPES, sae_step_flops_per_token, sae_step_rows, step_worker_args, throughput, time_calls, write_json)
+from benchmarks.common import (
+    DTYPES,
+    sae_step_flops_per_token,
+    sae_step_rows,
+    step_worker_args,
+    throughput,
+    time_calls,
+    write_json,
+)
 
 MATMUL_N = 3072  # square matmul size for the dense peak
 

@@ -13,7 +13,8 @@ import math
 
 import ml_collections
 
-from gemma_scope import feed, losses, step
+from gemma_scope.sae import losses
+from gemma_scope.training import feed, step
 
 # §3: width 2^14 -> 4B tokens, 2^20 -> 16B, every other released width -> 8B.
 PAPER_BATCH_SIZE = 4096

@@ -23,12 +23,17 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gemma_scope import activations, cli, evaluate, feed, step as step_lib, workdir as workdir_lib
-from gemma_scope.checkpoint import Checkpointer
+from gemma_scope import activations, cli
+from gemma_scope import mesh as mesh_lib
 from gemma_scope.configs import hyperparams, validate_config
-from gemma_scope.export import write_release
-from gemma_scope.metrics import MetricsLog
+from gemma_scope.evaluation.releases import evaluate_saes
 from gemma_scope.sites import CUSTOM, Site, parse_sites, transcoder_label, transcoder_spec
+from gemma_scope.training import feed
+from gemma_scope.training import step as step_lib
+from gemma_scope.training import workdir as workdir_lib
+from gemma_scope.training.checkpoint import Checkpointer
+from gemma_scope.training.export import write_release
+from gemma_scope.training.log import MetricsLog
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (experiments/<name>.py)")
 
@@ -86,8 +91,8 @@ def _site_of(name: str) -> Site | None:
 
 def _make_mesh(config, batch_size: int) -> jax.sharding.Mesh:
     """The config's ('data', 'model') mesh; ValueError if the batch or the width does not split over it."""
-    mesh = step_lib.make_mesh(config.mesh.data,
-                              step_lib.model_axis_size(config.mesh.model, config.sae.width, jax.device_count()))
+    mesh = mesh_lib.make_mesh(config.mesh.data,
+                              mesh_lib.model_axis_size(config.mesh.model, config.sae.width, jax.device_count()))
     if batch_size % mesh.size:
         raise ValueError(f"train.batch_size={batch_size} must be divisible by the mesh's data size × model size = "
                          f"{mesh.size} devices (each device gathers an equal share of every batch)")
@@ -185,7 +190,7 @@ def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
     notes = (f"Model `{config.data.model}`, sites `{config.data.sites}`; trained on {tokens:,} activations per SAE "
              f"({config.train.steps:,} steps × {config.train.batch_size:,}); evaluated on "
              f"{config.eval.num_sequences} held-out sequences × {config.eval.seq_len} tokens.")
-    return evaluate.evaluate_saes(
+    return evaluate_saes(
         paths, model_name=config.data.model, model_config=config.data.get("model_config") or None,
         corpus=config.data.corpus or None, packing=config.data.packing,
         num_sequences=config.eval.num_sequences, seq_len=config.eval.seq_len,

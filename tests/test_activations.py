@@ -83,7 +83,7 @@ def test_bad_arguments_raise_clear_errors(lm):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_written_shards_read_back_with_manifest(lm, tmp_path, dtype):
     from gemma_scope.activations import NpyShardSource
-    from gemma_scope.shards import open_shards, write_shards
+    from gemma_scope.activations.shards import open_shards, write_shards
 
     src = source(lm)
     dirs = write_shards(src, tmp_path, tokens=41, storage_dtype=dtype, token_source={"split": "train"})
@@ -100,7 +100,7 @@ def test_written_shards_read_back_with_manifest(lm, tmp_path, dtype):
 
 
 def test_corrupt_or_refused_shards_give_clear_errors(lm, tmp_path):
-    from gemma_scope.shards import open_shards, write_shards
+    from gemma_scope.activations.shards import open_shards, write_shards
 
     dirs = write_shards(source(lm), tmp_path, tokens=1)
     np.save(dirs["res.0"] / "shard_00000.npy", np.zeros((3, 64), np.float32))  # truncated shard
@@ -113,7 +113,7 @@ def test_corrupt_or_refused_shards_give_clear_errors(lm, tmp_path):
 
 
 def test_on_two_devices_each_device_shuffles_the_content_of_its_half_of_the_chunk(lm):
-    from gemma_scope.step import make_mesh
+    from gemma_scope.mesh import make_mesh
 
     batch = FakeReader().batch(0, 4)
     acts = np.asarray(model.forward(lm.params, lm.config, batch["tokens"], capture=SITES, logits=False).acts[SITES[0]])

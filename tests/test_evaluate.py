@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from gemma_scope import evaluate, reconstruction, release, release_gs2
-from gemma_scope.sites import Site
 from test_release import write_gs2_by_hand
+
+from gemma_scope import evaluate, release
+from gemma_scope.evaluation import reconstruction, releases, splice
+from gemma_scope.release import gs2 as release_gs2
+from gemma_scope.sites import Site
 
 
 def random_sae(d=8, width=32, seed=0):
@@ -131,7 +133,7 @@ def toy_token_nll(params, cfg, tokens, replace=None):
 
 @pytest.fixture
 def toy_lm(monkeypatch):
-    monkeypatch.setattr(evaluate, "model", types.SimpleNamespace(forward=toy_forward, token_nll=toy_token_nll))
+    monkeypatch.setattr(splice, "model", types.SimpleNamespace(forward=toy_forward, token_nll=toy_token_nll))
     cfg = ToyConfig(name="toy", d_model=8)
     params = {"embedding": jax.random.normal(jax.random.key(0), (50, 8)) * 2}
     tokens = np.random.default_rng(1).integers(3, 50, size=(5, 12)).astype(np.int32)
@@ -143,7 +145,7 @@ def toy_lm(monkeypatch):
 
 def test_identity_splice_gives_zero_delta_lm_loss(toy_lm):
     params, cfg, tokens, mask = toy_lm
-    out = evaluate.delta_lm_loss(params, cfg, tokens, mask, Site("res", 0), identity_sae(8), batch_size=2, progress=False)
+    out = splice.delta_lm_loss(params, cfg, tokens, mask, Site("res", 0), identity_sae(8), batch_size=2, progress=False)
     assert out["delta_lm_loss"] == 0.0
     assert out["spliced_loss"] == out["clean_loss"]
     assert out["loss_recovered"] == 1.0
@@ -160,16 +162,16 @@ def test_identity_splice_gives_zero_delta_lm_loss(toy_lm):
 def test_delta_lm_loss_matches_direct_computation(toy_lm):
     params, cfg, tokens, mask = toy_lm
     sae_params = random_sae(d=8, width=24, seed=3)
-    out = evaluate.delta_lm_loss(params, cfg, tokens, mask, Site("res", 0), sae_params, batch_size=2, progress=False)
+    out = splice.delta_lm_loss(params, cfg, tokens, mask, Site("res", 0), sae_params, batch_size=2, progress=False)
 
-    def splice(act):
+    def spliced_act(act):
         pre = act @ sae_params["W_enc"] + sae_params["b_enc"]
         x_hat = jnp.where(pre > sae_params["threshold"], jax.nn.relu(pre), 0) @ sae_params["W_dec"] + sae_params["b_dec"]
         return jnp.where(mask[..., None], x_hat, act)
 
     target = mask[:, 1:]
     clean = np.asarray(toy_token_nll(params, cfg, tokens))
-    spliced = np.asarray(toy_token_nll(params, cfg, tokens, replace={Site("res", 0): splice}))
+    spliced = np.asarray(toy_token_nll(params, cfg, tokens, replace={Site("res", 0): spliced_act}))
     np.testing.assert_allclose(out["clean_loss"], clean[target].mean(), rtol=1e-5)
     np.testing.assert_allclose(out["delta_lm_loss"], spliced[target].mean() - clean[target].mean(), rtol=1e-4)
     per_pos = (np.where(target, spliced - clean, 0).sum(0)) / target.sum(0)
@@ -183,7 +185,7 @@ def test_delta_lm_loss_matches_direct_computation(toy_lm):
 def test_delta_lm_loss_rejects_wrong_sae_width(toy_lm):
     params, cfg, tokens, mask = toy_lm
     with pytest.raises(ValueError, match="does not match site res.0"):
-        evaluate.delta_lm_loss(params, cfg, tokens, mask, Site("res", 0), random_sae(d=5), progress=False)
+        splice.delta_lm_loss(params, cfg, tokens, mask, Site("res", 0), random_sae(d=5), progress=False)
 
 
 def test_identity_splice_on_tiny_gemma_gives_zero_delta():
@@ -197,7 +199,7 @@ def test_identity_splice_on_tiny_gemma_gives_zero_delta():
     tokens[:, 0] = 2
     mask = tokens > 2
     d = cfg.site_width(site.kind)
-    out = evaluate.delta_lm_loss(params, cfg, tokens, mask, site, identity_sae(d), batch_size=2, progress=False)
+    out = splice.delta_lm_loss(params, cfg, tokens, mask, site, identity_sae(d), batch_size=2, progress=False)
     assert out["delta_lm_loss"] == 0.0 and out["fvu"] == 0.0
     assert out["zero_ablation_loss"] != out["clean_loss"]
     clean = np.asarray(model.token_nll(params, cfg, tokens))
@@ -275,7 +277,7 @@ def test_identity_splice_on_real_gemma3_270m_gives_zero_delta():
     tokens = np.array([ids[:20]], np.int32)
     mask = tokens > 2
     site = Site("res", 6)
-    out = evaluate.delta_lm_loss(lm.params, lm.config, tokens, mask, site, identity_sae(640), batch_size=1, progress=False)
+    out = splice.delta_lm_loss(lm.params, lm.config, tokens, mask, site, identity_sae(640), batch_size=1, progress=False)
     assert out["delta_lm_loss"] == 0.0 and out["fvu"] == 0.0
     assert 0.5 < out["clean_loss"] < 6 < out["zero_ablation_loss"]
 
@@ -292,9 +294,9 @@ def test_grid_equals_each_sae_alone_on_tiny_gemma():
     grid = [(Site("res", 0), random_sae(d=cfg.d_model, width=16, seed=4)),
             (Site("res", 0), random_sae(d=cfg.d_model, width=16, seed=5)),
             (Site("att", 1), random_sae(d=cfg.site_width("att"), width=16, seed=6))]
-    together = evaluate.evaluate_grid(params, cfg, tokens, mask, grid, batch_size=2, progress=False)
+    together = splice.evaluate_grid(params, cfg, tokens, mask, grid, batch_size=2, progress=False)
     for (site, sae_params), got in zip(grid, together):
-        alone = evaluate.delta_lm_loss(params, cfg, tokens, mask, site, sae_params, batch_size=2, progress=False)
+        alone = splice.delta_lm_loss(params, cfg, tokens, mask, site, sae_params, batch_size=2, progress=False)
         for key in ("clean_loss", "spliced_loss", "zero_ablation_loss", "l0", "fvu"):
             np.testing.assert_allclose(got[key], alone[key], rtol=1e-6, err_msg=f"{site} {key}")
     assert together[0]["spliced_loss"] != together[1]["spliced_loss"]
@@ -337,10 +339,10 @@ def test_transcoder_giving_the_true_mlp_output_has_zero_delta(tiny_gemma, monkey
         return post_norm(ffn(x.reshape(-1, 1, x.shape[-1]))).reshape(x.shape).astype(jnp.float32)
 
     fake = types.SimpleNamespace(encode=sae.encode, predict=true_mlp)
-    monkeypatch.setattr(evaluate, "sae", fake)  # the splice
+    monkeypatch.setattr(splice, "sae", fake)  # the splice
     monkeypatch.setattr(reconstruction, "sae", fake)  # the metrics
     d = cfg.d_model
-    out = evaluate.evaluate_grid(params, cfg, tokens, mask, [(Site("mlp_in", 1), random_sae(d=d), Site("mlp", 1))],
+    out = splice.evaluate_grid(params, cfg, tokens, mask, [(Site("mlp_in", 1), random_sae(d=d), Site("mlp", 1))],
                                  batch_size=2, progress=False)[0]
     assert abs(out["delta_lm_loss"]) < 1e-6 and out["fvu"] < 1e-10
     assert out["zero_ablation_loss"] - out["clean_loss"] > 1e-3
@@ -352,7 +354,7 @@ def test_transcoder_splice_matches_direct_computation(tiny_gemma):
     params, cfg, tokens, mask = tiny_gemma
     site, site_out = Site("mlp_in", 0), Site("mlp", 0)
     tc = random_transcoder(cfg.d_model, cfg.d_model, seed=7)
-    out = evaluate.evaluate_grid(params, cfg, tokens, mask, [(site, tc, site_out)], batch_size=2, progress=False)[0]
+    out = splice.evaluate_grid(params, cfg, tokens, mask, [(site, tc, site_out)], batch_size=2, progress=False)[0]
     clean = model.forward(params, cfg, jnp.asarray(tokens), capture=[site, site_out])
     x, y = np.asarray(clean.acts[site]), np.asarray(clean.acts[site_out])
     pred = np.asarray(sae.predict(tc, x.reshape(-1, cfg.d_model))).reshape(y.shape)
@@ -378,9 +380,9 @@ def test_grid_of_saes_and_transcoders_equals_each_alone(tiny_gemma):
     grid = [(Site("mlp", 1), random_sae(d=d, width=16, seed=1)),
             (Site("mlp_in", 1), random_transcoder(d, d, seed=2), Site("mlp", 1)),
             (Site("mlp_in", 1), random_transcoder(d, d, seed=3, affine=False), Site("mlp", 1))]
-    together = evaluate.evaluate_grid(params, cfg, tokens, mask, grid, batch_size=2, progress=False)
+    together = splice.evaluate_grid(params, cfg, tokens, mask, grid, batch_size=2, progress=False)
     for entry, got in zip(grid, together):
-        alone = evaluate.evaluate_grid(params, cfg, tokens, mask, [entry], batch_size=2, progress=False)[0]
+        alone = splice.evaluate_grid(params, cfg, tokens, mask, [entry], batch_size=2, progress=False)[0]
         for key in ("clean_loss", "spliced_loss", "zero_ablation_loss", "l0", "fvu"):
             np.testing.assert_allclose(got[key], alone[key], rtol=1e-6, err_msg=f"{entry[0]} {key}")
     assert together[0]["zero_ablation_loss"] == together[1]["zero_ablation_loss"]  # both ablate mlp.1
@@ -390,9 +392,9 @@ def test_transcoder_grid_errors(tiny_gemma):
     params, cfg, tokens, mask = tiny_gemma
     d = cfg.d_model
     with pytest.raises(ValueError, match="from mlp_in.L of the same layer; got mlp_in.0 -> mlp.1"):
-        evaluate.evaluate_grid(params, cfg, tokens, mask, [(Site("mlp_in", 0), random_transcoder(d, d), Site("mlp", 1))])
+        splice.evaluate_grid(params, cfg, tokens, mask, [(Site("mlp_in", 0), random_transcoder(d, d), Site("mlp", 1))])
     with pytest.raises(ValueError, match="output width 5 does not match site mlp.0"):
-        evaluate.evaluate_grid(params, cfg, tokens, mask, [(Site("mlp_in", 0), random_transcoder(d, 5), Site("mlp", 0))])
+        splice.evaluate_grid(params, cfg, tokens, mask, [(Site("mlp_in", 0), random_transcoder(d, 5), Site("mlp", 0))])
 
 
 def test_cli_evaluates_gs2_transcoders_with_the_model_only(tiny_gemma, tmp_path, monkeypatch, capsys):
@@ -403,10 +405,10 @@ def test_cli_evaluates_gs2_transcoders_with_the_model_only(tiny_gemma, tmp_path,
                           model_name="tiny", site_out=Site("mlp", 1))
     release_gs2.write_gs2(tmp_path / "rel", Site("mlp", 1), random_sae(d=d, width=16), 40, model_name="tiny")
     lm = types.SimpleNamespace(params=params, config=cfg)
-    monkeypatch.setattr(evaluate, "_load_lm", lambda *args: (lm, (tokens, mask)))
+    monkeypatch.setattr(releases, "_load_lm", lambda *args: (lm, (tokens, mask)))
     records = evaluate.main([f"--sae={tmp_path / 'rel'}", "--model=tiny", "--lm_batch_size=2"])
     assert [r["site"] for r in records] == ["mlp.1", "mlp_in.1→mlp.1", "mlp_in.1→mlp.1 +skip"]
-    want = evaluate.evaluate_grid(params, cfg, tokens, mask, [
+    want = splice.evaluate_grid(params, cfg, tokens, mask, [
         (Site("mlp_in", 1), release.load_params(tmp_path / "rel" / "transcoder_all" / "layer_1_width_16_l0_small_affine"),
          Site("mlp", 1))], batch_size=2, progress=False)[0]
     assert records[2]["delta_lm_loss"] == want["delta_lm_loss"] and records[2]["fvu"] == want["fvu"]
@@ -426,7 +428,7 @@ def test_model_config_reaches_model_load_from_the_cli_and_the_trainer(tmp_path, 
         asked.append((name, config))
         raise FileNotFoundError("stop here")
 
-    monkeypatch.setattr(evaluate.model, "load", load)
+    monkeypatch.setattr(releases.model, "load", load)
     release.write_sae(tmp_path / "release", Site("res", 4), random_sae(), average_l0=5.0)
     with pytest.raises(FileNotFoundError, match="stop here"):
         evaluate.main([f"--sae={tmp_path / 'release'}", "--model=/ckpt/orbax", "--model_config=gemma2_2b"])

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_model import check_block_sites
 
 from gemma_scope import model, score
 from gemma_scope.sites import Site
-from test_model import check_block_sites
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from gemma_scope import release, release_gs2, release_params
+from gemma_scope import release
+from gemma_scope.release import gs2 as release_gs2
+from gemma_scope.release import params as release_params
 from gemma_scope.sae import PARAM_KEYS
 from gemma_scope.sites import Site
 

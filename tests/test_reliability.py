@@ -16,11 +16,14 @@ import time
 
 import numpy as np
 import pytest
+from test_train import _config, _release_files
 
-from gemma_scope import activations, checkpoint, evaluate, release, score, shards, train, workdir
+from gemma_scope import activations, release, score, train
+from gemma_scope.activations import shards
 from gemma_scope.data import builder
 from gemma_scope.data.sources import TextFiles
-from test_train import _config, _release_files
+from gemma_scope.evaluation import releases
+from gemma_scope.training import checkpoint, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -246,9 +249,9 @@ def test_evaluate_names_the_file_and_row_of_nan_activations(tmp_path, shard_dir)
     x[17, 2] = np.nan
     np.save(nan_dir / "a.npy", x)
     with pytest.raises(ValueError, match=r"a.npy: row 17 holds NaN/Inf"):
-        evaluate.evaluate_saes([sae], activations=str(nan_dir))
+        releases.evaluate_saes([sae], activations=str(nan_dir))
     with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
-        evaluate.evaluate_saes([sae], activations=str(shard_dir), max_tokens=0)
+        releases.evaluate_saes([sae], activations=str(shard_dir), max_tokens=0)
 
 
 # --- text, JSONL, configs, SAELens configs -------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gemma_scope import report
+from gemma_scope.evaluation import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

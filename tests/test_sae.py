@@ -5,8 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_scope import feed, losses, sae
-from gemma_scope import step as step_lib
+from gemma_scope import mesh as mesh_lib
+from gemma_scope import sae
+from gemma_scope.sae import losses
+from gemma_scope.training import feed
+from gemma_scope.training import step as step_lib
 
 EPS = 0.001
 
@@ -140,7 +143,7 @@ def test_recovers_a_known_sparse_dictionary():
     scale = float(np.sqrt(np.mean(np.sum(pool**2, axis=1))))
     grid = {"g": step_lib.Group(n_sites=1, d_model=32, width=128, l0_coefficients=(3e-2,))}
     hp = step_lib.Hyperparams(learning_rate=3e-3, lr_warmup_steps=100, l0_warmup_steps=500)
-    mesh = step_lib.make_mesh(devices=jax.devices()[:1])
+    mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     state = step_lib.init_state(jax.random.key(0), grid, hp, mesh, {"g": np.full((1, 32), scale, np.float32)})
     train_step = step_lib.make_train_step(grid, hp, mesh)
     batches = jnp.asarray(pool.reshape(32, 1, batch, 32))

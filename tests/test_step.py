@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from gemma_scope import step as step_lib
+from gemma_scope import mesh as mesh_lib
+from gemma_scope.training import step as step_lib
 
 
 @pytest.mark.parametrize("b1", [0.0, 0.9])
@@ -32,7 +33,7 @@ def test_bfloat16_step_follows_float32_step(mesh_shape):
     rng = np.random.default_rng(1)
     batches = [{"g": rng.normal(size=(2, 40, 24)).astype(np.float32)} for _ in range(3)]
     data, model = mesh_shape
-    mesh = step_lib.make_mesh(data, model, devices=jax.devices()[:data * model])
+    mesh = mesh_lib.make_mesh(data, model, devices=jax.devices()[:data * model])
 
     def run(compute_dtype):
         hp = step_lib.Hyperparams(learning_rate=1e-3, lr_warmup_steps=0, l0_warmup_steps=0, compute_dtype=compute_dtype)
@@ -67,9 +68,9 @@ def test_group_layout_is_site_major():
 @pytest.mark.parametrize("value, width, devices, expected", [
     ("auto", 2**14, 8, 1), ("auto", 2**16, 8, 4), ("auto", 2**17, 6, 6), ("auto", 2**16, 6, 3), ("2", 2**10, 8, 2)])
 def test_model_axis_size(value, width, devices, expected):
-    assert step_lib.model_axis_size(value, width, devices) == expected
+    assert mesh_lib.model_axis_size(value, width, devices) == expected
 
 
 def test_model_axis_size_rejects_nonsense():
     with pytest.raises(ValueError, match="mesh.model"):
-        step_lib.model_axis_size("wide", 2**14, 8)
+        mesh_lib.model_axis_size("wide", 2**14, 8)

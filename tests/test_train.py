@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from benchmarks.sae_step import build_benchmark_step
-from gemma_scope import activations, configs, feed, release, sae, train
-from gemma_scope import step as step_lib
+from gemma_scope import activations, configs, release, sae, train
+from gemma_scope import mesh as mesh_lib
+from gemma_scope.training import feed
+from gemma_scope.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("from_activations", ROOT / "experiments/from_activations.py")
@@ -43,10 +45,10 @@ def _sharded_equals_single_device(grid, batches, scales, hp):
             state, metrics = fn(state, b)
         return jax.device_get(state), jax.device_get(metrics)
 
-    single, single_metrics = run(step_lib.make_mesh(devices=jax.devices()[:1]))
+    single, single_metrics = run(mesh_lib.make_mesh(devices=jax.devices()[:1]))
     assert len(jax.devices()) == 8
     for data, model in ((8, 1), (2, 4)):
-        mesh = step_lib.make_mesh(data, model)
+        mesh = mesh_lib.make_mesh(data, model)
         sharded, metrics = run(mesh)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single, sharded)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single_metrics, metrics)
@@ -98,7 +100,7 @@ def test_sharded_transcoder_grid_equals_single_device():
 
 def test_latent_axis_is_sharded_on_the_model_axis():
     grid = {"g": step_lib.Group(n_sites=1, d_model=16, width=64, l0_coefficients=(1e-3,))}
-    state = step_lib.init_state(jax.random.key(0), grid, step_lib.Hyperparams(), step_lib.make_mesh(2, 4))
+    state = step_lib.init_state(jax.random.key(0), grid, step_lib.Hyperparams(), mesh_lib.make_mesh(2, 4))
     w_enc = state["params"]["g"]["W_enc"]
     assert {s.data.shape for s in w_enc.addressable_shards} == {(1, 16, 16)}  # M=64 split over 4 model devices
     assert {s.data.shape for s in state["params"]["g"]["b_dec"].addressable_shards} == {(1, 16)}
@@ -227,7 +229,7 @@ def test_npy_source_is_a_pure_function_of_batch_number_and_shuffles_blocks_on_th
         assert sum(set(batch) <= set(rows) for rows in blocks.values()) == 1
     assert epoch[0] != sorted(epoch[0])
     # On 2 devices each one shuffles its half of the buffer: the first half of every batch comes from slot 0.
-    mesh = step_lib.make_mesh(devices=jax.devices()[:2])
+    mesh = mesh_lib.make_mesh(devices=jax.devices()[:2])
     two = [np.asarray(b["d4"][0]) for _, b in zip(range(4), source.batches(16, 0, mesh))]
     for batch in two:
         rows = [row_of[tuple(r)] for r in batch]
@@ -248,7 +250,7 @@ def test_unknown_override_key_is_named(tmp_path):
 def test_benchmark_step_runs_the_real_step_on_a_sharded_mesh():
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
     results = []
-    for mesh in (step_lib.make_mesh(devices=jax.devices()[:1]), step_lib.make_mesh(4, 2)):
+    for mesh in (mesh_lib.make_mesh(devices=jax.devices()[:1]), mesh_lib.make_mesh(4, 2)):
         state, step_fn = build_benchmark_step(16, 64, 64, "bfloat16", n_saes=3, mesh=mesh)
         before = np.asarray(state["params"]["bench"]["W_enc"])
         state = step_fn(step_fn(state, x), x)
@@ -276,7 +278,7 @@ class _MlpSource:
                 "res.0": (x[:, ::-1] + 1).astype(np.float32)}
 
     def batches(self, batch_size, start=0, mesh=None, stop=None):
-        sharding = step_lib.batch_sharding(mesh or activations.single_device_mesh())
+        sharding = mesh_lib.batch_sharding(mesh or mesh_lib.single_device_mesh())
         for number in range(start, 2**62 if stop is None else stop):
             batch = self.host_batch(batch_size, number)
             yield {"d16": jax.device_put(np.stack([batch[s] for s in self.sites]), sharding)}
@@ -292,16 +294,16 @@ def test_grid_batches_and_constants_are_gathered_from_the_source_groups():
     groups = {"d4": ["res.1", "res.0"], "tc_d4": ["mlp_in.1"], "d8": ["x"]}
     grid = {"d4": step_lib.Group(2, 4, 8, (1e-3,)), "tc_d4": step_lib.Group(1, 4, 8, (1e-3,), transcoder=True),
             "d8": step_lib.Group(1, 8, 8, (1e-3,))}
-    mesh = step_lib.make_mesh(devices=jax.devices()[:2])
+    mesh = mesh_lib.make_mesh(devices=jax.devices()[:2])
     rng = np.random.default_rng(0)
     host = {"d4": rng.normal(size=(4, 6, 4)).astype(np.float32), "d8": rng.normal(size=(1, 6, 8)).astype(np.float32)}
-    batch = {g: jax.device_put(x, step_lib.batch_sharding(mesh)) for g, x in host.items()}
+    batch = {g: jax.device_put(x, mesh_lib.batch_sharding(mesh)) for g, x in host.items()}
     out = feed.grid_batches(source_groups, groups, grid, mesh)(batch)
     np.testing.assert_array_equal(out["d4"], host["d4"][[2, 0]])
     np.testing.assert_array_equal(out["tc_d4"][0], host["d4"][[1]])
     np.testing.assert_array_equal(out["tc_d4"][1], host["d4"][[3]])
     assert out["d8"] is batch["d8"]  # a whole source group is passed through, not copied
-    assert out["tc_d4"][1].sharding == step_lib.batch_sharding(mesh)
+    assert out["tc_d4"][1].sharding == mesh_lib.batch_sharding(mesh)
     scales = {"d4": np.array([1.0, 2.0, 3.0, 4.0], np.float32)[:, None] * np.arange(1, 5, dtype=np.float32),
               "d8": np.full((1, 8), 5.0, np.float32)}
     b_dec = {g: np.arange(len(c))[:, None] * np.ones(int(g[1:]), np.float32) for g, c in scales.items()}
@@ -354,7 +356,7 @@ def test_b_dec_is_estimated_with_the_normalisation_constant(tmp_path, b_dec_init
     x = (rng.normal(size=(512, 16)) * spread + np.arange(16) * 2.0).astype(np.float32)  # a mean far from 0
     np.save(path / "part00.npy", x)
     source = activations.NpyShardSource(str(path))
-    mesh = step_lib.make_mesh(devices=jax.devices()[:2])
+    mesh = mesh_lib.make_mesh(devices=jax.devices()[:2])
     scales, b_dec = feed.normalisation_constants(source, mesh, 128, 4, b_dec_init, normalisation)
     x64 = x.astype(np.float64)  # 4 × 128 rows: every row once
     c = (np.full(16, np.sqrt(np.mean(np.sum(x64**2, axis=1)))) if normalisation == "scalar"

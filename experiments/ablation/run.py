@@ -70,7 +70,8 @@ def _combine(halves: list[dict]) -> dict:
 
 def evaluate(saes: list[tuple[str, str, pathlib.Path]], num_sequences: int, lm_batch_size: int) -> list[dict]:
     """``(row, site, path)`` → metrics on two disjoint halves of the held-out sequences (module docstring)."""
-    from gemma_scope import evaluate as evaluate_lib, model, release
+    from gemma_scope import evaluate as evaluate_lib
+    from gemma_scope import model, release
     from gemma_scope.data.reader import SequenceReader
     from gemma_scope.sites import Site
 

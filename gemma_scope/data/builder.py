@@ -25,7 +25,8 @@ import time
 import numpy as np
 
 from gemma_scope.data import fetch as fetch_lib
-from gemma_scope.data import packaged, sources as sources_lib, store
+from gemma_scope.data import packaged, store
+from gemma_scope.data import sources as sources_lib
 from gemma_scope.model.tokenizer import Tokenizer, embedded_tokenizer
 
 _BATCH_CHARS = 8_000_000  # texts tokenised per encode_batch call: bounds memory for the Python id lists

@@ -98,7 +98,7 @@ def _read_manifest(path: pathlib.Path) -> dict:
                        and isinstance(entry.get("sha256"), str))]
         problem = f"shard entries {bad} lack 'shape' or 'sha256'" if bad else None
     if problem:
-        raise ValueError(f"{path}: malformed manifest: {problem} (written by gemma_scope.activations.write_shards)")
+        raise ValueError(f"{path}: malformed manifest: {problem} (written by gemma_scope.activations.shards.write_shards)")
     return manifest
 
 

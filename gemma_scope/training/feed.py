@@ -7,10 +7,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gemma_scope import step as step_lib
+from gemma_scope import mesh as mesh_lib
 from gemma_scope.sites import Site, transcoder_target
+from gemma_scope.training import step as step_lib
 
 B_DEC_INITS = ("zero", "mean", "geometric_median")  # zero: the paper (§3); the others as SAELens offers them
 NORMALISATIONS = ("scalar", "per_dimension")  # scalar: the paper (§3)
@@ -156,7 +158,7 @@ def grid_batches(source_groups: dict[str, list[str]], groups: dict[str, list[str
     outputs = targets(groups, grid)
     plans = {g: [plan(sites)] + ([plan(outputs[g])] if grid[g].transcoder else []) for g, sites in groups.items()}
     gather = jax.jit(lambda x, index: x[np.array(index)], static_argnums=1,
-                     out_shardings=step_lib.batch_sharding(mesh))
+                     out_shardings=mesh_lib.batch_sharding(mesh))
 
     def to_grid(batch):
         taken = {g: [batch[s] if index is None else gather(batch[s], index) for s, index in p]

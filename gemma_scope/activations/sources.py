@@ -2,37 +2,30 @@
 
 A source names its sites (``"res.3"``, or ``sites.CUSTOM`` for activations not tied to a model site) and yields
 numbered global batches ``{group: [n_sites, batch_size, d]}`` (sites grouped by width, ``group_sites``) as
-``jax.Array``s laid out as the train step wants them (``step.batch_sharding``). Batch ``b`` is a pure function of
+``jax.Array``s laid out as the train step wants them (``mesh.batch_sharding``). Batch ``b`` is a pure function of
 (source config, seed, mesh size, b), so a resumed run sees exactly the batches an uninterrupted run would have seen.
 
 The shuffle buffers live on the devices (``buffers.ShuffleBuffers``); the host holds only token ids, masks and
 permutation indices, and never waits on the device.
 
-Activations can also be written to disk once and reused (e.g. by a λ sweep), one directory per site:
-
-    python -m gemma_scope.activations --config=experiments/gemma3_270m_res.py --out=DIR --tokens=1000000 \
-        [--storage_dtype=bfloat16] [--config.data.sites=res.8,att.8]
-
-writes ``DIR/<site>/shard_<k>.npy`` (``[n_k, d]``, content tokens of chunk k in token order) and
-``DIR/<site>/manifest.json`` (model, site, dtype, d, count, token source, per-shard sha256). Train on one with
-``--config=experiments/from_activations.py --config.data.path=DIR/res.8``.
+Activations can also be written to disk once and reused (``python -m gemma_scope.activations``, ``shards``).
 """
 
 from __future__ import annotations
 
-import pathlib
 import threading
 from typing import Callable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gemma_scope import model
-from gemma_scope import step as step_lib
-from gemma_scope.buffers import BufferLoads, ShuffleBuffers, read_rows
-from gemma_scope.shards import STORAGE_DTYPES, open_shards, write_shards
+from gemma_scope.activations.buffers import BufferLoads, ShuffleBuffers, read_rows
+from gemma_scope.activations.shards import open_shards
+from gemma_scope.mesh import single_device_mesh
 from gemma_scope.sites import CUSTOM
 
 NPY_BLOCK_ROWS = 4096  # rows of one contiguous read from a shard file
@@ -44,11 +37,6 @@ def group_sites(sites: list[str], d_in: dict[str, int]) -> dict[str, list[str]]:
     for site in sites:
         groups.setdefault(f"d{d_in[site]}", []).append(site)
     return groups
-
-
-def single_device_mesh() -> Mesh:
-    """The default mesh of a source used outside the trainer: this process's first device."""
-    return step_lib.make_mesh(devices=jax.local_devices()[:1])
 
 
 class ActivationSource(Protocol):
@@ -366,43 +354,3 @@ def make_source(data_config, seed: int) -> ActivationSource:
                              passes=data_config.passes, seed=seed, buffer_dtype=data_config.buffer_dtype)
         return source
     raise ValueError(f"unknown data.source {data_config.source!r}; expected one of ['npy', 'model']")
-
-
-_CONFIG = None  # the --config flag, defined when run as a command (train defines its own)
-
-
-def main(argv: list[str]) -> dict[str, pathlib.Path]:
-    """``python -m gemma_scope.activations``: writes activation shards of the config's model sites (module
-    docstring); ``data`` and ``seed`` come from the config (``configs.lm_data`` defaults)."""
-    from absl import app, flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config=experiments/<name>.py is required")
-    config, out = _CONFIG.value, flags.FLAGS.out
-    if config.data.source != "model":
-        raise ValueError(f"data.source must be 'model' to write activations, got {config.data.source!r}")
-    source = make_source(config.data, config.seed)
-    data = config.data
-    token_source = {"model": data.model, "corpus": data.corpus or "default", "split": "train",
-                    "seq_len": data.seq_len, "packing": data.packing, "seed": config.seed,
-                    "chunk_sequences": data.chunk_sequences}
-    dirs = write_shards(source, out, flags.FLAGS.tokens, flags.FLAGS.storage_dtype, token_source,
-                        step_lib.make_mesh(devices=jax.local_devices()))
-    for directory in dirs.values():
-        print(directory)
-    return dirs
-
-
-if __name__ == "__main__":
-    from absl import flags
-    from ml_collections import config_flags
-
-    from gemma_scope import cli
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/<name>.py)")
-    flags.DEFINE_string("out", None, "output directory (one subdirectory per site)", required=True)
-    flags.DEFINE_integer("tokens", None, "content-token activations to write per site", required=True)
-    flags.DEFINE_enum("storage_dtype", "float32", sorted(STORAGE_DTYPES), "dtype of the written shards")
-    cli.run_app(main)

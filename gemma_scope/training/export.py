@@ -10,11 +10,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gemma_scope import configs, feed, hosts, release, release_gs2, sae
+from gemma_scope import configs, release, sae
+from gemma_scope.release import gs2 as release_gs2
 from gemma_scope.sites import Site, transcoder_target
-from gemma_scope.step import Group
+from gemma_scope.training import feed, hosts
+from gemma_scope.training.step import Group
 
 
 def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict[str, Group],

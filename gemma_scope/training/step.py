@@ -29,11 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gemma_scope import losses, sae
+from gemma_scope import sae
+from gemma_scope.mesh import batch_sharding
+from gemma_scope.sae import losses
 
-NARROW_WIDTH = 2**14  # Gemma Scope §3.3: pure data parallelism up to this width, latent-axis parallelism beyond
 # Partition spec of each stacked param (leading grid axis never split): the latent axis M goes on 'model'.
 _PARAM_SPECS = {
     "W_enc": P(None, None, "model"),
@@ -159,38 +161,6 @@ def adam_update(grads: dict, opt_state: dict, hp: Hyperparams) -> tuple[dict, di
     return updates, new_state
 
 
-def model_axis_size(value: int | str, width: int, device_count: int) -> int:
-    """The mesh's model-axis size from ``config.mesh.model``: an int, or ``"auto"``: 1 up to width
-    ``NARROW_WIDTH``, else the largest divisor of the device count not above ``width / NARROW_WIDTH`` (§3.3).
-
-    Raises:
-      ValueError: neither an integer nor "auto".
-    """
-    if value == "auto":
-        target = max(1, width // NARROW_WIDTH)
-        return max(k for k in range(1, device_count + 1) if device_count % k == 0 and k <= target)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"mesh.model must be a positive integer or 'auto', got {value!r}") from None
-
-
-def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
-    """A ``('data', 'model')`` mesh over all (or the given) devices; ``data=-1`` takes what ``model`` leaves.
-
-    Raises:
-      ValueError: sizes that do not multiply to the device count.
-    """
-    devices = jax.devices() if devices is None else devices
-    count = len(devices)
-    if model < 1 or count % model:
-        raise ValueError(f"mesh.model={model} must be a positive divisor of the device count {count}")
-    data = count // model if data == -1 else data
-    if data * model != count:
-        raise ValueError(f"mesh data={data} × model={model} must equal the device count {count} (or use data=-1)")
-    return jax.make_mesh((data, model), ("data", "model"), (jax.sharding.AxisType.Auto,) * 2, devices=devices)
-
-
 def _spec(path, leaf) -> P:
     """Partition spec of a state leaf: params and their Adam moments by key, last_fired on M, the rest replicated."""
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
@@ -204,11 +174,6 @@ def _spec(path, leaf) -> P:
 def state_shardings(state, mesh: jax.sharding.Mesh):
     """NamedShardings for a train state (or its abstract ``jax.eval_shape`` form) on ``mesh``."""
     return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, _spec(p, x)), state)
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Sharding of a group's batch ``[n_sites, B, d]``: tokens split over ``'data'``."""
-    return NamedSharding(mesh, P(None, "data", None))
 
 
 def _build_state(key: jax.Array, grid: dict[str, Group], hp: Hyperparams, norm_scale: dict) -> dict:

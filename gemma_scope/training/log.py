@@ -18,7 +18,7 @@ import jax
 import tqdm
 from tensorboardX import SummaryWriter
 
-from gemma_scope.step import Group
+from gemma_scope.training.step import Group
 
 METRICS_FILE = "metrics.jsonl"
 # Per-SAE values of a record that become TensorBoard series (the rest are the run's or the SAE's identity).

@@ -15,9 +15,10 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gemma_scope import step as step_lib
+from gemma_scope.mesh import batch_sharding
 
 SLOTS = ("data", "model")  # the buffer's token axis is split over every device of the mesh, data-major
 
@@ -123,7 +124,7 @@ class ShuffleBuffers:
             self._gathers[per_slot] = jax.jit(
                 jax.shard_map(take, mesh=self.mesh, in_specs=(P(None, SLOTS, None), P(SLOTS), P(SLOTS)),
                               out_specs=P(None, SLOTS, None)),
-                out_shardings=step_lib.batch_sharding(self.mesh))
+                out_shardings=batch_sharding(self.mesh))
         return self._gathers[per_slot]
 
     def stream(self, batch_size: int, start: int, stop: int | None, count_of: Callable[[int], int],

@@ -20,8 +20,14 @@ import safetensors.numpy
 
 from gemma_scope import sites
 from gemma_scope.files import atomic_path
-from gemma_scope.release_params import SKIP_KEY, check_average_l0, read_json, read_safetensors, validate_params, \
-    width_label
+from gemma_scope.release.params import (
+    SKIP_KEY,
+    check_average_l0,
+    read_json,
+    read_safetensors,
+    validate_params,
+    width_label,
+)
 from gemma_scope.sites import Site
 
 GS2_PARAMS_FILE = "params.safetensors"

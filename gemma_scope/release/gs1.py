@@ -20,8 +20,7 @@ import safetensors.numpy
 
 from gemma_scope import sites
 from gemma_scope.files import atomic_path
-from gemma_scope.release_gs2 import GS2_CONFIG_FILE, GS2_PARAMS_FILE, gs2_sites, load_gs2
-from gemma_scope.release_params import check_average_l0, read_json, read_safetensors, validate_params, width_label
+from gemma_scope.release.params import check_average_l0, read_json, read_safetensors, validate_params, width_label
 from gemma_scope.sites import Site
 
 PARAMS_FILE = "params.npz"
@@ -84,26 +83,14 @@ def write_sae(
     return out / PARAMS_FILE
 
 
-def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads and validates an SAE or transcoder: a Gemma Scope 1 ``params.npz``, a Gemma Scope 2
-    ``params.safetensors`` (with its ``config.json``), a SAELens JumpReLU ``sae_weights.safetensors`` (with its
-    ``cfg.json``, if any), or a directory holding one of them (in that order of preference).
-
-    Returns the float32 arrays of ``release_params`` (``W_skip`` only for an affine transcoder). A SAELens SAE
-    with ``apply_b_dec_to_input`` true is folded into the Gemma Scope convention (``b_enc' = b_enc − b_dec @
-    W_enc``, arXiv 2408.05147 §3).
+def load_gs1(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Reads and validates a Gemma Scope 1 ``params.npz`` or a SAELens JumpReLU ``sae_weights.safetensors`` (with
+    its ``cfg.json``, if any); the arrays of ``release.params``. A SAELens SAE with ``apply_b_dec_to_input`` true
+    is folded into the Gemma Scope convention (``b_enc' = b_enc − b_dec @ W_enc``, arXiv 2408.05147 §3).
 
     Raises:
-      FileNotFoundError: nothing SAE-like at path.
-      ValueError: unreadable file; missing key, wrong shape, non-float dtype, non-finite values, negative
-        threshold (naming the key as the file spells it); a config that is not JSON or lacks a key; a GS2
-        config.json naming another architecture, type, hook point or width; a SAELens ``cfg.json`` beside the file
-        naming another architecture than "jumprelu", a d_in/d_sae other than the weights' or a normalisation other
-        than "none". The message names the file and the key.
+      ValueError: as ``release.read.load_params`` says, naming the file and the key.
     """
-    path = _params_file(pathlib.Path(path))
-    if path.name == GS2_PARAMS_FILE:
-        return load_gs2(path)
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -120,62 +107,6 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
             params = _fold_saelens_cfg(params, cfg, cfg_path)
     return params
 
-
-def find_saes(path: str | pathlib.Path) -> list[pathlib.Path]:
-    """SAE and transcoder files named by a command-line path: a params file, an SAE directory, or a release root
-    (every ``params.npz`` and ``params.safetensors`` below it, sorted).
-
-    Raises:
-      FileNotFoundError: nothing SAE-like at or below path.
-    """
-    path = pathlib.Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = [path / name for name in (PARAMS_FILE, GS2_PARAMS_FILE) if (path / name).is_file()][:1]
-        found = found or sorted([*path.rglob(PARAMS_FILE), *path.rglob(GS2_PARAMS_FILE)])
-        found = found or ([path / SAELENS_WEIGHTS_FILE] if (path / SAELENS_WEIGHTS_FILE).is_file() else [])
-        if found:
-            return found
-    raise FileNotFoundError(f"no SAE at {path}: expected a params.npz / params.safetensors, an SAE directory or a "
-                            "release root")
-
-
-def sae_info(path: pathlib.Path) -> dict:
-    """What a release says about an SAE or transcoder file: ``site`` (the site it reads) and ``site_out`` (the site
-    it predicts; ``site`` for an SAE) as strings, from a GS2 ``config.json``, the GS1
-    ``<kind>/layer_<L>/width_<W>/average_l0_<K>`` layout or SAELens ``cfg.json`` metadata, and ``l0_coefficient``
-    and ``target_l0`` (SAELens metadata); None when unknown.
-
-    Raises:
-      ValueError: a GS2 config.json that is malformed (as in ``load_params``).
-    """
-    if path.name == GS2_PARAMS_FILE:
-        site, site_out = gs2_sites(read_json(path.parent / GS2_CONFIG_FILE))
-        return {"site": str(site), "site_out": str(site_out), "l0_coefficient": None, "target_l0": None}
-    cfg_path = path.parent / SAELENS_CFG_FILE
-    meta = read_json(cfg_path).get("metadata", {}) if cfg_path.is_file() else {}
-    site = meta.get("site")
-    parts = path.parent.parts
-    if site is None and len(parts) >= 4 and parts[-3].startswith("layer_") and parts[-3][6:].isdigit():
-        kind = parts[-4]
-        site = f"{kind}.{parts[-3][6:]}" if kind in sites.KINDS else None
-    return {"site": site, "site_out": site, "l0_coefficient": meta.get("l0_coefficient"),
-            "target_l0": meta.get("target_l0")}
-
-
-def _params_file(path: pathlib.Path) -> pathlib.Path:
-    """The params file a path names: itself, or the first of params.npz / params.safetensors /
-    sae_weights.safetensors in a directory."""
-    if path.is_dir():
-        names = (PARAMS_FILE, GS2_PARAMS_FILE, SAELENS_WEIGHTS_FILE)
-        found = next((path / name for name in names if (path / name).is_file()), None)
-        if found is None:
-            raise FileNotFoundError(f"{path} holds none of {list(names)}")
-        return found
-    if not path.is_file():
-        raise FileNotFoundError(f"no SAE file at {path}")
-    return path
 
 
 def _saelens_cfg(site: Site | None, d: int, width: int, average_l0: float, metadata: dict) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gemma_scope import sae
+from gemma_scope.sae import autoencoder as sae
 
 SPARSITY_LOSSES = ("l0", "target_l0")  # λ·L0 (Gemma Scope Eq. 4) | c·(L0/target − 1)² (Gemma Scope 2 style)
 DEFAULT_FREQUENCY_THRESHOLD = 0.1  # firing frequency above which the frequency penalty acts (our choice)

@@ -22,7 +22,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gemma_scope.files import json_ready  # noqa: E402
-from gemma_scope.release_params import width_label  # noqa: E402
+from gemma_scope.release.params import width_label  # noqa: E402
 from gemma_scope.sites import Site  # noqa: E402
 
 FRONTIER_PLOT = "frontier.png"

@@ -1,0 +1,110 @@
+"""Evaluating released SAE and transcoder files (Gemma Scope §4, App. C): each file's metrics on held-out text of
+the corpus (the splice, ``splice.evaluate_grid``) or on cached activations (``reconstruction``), printed one JSON
+line per file, with a report and plots (``report``) on request."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from gemma_scope import model, release
+from gemma_scope.activations.shards import first_rows, open_shards
+from gemma_scope.evaluation.reconstruction import activation_metrics
+from gemma_scope.evaluation.splice import evaluate_grid
+from gemma_scope.files import json_ready
+from gemma_scope.release.params import SKIP_KEY
+from gemma_scope.sites import CUSTOM, Site, transcoder_label
+
+
+def _load_lm(name: str, model_config: str | None, corpus: str | None, num_sequences: int, seq_len: int, packing: str):
+    """The LM (``model.load(name, config=model_config)``) and ``(tokens [N, T], mask [N, T])``: the first N
+    sequences of the corpus's held-out split."""
+    from gemma_scope.data.reader import SequenceReader
+
+    lm = model.load(name, config=model_config or None)
+    reader = SequenceReader(corpus, split="heldout", seq_len=seq_len, packing=packing, tokenizer=lm.tokenizer)
+    if num_sequences > reader.sequences_per_epoch:
+        print(f"held-out split has only {reader.sequences_per_epoch} sequences of {seq_len} tokens; using them all",
+              file=sys.stderr)
+        num_sequences = reader.sequences_per_epoch
+    rows = [reader.sequence(i) for i in range(num_sequences)]
+    return lm, (np.stack([t for t, _ in rows]), np.stack([m for _, m in rows]))
+
+
+def evaluate_saes(
+    sae_paths: list[pathlib.Path],
+    *,
+    model_name: str | None = None,
+    model_config: str | None = None,
+    site: str | None = None,
+    corpus: str | None = None,
+    packing: str = "packed",
+    num_sequences: int = 64,
+    seq_len: int = 1024,
+    lm_batch_size: int = 8,
+    activations: str | None = None,
+    max_tokens: int | None = None,
+    batch_size: int | None = None,
+    out: str | pathlib.Path | None = None,
+    notes: str = "",
+) -> list[dict]:
+    """Evaluates released SAE and transcoder files, printing one JSON line of metrics per file; returns the records.
+
+    With ``model_name`` (and ``model_config``, the architecture of an orbax checkpoint, as ``model.load``): delta LM
+    loss and site metrics of all SAEs together (``evaluate_grid``) on the first ``num_sequences`` held-out sequences
+    of the corpus. A transcoder's sites come from its release (``--site`` names an SAE's only); its record's
+    ``site`` reads ``"mlp_in.L→mlp.L"``, with ``" +skip"`` for an affine one. With ``activations`` (a directory of
+    cached ``.npy`` shards): ``activation_metrics`` on at most ``max_tokens`` of them. With ``out``:
+    ``metrics.json``, ``report.md`` and plots there (``notes`` goes under the report's heading).
+
+    Raises:
+      ValueError: neither ``model_name`` nor ``activations``; a count out of range; an SAE whose site is unknown
+        when splicing; a transcoder with ``activations`` (one directory holds one site); malformed SAE files
+        (``release.load_params``) or activations (``open_shards``, NaN/Inf).
+    """
+    if not (activations or model_name):
+        raise ValueError("give activations=DIR (cached activations) and/or model_name=NAME (delta LM loss)")
+    for name, value, least in (("max_tokens", max_tokens, 1), ("batch_size", batch_size, 1),
+                               ("num_sequences", num_sequences, 1), ("seq_len", seq_len, 2),
+                               ("lm_batch_size", lm_batch_size, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    records, saes = [], []
+    for path in sae_paths:
+        params = release.load_params(path)
+        info = release.sae_info(path)
+        if info["site_out"] != info["site"]:  # a transcoder: its sites are in its config, never overridden
+            if activations:
+                raise ValueError(f"{path}: a transcoder ({info['site']} -> {info['site_out']}) needs activations of "
+                                 "both sites; evaluate it with --model instead of --activations")
+            sites = (info["site"], info["site_out"])
+            label = transcoder_label(Site.parse(info["site"]), SKIP_KEY in params)
+        else:
+            if model_name and site is None and info["site"] is None:
+                raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
+            label = site or info["site"] or CUSTOM
+            sites = (label, label)
+        records.append({"sae": str(path), "site": label, "width": params["W_enc"].shape[1],
+                        "l0_coefficient": info["l0_coefficient"], "target_l0": info["target_l0"]})
+        saes.append((Site.parse(sites[0]) if model_name else None, params,
+                     Site.parse(sites[1]) if model_name else None))
+    if model_name:
+        lm, sequences = _load_lm(model_name, model_config, corpus, num_sequences, seq_len, packing)
+        for record, result in zip(records, evaluate_grid(lm.params, lm.config, *sequences, saes,
+                                                          batch_size=lm_batch_size)):
+            record.update(result)
+    arrays = open_shards(activations)[0] if activations else None  # opened (and verified) once
+    for record, (_, params, _) in zip(records, saes):
+        if activations:
+            record.update(activation_metrics(params, first_rows(arrays, max_tokens), batch_size=batch_size))
+        print(json.dumps(json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
+              flush=True)
+    if out:
+        from gemma_scope.evaluation import report  # matplotlib only when a report is asked for
+
+        notes = notes or f"Model: {model_name or '–'}; activations: {activations or '–'}."
+        print(f"report: {report.write_evaluation(records, out, notes)}", file=sys.stderr)
+    return records
