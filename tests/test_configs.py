@@ -1,16 +1,22 @@
-"""Every experiments/ config loads and validates; the paper runs carry the paper's budgets and recipe."""
+"""Every experiments/ config loads and validates without importing jax; the paper runs carry the paper's budgets
+and recipe."""
 
 import importlib.util
+import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from gemma_scope import activations, configs
 from gemma_scope.model import get_config as model_config
 from gemma_scope.sites import parse_sites, transcoder_spec
+from gemma_scope.training import settings
 
 EXPERIMENTS_DIR = pathlib.Path(__file__).parents[1] / "experiments"
 EXPERIMENTS = sorted(EXPERIMENTS_DIR.glob("*.py"))
+ROOT = EXPERIMENTS_DIR.parent
 PAPER = {"2b_res": ("gemma2_2b", "res.12"), "2b_att": ("gemma2_2b", "att.12"), "2b_mlp": ("gemma2_2b", "mlp.12"),
          "9b_res": ("gemma2_9b", "res.20"), "9b_att": ("gemma2_9b", "att.20"), "9b_mlp": ("gemma2_9b", "mlp.20"),
          "27b_res": ("gemma2_27b", "res.10,res.22,res.34"), "9b_it_res": ("gemma2_9b", "res.9,res.20,res.31")}
@@ -26,7 +32,7 @@ def load(path, arg=None):
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_validates(path):
     config = load(path)
-    configs.validate_config(config)
+    settings.validate_config(config)
     if config.data.source == "model":
         name = config.data.model_config or config.data.model
         spec = ",".join(filter(None, (config.data.sites, transcoder_spec(config.transcoder.layers))))
@@ -66,7 +72,7 @@ def test_ablation_rows_share_the_default_budget_and_change_one_thing_each(make_n
     recipes = {}
     for row in ablation.ROWS:
         config = ablation.get_config(f"row={row},site=res.8")
-        configs.validate_config(config)
+        settings.validate_config(config)
         config.data.path = str(acts)
         assert activations.make_source(config.data, config.seed).sites == ["res.8"]  # the data block is complete
         assert config.train.to_dict() == default.train.to_dict() and config.seed == default.seed
@@ -103,3 +109,38 @@ def test_config_file_argument_reaches_get_config_and_bad_ones_are_clear_errors()
     assert config.data.sites == "res.3"
     with pytest.raises(ValueError, match="bad config argument"):
         load(path, "depth=3")
+
+
+# Loads a config file as `python -m gemma_scope.train --config=FILE [--config.x.y=v]` does (ml_collections'
+# config_flags, overrides from sys.argv), then reports sae.l0_coefficient and which of jax and optax were imported.
+_LOAD_AS_TRAIN_DOES = """
+import json, sys
+from absl import flags
+from ml_collections import config_flags
+config = config_flags.DEFINE_config_file("config")
+flags.FLAGS(sys.argv)
+print(json.dumps({"l0_coefficient": config.value.sae.l0_coefficient,
+                  "imported": [m for m in ("jax", "optax") if m in sys.modules]}))
+"""
+
+
+def _load_as_train_does(*args) -> dict:
+    result = subprocess.run([sys.executable, "-c", _LOAD_AS_TRAIN_DOES, *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("path", [*EXPERIMENTS, EXPERIMENTS_DIR / "ablation/config.py"],
+                         ids=lambda p: str(p.relative_to(EXPERIMENTS_DIR)))
+def test_reading_an_experiment_config_imports_neither_jax_nor_optax(path):
+    assert _load_as_train_does(f"--config={path}")["imported"] == []
+
+
+def test_config_argument_parser():
+    defaults = {"layer": None, "width": "16384"}
+    assert configs.parse_config_arg(None, defaults, "x") == defaults
+    assert configs.parse_config_arg("width=8,layer=all", defaults, "x") == {"layer": "all", "width": "8"}
+    for bad in ("depth=3", "layer", "layer=1,,w=2"):
+        with pytest.raises(ValueError, match=r"bad config argument '(depth=3|layer|w=2)'; expected layer=<L>"):
+            configs.parse_config_arg(bad, defaults, "layer=<L>")
