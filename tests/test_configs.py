@@ -1,5 +1,5 @@
 """Every experiments/ config loads and validates without importing jax; the paper runs carry the paper's budgets
-and recipe."""
+and recipe; configs owns the recipe's defaults."""
 
 import importlib.util
 import json
@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
-from gemma_scope import activations, configs
+from gemma_scope import activations, configs, sae
 from gemma_scope.model import get_config as model_config
+from gemma_scope.sae import losses
 from gemma_scope.sites import parse_sites, transcoder_spec
-from gemma_scope.training import settings
+from gemma_scope.training import settings, step
 
 EXPERIMENTS_DIR = pathlib.Path(__file__).parents[1] / "experiments"
 EXPERIMENTS = sorted(EXPERIMENTS_DIR.glob("*.py"))
@@ -135,6 +136,15 @@ def _load_as_train_does(*args) -> dict:
                          ids=lambda p: str(p.relative_to(EXPERIMENTS_DIR)))
 def test_reading_an_experiment_config_imports_neither_jax_nor_optax(path):
     assert _load_as_train_does(f"--config={path}")["imported"] == []
+
+
+def test_configs_owns_the_recipe_defaults():
+    """Hyperparams' defaults are train_config's, field for field as the trainer reads them; sae's own defaults
+    (its pure functions', which cannot read configs) agree with the recipe."""
+    recipe = configs.train_config(configs.npy_data())
+    assert step.Hyperparams() == settings.hyperparams(recipe)
+    assert (sae.DEFAULT_BANDWIDTH, sae.DEFAULT_THRESHOLD, losses.DEFAULT_FREQUENCY_THRESHOLD) == \
+        (recipe.sae.bandwidth, recipe.sae.threshold_init, recipe.sae.frequency_threshold)
 
 
 def test_config_argument_parser():
