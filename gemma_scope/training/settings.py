@@ -1,5 +1,6 @@
 """A config (layout: ``configs.train_config``) read for the trainer: checked field by field (``validate_config``),
-its sweep read (``lambdas_of``, ``sweep_of``), the step's ``Hyperparams`` (``hyperparams``) and the recipe recorded with each released SAE
+its sweep resolved (``lambdas_of``, ``sweep_of``: λ defaults to ``configs.DEFAULT_L0_COEFFICIENT`` of the sparsity
+loss when not given), the step's ``Hyperparams`` (``hyperparams``) and the recipe recorded with each released SAE
 (``recipe_metadata``). ``configs`` stays a leaf; the choice lists checked here belong to ``sae.losses`` and
 ``training.feed``."""
 
@@ -17,13 +18,22 @@ def _numbers(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
+def _check_sparsity_loss(config) -> None:
+    if config.sae.sparsity_loss not in losses.SPARSITY_LOSSES:
+        raise ValueError(f"sae.sparsity_loss must be one of {losses.SPARSITY_LOSSES}, got {config.sae.sparsity_loss!r}")
+
+
 def lambdas_of(config) -> tuple[float, ...]:
-    """``config.sae.l0_coefficient`` as a tuple of λ ≥ 0 (a float is a one-value sweep).
+    """``config.sae.l0_coefficient`` as a tuple of λ ≥ 0 (a float is a one-value sweep); when it is None (not
+    given), the one default λ of ``config.sae.sparsity_loss`` (``configs.DEFAULT_L0_COEFFICIENT``).
 
     Raises:
-      ValueError: empty, non-numeric or negative.
+      ValueError: empty, non-numeric or negative; or not given with an unknown sparsity loss.
     """
     value = config.sae.l0_coefficient
+    if value is None:
+        _check_sparsity_loss(config)
+        return (configs.DEFAULT_L0_COEFFICIENT[config.sae.sparsity_loss],)
     values = _numbers(value)
     if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"sae.l0_coefficient must be a number >= 0 or a non-empty tuple of them, got {value!r}")
@@ -57,8 +67,7 @@ def validate_config(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     Raises:
       ValueError: naming the field, its value and what is expected.
     """
-    if config.sae.sparsity_loss not in losses.SPARSITY_LOSSES:
-        raise ValueError(f"sae.sparsity_loss must be one of {losses.SPARSITY_LOSSES}, got {config.sae.sparsity_loss!r}")
+    _check_sparsity_loss(config)
     if config.sae.b_dec_init not in feed.B_DEC_INITS:
         raise ValueError(f"sae.b_dec_init must be one of {feed.B_DEC_INITS}, got {config.sae.b_dec_init!r}")
     if config.sae.normalisation not in feed.NORMALISATIONS:
