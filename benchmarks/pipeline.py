@@ -40,6 +40,7 @@ from benchmarks.generator import random_model
 from gemma_scope import activations, configs, model, train
 from gemma_scope import mesh as mesh_lib
 from gemma_scope.sites import parse_sites
+from gemma_scope.training import settings
 from gemma_scope.training import step as step_lib
 
 PRESETS = {
@@ -93,9 +94,9 @@ def loop_tokens_per_s(config, source) -> float:
 def step_tokens_per_s(config, widths: dict[str, tuple[int, int]], warmup: int, steps: int) -> dict:
     """The grid's train step alone on one device-resident batch of the buffer dtype."""
     mesh = mesh_lib.make_mesh()
-    lambdas = configs.lambdas_of(config)
+    lambdas = settings.lambdas_of(config)
     grid = {g: step_lib.Group(n, d, config.sae.width, lambdas) for g, (n, d) in widths.items()}
-    hp = configs.hyperparams(config)
+    hp = settings.hyperparams(config)
     state = step_lib.init_state(jax.random.key(0), grid, hp, mesh)
     batch = {g: jax.device_put(jax.random.normal(jax.random.key(1), (n, config.train.batch_size, d),
                                                  jnp.dtype(config.data.buffer_dtype)), mesh_lib.batch_sharding(mesh))

@@ -28,9 +28,10 @@ acting as attention sinks) with ~1,000× the squared norm of the rest. Under the
 that dimension (reconstructed to 0.7% of its variance) and leaves ~20% of the other dimensions' variance, which the
 LM needs: delta LM loss ≈ 1 nat at L0 100 on res.8. Scaling each dimension by its standard deviation makes the MSE
 weigh them alike; the same run then loses ≈ 0.25 nats (README "Recipe ablation"). The constants fold into the
-released weights, so the release is a plain JumpReLU SAE on raw activations. λ is 1 rather than 0.1 because the
-reconstruction term is ~10× larger per dimension-normalised token. Why not λ·L0: Adam normalises a λ·L0 push away
-(SAELens issue #719; λ = 1e-4 / 3e-4 / 1e-3 gave L0 167 / 193 / 151 at res.8). The quadratic pull towards a
+released weights, so the release is a plain JumpReLU SAE on raw activations. λ is the target-L0 loss's default, 1,
+not the 0.1 of the ablation's scalar rows: the reconstruction term is ~10× larger per dimension-normalised token.
+Why not λ·L0: Adam normalises a λ·L0 push away (SAELens issue #719; λ = 1e-4 / 3e-4 / 1e-3 gave L0 167 / 193 / 151
+at res.8). The quadratic pull towards a
 target L0 (Gemma Scope 2's answer, form of dictionary_learning's JumpReLU trainer; ``gemma_scope.losses``)
 changes sign at the target, so each SAE lands near it. The frequency penalty and the Matryoshka loss are off (with
 the per-dimension normalisation no latent was dead without the frequency penalty; README "Recipe ablation").
@@ -56,8 +57,7 @@ def get_config():
     config.sae.width = 2048
     config.sae.normalisation = "per_dimension"
     config.sae.sparsity_loss = "target_l0"
-    config.sae.target_l0 = (50.0, 100.0, 200.0)
-    config.sae.l0_coefficient = (1.0,)
+    config.sae.target_l0 = (50.0, 100.0, 200.0)  # λ: the target-L0 loss's default, 1
     config.sae.b_dec_init = "mean"
 
     config.train.steps = 1600

@@ -1,7 +1,7 @@
 """Train a grid of JumpReLU SAEs and transcoders: ``python -m gemma_scope.train --config=experiments/<name>.py
 [--config.x.y=v]``.
 
-``run`` is the story of a run: validate the config (``configs``), build the activation source (``activations``),
+``run`` is the story of a run: validate the config (``settings``), build the activation source (``activations``),
 the grid and the mesh (``step``), restore or initialise the state (``checkpoint``, ``feed``), loop over the
 source's device-resident batches (``activations``) logging metrics (``metrics``) and checkpointing, then write the
 release (``export``). A run killed at any moment and restarted with the same command resumes from its newest checkpoint
@@ -25,7 +25,6 @@ from ml_collections import config_flags
 
 from gemma_scope import activations, cli
 from gemma_scope import mesh as mesh_lib
-from gemma_scope.configs import hyperparams, validate_config
 from gemma_scope.evaluation.releases import evaluate_saes
 from gemma_scope.sites import CUSTOM, Site, parse_sites, transcoder_label, transcoder_spec
 from gemma_scope.training import feed
@@ -34,6 +33,7 @@ from gemma_scope.training import workdir as workdir_lib
 from gemma_scope.training.checkpoint import Checkpointer
 from gemma_scope.training.export import write_release
 from gemma_scope.training.log import MetricsLog
+from gemma_scope.training.settings import hyperparams, validate_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (experiments/<name>.py)")
 
@@ -46,7 +46,7 @@ def build_grid(source: activations.ActivationSource, sae_sites: list[str], trans
                sweep: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[dict[str, list[str]], dict[str, step_lib.Group]]:
     """The grid: SAE sites grouped by input width (``{"d<width>": [site, ...]}``, ``activations.group_sites``) and
     the transcoders' input sites once per skip variant (``"tc_d<width>"``, ``"tc_skip_d<width>"``), with each
-    group's ``step.Group``; ``sweep`` is ``(λs, target L0s)`` (``configs.sweep_of``)."""
+    group's ``step.Group``; ``sweep`` is ``(λs, target L0s)`` (``settings.sweep_of``)."""
     groups = activations.group_sites(sae_sites, source.d_in)
     grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, *sweep) for g, sites in groups.items()}
     for skip in config.transcoder.skip if transcoder_sites else ():

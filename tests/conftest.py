@@ -23,3 +23,19 @@ def make_npy_dir(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture
+def sparse_dictionary_data():
+    """``make(rng, n, d=32, true_latents=64, k=3, noise=0.02) -> (directions, x)``: x = codes @ D + noise, float32
+    [n, d], with unit-norm true directions D [true_latents, d] and k non-negative codes per sample (true L0 k)."""
+
+    def make(rng, n, d=32, true_latents=64, k=3, noise=0.02):
+        directions = rng.normal(size=(true_latents, d))
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        codes = np.zeros((n, true_latents))
+        idx = np.argsort(rng.random((n, true_latents)), axis=1)[:, :k]
+        np.put_along_axis(codes, idx, rng.uniform(1, 2, size=(n, k)), axis=1)
+        return directions, (codes @ directions + noise * rng.normal(size=(n, d))).astype(np.float32)
+
+    return make

@@ -125,20 +125,10 @@ def test_bfloat16_compute_keeps_threshold_float32_and_matches_float32():
     np.testing.assert_allclose(l16, l32, rtol=2e-2)
 
 
-def _sparse_dictionary_data(rng, n, d=32, true_latents=64, k=3, noise=0.02):
-    """x = codes @ D + noise: unit-norm true directions D [64, 32], k non-negative codes per sample."""
-    directions = rng.normal(size=(true_latents, d))
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    codes = np.zeros((n, true_latents))
-    idx = np.argsort(rng.random((n, true_latents)), axis=1)[:, :k]
-    np.put_along_axis(codes, idx, rng.uniform(1, 2, size=(n, k)), axis=1)
-    return directions, (codes @ directions + noise * rng.normal(size=(n, d))).astype(np.float32)
-
-
-def test_recovers_a_known_sparse_dictionary():
+def test_recovers_a_known_sparse_dictionary(sparse_dictionary_data):
     """More true latents (64) than dimensions (32), 3 active per token: the SAE finds the directions and L0 ≈ 3."""
     rng = np.random.default_rng(0)
-    directions, pool = _sparse_dictionary_data(rng, 32 * 1024)
+    directions, pool = sparse_dictionary_data(rng, 32 * 1024)
     batch, steps = 1024, 2000
     scale = float(np.sqrt(np.mean(np.sum(pool**2, axis=1))))
     grid = {"g": step_lib.Group(n_sites=1, d_model=32, width=128, l0_coefficients=(3e-2,))}

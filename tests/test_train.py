@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from benchmarks.sae_step import build_benchmark_step
-from gemma_scope import activations, configs, release, sae, train
+from gemma_scope import activations, release, sae, train
 from gemma_scope import mesh as mesh_lib
-from gemma_scope.training import feed
+from gemma_scope.training import feed, settings
 from gemma_scope.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -380,7 +380,7 @@ def test_target_l0_sweep_trains_as_one_grid_and_records_its_recipe(tmp_path, mak
     config.sae.l0_coefficient = (0.5,)
     config.sae.update(sparsity_loss="target_l0", target_l0=(4.0, 12.0), b_dec_init="mean", frequency_coefficient=0.1,
                       matryoshka_prefixes=(8, 16))
-    assert configs.sweep_of(config) == ((0.5, 0.5), (4.0, 12.0))
+    assert settings.sweep_of(config) == ((0.5, 0.5), (4.0, 12.0))
     paths = train.run(config)
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["target_l0"] for r in records] == [4.0, 12.0, 4.0, 12.0]

@@ -65,12 +65,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     Raises:
       ValueError: an unknown key or row.
     """
-    options = dict(row="target_l0", site="res.8")
-    for item in filter(None, arg.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in options:
-            raise ValueError(f"bad config argument {item!r}; expected row=<{'|'.join(ROWS)}>,site=res.<L>")
-        options[key] = value
+    options = configs.parse_config_arg(arg, dict(row="target_l0", site="res.8"),
+                                       f"row=<{'|'.join(ROWS)}>,site=res.<L>")
     row = options["row"]
     if row not in ROWS:
         raise ValueError(f"row must be one of {ROWS}, got {row!r}")

@@ -13,10 +13,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gemma_scope import configs, release, sae
+from gemma_scope import release, sae
 from gemma_scope.release import gs2 as release_gs2
 from gemma_scope.sites import Site, transcoder_target
-from gemma_scope.training import feed, hosts
+from gemma_scope.training import feed, hosts, settings
 from gemma_scope.training.step import Group
 
 
@@ -82,7 +82,7 @@ def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict
                     written.append(release_gs2.write_gs2(workdir / "release_gs2", in_site, one, float(l0[j]),
                                                      site_out=transcoder_target(in_site), **gs2))
                     continue
-                meta = {"l0_coefficient": lam, "target_l0": target, **configs.recipe_metadata(config),
+                meta = {"l0_coefficient": lam, "target_l0": target, **settings.recipe_metadata(config),
                         "training_steps": config.train.steps,
                         "training_tokens": config.train.steps * config.train.batch_size,
                         "seed": config.seed}

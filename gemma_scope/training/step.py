@@ -32,7 +32,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gemma_scope import sae
+from gemma_scope import configs, sae
 from gemma_scope.mesh import batch_sharding
 from gemma_scope.sae import losses
 
@@ -87,26 +87,32 @@ class Group:
         return slice(site * n_l, (site + 1) * n_l)
 
 
+# The recipe's defaults, written once in configs.train_config (any data block: only sae and train are read).
+_RECIPE = configs.train_config(configs.npy_data())
+
+
 @dataclasses.dataclass(frozen=True)
 class Hyperparams:
-    """Training hyperparameters (defaults: Gemma Scope §3; ``compute_dtype`` the matmul input dtype)."""
+    """Training hyperparameters; the defaults are ``configs.train_config``'s (Gemma Scope §3; ``compute_dtype``
+    the matmul input dtype)."""
 
-    learning_rate: float = 7e-5
-    lr_warmup_steps: int = 1_000  # cosine warmup 0.1·η → η
-    l0_warmup_steps: int = 10_000  # linear warmup 0 → λ
-    adam_b1: float = 0.0
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    bandwidth: float = sae.DEFAULT_BANDWIDTH
-    threshold_init: float = sae.DEFAULT_THRESHOLD
-    compute_dtype: str = "float32"
-    dead_window_steps: int = 1_000  # a latent is dead if it fired on no token in this many steps
+    learning_rate: float = _RECIPE.train.learning_rate
+    lr_warmup_steps: int = _RECIPE.train.lr_warmup_steps  # cosine warmup 0.1·η → η
+    l0_warmup_steps: int = _RECIPE.train.l0_warmup_steps  # linear warmup 0 → λ
+    adam_b1: float = _RECIPE.train.adam_b1
+    adam_b2: float = _RECIPE.train.adam_b2
+    adam_eps: float = _RECIPE.train.adam_eps
+    bandwidth: float = _RECIPE.sae.bandwidth
+    threshold_init: float = _RECIPE.sae.threshold_init
+    compute_dtype: str = _RECIPE.sae.dtype
+    # A latent is dead if it fired on no token in this many steps.
+    dead_window_steps: int = _RECIPE.train.dead_window_steps
     # The sparsity recipe (``losses.loss``): "l0" is Gemma Scope's λ·L0, "target_l0" the quadratic pull towards each
     # SAE's target L0; the frequency penalty and the Matryoshka prefixes are off by default.
-    sparsity_loss: str = "l0"
-    frequency_coefficient: float = 0.0
-    frequency_threshold: float = losses.DEFAULT_FREQUENCY_THRESHOLD
-    matryoshka_prefixes: tuple[int, ...] = ()
+    sparsity_loss: str = _RECIPE.sae.sparsity_loss
+    frequency_coefficient: float = _RECIPE.sae.frequency_coefficient
+    frequency_threshold: float = _RECIPE.sae.frequency_threshold
+    matryoshka_prefixes: tuple[int, ...] = _RECIPE.sae.matryoshka_prefixes
 
 
 def learning_rate_schedule(hp: Hyperparams):
