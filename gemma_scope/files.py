@@ -1,5 +1,5 @@
 """Atomic file writes (readers, and a run killed mid-write, see the old file or the whole new one, never a part),
-the sha256 of a file, and strict-JSON conversion of metric records."""
+the sha256 of a file, UTF-8 text that names where it failed, and strict-JSON conversion of metric records."""
 
 from __future__ import annotations
 
@@ -40,6 +40,19 @@ def sha256_file(path: str | os.PathLike, offset: int = 0) -> str:
     with open(path, "rb") as f:
         f.seek(offset)
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def utf8_text(data: bytes, where) -> str:
+    """``data`` decoded as UTF-8.
+
+    Raises:
+      ValueError: naming ``where`` (a file, ``file:line`` or ``<stdin>``) and the offset of the first bad byte.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); convert it, "
+                         "e.g. with iconv") from None
 
 
 def json_ready(value):
