@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import pathlib
 
-import numpy as np
-
 from gemma_scope import cli, model, release
 from gemma_scope.evaluation.latent_site import DENSE_FREQUENCY, piece_text, write_site
 from gemma_scope.evaluation.latents import collect, logit_effects
@@ -39,8 +37,8 @@ def browse(sae_path: str | pathlib.Path, out: str | pathlib.Path, *, model_name:
     reader = SequenceReader(corpus, split="heldout", seq_len=seq_len, tokenizer=lm.tokenizer)
     num_sequences = min(max(1, num_tokens // seq_len), reader.sequences_per_epoch)
     batch = min(lm_batch_size, num_sequences)
-    rows = [reader.sequence(i) for i in range(num_sequences - num_sequences % batch)]  # whole batches: one compile
-    tokens, mask = np.stack([t for t, _ in rows]), np.stack([m for _, m in rows])
+    held_out = reader.sequences(0, num_sequences - num_sequences % batch)  # whole batches: one compile
+    tokens, mask = held_out["tokens"], held_out["mask"]
     batches = [(tokens[i:i + batch], mask[i:i + batch]) for i in range(0, len(tokens), batch)]
     stats = collect(lm.params, lm.config, batches, sae_site, sae_params, k=k, seed=seed)
     promoted = logit_effects(lm.params, lm.config, sae_params["W_dec"]) if sae_site.kind == "res" else None

@@ -133,8 +133,12 @@ class SequenceReader:
             k += 1
         return tokens, mask
 
+    def sequences(self, start: int, count: int) -> dict[str, np.ndarray]:
+        """Global sequences `start` .. `start + count - 1` (any epoch), stacked: {"tokens": int32 [count, seq_len],
+        "mask": bool [count, seq_len]}."""
+        rows = [self.sequence(start + j) for j in range(count)]
+        return {"tokens": np.stack([t for t, _ in rows]), "mask": np.stack([m for _, m in rows])}
+
     def batch(self, index: int, batch_size: int) -> dict[str, np.ndarray]:
         """This process's batch number `index`: {"tokens": int32 [batch_size, seq_len], "mask": bool [...]}."""
-        first = (index * self.process_count + self.process_index) * batch_size
-        rows = [self.sequence(first + j) for j in range(batch_size)]
-        return {"tokens": np.stack([t for t, _ in rows]), "mask": np.stack([m for _, m in rows])}
+        return self.sequences((index * self.process_count + self.process_index) * batch_size, batch_size)
