@@ -1,4 +1,5 @@
-"""The recipe ablation of issue 12 in one command: ``python experiments/ablation/run.py [--out=runs/ablation] [--rows=…] [--sites=…]``.
+"""The recipe ablation (README "Recipe ablation") in one command:
+``python experiments/ablation/run.py [--out=runs/ablation] [--rows=…] [--sites=…]``.
 
 1. Caches at least 140,000 activations per site of res.4/8/12 of Gemma 3 270M once (``python -m
    gemma_scope.activations``, bfloat16, 256-token sequences of the corpus's train split; 9 shards, 146,800

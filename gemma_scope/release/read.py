@@ -19,7 +19,7 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     ``params.safetensors`` (with its ``config.json``), a SAELens JumpReLU ``sae_weights.safetensors`` (with its
     ``cfg.json``, if any), or a directory holding one of them (in that order of preference).
 
-    Returns the float32 arrays of ``release_params`` (``W_skip`` only for an affine transcoder). A SAELens SAE
+    Returns the float32 arrays of ``release.params`` (``W_skip`` only for an affine transcoder). A SAELens SAE
     with ``apply_b_dec_to_input`` true is folded into the Gemma Scope convention (``b_enc' = b_enc − b_dec @
     W_enc``, arXiv 2408.05147 §3).
 
