@@ -165,7 +165,7 @@ def _step_rows(ours: dict, theirs: dict, shapes, dtypes, matmul: dict) -> list[d
 
 
 def _targets(rows: list[dict], generator: dict, gpu: dict) -> list[dict]:
-    """The benchmark targets (README.md, "Targets"), each with what was measured and whether it is met (None: not measured)."""
+    """The targets (README.md), each with what was measured and whether it is met (None: not measured)."""
     def target(text: str, value: float | None, shown: str, met) -> dict:
         if not value:
             return {"target": text, "measured": "–", "met": None}

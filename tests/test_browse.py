@@ -105,7 +105,7 @@ def tiny_site(tmp_path_factory):
     mask = tokens != 2
     batches = [(tokens[i:i + 4], mask[i:i + 4]) for i in (0, 4)]
     stats = latents.collect(params, cfg, batches, Site("res", 2), sae_params, k=5, samples=8, before=4, after=2,
-                           progress=False)
+                            progress=False)
     promoted = latents.logit_effects(params, cfg, sae_params["W_dec"], k=5)
     index = latent_site.write_site(out, stats, tokens, lambda i: f" w{i}", promoted=promoted, meta={"model": "tiny"})
     return index, stats, tokens
