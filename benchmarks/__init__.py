@@ -1,1 +1,1 @@
-"""Side-by-side benchmarks of the SAE train step and the activation generator (issue 6); see README.md."""
+"""Side-by-side benchmarks of the SAE train step and the activation generator; see README.md."""

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 
-# Shapes (d_model, width, batch) of the SAE-step benchmark (issue 6).
+# Shapes (d_model, width, batch) of the SAE-step benchmark.
 SAE_SHAPES = ((640, 4096, 4096), (640, 16384, 4096), (2304, 16384, 1024))
 DTYPES = ("float32", "bfloat16")
 

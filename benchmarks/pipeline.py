@@ -7,7 +7,7 @@ Random weights (throughput does not depend on values) and random token ids (BOS 
 content token). Presets:
 
 - ``gpu``: Gemma 2 2B, ``res.6/12/18`` × 2 λ, width 16384, batch 4096, 1,024-token contexts, bfloat16 model,
-  buffer and SAE matmuls (issue 11's target shapes);
+  buffer and SAE matmuls (the shapes of the GPU targets in README.md);
 - ``cpu``: the embedded default job's shapes: Gemma 3 270M, ``res.4/8/12`` × 3 λ, width 2048, batch 256,
   256-token contexts, 2 buffer visits, float32; 16-sequence buffers (the job has 64) so that the 80 timed steps
   span several buffer fills;

@@ -1,4 +1,4 @@
-"""Run every benchmark of issue 6 side by side and write benchmarks/RESULTS.md and benchmarks/results.json.
+"""Run every benchmark side by side and write benchmarks/RESULTS.md and benchmarks/results.json.
 
     python -m benchmarks.run                 # everything, ≥ 8 timed steps each (≈ 9 min on 2 cores)
     python -m benchmarks.run --steps 2 --warmup 1 --shapes 640x4096x4096   # a quick harness check
@@ -165,7 +165,7 @@ def _step_rows(ours: dict, theirs: dict, shapes, dtypes, matmul: dict) -> list[d
 
 
 def _targets(rows: list[dict], generator: dict, gpu: dict) -> list[dict]:
-    """The issue's targets, each with what was measured and whether it is met (None: not measured)."""
+    """The targets (README.md), each with what was measured and whether it is met (None: not measured)."""
     def target(text: str, value: float | None, shown: str, met) -> dict:
         if not value:
             return {"target": text, "measured": "–", "met": None}

@@ -1,6 +1,7 @@
-"""Our JumpReLU SAE train step (``build_benchmark_step``: ``gemma_scope.step.make_train_step``: forward, loss, backward, decoder
-gradient projection, Adam, unit-norm decoder rows, θ ≥ 0 — the jitted step the trainer runs) at the issue's
-shapes, float32 and bfloat16 matmul inputs. Run as ``python -m benchmarks.sae_step --out FILE``.
+"""Our JumpReLU SAE train step (``build_benchmark_step``: ``gemma_scope.training.step.make_train_step``: forward,
+loss, backward, decoder gradient projection, Adam, unit-norm decoder rows, θ ≥ 0 — the jitted step the trainer
+runs) at the benchmark shapes (``common.SAE_SHAPES``), float32 and bfloat16 matmul inputs. Run as
+``python -m benchmarks.sae_step --out FILE``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from gemma_scope.training import step
 
 def build_benchmark_step(d_model: int, width: int, batch_size: int, compute_dtype: str = "float32",
                          n_saes: int = 1, mesh: jax.sharding.Mesh | None = None):
-    """The trainer's jitted step (``step.make_train_step``) on one activation stream (issue 6).
+    """The trainer's jitted step (``step.make_train_step``) on one activation stream.
 
     ``n_saes`` SAEs (a λ sweep) read one batch; forward, loss, backward, Adam and decoder renormalisation run as in
     training. The state buffers are donated, so always use the returned state.

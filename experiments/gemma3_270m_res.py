@@ -5,11 +5,11 @@
 
 One forward pass per batch of text feeds a grid of 9 SAEs: `res` of layers 4, 8 and 12, each with a sweep of
 three target L0s (so the report shows a sparsity–fidelity frontier per layer). The paper's recipe (§3), scaled to
-a 2-core CPU and ~15 minutes of training, with three changes to the recipe itself (issue 12, README "Recipe"):
+a 2-core CPU, with three changes to the recipe itself (README "Recipe"):
 
 | knob | here | paper | why |
 |---|---|---|---|
-| tokens per SAE | 409,600 (1,600 × 256) | 4–16 B | the LM forward (~1k tokens/s) and the SAE step bound the time |
+| tokens per SAE | 409,600 (1,600 × 256) | 4–16 B | the LM forward and the SAE step bound the time |
 | batch | 256 | 4,096 | more Adam steps for the same tokens; a short run is step-bound |
 | width | 2,048 (3.2 × d_model) | 16k–1M | a short run cannot use more latents; wider costs linearly |
 | sites | 3 layers × 3 target L0s | one site per run, many λ | shows the one-pass grid and the frontier |
@@ -20,7 +20,7 @@ a 2-core CPU and ~15 minutes of training, with three changes to the recipe itsel
 | buffer visits (`data.passes`) | 2 | 1 | halves LM passes per SAE step |
 | learning rate | 5e-4, 50 warmup steps | 7e-5, 1,000 | ~1.6k steps instead of a million |
 | sparsity warmup | 400 steps | 10,000 | same reason |
-| evaluation | 64 × 256 held-out tokens (16k) | 2,048 × 1,024 | one spliced pass per SAE at ~200 tokens/s |
+| evaluation | 64 × 256 held-out tokens (16k) | 2,048 × 1,024 | one spliced LM pass per SAE bounds the time |
 
 Why per dimension: Gemma 3 270M's residual stream has one dimension with ~50× the median standard deviation (55%
 of the variance of ordinary tokens at layer 8), and a few "massive" tokens (~0.1%: apostrophes, spaces, newlines
@@ -31,8 +31,8 @@ weigh them alike; the same run then loses ≈ 0.25 nats (README "Recipe ablation
 released weights, so the release is a plain JumpReLU SAE on raw activations. λ is the target-L0 loss's default, 1,
 not the 0.1 of the ablation's scalar rows: the reconstruction term is ~10× larger per dimension-normalised token.
 Why not λ·L0: Adam normalises a λ·L0 push away (SAELens issue #719; λ = 1e-4 / 3e-4 / 1e-3 gave L0 167 / 193 / 151
-at res.8). The quadratic pull towards a
-target L0 (Gemma Scope 2's answer, form of dictionary_learning's JumpReLU trainer; ``gemma_scope.losses``)
+at res.8). The quadratic pull towards a target L0 (Gemma Scope 2's answer, form of dictionary_learning's JumpReLU
+trainer; ``gemma_scope.sae.losses``)
 changes sign at the target, so each SAE lands near it. The frequency penalty and the Matryoshka loss are off (with
 the per-dimension normalisation no latent was dead without the frequency penalty; README "Recipe ablation").
 ``--config.sae.normalisation=scalar --config.sae.sparsity_loss=l0 --config.sae.b_dec_init=zero

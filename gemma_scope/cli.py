@@ -1,4 +1,5 @@
-"""The command-line convention of every entry point (train, activations, evaluate, score, data.build, sweep).
+"""The command-line convention of every entry point (train, activations, evaluate, score, browse, steer,
+data.build, sweep).
 
 - Entry points whose input is an experiment config (``train``, ``activations``) take ml_collections'
   ``--config=FILE[:ARG]`` plus ``--config.x.y=value`` overrides (absl flags); the others take ``--snake_case``

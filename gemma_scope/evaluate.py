@@ -5,10 +5,10 @@ All metrics use folded (release-convention) params on raw activations (``gemma_s
 reconstructs the site it reads; a transcoder reads ``mlp_in.L`` and predicts ``mlp.L``, and its FVU, MSE and
 splice are of that output (Gemma Scope 2).
 
-- L0, FVU, MSE, firing frequencies: ``reconstruction`` (on cached activations, or on the sites' activations of
-  the evaluation's own forward passes).
-- Delta LM loss: next-token cross-entropy with the reconstruction spliced in at the site minus the clean one,
-  masked means over real content targets (BOS/EOS/pad excluded).
+- L0, FVU, MSE, firing frequencies: ``evaluation.reconstruction`` (on cached activations, or on the sites'
+  activations of the evaluation's own forward passes).
+- Delta LM loss (``evaluation.splice``): next-token cross-entropy with the reconstruction spliced in at the site
+  minus the clean one, masked means over real content targets (BOS/EOS/pad excluded).
 
 Command line::
 

@@ -1,9 +1,10 @@
-"""Atomic file writes (readers, and a run killed mid-write, see the old file or the whole new one, never a part)
-and strict-JSON conversion of metric records."""
+"""Atomic file writes (readers, and a run killed mid-write, see the old file or the whole new one, never a part),
+the sha256 of a file, UTF-8 text that names where it failed, and strict-JSON conversion of metric records."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import pathlib
@@ -28,6 +29,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def sha256_file(path: str | os.PathLike, offset: int = 0) -> str:
+    """The sha256 (64 hex digits) of a file's bytes from byte ``offset`` to its end, read in blocks.
+
+    Raises:
+      OSError (FileNotFoundError, ...): the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def utf8_text(data: bytes, where) -> str:
+    """``data`` decoded as UTF-8.
+
+    Raises:
+      ValueError: naming ``where`` (a file, ``file:line`` or ``<stdin>``) and the offset of the first bad byte.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); convert it, "
+                         "e.g. with iconv") from None
 
 
 def json_ready(value):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_scope import cli, model
+from gemma_scope.files import utf8_text
 
 
 def score_ids(lm: model.LoadedModel, ids: list[int], max_length: int = 1024, batch_size: int = 4) -> dict:
@@ -51,12 +52,9 @@ def score_ids(lm: model.LoadedModel, ids: list[int], max_length: int = 1024, bat
 def read_text(path: pathlib.Path) -> str:
     """The UTF-8 text of a file (``-``: stdin). Raises ValueError naming the file and byte offset if it is not
     UTF-8."""
-    data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{'<stdin>' if str(path) == '-' else path}: not UTF-8 text (byte {e.start}: "
-                         f"{data[e.start:e.start + 1]!r}); convert it, e.g. with iconv") from None
+    if str(path) == "-":
+        return utf8_text(sys.stdin.buffer.read(), "<stdin>")
+    return utf8_text(path.read_bytes(), path)
 
 
 def main(argv: list[str] | None = None) -> None:

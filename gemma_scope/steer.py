@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_scope import cli, model
-from gemma_scope.browse import load_sae
+from gemma_scope import cli, model, release
 from gemma_scope.model.forward import Replacement
 from gemma_scope.sites import Site
 
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> tuple[str, str]:
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.temperature < 0:
         parser.error(f"--tokens must be >= 1 and --temperature >= 0 (got {args.tokens}, {args.temperature})")
-    _, sae_params, site = load_sae(args.sae, args.site)
+    _, sae_params, site = release.load_sae(args.sae, args.site)
     check_latent(sae_params, args.latent)  # before the model loads
     plain, steered = steer(model.load(args.model), sae_params, site, args.latent, args.alpha, args.prompt,
                            args.tokens, args.temperature, args.seed)

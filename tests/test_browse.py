@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gemma_scope import browse, model
+from gemma_scope.evaluation import latent_site, latents
 from gemma_scope.sites import Site
 
 
@@ -28,8 +29,8 @@ def test_running_topk_equals_brute_force_topk():
     rng = np.random.default_rng(0)
     batches = _random_batches(rng)
     k, before, after = 4, 3, 2
-    stats = browse.empty_stats(6, k, samples=5, before=before, after=after)
-    update = jax.jit(browse.update_stats)
+    stats = latents.empty_stats(6, k, samples=5, before=before, after=after)
+    update = jax.jit(latents.update_stats)
     for i, (f, mask) in enumerate(batches):
         stats = update(stats, jnp.asarray(f), jnp.asarray(mask), jnp.int32(i * f[:, :, 0].size), jax.random.key(i))
     stats = jax.tree.map(np.asarray, stats)
@@ -55,10 +56,10 @@ def test_running_topk_equals_brute_force_topk():
         assert set(sampled) <= set(fired)
         np.testing.assert_allclose(stats.sample.windows[latent, :len(sampled), before], flat[sampled, latent])
     assert stats.tokens == sum(mask.sum() for _, mask in batches)
-    bins = np.floor(np.log2(flat[flat > 0]) * browse.BINS_PER_OCTAVE).astype(int) - browse.LOWEST_BIN
+    bins = np.floor(np.log2(flat[flat > 0]) * latents.BINS_PER_OCTAVE).astype(int) - latents.LOWEST_BIN
     assert stats.hist.sum() == len(bins)
-    np.testing.assert_array_equal(stats.hist.sum(axis=0), np.bincount(np.clip(bins, 0, browse.NUM_BINS - 1),
-                                                                       minlength=browse.NUM_BINS))
+    np.testing.assert_array_equal(stats.hist.sum(axis=0), np.bincount(np.clip(bins, 0, latents.NUM_BINS - 1),
+                                                                       minlength=latents.NUM_BINS))
 
 
 def _tiny_lm():
@@ -71,7 +72,7 @@ def _tiny_lm():
 def test_promoted_tokens_equal_direct_numpy_computation():
     cfg, params = _tiny_lm()
     w_dec = np.random.default_rng(0).normal(size=(70, cfg.d_model)).astype(np.float32)
-    up_ids, up, down_ids, down = browse.logit_effects(params, cfg, w_dec, k=7, chunk=16)
+    up_ids, up, down_ids, down = latents.logit_effects(params, cfg, w_dec, k=7, chunk=16)
     embedding = np.asarray(params["embedder"]["input_embedding"], np.float64)
     scores = (w_dec * (1 + np.asarray(params["final_norm"]["scale"], np.float64))) @ embedding.T  # [M, vocab]
     np.testing.assert_array_equal(up_ids, np.argsort(-scores, axis=1)[:, :7])
@@ -79,7 +80,7 @@ def test_promoted_tokens_equal_direct_numpy_computation():
     np.testing.assert_allclose(up, np.take_along_axis(scores, up_ids, 1), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(down, np.take_along_axis(scores, down_ids, 1), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="expected \\[M, d_model=64\\]"):
-        browse.logit_effects(params, cfg, w_dec[:, :10])
+        latents.logit_effects(params, cfg, w_dec[:, :10])
 
 
 def _tiny_sae(cfg, width=12, seed=0):
@@ -103,10 +104,10 @@ def tiny_site(tmp_path_factory):
     tokens[:, 0] = 2
     mask = tokens != 2
     batches = [(tokens[i:i + 4], mask[i:i + 4]) for i in (0, 4)]
-    stats = browse.collect(params, cfg, batches, Site("res", 2), sae_params, k=5, samples=8, before=4, after=2,
-                           progress=False)
-    promoted = browse.logit_effects(params, cfg, sae_params["W_dec"], k=5)
-    index = browse.write_site(out, stats, tokens, lambda i: f" w{i}", promoted=promoted, meta={"model": "tiny"})
+    stats = latents.collect(params, cfg, batches, Site("res", 2), sae_params, k=5, samples=8, before=4, after=2,
+                            progress=False)
+    promoted = latents.logit_effects(params, cfg, sae_params["W_dec"], k=5)
+    index = latent_site.write_site(out, stats, tokens, lambda i: f" w{i}", promoted=promoted, meta={"model": "tiny"})
     return index, stats, tokens
 
 

@@ -121,10 +121,11 @@ def test_packed_epoch_is_every_train_document_once(corpus):
 
 def test_restart_at_saved_batch_is_exact_continuation(corpus):
     path = corpus[0]
-    first = list(SequenceReader(path, seq_len=256, seed=7).batches(batch_size=5, stop=40))  # spans several epochs
     reader = SequenceReader(path, seq_len=256, seed=7)
+    first = [reader.batch(b, batch_size=5) for b in range(40)]  # spans several epochs
     assert 5 * 40 > 2 * reader.sequences_per_epoch
-    resumed = list(SequenceReader(path, seq_len=256, seed=7).batches(batch_size=5, start=23, stop=40))
+    restarted = SequenceReader(path, seq_len=256, seed=7)
+    resumed = [restarted.batch(b, batch_size=5) for b in range(23, 40)]
     for a, b in zip(first[23:], resumed, strict=True):
         assert np.array_equal(a["tokens"], b["tokens"]) and np.array_equal(a["mask"], b["mask"])
     other_seed = SequenceReader(path, seq_len=256, seed=8).batch(0, 5)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def gemma3_270m():
-    """The embedded model (first load dequantises the GGUF, ~30 s; later loads read the float32 cache)."""
+    """The embedded model (the first load dequantises the GGUF; later loads read the float32 cache)."""
     return model.load("gemma3_270m")
 
 

@@ -1,6 +1,6 @@
-"""Nothing lost, nothing silent (issue 14): corrupt checkpoints, workdir safety, bad inputs, kill -9 at random moments.
+"""Nothing lost, nothing silent: corrupt checkpoints, workdir safety, bad inputs, kill -9 at random moments.
 
-Each test reproduces one case of the issue's battery and asserts what happens now: a fallback whose release is
+Each test reproduces one failure and asserts what happens now: a fallback whose release is
 bitwise equal to an uninterrupted run, or an error of the right type whose message names the file / field.
 """
 

@@ -1,4 +1,5 @@
-"""One row × one site of the recipe ablation (issue 12), trained from cached activations at the default budget.
+"""One row × one site of the recipe ablation (README "Recipe ablation"), trained from cached activations at the
+default budget.
 
     python -m gemma_scope.train --config=experiments/ablation/config.py:row=target_l0,site=res.8 \
         --config.data.path=runs/ablation/acts/res.8 --config.workdir=runs/ablation/target_l0/res.8
@@ -15,7 +16,7 @@ The budget (width 2,048, 1,600 steps × 256, learning rate, warmups, seed) is th
 | ``matryoshka`` | frequency | scalar | mean | λ·(L0/100 − 1)² | c_f = 1e-3 | prefixes 128, 512 |
 | ``per_dimension`` | target_l0 | per dimension | mean | λ·(L0/100 − 1)², λ = 1 | – | – |
 
-λ·L0 does not choose L0, so the λ rows train a sweep (two values that bracket L0 = 100 in issue 12's
+λ·L0 does not choose L0, so the λ rows train a sweep (two values that bracket L0 = 100 in the README's
 measurements) and the table takes the SAE whose L0 is closest to 100 (the paper's canonical SAE, Gemma Scope §4).
 The per-dimension row's λ is 10× the scalar rows': its reconstruction term is ~10× larger (the dimensions that
 the scalar MSE neglects now count), and λ = 0.1 left L0 36% above its target in a res.8 trial.

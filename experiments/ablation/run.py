@@ -1,4 +1,5 @@
-"""The recipe ablation of issue 12 in one command: ``python experiments/ablation/run.py [--out=runs/ablation] [--rows=…] [--sites=…]``.
+"""The recipe ablation (README "Recipe ablation") in one command:
+``python experiments/ablation/run.py [--out=runs/ablation] [--rows=…] [--sites=…]``.
 
 1. Caches at least 140,000 activations per site of res.4/8/12 of Gemma 3 270M once (``python -m
    gemma_scope.activations``, bfloat16, 256-token sequences of the corpus's train split; 9 shards, 146,800
@@ -70,20 +71,20 @@ def _combine(halves: list[dict]) -> dict:
 
 def evaluate(saes: list[tuple[str, str, pathlib.Path]], num_sequences: int, lm_batch_size: int) -> list[dict]:
     """``(row, site, path)`` → metrics on two disjoint halves of the held-out sequences (module docstring)."""
-    from gemma_scope import evaluate as evaluate_lib
     from gemma_scope import model, release
     from gemma_scope.data.reader import SequenceReader
+    from gemma_scope.evaluation.splice import evaluate_grid
     from gemma_scope.sites import Site
 
     lm = model.load("gemma3_270m")
     reader = SequenceReader(None, split="heldout", seq_len=SEQ_LEN, packing="packed", tokenizer=lm.tokenizer)
     if num_sequences > reader.sequences_per_epoch:
         raise ValueError(f"held-out split has only {reader.sequences_per_epoch} sequences of {SEQ_LEN} tokens")
-    rows = [reader.sequence(i) for i in range(num_sequences)]
-    tokens, mask = np.stack([t for t, _ in rows]), np.stack([m for _, m in rows])
+    held_out = reader.sequences(0, num_sequences)
+    tokens, mask = held_out["tokens"], held_out["mask"]
     grid = [(Site.parse(site), release.load_params(path)) for _, site, path in saes]
     half = num_sequences // 2
-    halves = [evaluate_lib.evaluate_grid(lm.params, lm.config, tokens[s], mask[s], grid, batch_size=lm_batch_size)
+    halves = [evaluate_grid(lm.params, lm.config, tokens[s], mask[s], grid, batch_size=lm_batch_size)
               for s in (slice(0, half), slice(half, num_sequences))]
     results = []
     for i, (row, site, path) in enumerate(saes):

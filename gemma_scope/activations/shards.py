@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gemma_scope.files import atomic_path
+from gemma_scope.files import atomic_path, sha256_file
 
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
@@ -114,13 +114,9 @@ def verify_shard(array: np.memmap, sha256: str) -> None:
     if size != array.offset + array.nbytes:
         raise ValueError(f"{path}: {size} bytes, expected {array.offset + array.nbytes} for {array.dtype} "
                          f"{list(array.shape)}; the file is truncated or corrupt: regenerate the directory")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(array.offset)
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    if digest.hexdigest() != sha256:
-        raise ValueError(f"{path}: sha256 {digest.hexdigest()[:12]}… differs from the manifest's {sha256[:12]}…; "
+    digest = sha256_file(path, array.offset)
+    if digest != sha256:
+        raise ValueError(f"{path}: sha256 {digest[:12]}… differs from the manifest's {sha256[:12]}…; "
                          "the shard is corrupt: regenerate the directory")
 
 

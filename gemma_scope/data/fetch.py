@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import gzip
-import hashlib
 import pathlib
 import shutil
 import subprocess
@@ -20,6 +19,8 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+
+from gemma_scope.files import sha256_file
 
 
 class SourceUnavailable(RuntimeError):
@@ -48,14 +49,6 @@ class Fetched:
     path: pathlib.Path
     version: str
     sha256: str
-
-
-def sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _run(cmd: list[str], cwd: pathlib.Path) -> None:

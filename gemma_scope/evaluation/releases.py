@@ -8,8 +8,6 @@ import json
 import pathlib
 import sys
 
-import numpy as np
-
 from gemma_scope import model, release
 from gemma_scope.activations.shards import first_rows, open_shards
 from gemma_scope.evaluation.reconstruction import activation_metrics
@@ -30,8 +28,8 @@ def _load_lm(name: str, model_config: str | None, corpus: str | None, num_sequen
         print(f"held-out split has only {reader.sequences_per_epoch} sequences of {seq_len} tokens; using them all",
               file=sys.stderr)
         num_sequences = reader.sequences_per_epoch
-    rows = [reader.sequence(i) for i in range(num_sequences)]
-    return lm, (np.stack([t for t, _ in rows]), np.stack([m for _, m in rows]))
+    held_out = reader.sequences(0, num_sequences)
+    return lm, (held_out["tokens"], held_out["mask"])
 
 
 def evaluate_saes(

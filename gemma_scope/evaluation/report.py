@@ -112,7 +112,7 @@ def plot_by_position(records: Sequence[dict], path: str | pathlib.Path) -> pathl
     canonical SAE, averaged over log-spaced position bins (position 0, BOS, is never spliced). Returns the PNG path."""
     records = _canonical([r for r in records if r.get("by_position")])
     if not records:
-        raise ValueError("no record has by_position curves (they come from evaluate.delta_lm_loss)")
+        raise ValueError("no record has by_position curves (evaluation.splice.evaluate_grid gives them)")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for record in records:
         label = f"{_label(record)} L0={record['l0']:.0f}"

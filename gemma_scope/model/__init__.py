@@ -1,4 +1,4 @@
-"""Gemma 2 / Gemma 3 in Flax with Gemma Scope sites (res, att, mlp) to read and replace.
+"""Gemma 2 / Gemma 3 in Flax with Gemma Scope sites (res, att, mlp, mlp_in) to read and replace.
 
     from gemma_scope import model
     lm = model.load("gemma3_270m")

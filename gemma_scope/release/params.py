@@ -1,6 +1,6 @@
-"""A released SAE or transcoder in memory, whatever its layout on disk (``release``: Gemma Scope 1 and SAELens;
-``release_gs2``: Gemma Scope 2): the checks every writer and reader applies to its arrays, the name of its width,
-and the readers of the files that hold them, with errors that name the file.
+"""A released SAE or transcoder in memory, whatever its layout on disk (``release.gs1``: Gemma Scope 1 and
+SAELens; ``release.gs2``: Gemma Scope 2): the checks every writer and reader applies to its arrays, the name of
+its width, and the readers of the files that hold them, with errors that name the file.
 
 In memory a released SAE or transcoder is a dict of float32 arrays ``W_enc [d_in, M]``, ``W_dec [M, d_out]``,
 ``b_enc [M]``, ``b_dec [d_out]``, ``threshold [M]`` and, for a transcoder with an affine skip, ``W_skip [d_in,

@@ -1,4 +1,4 @@
-"""Reading any release: the file a command-line path names, and the SAE or transcoder in it whatever its layout
+"""Reading any release: the files a command-line path names, and the SAE or transcoder in one whatever its layout
 (Gemma Scope 1 ``params.npz`` and SAELens, ``release.gs1``; Gemma Scope 2, ``release.gs2``)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     ``params.safetensors`` (with its ``config.json``), a SAELens JumpReLU ``sae_weights.safetensors`` (with its
     ``cfg.json``, if any), or a directory holding one of them (in that order of preference).
 
-    Returns the float32 arrays of ``release_params`` (``W_skip`` only for an affine transcoder). A SAELens SAE
+    Returns the float32 arrays of ``release.params`` (``W_skip`` only for an affine transcoder). A SAELens SAE
     with ``apply_b_dec_to_input`` true is folded into the Gemma Scope convention (``b_enc' = b_enc − b_dec @
     W_enc``, arXiv 2408.05147 §3).
 
@@ -76,6 +76,27 @@ def sae_info(path: pathlib.Path) -> dict:
         site = f"{kind}.{parts[-3][6:]}" if kind in sites.KINDS else None
     return {"site": site, "site_out": site, "l0_coefficient": meta.get("l0_coefficient"),
             "target_l0": meta.get("target_l0")}
+
+
+def load_sae(path: str | os.PathLike, site: str | None) -> tuple[pathlib.Path, dict[str, np.ndarray], sites.Site]:
+    """One SAE named on a command line: (its file, folded params as ``load_params`` returns them, the site it
+    reads).
+
+    ``site`` (e.g. "res.8") wins over what the release path or SAELens metadata says (``sae_info``).
+
+    Raises:
+      FileNotFoundError: nothing SAE-like at path. ValueError: several SAEs under path, an unknown site, or a
+      malformed SAE file (``load_params``).
+    """
+    found = find_saes(path)
+    if len(found) != 1:
+        listed = "\n  ".join(map(str, found))
+        raise ValueError(f"{path} holds {len(found)} SAEs; pass one of them:\n  {listed}")
+    file = found[0]
+    site = site or sae_info(file)["site"]
+    if site is None:
+        raise ValueError(f"{file}: cannot tell which site the SAE reads; pass --site (e.g. --site=res.8)")
+    return file, load_params(file), sites.Site.parse(site)
 
 
 def _params_file(path: pathlib.Path) -> pathlib.Path:

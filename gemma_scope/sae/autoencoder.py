@@ -192,7 +192,7 @@ def _transposed(a: jax.Array, compute_dtype) -> jax.Array:
     """``a.T`` in ``compute_dtype`` as a row-major copy, to be a matmul's left operand.
 
     XLA's CPU backend lays a bare transpose out column-major, and its YNNPACK dot takes no column-major left
-    operand: it would upcast both operands of a bfloat16 matmul to float32 and run it ≈ 2× slower, with a float32
+    operand: it would upcast both operands of a bfloat16 matmul to float32 and run it in float32, with a float32
     copy of the large one (or fail: "Unsupported element type for DotThunk"). Two reversals hide the transpose from
     that early check and cancel later, leaving one row-major copy (only ever of a small operand: ``x`` or the
     reconstruction gradient).
@@ -228,10 +228,8 @@ def reconstruction_and_l0(params: dict, x: jax.Array, y: jax.Array, bandwidth: f
     gradient here at no extra cost: the cotangent ``[M]`` rides the same kernel pass as a scalar one would).
 
     Every ``[B, M]`` array stays batch-major and every large matmul contracts a row-major axis of its left
-    operand; only ``x``, the reconstruction gradient and the ``[d, M]`` decoder gradient are ever transposed.
-    On XLA's CPU backend (jaxlib 0.10.2, 2-core Zen 5, one process alternating both) this runs the train step
-    7–13% faster in float32 and 10–21% faster in bfloat16 at d/width/batch 640/16384/4096 and 2304/16384/1024,
-    and the default job's 9-SAE step 16% faster, than holding the ``[B, M]`` arrays latent-major, ``[M, B]``.
+    operand; only ``x``, the reconstruction gradient and the ``[d, M]`` decoder gradient are ever transposed: the
+    layout XLA's CPU backend runs fastest (benchmarks/README.md compares it with latent-major ``[M, B]``).
     """
     return _reconstruction_and_l0_fwd(params, x, y, bandwidth, compute_dtype, transcoder)[0]
 

@@ -30,12 +30,12 @@ def sparsity_penalty(
     - ``"l0"``: ``λ · L0`` (Gemma Scope Eq. 4).
     - ``"target_l0"``: ``λ · (L0 / target_l0 − 1)²``, the form of dictionary_learning's ``JumpReluTrainer``
       (saprmarks/dictionary_learning, ``trainers/jumprelu.py``: ``sparsity_coefficient · (l0 / target_l0 − 1)²``
-      on the batch-mean L0). Gemma Scope 2 announces "a quadratic L0 penalty" towards a target L0 but its exact
-      form is in a report we could not read; SAELens's JumpReLU "quadratic" mode was not in the sources we could
-      read either, so this is the best-sourced public form. The gradient changes sign at the target, so Adam's
-      normalisation (which makes λ·L0 a near-constant push, SAELens issue #719) cannot wash it out. One deviation
-      from dictionary_learning: its step is taken on the JumpReLU output, ours on the pre-activations z (as the
-      JumpReLU paper and Gemma Scope Eq. 4 do).
+      on the batch-mean L0). Gemma Scope 2 announces "a quadratic L0 penalty" towards a target L0; this is not
+      taken from Gemma Scope 2 but is dictionary_learning's published form (a deviation wherever the two
+      differ). The gradient changes sign at the target, so Adam's normalisation (which makes λ·L0 a
+      near-constant push, SAELens issue #719) cannot wash it out. One deviation from dictionary_learning: its
+      step is taken on the JumpReLU output, ours on the pre-activations z (as the JumpReLU paper and Gemma Scope
+      Eq. 4 do).
     - plus, if ``frequency_coefficient > 0``, the frequency penalty ``c_f · Σ_i max(0, p_i − p_max)`` against
       high-frequency latents (Gemma Scope 2 announces a frequency penalty without its form; this linear hinge is
       OUR choice: a latent firing on more than ``p_max`` of the tokens gets an extra L0 penalty of ``c_f`` on its

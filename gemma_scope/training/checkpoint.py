@@ -19,7 +19,6 @@ shard index carries a crc32c), so a flipped byte would be restored silently. Hen
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 import pathlib
@@ -30,13 +29,10 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from gemma_scope.files import sha256_file
+
 CHECKSUMS_FILE = "gemma_scope_sha256.json"
 _ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax.checkpoint._src.path.atomicity_types.TMP_DIR_SUFFIX
-
-
-def _sha256(path: pathlib.Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
@@ -44,7 +40,7 @@ def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
     threads: sha256 runs at roughly 0.5–2 GB/s per core)."""
     files = [p for item in sorted(step_dir.iterdir()) if item.is_dir() for p in sorted(item.rglob("*")) if p.is_file()]
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return {p.relative_to(step_dir).as_posix(): digest for p, digest in zip(files, pool.map(_sha256, files))}
+        return {p.relative_to(step_dir).as_posix(): digest for p, digest in zip(files, pool.map(sha256_file, files))}
 
 
 def verify(step_dir: pathlib.Path) -> str | None:

@@ -31,6 +31,8 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+from flax import traverse_util
+
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 RESULT_NEUTRAL = ("workdir", "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -97,20 +99,10 @@ def exclusive(run):
     return locked
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Fields (dotted) whose values differ between two JSON configs and change the result, as
     ``"field: saved → current"`` lines (``RESULT_NEUTRAL`` fields are ignored; a missing field reads "absent")."""
-    a, b = _flat(saved), _flat(current)
+    a, b = traverse_util.flatten_dict(saved, sep="."), traverse_util.flatten_dict(current, sep=".")
     lines = []
     for key in sorted(set(a) | set(b)):
         if any(fnmatch.fnmatchcase(key, pattern) for pattern in RESULT_NEUTRAL):
