@@ -14,7 +14,7 @@ import math
 import ml_collections
 
 from gemma_scope.sae import losses
-from gemma_scope.training import feed, step
+from gemma_scope.training import normalisation, step
 
 # §3: width 2^14 -> 4B tokens, 2^20 -> 16B, every other released width -> 8B.
 PAPER_BATCH_SIZE = 4096
@@ -45,7 +45,8 @@ def train_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.sae.frequency_threshold = 0.1
     config.sae.matryoshka_prefixes = ()  # e.g. (128, 512): nested prefixes that must reconstruct on their own
     config.sae.b_dec_init = "zero"  # "zero" (the paper) | "mean" | "geometric_median" of the first norm_batches
-    # x / C with one C per site (the paper) or one per dimension (feed.normalisation_constants), folded at release
+    # x / C with one C per site (the paper) or one per dimension (normalisation.normalisation_constants), folded at
+    # release
     config.sae.normalisation = "scalar"  # "scalar" | "per_dimension"
     config.sae.bandwidth = 0.001  # ε of the pseudo-derivatives
     config.sae.threshold_init = 0.001
@@ -207,10 +208,11 @@ def validate_config(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """
     if config.sae.sparsity_loss not in losses.SPARSITY_LOSSES:
         raise ValueError(f"sae.sparsity_loss must be one of {losses.SPARSITY_LOSSES}, got {config.sae.sparsity_loss!r}")
-    if config.sae.b_dec_init not in feed.B_DEC_INITS:
-        raise ValueError(f"sae.b_dec_init must be one of {feed.B_DEC_INITS}, got {config.sae.b_dec_init!r}")
-    if config.sae.normalisation not in feed.NORMALISATIONS:
-        raise ValueError(f"sae.normalisation must be one of {feed.NORMALISATIONS}, got {config.sae.normalisation!r}")
+    if config.sae.b_dec_init not in normalisation.B_DEC_INITS:
+        raise ValueError(f"sae.b_dec_init must be one of {normalisation.B_DEC_INITS}, got {config.sae.b_dec_init!r}")
+    if config.sae.normalisation not in normalisation.NORMALISATIONS:
+        raise ValueError(f"sae.normalisation must be one of {normalisation.NORMALISATIONS}, "
+                         f"got {config.sae.normalisation!r}")
     if not (config.sae.frequency_coefficient >= 0 and 0 < config.sae.frequency_threshold <= 1):
         raise ValueError(f"sae.frequency_coefficient must be >= 0 and sae.frequency_threshold in (0, 1], got "
                          f"{config.sae.frequency_coefficient}, {config.sae.frequency_threshold}")

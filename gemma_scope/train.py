@@ -2,7 +2,7 @@
 [--config.x.y=v]``.
 
 ``run`` is the story of a run: validate the config (``configs``), build the activation source (``activations``),
-the grid and the mesh (``step``), restore or initialise the state (``checkpoint``, ``feed``), loop over the
+the grid and the mesh (``step``), restore or initialise the state (``checkpoint``, ``normalisation``, ``feed``), loop over the
 source's device-resident batches (``activations``) logging metrics (``metrics``) and checkpointing, then write the
 release (``export``). A run killed at any moment and restarted with the same command resumes from its newest checkpoint
 and ends with exactly the parameters of an uninterrupted run (batches are numbered; the state holds everything else).
@@ -28,7 +28,7 @@ from gemma_scope import mesh as mesh_lib
 from gemma_scope.configs import hyperparams, validate_config
 from gemma_scope.evaluation.releases import evaluate_saes
 from gemma_scope.sites import CUSTOM, Site, parse_sites, transcoder_label, transcoder_spec
-from gemma_scope.training import feed
+from gemma_scope.training import feed, normalisation
 from gemma_scope.training import step as step_lib
 from gemma_scope.training import workdir as workdir_lib
 from gemma_scope.training.checkpoint import Checkpointer
@@ -147,7 +147,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     else:
         # Per source site on the devices, then per grid group: a transcoder group's sites have (input, output)
         # constants and its b_dec lives in the output's space.
-        scales, b_dec = feed.grid_constants(source.groups, *feed.normalisation_constants(
+        scales, b_dec = feed.grid_constants(source.groups, *normalisation.normalisation_constants(
             source, mesh, batch_size, config.train.norm_batches, config.sae.b_dec_init, config.sae.normalisation),
             groups, grid)
         state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)

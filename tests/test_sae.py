@@ -8,7 +8,7 @@ import pytest
 from gemma_scope import mesh as mesh_lib
 from gemma_scope import sae
 from gemma_scope.sae import losses
-from gemma_scope.training import feed
+from gemma_scope.training import normalisation
 from gemma_scope.training import step as step_lib
 
 EPS = 0.001
@@ -380,7 +380,7 @@ def test_geometric_median_is_the_minimiser_and_resists_outliers():
     rng = np.random.default_rng(16)
     points = rng.normal(size=(500, 6)).astype(np.float32) + 3.0
     points[:40] += 400.0  # 8% far outliers drag the mean, not the median
-    median = np.asarray(feed.geometric_median(jnp.asarray(points)))
+    median = np.asarray(normalisation.geometric_median(jnp.asarray(points)))
     unit = (points - median) / np.linalg.norm(points - median, axis=1, keepdims=True)
     assert np.linalg.norm(unit.sum(axis=0)) < 1e-2 * len(points)  # ∇ Σ_i ||x_i − m|| = 0 at the minimiser
     objective = lambda m: np.linalg.norm(points - m, axis=1).sum()  # noqa: E731

@@ -14,6 +14,7 @@ from benchmarks.sae_step import build_benchmark_step
 from gemma_scope import activations, configs, release, sae, train
 from gemma_scope import mesh as mesh_lib
 from gemma_scope.training import feed
+from gemma_scope.training import normalisation as normalisation_lib
 from gemma_scope.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -357,13 +358,13 @@ def test_b_dec_is_estimated_with_the_normalisation_constant(tmp_path, b_dec_init
     np.save(path / "part00.npy", x)
     source = activations.NpyShardSource(str(path))
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:2])
-    scales, b_dec = feed.normalisation_constants(source, mesh, 128, 4, b_dec_init, normalisation)
+    scales, b_dec = normalisation_lib.normalisation_constants(source, mesh, 128, 4, b_dec_init, normalisation)
     x64 = x.astype(np.float64)  # 4 × 128 rows: every row once
     c = (np.full(16, np.sqrt(np.mean(np.sum(x64**2, axis=1)))) if normalisation == "scalar"
          else x64.std(axis=0) * np.sqrt(16))
     np.testing.assert_allclose(scales["d16"], [c], rtol=1e-4)
     expected = {"zero": np.zeros(16), "mean": x.mean(axis=0) / c,
-                "geometric_median": np.asarray(feed.geometric_median(x)) / c}[b_dec_init]
+                "geometric_median": np.asarray(normalisation_lib.geometric_median(x)) / c}[b_dec_init]
     np.testing.assert_allclose(b_dec["d16"][0], expected, rtol=1e-4, atol=1e-6)
     config = _config(tmp_path / "run", path, steps=1, norm_batches=4, batch_size=128)
     config.sae.update(b_dec_init=b_dec_init, normalisation=normalisation, l0_coefficient=(1e-3,))

@@ -1,106 +1,15 @@
-"""Feeding an activation source to the step: the normalisation constants (Gemma Scope §3) and the initial b_dec
-(zero, mean or geometric median), computed on the devices from the source's device-resident batches, and the
-grid's batches (SAE stacks and transcoder (x, y) pairs) gathered from the source's on the devices."""
+"""Feeding an activation source to the step: the grid's normalisation constants and initial b_dec from the source's
+(``normalisation``), and the grid's batches (SAE stacks and transcoder (x, y) pairs) gathered from the source's on
+the devices."""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from gemma_scope import mesh as mesh_lib
 from gemma_scope.sites import Site, transcoder_target
 from gemma_scope.training import step as step_lib
-
-B_DEC_INITS = ("zero", "mean", "geometric_median")  # zero: the paper (§3); the others as SAELens offers them
-NORMALISATIONS = ("scalar", "per_dimension")  # scalar: the paper (§3)
-
-
-def geometric_median(points: jax.Array, iterations: int = 100, eps: float = 1e-6) -> jax.Array:
-    """The geometric median ``argmin_m Σ_i ||x_i − m||`` of ``points [N, d]``, float32 ``[d]``.
-
-    Weiszfeld's algorithm (Weiszfeld 1937; as SAELens computes it for its ``b_dec_init_method="geometric_median"``):
-    ``m ← Σ_i w_i x_i / Σ_i w_i`` with ``w_i = 1 / max(||x_i − m||, eps)``, starting from the mean; a fixed number
-    of iterations (deterministic, jit-friendly) instead of SAELens's tolerance test.
-    """
-    points = jnp.asarray(points, jnp.float32)
-
-    def update(_, m):
-        w = 1.0 / jnp.maximum(jnp.linalg.norm(points - m, axis=-1), eps)
-        return (w @ points) / jnp.sum(w)
-
-    return jax.lax.fori_loop(0, iterations, update, jnp.mean(points, axis=0))
-
-
-def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec_init: str = "zero",
-                            normalisation: str = "scalar") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Each site's normalisation constants C (training sees ``x / C``, elementwise) and initial b_dec in
-    normalised units, both from one pass over the source's first ``n_batches`` global batches, summed on the
-    devices (one transfer at the end; on several processes the figures are over the global batches).
-
-    ``normalisation``:
-      ``"scalar"`` (the paper, §3): one C for all dimensions with ``E||x / C||² = 1``.
-      ``"per_dimension"``: ``C_j = σ_j · √d`` with σ_j the standard deviation of dimension j, so every dimension
-        of the centred ``x / C`` has variance 1/d and ``E||(x − E x) / C||² = 1``. Deviation from the paper (our
-        choice, issue 12): the MSE then weights every dimension alike. Gemma 3 270M's residual stream has one
-        dimension with ~50× the median standard deviation (55% of the variance of ordinary tokens at layer 8);
-        under the paper's MSE the SAE reconstructs it to 0.7% and the other dimensions to ~20% of their
-        variance, and the delta LM loss at L0 ≈ 100 is 1.1 nats; per dimension it is 0.29 nats (1.7 → 0.30 at
-        layer 4, 1.5 → 0.26 at layer 12; README "Recipe ablation"). A dimension with σ_j < 1e-6 of the mean σ is
-        treated as having that σ (no division by 0).
-
-    ``b_dec_init``: ``"zero"`` (the paper, §3), ``"mean"`` (the activations' mean / C) or ``"geometric_median"``
-    (``geometric_median`` of these batches / C; it keeps them on the devices). Deviation from the paper where
-    the mean is used: Adam moves b_dec by about the learning rate per step, so a short run never reaches a residual
-    stream's mean (≈ 79% of E||x||² at Gemma 3 270M's layer 8) from 0; issue 12 measured loss recovered 52–66%
-    from zero, 74–88% from the mean (res.8, 1,600 steps).
-
-    Returns:
-      ``({group: C float32 [n_sites, d]}, {group: b_dec float32 [n_sites, d]})`` (groups as ``source.groups``; a
-      scalar C is repeated over d).
-
-    Raises:
-      ValueError: activations not finite (naming the batches and site) or all zero; an unknown ``b_dec_init`` or
-        ``normalisation``.
-    """
-    if b_dec_init not in B_DEC_INITS:
-        raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {b_dec_init!r}")
-    if normalisation not in NORMALISATIONS:
-        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
-    replicated = NamedSharding(mesh, P())
-    moments = jax.jit(lambda batch: {g: (jnp.mean(jnp.square(x.astype(jnp.float32)), axis=1),
-                                         jnp.mean(x.astype(jnp.float32), axis=1)) for g, x in batch.items()},
-                      out_shardings=replicated)
-    batches = source.batches(batch_size, 0, mesh, stop=n_batches)
-    totals, kept = None, []
-    for batch in batches:
-        totals = moments(batch) if totals is None else jax.tree.map(jnp.add, totals, moments(batch))
-        if b_dec_init == "geometric_median":
-            kept.append(batch)
-    source.check_finite()
-    if kept:
-        median = jax.jit(lambda xs: {g: jax.vmap(geometric_median)(jnp.concatenate([x[g] for x in xs], axis=1))
-                                     for g in xs[0]}, out_shardings=replicated)(kept)
-    scales, b_dec = {}, {}
-    for g, (sum_sq, sum_x) in totals.items():  # per site and dimension: E x_j², E x_j
-        mean_sq, mean = np.asarray(sum_sq, np.float64) / n_batches, np.asarray(sum_x, np.float64) / n_batches
-        norm_sq = mean_sq.sum(axis=-1)
-        if not (np.isfinite(norm_sq).all() and (norm_sq > 0).all()):
-            raise ValueError(f"cannot normalise sites {source.groups[g]}: mean squared norms {norm_sq.tolist()} "
-                             "(zero or not finite)")
-        if normalisation == "scalar":
-            scale = np.repeat(np.sqrt(norm_sq)[:, None], mean.shape[-1], axis=-1)
-        else:
-            std = np.sqrt(np.maximum(mean_sq - mean**2, 0.0))
-            std = np.maximum(std, 1e-6 * std.mean(axis=-1, keepdims=True) + np.finfo(np.float32).tiny)
-            scale = std * np.sqrt(mean.shape[-1])
-        scales[g] = scale.astype(np.float32)
-        centre = {"zero": np.zeros_like(mean), "mean": mean}.get(b_dec_init)
-        centre = np.asarray(median[g], np.float64) if centre is None else centre
-        b_dec[g] = (centre / scale).astype(np.float32)
-    return scales, b_dec
 
 
 def targets(groups: dict[str, list[str]], grid: dict[str, step_lib.Group]) -> dict[str, list[str]]:
@@ -118,7 +27,8 @@ def _where(source_groups: dict[str, list[str]]) -> dict[str, tuple[str, int]]:
 def grid_constants(source_groups: dict[str, list[str]], scales: dict[str, np.ndarray], b_dec: dict[str, np.ndarray],
                    groups: dict[str, list[str]], grid: dict[str, step_lib.Group]
                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The grid's normalisation constants and initial b_dec from the source's (``normalisation_constants``).
+    """The grid's normalisation constants and initial b_dec from the source's
+    (``normalisation.normalisation_constants``).
 
     Returns:
       ``({group: C float32 [n_sites, d]}, {group: b_dec float32 [n_sites, d]})``, and for a transcoder group C
