@@ -20,6 +20,7 @@ from benchmarks.common import (
     write_json,
 )
 from gemma_scope.training import step
+from gemma_scope.training.grid import Stack
 
 
 def build_benchmark_step(d_model: int, width: int, batch_size: int, compute_dtype: str = "float32",
@@ -39,7 +40,7 @@ def build_benchmark_step(d_model: int, width: int, batch_size: int, compute_dtyp
     """
     mesh = mesh or step.make_mesh()
     lambdas = tuple(float(v) for v in np.geomspace(1e-4, 1e-2, n_saes)) if n_saes > 1 else (1e-3,)
-    grid = {"bench": step.Group(n_sites=1, d_model=d_model, width=width, l0_coefficients=lambdas)}
+    grid = {"bench": Stack(sites=("custom",), d_model=d_model, width=width, l0_coefficients=lambdas)}
     hp = step.Hyperparams(compute_dtype=compute_dtype, lr_warmup_steps=0, l0_warmup_steps=0)
     train_step = step.make_train_step(grid, hp, mesh)
     sharding = step.batch_sharding(mesh)

@@ -10,6 +10,7 @@ from gemma_scope import sae
 from gemma_scope.sae import losses
 from gemma_scope.training import normalisation
 from gemma_scope.training import step as step_lib
+from gemma_scope.training.grid import Stack
 
 EPS = 0.001
 
@@ -141,7 +142,7 @@ def test_recovers_a_known_sparse_dictionary():
     directions, pool = _sparse_dictionary_data(rng, 32 * 1024)
     batch, steps = 1024, 2000
     scale = float(np.sqrt(np.mean(np.sum(pool**2, axis=1))))
-    grid = {"g": step_lib.Group(n_sites=1, d_model=32, width=128, l0_coefficients=(3e-2,))}
+    grid = {"g": Stack(sites=("custom",), d_model=32, width=128, l0_coefficients=(3e-2,))}
     hp = step_lib.Hyperparams(learning_rate=3e-3, lr_warmup_steps=100, l0_warmup_steps=500)
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     state = step_lib.init_state(jax.random.key(0), grid, hp, mesh, {"g": np.full((1, 32), scale, np.float32)})
