@@ -70,7 +70,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
 
     Args:
       config: layout of experiments/from_activations.py.
-      source: activation source; default ``activations.make_source(config.data, ...)``.
+      source: activation source; default ``activations.make_source(grid.source_data(config), ...)``.
 
     Returns:
       The written ``params.npz`` paths (process 0; empty on other processes).
