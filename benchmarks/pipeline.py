@@ -159,9 +159,11 @@ def main() -> None:
         config = _config(p, f"{tmp}/npy", dict(source="npy", path=str(npy_dir), site="", buffer_rows=p["buffer_rows"]))
         config.data.buffer_dtype = "float32"
         config.sae.l0_coefficient = (1e-3,)
-        npy_alone = [step_tokens_per_s(config, {f"d{d}": (1, d)}, args.warmup, args.steps)]
-        result["npy_loop_tokens_per_s"] = loop_tokens_per_s(config, activations.make_source(config.data, 0))
-        npy_alone.append(step_tokens_per_s(config, {f"d{d}": (1, d)}, args.warmup, args.steps))
+        source = activations.make_source(config.data, 0)
+        stacks = Grid.build(config, source, configs.sweep_of(config)).stacks
+        npy_alone = [step_tokens_per_s(config, stacks, args.warmup, args.steps)]
+        result["npy_loop_tokens_per_s"] = loop_tokens_per_s(config, source)
+        npy_alone.append(step_tokens_per_s(config, stacks, args.warmup, args.steps))
         result["npy_step"] = max(npy_alone, key=lambda r: r["tokens_per_s"])
         result["npy_fraction"] = result["npy_loop_tokens_per_s"] / result["npy_step"]["tokens_per_s"]
     write_json(args.out, result)
