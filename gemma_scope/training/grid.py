@@ -122,6 +122,13 @@ class SAE:
         return release_site(self.site)
 
 
+def _identities(name: str, stack: Stack) -> tuple[SAE, ...]:
+    """The SAEs of stack ``name`` in stacked-param order."""
+    sites_out = stack.sites_out
+    return tuple(SAE(name, i, row, stack.sites[row], sites_out[row], lam, target, stack.transcoder, stack.skip)
+                 for i, (row, lam, target) in enumerate(map(stack.sae, range(stack.n))))
+
+
 def source_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The ``data`` block of the source a config's grid reads: ``config.data``, plus each transcoder's ``mlp_in.L``
     and ``mlp.L`` (``sites.transcoder_spec``) in ``data.sites`` when ``transcoder.layers`` names layers."""
@@ -148,10 +155,7 @@ class Grid:
         self.stacks = dict(stacks)
         self._source_groups = {g: list(sites) for g, sites in source_groups.items()}
         self._where = {site: (g, i) for g, sites in self._source_groups.items() for i, site in enumerate(sites)}
-        self._saes = {name: tuple(SAE(name, i, row, stack.sites[row], stack.sites_out[row], lam, target,
-                                      stack.transcoder, stack.skip)
-                                  for i, (row, lam, target) in enumerate(map(stack.sae, range(stack.n))))
-                      for name, stack in self.stacks.items()}
+        self._saes = {name: _identities(name, stack) for name, stack in self.stacks.items()}
         # Per stack, (source group, its rows to gather or None for all of it) of what it reads, and for a
         # transcoder stack also of what it predicts.
         self._plans = {name: [self._plan(stack.sites)] + ([self._plan(stack.sites_out)] if stack.transcoder else [])
