@@ -42,6 +42,7 @@ from gemma_scope import mesh as mesh_lib
 from gemma_scope.sites import parse_sites
 from gemma_scope.training import settings
 from gemma_scope.training import step as step_lib
+from gemma_scope.training.grid import Grid, Stack
 
 PRESETS = {
     "gpu": dict(model="gemma2_2b", sites="res.6,res.12,res.18", lambdas=2, width=16384, batch=4096, seq_len=1024,
@@ -91,17 +92,15 @@ def loop_tokens_per_s(config, source) -> float:
     return len(steps) * config.train.log_every * config.train.batch_size / seconds
 
 
-def step_tokens_per_s(config, widths: dict[str, tuple[int, int]], warmup: int, steps: int) -> dict:
+def step_tokens_per_s(config, stacks: dict[str, Stack], warmup: int, steps: int) -> dict:
     """The grid's train step alone on one device-resident batch of the buffer dtype."""
     mesh = mesh_lib.make_mesh()
-    lambdas = settings.lambdas_of(config)
-    grid = {g: step_lib.Group(n, d, config.sae.width, lambdas) for g, (n, d) in widths.items()}
     hp = settings.hyperparams(config)
-    state = step_lib.init_state(jax.random.key(0), grid, hp, mesh)
-    batch = {g: jax.device_put(jax.random.normal(jax.random.key(1), (n, config.train.batch_size, d),
+    state = step_lib.init_state(jax.random.key(0), stacks, hp, mesh)
+    batch = {g: jax.device_put(jax.random.normal(jax.random.key(1), (s.n_sites, config.train.batch_size, s.d_model),
                                                  jnp.dtype(config.data.buffer_dtype)), mesh_lib.batch_sharding(mesh))
-             for g, (n, d) in widths.items()}
-    step_fn = step_lib.make_train_step(grid, hp, mesh)
+             for g, s in stacks.items()}
+    step_fn = step_lib.make_train_step(stacks, hp, mesh)
 
     def call():
         nonlocal state
@@ -141,12 +140,12 @@ def main() -> None:
         source = activations.ModelSource(lm, RandomTokens(cfg.vocab_size, p["seq_len"]), sites,
                                          chunk_sequences=p["chunk_sequences"], forward_batch=p["forward_batch"],
                                          passes=p["passes"], buffer_dtype=p["dtype"])
-        widths = {g: (len(s), source.d_in[s[0]]) for g, s in source.groups.items()}
+        stacks = Grid.build(config, source, configs.sweep_of(config)).stacks
         # Forward and step alone before and after the loop; the faster of each is kept (load only slows them), so
         # a machine whose load changes during the run cannot make the loop look better than it is.
-        alone = [(forward_tokens_per_s(), step_tokens_per_s(config, widths, args.warmup, args.steps))]
+        alone = [(forward_tokens_per_s(), step_tokens_per_s(config, stacks, args.warmup, args.steps))]
         result["model_loop_tokens_per_s"] = loop_tokens_per_s(config, source)
-        alone.append((forward_tokens_per_s(), step_tokens_per_s(config, widths, args.warmup, args.steps)))
+        alone.append((forward_tokens_per_s(), step_tokens_per_s(config, stacks, args.warmup, args.steps)))
         result["forward"], result["step"] = (max((a[i] for a in alone), key=lambda r: r["tokens_per_s"])
                                              for i in range(2))
         result["serial_ideal_tokens_per_s"] = 1 / (1 / result["forward"]["tokens_per_s"] +
@@ -161,9 +160,11 @@ def main() -> None:
         config = _config(p, f"{tmp}/npy", dict(source="npy", path=str(npy_dir), site="", buffer_rows=p["buffer_rows"]))
         config.data.buffer_dtype = "float32"
         config.sae.l0_coefficient = (1e-3,)
-        npy_alone = [step_tokens_per_s(config, {f"d{d}": (1, d)}, args.warmup, args.steps)]
-        result["npy_loop_tokens_per_s"] = loop_tokens_per_s(config, activations.make_source(config.data, 0))
-        npy_alone.append(step_tokens_per_s(config, {f"d{d}": (1, d)}, args.warmup, args.steps))
+        source = activations.make_source(config.data, 0)
+        stacks = Grid.build(config, source, configs.sweep_of(config)).stacks
+        npy_alone = [step_tokens_per_s(config, stacks, args.warmup, args.steps)]
+        result["npy_loop_tokens_per_s"] = loop_tokens_per_s(config, source)
+        npy_alone.append(step_tokens_per_s(config, stacks, args.warmup, args.steps))
         result["npy_step"] = max(npy_alone, key=lambda r: r["tokens_per_s"])
         result["npy_fraction"] = result["npy_loop_tokens_per_s"] / result["npy_step"]["tokens_per_s"]
     write_json(args.out, result)

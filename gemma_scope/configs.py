@@ -53,7 +53,8 @@ def train_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.sae.frequency_threshold = 0.1
     config.sae.matryoshka_prefixes = ()  # e.g. (128, 512): nested prefixes that must reconstruct on their own
     config.sae.b_dec_init = "zero"  # "zero" (the paper) | "mean" | "geometric_median" of the first norm_batches
-    # x / C with one C per site (the paper) or one per dimension (feed.normalisation_constants), folded at release
+    # x / C with one C per site (the paper) or one per dimension (normalisation.normalisation_constants), folded at
+    # release
     config.sae.normalisation = "scalar"  # "scalar" | "per_dimension"
     # ε of the pseudo-derivatives and θ₀. sae/ cannot read configs; its pure functions keep their own defaults
     # (sae.DEFAULT_BANDWIDTH, sae.DEFAULT_THRESHOLD, losses.DEFAULT_FREQUENCY_THRESHOLD), held equal to these two and

@@ -23,6 +23,8 @@ import dataclasses
 KINDS = ("res", "att", "mlp", "mlp_in")
 # Name of activations not tied to a model site (a source's site name; released under ``custom/layer_0``).
 CUSTOM = "custom"
+# The kinds a transcoder of layer L reads and predicts: mlp_in.L -> mlp.L (the one place that pairs them).
+_TRANSCODER_KINDS = ("mlp_in", "mlp")
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -83,11 +85,35 @@ def parse_sites(spec: str, num_layers: int) -> list[Site]:
     return sorted(sites)
 
 
+def release_site(name: str) -> Site | None:
+    """The model site a source's site name denotes (``"res.12"``), or None for ``CUSTOM`` activations.
+
+    Raises:
+      ValueError: a malformed name (``Site.parse``).
+    """
+    return None if name == CUSTOM else Site.parse(name)
+
+
 def transcoder_spec(layers: str) -> str:
     """The site spec the transcoders of a layer spec read and predict: ``"4,8"`` -> ``"mlp_in.4,mlp.4,mlp_in.8,mlp.8"``
     (``"*"`` and ``"a-b"`` as in site specs; ``""`` -> ``""``)."""
     return ",".join(f"{kind}.{entry.strip()}" for entry in layers.split(",") if entry.strip()
-                    for kind in ("mlp_in", "mlp"))
+                    for kind in _TRANSCODER_KINDS)
+
+
+def transcoder_inputs(layers: str, num_layers: int) -> list[Site]:
+    """The sorted ``mlp_in.L`` sites the transcoders of a layer spec read, in a model of ``num_layers`` layers.
+
+    Raises:
+      ValueError: as ``parse_sites``.
+    """
+    return [s for s in parse_sites(transcoder_spec(layers), num_layers) if s.kind == _TRANSCODER_KINDS[0]]
+
+
+def transcoder_pair(layer: int) -> tuple[Site, Site]:
+    """``(site read, site predicted)`` of the transcoder of ``layer``: ``(mlp_in.L, mlp.L)``."""
+    site_in, site_out = _TRANSCODER_KINDS
+    return Site(site_in, layer), Site(site_out, layer)
 
 
 def transcoder_target(site: Site) -> Site:
@@ -96,9 +122,10 @@ def transcoder_target(site: Site) -> Site:
     Raises:
       ValueError: ``site`` is not an ``mlp_in`` site.
     """
-    if site.kind != "mlp_in":
-        raise ValueError(f"a transcoder reads an mlp_in site, got {site}")
-    return Site("mlp", site.layer)
+    site_in, site_out = transcoder_pair(site.layer)
+    if site != site_in:
+        raise ValueError(f"a transcoder reads an {site_in.kind} site, got {site}")
+    return site_out
 
 
 def transcoder_label(site: Site, skip: bool) -> str:

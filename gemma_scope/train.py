@@ -1,11 +1,12 @@
 """Train a grid of JumpReLU SAEs and transcoders: ``python -m gemma_scope.train --config=experiments/<name>.py
 [--config.x.y=v]``.
 
-``run`` is the story of a run: validate the config (``settings``), build the activation source (``activations``),
-the grid and the mesh (``step``), restore or initialise the state (``checkpoint``, ``feed``), loop over the
-source's device-resident batches (``activations``) logging metrics (``metrics``) and checkpointing, then write the
-release (``export``). A run killed at any moment and restarted with the same command resumes from its newest checkpoint
-and ends with exactly the parameters of an uninterrupted run (batches are numbered; the state holds everything else).
+``run`` is the story of a run: validate the config (``training.settings``), build the activation source (``activations``),
+the grid (``training.grid``: which SAE reads which site at which λ) and the mesh, restore or initialise the state
+(``training.checkpoint``, ``training.normalisation``, ``training.step``), loop over the source's device-resident
+batches logging metrics (``training.log``) and checkpointing, then write the release (``training.export``). A run
+killed at any moment and restarted with the same command resumes from its newest checkpoint and ends with exactly
+the parameters of an uninterrupted run (batches are numbered; the state holds everything else).
 
 Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step) and
 the same metrics as TensorBoard event files, ``config.json``, the SAEs in the Gemma Scope 1 layout
@@ -19,19 +20,18 @@ import pathlib
 
 import jax
 import ml_collections
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gemma_scope import activations, cli
 from gemma_scope import mesh as mesh_lib
 from gemma_scope.evaluation.releases import evaluate_saes
-from gemma_scope.sites import CUSTOM, Site, parse_sites, transcoder_label, transcoder_spec
-from gemma_scope.training import feed
+from gemma_scope.training import normalisation
 from gemma_scope.training import step as step_lib
 from gemma_scope.training import workdir as workdir_lib
 from gemma_scope.training.checkpoint import Checkpointer
 from gemma_scope.training.export import write_release
+from gemma_scope.training.grid import Grid, source_data
 from gemma_scope.training.log import MetricsLog
 from gemma_scope.training.settings import hyperparams, validate_config
 
@@ -42,39 +42,6 @@ class NonFiniteError(FloatingPointError):
     """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
 
 
-def build_grid(source: activations.ActivationSource, sae_sites: list[str], transcoder_sites: list[str], config,
-               sweep: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[dict[str, list[str]], dict[str, step_lib.Group]]:
-    """The grid: SAE sites grouped by input width (``{"d<width>": [site, ...]}``, ``activations.group_sites``) and
-    the transcoders' input sites once per skip variant (``"tc_d<width>"``, ``"tc_skip_d<width>"``), with each
-    group's ``step.Group``; ``sweep`` is ``(λs, target L0s)`` (``settings.sweep_of``)."""
-    groups = activations.group_sites(sae_sites, source.d_in)
-    grid = {g: step_lib.Group(len(sites), source.d_in[sites[0]], config.sae.width, *sweep) for g, sites in groups.items()}
-    for skip in config.transcoder.skip if transcoder_sites else ():
-        d = source.d_in[transcoder_sites[0]]
-        g = f"tc{'_skip' if skip else ''}_d{d}"
-        groups[g] = list(transcoder_sites)
-        grid[g] = step_lib.Group(len(transcoder_sites), d, config.sae.width, *sweep, transcoder=True, skip=skip)
-    return groups, grid
-
-
-def split_sites(config, source: activations.ActivationSource) -> tuple[list[str], list[str]]:
-    """``(SAE sites, transcoder input sites)`` among the source's: ``data.sites`` and the ``mlp_in.L`` of
-    ``transcoder.layers`` (the source holds both and each transcoder's ``mlp.L``). Without transcoders every source
-    site gets SAEs."""
-    if not config.transcoder.layers.strip():
-        return list(source.sites), []
-    n = source.num_layers
-    sae_sites = [str(s) for s in parse_sites(config.data.sites, n)] if config.data.sites.strip() else []
-    inputs = [str(s) for s in parse_sites(transcoder_spec(config.transcoder.layers), n) if s.kind == "mlp_in"]
-    return sae_sites, inputs
-
-
-def _labels(groups: dict[str, list[str]], grid: dict[str, step_lib.Group]) -> dict[str, list[str]]:
-    """Each group's site names as metrics and reports show them (a transcoder's: ``sites.transcoder_label``)."""
-    return {g: [transcoder_label(Site.parse(s), grid[g].skip) if grid[g].transcoder else s for s in sites]
-            for g, sites in groups.items()}
-
-
 def _check_finite(state, checkpointer: Checkpointer) -> None:
     bad = int(jax.device_get(state["nonfinite_step"]))
     if bad >= 0:
@@ -82,11 +49,6 @@ def _check_finite(state, checkpointer: Checkpointer) -> None:
         last_good = checkpointer.latest_step()
         kept = f"last good checkpoint: step {last_good}" if last_good is not None else "no checkpoint was written"
         raise NonFiniteError(f"non-finite loss (NaN/Inf) at step {bad}; stopped ({kept})")
-
-
-def _site_of(name: str) -> Site | None:
-    """The release site of a source's site name (None for ``sites.CUSTOM``); ValueError if malformed."""
-    return None if name == CUSTOM else Site.parse(name)
 
 
 def _make_mesh(config, batch_size: int) -> jax.sharding.Mesh:
@@ -108,7 +70,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
 
     Args:
       config: layout of experiments/from_activations.py.
-      source: activation source; default ``activations.make_source(config.data, ...)``.
+      source: activation source; default ``activations.make_source(grid.source_data(config), ...)``.
 
     Returns:
       The written ``params.npz`` paths (process 0; empty on other processes).
@@ -118,20 +80,15 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
       NonFiniteError: a NaN/Inf loss, naming the step; the last good checkpoint is kept.
       WorkdirInUseError, OSError: another trainer holds the workdir, or it cannot be written (``workdir.py``).
     """
-    lambdas, targets = validate_config(config)
+    sweep = validate_config(config)
     if config.mesh.distributed and not jax.distributed.is_initialized():
         jax.distributed.initialize()  # a launcher may have initialised it with an explicit coordinator
     hp = hyperparams(config)
     workdir = pathlib.Path(config.workdir)
     workdir_lib.check_writable(workdir, workdir / "checkpoints")
     if source is None:
-        data = config.data
-        if config.transcoder.layers.strip():  # the source also reads the transcoders' mlp_in.L and mlp.L
-            data = ml_collections.ConfigDict(config.data.to_dict())
-            data.sites = ",".join(filter(None, (config.data.sites.strip(), transcoder_spec(config.transcoder.layers))))
-        source = activations.make_source(data, config.seed)
-    release_sites = {name: _site_of(name) for name in source.sites}  # fail early on a bad data.site
-    groups, grid = build_grid(source, *split_sites(config, source), config, (lambdas, targets))
+        source = activations.make_source(source_data(config), config.seed)
+    grid = Grid.build(config, source, sweep)
     batch_size, steps = config.train.batch_size, config.train.steps
     mesh = _make_mesh(config, batch_size)
 
@@ -140,32 +97,25 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     workdir_lib.check_resume(workdir, config, last_good)
     if last_good is not None:
         try:
-            state = checkpointer.restore(last_good, step_lib.abstract_state(grid, hp, mesh))
+            state = checkpointer.restore(last_good, step_lib.abstract_state(grid.stacks, hp, mesh))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} passed its checksums but does not "
                              f"restore onto this config's state: {e}") from e
     else:
-        # Per source site on the devices, then per grid group: a transcoder group's sites have (input, output)
-        # constants and its b_dec lives in the output's space.
-        scales, b_dec = feed.grid_constants(source.groups, *feed.normalisation_constants(
-            source, mesh, batch_size, config.train.norm_batches, config.sae.b_dec_init, config.sae.normalisation),
-            groups, grid)
-        state = step_lib.init_state(jax.random.key(config.seed), grid, hp, mesh, scales)
-        if config.sae.b_dec_init != "zero":  # site-major like the stacked params (step.Group.sae)
-            state["params"] = {g: dict(p, b_dec=jax.device_put(np.repeat(b_dec[g], len(lambdas), axis=0),
-                                                               p["b_dec"].sharding))
-                               for g, p in state["params"].items()}
+        norm_scale, b_dec = grid.constants(*normalisation.normalisation_constants(
+            source, mesh, batch_size, config.train.norm_batches, config.sae.b_dec_init, config.sae.normalisation))
+        state = step_lib.init_state(jax.random.key(config.seed), grid.stacks, hp, mesh, norm_scale, b_dec)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     start = int(jax.device_get(state["step"]))
-    train_step = step_lib.make_train_step(grid, hp, mesh)
-    to_grid = feed.grid_batches(source.groups, groups, grid, mesh)
+    train_step = step_lib.make_train_step(grid.stacks, hp, mesh)
+    to_stacks = grid.batches(mesh)
     batches = source.batches(batch_size, start, mesh, stop=steps)
-    log = MetricsLog(workdir, _labels(groups, grid), grid, batch_size, start, steps)
+    log = MetricsLog(workdir, grid, batch_size, start, steps)
     try:  # no host sync between log steps: batches and steps are dispatched ahead of the device
         for number, batch in zip(range(start, steps), batches):
-            state, metrics = train_step(state, to_grid(batch))
+            state, metrics = train_step(state, to_stacks(batch))
             done = number + 1
             if done % config.train.log_every == 0 or done == steps:
                 source.check_finite()
@@ -180,7 +130,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         log.close()
         checkpointer.wait()
     checkpointer.close()
-    return write_release(config, source, mesh, groups, grid, release_sites, state)
+    return write_release(config, source, mesh, grid, state)
 
 
 def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:

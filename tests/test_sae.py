@@ -8,8 +8,9 @@ import pytest
 from gemma_scope import mesh as mesh_lib
 from gemma_scope import sae
 from gemma_scope.sae import losses
-from gemma_scope.training import feed
+from gemma_scope.training import normalisation
 from gemma_scope.training import step as step_lib
+from gemma_scope.training.grid import Stack
 
 EPS = 0.001
 
@@ -131,7 +132,7 @@ def test_recovers_a_known_sparse_dictionary(sparse_dictionary_data):
     directions, pool = sparse_dictionary_data(rng, 32 * 1024)
     batch, steps = 1024, 2000
     scale = float(np.sqrt(np.mean(np.sum(pool**2, axis=1))))
-    grid = {"g": step_lib.Group(n_sites=1, d_model=32, width=128, l0_coefficients=(3e-2,))}
+    grid = {"g": Stack(sites=("custom",), d_model=32, width=128, l0_coefficients=(3e-2,))}
     hp = step_lib.Hyperparams(learning_rate=3e-3, lr_warmup_steps=100, l0_warmup_steps=500)
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     state = step_lib.init_state(jax.random.key(0), grid, hp, mesh, {"g": np.full((1, 32), scale, np.float32)})
@@ -370,7 +371,7 @@ def test_geometric_median_is_the_minimiser_and_resists_outliers():
     rng = np.random.default_rng(16)
     points = rng.normal(size=(500, 6)).astype(np.float32) + 3.0
     points[:40] += 400.0  # 8% far outliers drag the mean, not the median
-    median = np.asarray(feed.geometric_median(jnp.asarray(points)))
+    median = np.asarray(normalisation.geometric_median(jnp.asarray(points)))
     unit = (points - median) / np.linalg.norm(points - median, axis=1, keepdims=True)
     assert np.linalg.norm(unit.sum(axis=0)) < 1e-2 * len(points)  # ∇ Σ_i ||x_i − m|| = 0 at the minimiser
     objective = lambda m: np.linalg.norm(points - m, axis=1).sum()  # noqa: E731

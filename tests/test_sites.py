@@ -1,6 +1,6 @@
 import pytest
 
-from gemma_scope.sites import Site, parse_sites
+from gemma_scope.sites import Site, parse_sites, release_site, transcoder_inputs, transcoder_pair
 
 
 def test_parse_expands_wildcards_and_ranges_sorted_unique():
@@ -26,3 +26,11 @@ def test_transcoder_spec_target_and_label():
         transcoder_target(Site("mlp", 3))
     assert transcoder_label(Site("mlp_in", 3), skip=True) == "mlp_in.3→mlp.3 +skip"
     assert Site.parse("mlp_in.7") == Site("mlp_in", 7)
+
+
+def test_the_transcoder_pairing_and_release_sites():
+    assert transcoder_pair(3) == (Site("mlp_in", 3), Site("mlp", 3))
+    assert transcoder_inputs("0-1, 3", 4) == [Site("mlp_in", 0), Site("mlp_in", 1), Site("mlp_in", 3)]
+    assert release_site("custom") is None and release_site("att.2") == Site("att", 2)
+    with pytest.raises(ValueError, match="bad site"):
+        release_site("att")

@@ -8,6 +8,7 @@ import pytest
 
 from gemma_scope import mesh as mesh_lib
 from gemma_scope.training import step as step_lib
+from gemma_scope.training.grid import Stack
 
 
 @pytest.mark.parametrize("b1", [0.0, 0.9])
@@ -29,7 +30,7 @@ def test_adam_equals_optax_adam(b1):
 @pytest.mark.parametrize("mesh_shape", [(1, 1), (2, 4)])
 def test_bfloat16_step_follows_float32_step(mesh_shape):
     """Odd sizes, a λ sweep and latent-axis sharding: bfloat16 matmul inputs give the float32 step's result."""
-    grid = {"g": step_lib.Group(n_sites=2, d_model=24, width=72, l0_coefficients=(1e-3, 1e-2))}
+    grid = {"g": Stack(sites=("res.0", "res.1"), d_model=24, width=72, l0_coefficients=(1e-3, 1e-2))}
     rng = np.random.default_rng(1)
     batches = [{"g": rng.normal(size=(2, 40, 24)).astype(np.float32)} for _ in range(3)]
     data, model = mesh_shape
@@ -55,12 +56,13 @@ def test_bfloat16_step_follows_float32_step(mesh_shape):
 
 
 def test_group_layout_is_site_major():
-    grp = step_lib.Group(n_sites=3, d_model=8, width=16, l0_coefficients=(1e-3, 2e-3))
+    grp = Stack(sites=("res.0", "res.1", "res.2"), d_model=8, width=16, l0_coefficients=(1e-3, 2e-3))
     assert [grp.sae(i) for i in range(grp.n)] == [(s, lam, None) for s in range(3) for lam in (1e-3, 2e-3)]
     assert [grp.sae(i) for i in range(6)[grp.saes_of_site(1)]] == [(1, 1e-3, None), (1, 2e-3, None)]
     with pytest.raises(IndexError, match="outside"):
         grp.sae(6)
-    targets = step_lib.Group(n_sites=2, d_model=8, width=16, l0_coefficients=(0.1, 0.1), target_l0s=(50.0, 100.0))
+    targets = Stack(sites=("res.0", "res.1"), d_model=8, width=16, l0_coefficients=(0.1, 0.1),
+                    target_l0s=(50.0, 100.0))
     assert [targets.sae(i) for i in range(targets.n)] == [(0, 0.1, 50.0), (0, 0.1, 100.0), (1, 0.1, 50.0),
                                                           (1, 0.1, 100.0)]
 

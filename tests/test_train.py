@@ -13,8 +13,10 @@ import pytest
 from benchmarks.sae_step import build_benchmark_step
 from gemma_scope import activations, release, sae, train
 from gemma_scope import mesh as mesh_lib
-from gemma_scope.training import feed, settings
+from gemma_scope.training import normalisation as normalisation_lib
+from gemma_scope.training import settings
 from gemma_scope.training import step as step_lib
+from gemma_scope.training.grid import Grid, Stack
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("from_activations", ROOT / "experiments/from_activations.py")
@@ -57,8 +59,8 @@ def _sharded_equals_single_device(grid, batches, scales, hp):
 
 
 def test_sharded_step_equals_single_device():
-    grid = {"d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2)),
-            "d8": step_lib.Group(n_sites=1, d_model=8, width=64, l0_coefficients=(1e-3, 3e-2))}
+    grid = {"d16": Stack(sites=("res.0", "res.1"), d_model=16, width=64, l0_coefficients=(1e-3, 3e-2)),
+            "d8": Stack(sites=("att.0",), d_model=8, width=64, l0_coefficients=(1e-3, 3e-2))}
     hp = step_lib.Hyperparams(learning_rate=1e-2, lr_warmup_steps=2, l0_warmup_steps=2)
     rng = np.random.default_rng(0)
     batches = [{"d16": rng.normal(size=(2, 64, 16)).astype(np.float32),
@@ -71,10 +73,10 @@ def test_sharded_step_equals_single_device():
 
 def test_sharded_transcoder_grid_equals_single_device():
     """SAEs and transcoders with and without the affine skip in one grid, one batch each step."""
-    grid = {"d16": step_lib.Group(n_sites=1, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2)),
-            "tc_d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2), transcoder=True),
-            "tc_skip_d16": step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3,), transcoder=True,
-                                          skip=True)}
+    tc = ("mlp_in.0", "mlp_in.1")
+    grid = {"d16": Stack(sites=("res.0",), d_model=16, width=64, l0_coefficients=(1e-3, 3e-2)),
+            "tc_d16": Stack(sites=tc, d_model=16, width=64, l0_coefficients=(1e-3, 3e-2), transcoder=True),
+            "tc_skip_d16": Stack(sites=tc, d_model=16, width=64, l0_coefficients=(1e-3,), transcoder=True, skip=True)}
     hp = step_lib.Hyperparams(learning_rate=1e-2, lr_warmup_steps=2, l0_warmup_steps=2)
     rng = np.random.default_rng(1)
 
@@ -94,12 +96,12 @@ def test_sharded_transcoder_grid_equals_single_device():
     assert "W_skip" not in params["tc_d16"] and params["tc_skip_d16"]["W_skip"].shape == (2, 16, 16)
     assert np.abs(params["tc_skip_d16"]["W_skip"]).max() > 1e-3  # trained away from its zero init
     np.testing.assert_allclose(np.linalg.norm(params["tc_skip_d16"]["W_dec"], axis=-1), 1.0, rtol=1e-5)
-    with pytest.raises(ValueError, match="transcoder groups only"):
-        step_lib.Group(n_sites=1, d_model=16, width=64, l0_coefficients=(1e-3,), skip=True)
+    with pytest.raises(ValueError, match="transcoder stacks only"):
+        Stack(sites=("res.0",), d_model=16, width=64, l0_coefficients=(1e-3,), skip=True)
 
 
 def test_latent_axis_is_sharded_on_the_model_axis():
-    grid = {"g": step_lib.Group(n_sites=1, d_model=16, width=64, l0_coefficients=(1e-3,))}
+    grid = {"g": Stack(sites=("res.0",), d_model=16, width=64, l0_coefficients=(1e-3,))}
     state = step_lib.init_state(jax.random.key(0), grid, step_lib.Hyperparams(), mesh_lib.make_mesh(2, 4))
     w_enc = state["params"]["g"]["W_enc"]
     assert {s.data.shape for s in w_enc.addressable_shards} == {(1, 16, 16)}  # M=64 split over 4 model devices
@@ -291,14 +293,14 @@ def test_grid_batches_and_constants_are_gathered_from_the_source_groups():
     """SAE stacks and a transcoder's (mlp_in.L, mlp.L) pair are the source's rows, gathered on the mesh; a
     transcoder's constants are (C of mlp_in.L, C of mlp.L) and its b_dec that of mlp.L."""
     source_groups = {"d4": ["res.0", "mlp_in.1", "res.1", "mlp.1"], "d8": ["x"]}
-    groups = {"d4": ["res.1", "res.0"], "tc_d4": ["mlp_in.1"], "d8": ["x"]}
-    grid = {"d4": step_lib.Group(2, 4, 8, (1e-3,)), "tc_d4": step_lib.Group(1, 4, 8, (1e-3,), transcoder=True),
-            "d8": step_lib.Group(1, 8, 8, (1e-3,))}
+    grid = Grid({"d4": Stack(("res.1", "res.0"), 4, 8, (1e-3,)), "tc_d4": Stack(("mlp_in.1",), 4, 8, (1e-3,),
+                                                                              transcoder=True),
+                 "d8": Stack(("x",), 8, 8, (1e-3,))}, source_groups)
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:2])
     rng = np.random.default_rng(0)
     host = {"d4": rng.normal(size=(4, 6, 4)).astype(np.float32), "d8": rng.normal(size=(1, 6, 8)).astype(np.float32)}
     batch = {g: jax.device_put(x, mesh_lib.batch_sharding(mesh)) for g, x in host.items()}
-    out = feed.grid_batches(source_groups, groups, grid, mesh)(batch)
+    out = grid.batches(mesh)(batch)
     np.testing.assert_array_equal(out["d4"], host["d4"][[2, 0]])
     np.testing.assert_array_equal(out["tc_d4"][0], host["d4"][[1]])
     np.testing.assert_array_equal(out["tc_d4"][1], host["d4"][[3]])
@@ -307,7 +309,7 @@ def test_grid_batches_and_constants_are_gathered_from_the_source_groups():
     scales = {"d4": np.array([1.0, 2.0, 3.0, 4.0], np.float32)[:, None] * np.arange(1, 5, dtype=np.float32),
               "d8": np.full((1, 8), 5.0, np.float32)}
     b_dec = {g: np.arange(len(c))[:, None] * np.ones(int(g[1:]), np.float32) for g, c in scales.items()}
-    grid_scales, grid_b_dec = feed.grid_constants(source_groups, scales, b_dec, groups, grid)
+    grid_scales, grid_b_dec = grid.constants(scales, b_dec)
     np.testing.assert_array_equal(grid_scales["d4"], scales["d4"][[2, 0]])
     np.testing.assert_array_equal(grid_scales["tc_d4"], scales["d4"][None, [1, 3]])  # [n_sites, (in, out), d]
     np.testing.assert_array_equal(grid_b_dec["d4"][:, 0], [2, 0])
@@ -357,13 +359,13 @@ def test_b_dec_is_estimated_with_the_normalisation_constant(tmp_path, b_dec_init
     np.save(path / "part00.npy", x)
     source = activations.NpyShardSource(str(path))
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:2])
-    scales, b_dec = feed.normalisation_constants(source, mesh, 128, 4, b_dec_init, normalisation)
+    scales, b_dec = normalisation_lib.normalisation_constants(source, mesh, 128, 4, b_dec_init, normalisation)
     x64 = x.astype(np.float64)  # 4 × 128 rows: every row once
     c = (np.full(16, np.sqrt(np.mean(np.sum(x64**2, axis=1)))) if normalisation == "scalar"
          else x64.std(axis=0) * np.sqrt(16))
     np.testing.assert_allclose(scales["d16"], [c], rtol=1e-4)
     expected = {"zero": np.zeros(16), "mean": x.mean(axis=0) / c,
-                "geometric_median": np.asarray(feed.geometric_median(x)) / c}[b_dec_init]
+                "geometric_median": np.asarray(normalisation_lib.geometric_median(x)) / c}[b_dec_init]
     np.testing.assert_allclose(b_dec["d16"][0], expected, rtol=1e-4, atol=1e-6)
     config = _config(tmp_path / "run", path, steps=1, norm_batches=4, batch_size=128)
     config.sae.update(b_dec_init=b_dec_init, normalisation=normalisation, l0_coefficient=(1e-3,))

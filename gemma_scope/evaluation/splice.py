@@ -14,7 +14,7 @@ import tqdm
 
 from gemma_scope import model, sae
 from gemma_scope.evaluation.reconstruction import Totals
-from gemma_scope.sites import Site
+from gemma_scope.sites import Site, transcoder_pair
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sites"))
@@ -108,7 +108,7 @@ def evaluate_grid(
             if width != cfg.site_width(at.kind):
                 raise ValueError(f"SAE {what} width {width} does not match site {at} of {cfg.name} "
                                  f"(width {cfg.site_width(at.kind)})")
-        if site != site_out and (site, site_out) != (Site("mlp_in", site.layer), Site("mlp", site.layer)):
+        if site != site_out and (site, site_out) != transcoder_pair(site.layer):
             raise ValueError(f"a transcoder splices mlp.L from mlp_in.L of the same layer; got {site} -> {site_out}")
     sites = tuple(sorted({s for site, _, site_out in saes for s in (site, site_out)}))
     spliced_sites = sorted({site_out for _, _, site_out in saes})

@@ -117,7 +117,7 @@ def write_gs2(root: str | os.PathLike, site: Site, params: dict[str, np.ndarray]
     """
     site_out = site_out or site
     transcoder = site_out != site
-    if transcoder and (site, site_out) != (Site("mlp_in", site.layer), Site("mlp", site.layer)):
+    if transcoder and (site, site_out) != sites.transcoder_pair(site.layer):
         raise ValueError(f"a Gemma Scope 2 transcoder reads mlp_in.L and predicts mlp.L; got {site} -> {site_out}")
     params = validate_params({k: np.asarray(v) for k, v in params.items()}, "params to write", transcoder=transcoder)
     width = params["W_enc"].shape[1]
@@ -173,8 +173,8 @@ def gs2_sites(config: dict, source: pathlib.Path | str = "config.json") -> tuple
     site = _site_of_hook_point(config.get("hf_hook_point_in"), "hf_hook_point_in", source)
     site_out = _site_of_hook_point(config.get("hf_hook_point_out", config.get("hf_hook_point_in")),
                                    "hf_hook_point_out", source)
-    wanted = (Site("mlp_in", site.layer), Site("mlp", site.layer)) if config["type"] == "transcoder" else (site, site)
-    if (site, site_out) != wanted or site.kind not in (("mlp_in",) if config["type"] == "transcoder" else sites.KINDS):
+    wanted = sites.transcoder_pair(site.layer) if config["type"] == "transcoder" else (site, site)
+    if (site, site_out) != wanted:
         raise ValueError(f"{source}: a GS2 {config['type']} reading {config.get('hf_hook_point_in')!r} writes "
                          f"{config.get('hf_hook_point_out')!r}; expected hook points "
                          f"{HF_HOOK_POINTS[wanted[0].kind].format(site.layer)!r} -> "

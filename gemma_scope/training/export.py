@@ -15,13 +15,12 @@ from jax.sharding import PartitionSpec as P
 
 from gemma_scope import release, sae
 from gemma_scope.release import gs2 as release_gs2
-from gemma_scope.sites import Site, transcoder_target
-from gemma_scope.training import feed, hosts, settings
-from gemma_scope.training.step import Group
+from gemma_scope.sites import Site
+from gemma_scope.training import hosts, settings
+from gemma_scope.training.grid import Grid
 
 
-def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict[str, Group],
-                  release_sites: dict[str, Site | None], state: dict) -> list[pathlib.Path]:
+def write_release(config, source, mesh, grid: Grid, state: dict) -> list[pathlib.Path]:
     """Folds every SAE and transcoder of the grid (``sae.fold_normalisation``), measures its average L0 on the
     ``train.eval_batches`` batches after training, and writes it (process 0): SAEs in the Gemma Scope 1 layout under
     ``<workdir>/release`` (``release.write_sae``), SAEs on res/att/mlp sites and transcoders in the Gemma Scope 2
@@ -32,9 +31,7 @@ def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict
       config: the run's config (``train.*``, ``seed``, ``workdir``, ``data.model``).
       source: the run's activation source.
       mesh: the run's mesh; the L0 batches are measured where they are.
-      groups, grid: ``{group: [site name, ...]}`` and ``{group: step.Group}`` of the run (a transcoder group's
-        sites are the ``mlp_in.L`` its transcoders read).
-      release_sites: ``{site name: Site or None (sites.CUSTOM)}``.
+      grid: the run's grid (which SAE is which: ``Grid.saes_of``).
       state: the final train state.
 
     Returns:
@@ -46,49 +43,48 @@ def write_release(config, source, mesh, groups: dict[str, list[str]], grid: dict
     """
     params = hosts.to_host(state["params"])
     scales = hosts.to_host(state["norm_scale"])
-    to_grid = feed.grid_batches(source.groups, groups, grid, mesh)
-    batches = [to_grid(b) for b in source.batches(config.train.batch_size, config.train.steps, mesh,
+    to_stacks = grid.batches(mesh)
+    batches = [to_stacks(b) for b in source.batches(config.train.batch_size, config.train.steps, mesh,
                                                   stop=config.train.steps + config.train.eval_batches)]
     l0_of = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(sae.encode(p, x.astype(jnp.float32)) > 0, axis=-1)),
                              in_axes=(0, None)), out_shardings=NamedSharding(mesh, P()))
     workdir = pathlib.Path(config.workdir)
     written, used = [], set()
-    for g, sites in groups.items():
-        grp = grid[g]
-        for s, site in enumerate(sites):
-            saes = grp.saes_of_site(s)
+    for g, stack in grid.stacks.items():
+        for row in range(stack.n_sites):
+            saes = stack.saes_of_site(row)
             trained = jax.tree.map(lambda a: a[saes], params[g])
-            # scales[g][s]: C [d], or a transcoder's (C of mlp_in.L, C of mlp.L) [2, d], whose L0 is taken on the
-            # x of (x, y).
-            constants = scales[g][s].reshape(-1, scales[g].shape[-1])
+            # scales[g][row]: C [d], or a transcoder's (C of mlp_in.L, C of mlp.L) [2, d], whose L0 is taken on
+            # the x of (x, y).
+            constants = scales[g][row].reshape(-1, scales[g].shape[-1])
             folded = jax.vmap(sae.fold_normalisation, in_axes=(0, *[None] * len(constants)))(trained, *constants)
-            l0 = np.mean([np.asarray(l0_of(folded, (b[g][0] if grp.transcoder else b[g])[s])) for b in batches], axis=0)
+            l0 = np.mean([np.asarray(l0_of(folded, (b[g][0] if stack.transcoder else b[g])[row])) for b in batches],
+                         axis=0)
             labels = release_gs2.gs2_labels([float(v) for v in l0])
-            for j, i in enumerate(range(saes.start, saes.stop)):
-                _, lam, target = grp.sae(i)
-                key = (g, site, round(float(l0[j])))
+            for j, one in enumerate(grid.saes_of(g)[saes]):
+                key = (g, one.site, round(float(l0[j])))
                 if key in used:
-                    print(f"warning: {'transcoder' if grp.transcoder else 'SAE'} of site {site} with l0_coefficient="
-                          f"{lam}, target_l0={target} has the same rounded average L0 ({key[2]}) as another; not "
-                          "released (it stays in the checkpoint)", file=sys.stderr)
+                    print(f"warning: {'transcoder' if one.transcoder else 'SAE'} of site {one.site} with "
+                          f"l0_coefficient={one.l0_coefficient}, target_l0={one.target_l0} has the same rounded "
+                          f"average L0 ({key[2]}) as another; not released (it stays in the checkpoint)",
+                          file=sys.stderr)
                     continue
                 used.add(key)
                 if jax.process_index() != 0:
                     continue
-                one = {k: np.asarray(v[j], np.float32) for k, v in folded.items()}
+                weights = {k: np.asarray(v[j], np.float32) for k, v in folded.items()}
                 gs2 = dict(model_name=config.data.get("model") or "", l0_label=labels[j])
-                if grp.transcoder:
-                    in_site = Site.parse(site)
-                    written.append(release_gs2.write_gs2(workdir / "release_gs2", in_site, one, float(l0[j]),
-                                                     site_out=transcoder_target(in_site), **gs2))
+                site = one.release_site
+                if one.transcoder:
+                    written.append(release_gs2.write_gs2(workdir / "release_gs2", site, weights, float(l0[j]),
+                                                         site_out=Site.parse(one.site_out), **gs2))
                     continue
-                meta = {"l0_coefficient": lam, "target_l0": target, **settings.recipe_metadata(config),
-                        "training_steps": config.train.steps,
-                        "training_tokens": config.train.steps * config.train.batch_size,
-                        "seed": config.seed}
+                meta = {"l0_coefficient": one.l0_coefficient, "target_l0": one.target_l0,
+                        **settings.recipe_metadata(config), "training_steps": config.train.steps,
+                        "training_tokens": config.train.steps * config.train.batch_size, "seed": config.seed}
                 if config.sae.normalisation == "scalar":  # one C per site: Gemma Scope's normalisation constant
-                    meta["normalisation_constant"] = float(scales[g][s][0])
-                written.append(release.write_sae(workdir / "release", release_sites[site], one, float(l0[j]), meta))
-                if release_sites[site] is not None and release_sites[site].kind in release_gs2.GS2_FOLDERS:
-                    release_gs2.write_gs2(workdir / "release_gs2", release_sites[site], one, float(l0[j]), **gs2)
+                    meta["normalisation_constant"] = float(scales[g][row][0])
+                written.append(release.write_sae(workdir / "release", site, weights, float(l0[j]), meta))
+                if site is not None and site.kind in release_gs2.GS2_FOLDERS:
+                    release_gs2.write_gs2(workdir / "release_gs2", site, weights, float(l0[j]), **gs2)
     return written

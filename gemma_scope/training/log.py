@@ -18,7 +18,7 @@ import jax
 import tqdm
 from tensorboardX import SummaryWriter
 
-from gemma_scope.training.step import Group
+from gemma_scope.training.grid import Grid
 
 METRICS_FILE = "metrics.jsonl"
 # Per-SAE values of a record that become TensorBoard series (the rest are the run's or the SAE's identity).
@@ -45,16 +45,14 @@ class MetricsLog:
 
     Args:
       workdir: the run's directory.
-      groups: ``{group: [site name, ...]}``, the grid's sites in stacking order.
-      grid: ``{group: step.Group}``; ``Group.sae`` says which site and λ each SAE is.
+      grid: the run's grid; a record per SAE of ``Grid.saes``, in that order, named by its ``SAE.label``.
       batch_size: global tokens per step.
       start, steps: the first step of this process's run and the last step.
     """
 
-    def __init__(self, workdir: pathlib.Path, groups: dict[str, list[str]], grid: dict[str, Group], batch_size: int,
-                 start: int, steps: int):
+    def __init__(self, workdir: pathlib.Path, grid: Grid, batch_size: int, start: int, steps: int):
         self._on = jax.process_index() == 0
-        self._path, self._groups, self._grid, self._batch = pathlib.Path(workdir) / METRICS_FILE, groups, grid, batch_size
+        self._path, self._saes, self._batch = pathlib.Path(workdir) / METRICS_FILE, grid.saes, batch_size
         self._writer = None
         if self._on:
             truncate(self._path, start)
@@ -72,14 +70,11 @@ class MetricsLog:
         if not self._on:
             return
         lr, scale = float(metrics["learning_rate"]), float(metrics["l0_scale"])
-        records = []
-        for g, sites in self._groups.items():
-            for i in range(self._grid[g].n):
-                site, lam, target = self._grid[g].sae(i)
-                records.append({"step": step, "site": sites[site], "l0_coefficient": lam, "target_l0": target,
-                                "lambda_now": lam * scale, "learning_rate": lr, "tokens": step * self._batch,
-                                "tokens_per_s": tokens_per_s,
-                                **{k: float(v[i]) for k, v in metrics[g].items()}})
+        records = [{"step": step, "site": one.label, "l0_coefficient": one.l0_coefficient,
+                    "target_l0": one.target_l0, "lambda_now": one.l0_coefficient * scale, "learning_rate": lr,
+                    "tokens": step * self._batch, "tokens_per_s": tokens_per_s,
+                    **{k: float(v[one.index]) for k, v in metrics[one.stack].items()}}
+                   for one in self._saes]
         with self._path.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         for name in _RUN_SCALARS:

@@ -2,7 +2,7 @@
 its sweep resolved (``lambdas_of``, ``sweep_of``: λ defaults to ``configs.DEFAULT_L0_COEFFICIENT`` of the sparsity
 loss when not given), the step's ``Hyperparams`` (``hyperparams``) and the recipe recorded with each released SAE
 (``recipe_metadata``). ``configs`` stays a leaf; the choice lists checked here belong to ``sae.losses`` and
-``training.feed``."""
+``training.normalisation``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 
 from gemma_scope import configs
 from gemma_scope.sae import losses
-from gemma_scope.training import feed, step
+from gemma_scope.training import normalisation, step
 
 
 def _numbers(value) -> tuple:
@@ -68,10 +68,10 @@ def validate_config(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
       ValueError: naming the field, its value and what is expected.
     """
     _check_sparsity_loss(config)
-    if config.sae.b_dec_init not in feed.B_DEC_INITS:
-        raise ValueError(f"sae.b_dec_init must be one of {feed.B_DEC_INITS}, got {config.sae.b_dec_init!r}")
-    if config.sae.normalisation not in feed.NORMALISATIONS:
-        raise ValueError(f"sae.normalisation must be one of {feed.NORMALISATIONS}, got {config.sae.normalisation!r}")
+    if config.sae.b_dec_init not in normalisation.B_DEC_INITS:
+        raise ValueError(f"sae.b_dec_init must be one of {normalisation.B_DEC_INITS}, got {config.sae.b_dec_init!r}")
+    if config.sae.normalisation not in normalisation.NORMALISATIONS:
+        raise ValueError(f"sae.normalisation must be one of {normalisation.NORMALISATIONS}, got {config.sae.normalisation!r}")
     if not (config.sae.frequency_coefficient >= 0 and 0 < config.sae.frequency_threshold <= 1):
         raise ValueError(f"sae.frequency_coefficient must be >= 0 and sae.frequency_threshold in (0, 1], got "
                          f"{config.sae.frequency_coefficient}, {config.sae.frequency_threshold}")

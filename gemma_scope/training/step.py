@@ -1,12 +1,11 @@
 """The jitted train step of a grid of JumpReLU SAEs and transcoders, sharded on a ('data', 'model') mesh (Gemma
 Scope §3, §3.3).
 
-A grid is a dict of groups; a group is ``n_sites`` sites of equal width d (e.g. ``res`` of every layer) times the
-λ values (or target L0s) of a sweep. Its params are stacked ``[n, ...]`` with ``n = n_sites * n_lambdas``, site-major
-(SAE ``i`` reads site ``i // n_lambdas`` and uses λ ``l0_coefficients[i % n_lambdas]``). One activation batch per
-step, ``{group: float32/bfloat16 [n_sites, B, d]}``, feeds every SAE of its group. A transcoder group's "site" is
-a layer's pair (``mlp_in.L`` read, ``mlp.L`` predicted) and its batch the pair ``(x, y)`` of such arrays; all its
-transcoders have an affine skip or none do (``Group.skip``).
+The step trains the stacks of a grid (``grid.Stack``: ``n_sites`` sites of equal width d times the λ values or
+target L0s of a sweep, params stacked ``[n, ...]`` site-major). One activation batch per step,
+``{stack: float32/bfloat16 [n_sites, B, d]}``, feeds every SAE of its stack; a transcoder stack's batch is the pair
+``(x, y)`` of such arrays (``mlp_in.L`` read, ``mlp.L`` predicted), and all its transcoders have an affine skip or
+none do (``Stack.skip``).
 
 Sharding: the batch axis is split over ``'data'``; the latent axis M of ``W_enc``, ``b_enc``, ``W_dec``,
 ``threshold`` (and their Adam moments) over ``'model'`` — a ``model`` axis of size 1 is pure data parallelism
@@ -14,9 +13,9 @@ Sharding: the batch axis is split over ``'data'``; the latent axis M of ``W_enc`
 
 Train state (a pytree of arrays, checkpointed whole)::
 
-    {"step": int32 [], "params": {group: stacked params}, "opt_state": Adam state (``adam_init``),
-     "last_fired": {group: int32 [n, M]}  # step at which each latent last fired (dead-latent window)
-     "norm_scale": {group: float32 [n_sites, d]}  # C of each site and dimension, x = x_raw / C (passed
+    {"step": int32 [], "params": {stack: stacked params}, "opt_state": Adam state (``adam_init``),
+     "last_fired": {stack: int32 [n, M]}  # step at which each latent last fired (dead-latent window)
+     "norm_scale": {stack: float32 [n_sites, d]}  # C of each site and dimension, x = x_raw / C (passed
                                                   # through); [n_sites, 2, d] (input, output) for transcoders
      "nonfinite_step": int32 []}  # first step whose loss was NaN/Inf, -1 if none
 """
@@ -35,8 +34,9 @@ from jax.sharding import PartitionSpec as P
 from gemma_scope import configs, sae
 from gemma_scope.mesh import batch_sharding
 from gemma_scope.sae import losses
+from gemma_scope.training.grid import Stack
 
-# Partition spec of each stacked param (leading grid axis never split): the latent axis M goes on 'model'.
+# Partition spec of each stacked param (leading stack axis never split): the latent axis M goes on 'model'.
 _PARAM_SPECS = {
     "W_enc": P(None, None, "model"),
     "b_enc": P(None, "model"),
@@ -45,46 +45,6 @@ _PARAM_SPECS = {
     "b_dec": P(None, None),
     "W_skip": P(None, None, None),  # [d, d], small: replicated
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-    """SAEs sharing one input width: ``n_sites`` sites × a sweep of ``len(l0_coefficients)`` SAEs, all ``width``
-    wide. Sweep entry ``j`` uses λ ``l0_coefficients[j]`` and, with ``sparsity_loss="target_l0"``, the target L0
-    ``target_l0s[j]`` (``target_l0s`` is then as long as ``l0_coefficients``; empty otherwise). A transcoder group
-    holds transcoders (``mlp_in.L`` → ``mlp.L``, d_model both) with an affine skip connection or without."""
-
-    n_sites: int
-    d_model: int
-    width: int
-    l0_coefficients: tuple[float, ...]
-    target_l0s: tuple[float, ...] = ()
-    transcoder: bool = False
-    skip: bool = False
-
-    def __post_init__(self):
-        if self.skip and not self.transcoder:
-            raise ValueError("an affine skip connection (skip=True) belongs to transcoder groups only")
-
-    @property
-    def n(self) -> int:
-        return self.n_sites * len(self.l0_coefficients)
-
-    def sae(self, i: int) -> tuple[int, float, float | None]:
-        """``(site index, λ, target L0 or None)`` of SAE ``i`` of the stacked params (site-major: module docstring).
-
-        Raises:
-          IndexError: i outside ``[0, n)``.
-        """
-        if not 0 <= i < self.n:
-            raise IndexError(f"SAE index {i} outside the group's {self.n} SAEs")
-        site, j = divmod(i, len(self.l0_coefficients))
-        return site, self.l0_coefficients[j], self.target_l0s[j] if self.target_l0s else None
-
-    def saes_of_site(self, site: int) -> slice:
-        """The stacked-param indices of site ``site``'s SAEs, its λ sweep in ``l0_coefficients`` order."""
-        n_l = len(self.l0_coefficients)
-        return slice(site * n_l, (site + 1) * n_l)
 
 
 # The recipe's defaults, written once in configs.train_config (any data block: only sae and train are read).
@@ -182,54 +142,59 @@ def state_shardings(state, mesh: jax.sharding.Mesh):
     return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, _spec(p, x)), state)
 
 
-def _build_state(key: jax.Array, grid: dict[str, Group], hp: Hyperparams, norm_scale: dict) -> dict:
+def _build_state(key: jax.Array, stacks: dict[str, Stack], hp: Hyperparams, norm_scale: dict,
+                 b_dec: dict | None) -> dict:
     """The fresh, unsharded train state (module docstring); every SAE gets its own init key."""
     params = {}
-    for k, (g, grp) in zip(jax.random.split(key, len(grid)), sorted(grid.items())):
+    for k, (g, grp) in zip(jax.random.split(key, len(stacks)), sorted(stacks.items())):
         init = lambda kk, grp=grp: sae.init_params(kk, grp.d_model, grp.width, hp.threshold_init, grp.skip)  # noqa: E731
         params[g] = jax.vmap(init)(jax.random.split(k, grp.n))
+        if b_dec is not None:
+            params[g]["b_dec"] = jnp.asarray(b_dec[g], jnp.float32)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "opt_state": adam_init(params, hp),
-        "last_fired": {g: jnp.zeros((grp.n, grp.width), jnp.int32) for g, grp in grid.items()},
-        "norm_scale": {g: jnp.asarray(norm_scale[g], jnp.float32) for g in grid},
+        "last_fired": {g: jnp.zeros((grp.n, grp.width), jnp.int32) for g, grp in stacks.items()},
+        "norm_scale": {g: jnp.asarray(norm_scale[g], jnp.float32) for g in stacks},
         "nonfinite_step": jnp.full((), -1, jnp.int32),
     }
 
 
-def init_state(key: jax.Array, grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.Mesh,
-               norm_scale: dict[str, np.ndarray] | None = None) -> dict:
+def init_state(key: jax.Array, stacks: dict[str, Stack], hp: Hyperparams, mesh: jax.sharding.Mesh,
+               norm_scale: dict[str, np.ndarray] | None = None, b_dec: dict[str, np.ndarray] | None = None) -> dict:
     """A fresh train state (module docstring) laid out on ``mesh``.
 
     Args:
       key: PRNG key of the initialisation (``sae.init_params`` per SAE).
-      grid: ``{group name: Group}``.
-      norm_scale: ``{group: float32 [n_sites, d]}`` normalisation constants C (``[n_sites, 2, d]``, input and
-        output, for a transcoder group; ``feed.normalisation_constants``); ones if None.
+      stacks: ``{stack name: Stack}`` (``grid.Grid.stacks``).
+      norm_scale: ``{stack: float32 [n_sites, d]}`` normalisation constants C (``[n_sites, 2, d]``, input and
+        output, for a transcoder stack; ``grid.Grid.constants``); ones if None.
+      b_dec: ``{stack: float32 [n, d]}`` initial b_dec in normalised units (``grid.Grid.constants``); zero
+        (``sae.init_params``) if None.
     """
-    norm_scale = norm_scale or _unit_scales(grid)
-    build = lambda k: _build_state(k, grid, hp, norm_scale)  # noqa: E731
+    norm_scale = norm_scale or _unit_scales(stacks)
+    build = lambda k: _build_state(k, stacks, hp, norm_scale, b_dec)  # noqa: E731
     shardings = state_shardings(jax.eval_shape(build, key), mesh)
     return jax.jit(build, out_shardings=shardings)(key)
 
 
-def _unit_scales(grid: dict[str, Group]) -> dict[str, np.ndarray]:
+def _unit_scales(stacks: dict[str, Stack]) -> dict[str, np.ndarray]:
     return {g: np.ones((grp.n_sites, 2, grp.d_model) if grp.transcoder else (grp.n_sites, grp.d_model), np.float32)
-            for g, grp in grid.items()}
+            for g, grp in stacks.items()}
 
 
-def abstract_state(grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.Mesh) -> dict:
+def abstract_state(stacks: dict[str, Stack], hp: Hyperparams, mesh: jax.sharding.Mesh) -> dict:
     """The state's ``jax.ShapeDtypeStruct`` tree with shardings: the restore target of a checkpoint."""
-    ones = _unit_scales(grid)
-    tree = jax.eval_shape(lambda k: _build_state(k, grid, hp, ones), jax.random.key(0))
+    ones = _unit_scales(stacks)
+    tree = jax.eval_shape(lambda k: _build_state(k, stacks, hp, ones, None), jax.random.key(0))
     shardings = state_shardings(tree, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _group_loss(params: dict, x: jax.Array, y: jax.Array | None, sparsity_scale: jax.Array, grp: Group,
+def _stack_loss(params: dict, x: jax.Array, y: jax.Array | None, sparsity_scale: jax.Array, grp: Stack,
                 hp: Hyperparams):
-    """Sum of the group's SAE losses and their per-SAE aux; params ``[n, ...]``, x ``[n_sites, B, d]``, y the
+    """Sum of the stack's SAE losses and their per-SAE aux; params ``[n, ...]``, x ``[n_sites, B, d]``, y the
     transcoders' targets like x (None for SAEs); ``sparsity_scale`` the warmup factor of every sparsity
     coefficient (``l0_scale``)."""
     n_l = len(grp.l0_coefficients)
@@ -258,7 +223,7 @@ def _normalised(batch, scale: jax.Array, transcoder: bool) -> tuple[jax.Array, j
     return x.astype(jnp.float32) / scale[:, 0, None, :], y.astype(jnp.float32) / scale[:, 1, None, :]
 
 
-def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group], hp: Hyperparams):
+def train_step(state: dict, batch: dict[str, jax.Array], stacks: dict[str, Stack], hp: Hyperparams):
     """One Gemma Scope training step for every SAE of the grid (§3); pure, jit it (see ``make_train_step``).
 
     Forward, loss (Eq. 4 with λ warmup, or the recipe ``hp.sparsity_loss`` etc. select: ``losses.loss``), backward through the JumpReLU/step pseudo-derivatives, removal of the
@@ -267,23 +232,24 @@ def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group],
 
     Args:
       state: train state (module docstring).
-      batch: ``{group: [n_sites, B, d]}`` raw activations, a pair ``(x, y)`` of them for a transcoder group
-        (divided by ``state["norm_scale"]`` here).
+      batch: ``{stack: [n_sites, B, d]}`` raw activations, a pair ``(x, y)`` of them for a transcoder stack
+        (divided by ``state["norm_scale"]`` here; ``grid.Grid.batches``).
+      stacks: ``{stack name: Stack}``.
 
     Returns:
-      ``(new_state, metrics)``: metrics ``{group: {"loss", "mse", "fvu", "l0", "dead_fraction": float32 [n]}}``
+      ``(new_state, metrics)``: metrics ``{stack: {"loss", "mse", "fvu", "l0", "dead_fraction": float32 [n]}}``
       plus ``"learning_rate"`` and ``"l0_scale"`` (λ now / λ) scalars of this step.
     """
     step = state["step"]
     scale = l0_scale(step, hp)
     # Unit mean squared norm inputs (§3): x = x_raw / C, C per site (a transcoder's input and target each their own).
-    batch = {g: _normalised(batch[g], state["norm_scale"][g], grp.transcoder) for g, grp in grid.items()}
+    batch = {g: _normalised(batch[g], state["norm_scale"][g], grp.transcoder) for g, grp in stacks.items()}
 
     def total_loss(params):
-        out = {g: _group_loss(params[g], *batch[g], scale, grp, hp) for g, grp in grid.items()}
+        out = {g: _stack_loss(params[g], *batch[g], scale, grp, hp) for g, grp in stacks.items()}
         return sum(v[0] for v in out.values()), {g: v[1] for g, v in out.items()}
 
-    grads, per_group = jax.grad(total_loss, has_aux=True)(state["params"])
+    grads, per_stack = jax.grad(total_loss, has_aux=True)(state["params"])
     grads = {g: dict(gr, W_dec=sae.remove_parallel_component(state["params"][g]["W_dec"], gr["W_dec"]))
              for g, gr in grads.items()}
     updates, opt_state = adam_update(grads, state["opt_state"], hp)
@@ -292,7 +258,7 @@ def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group],
               for g, p in params.items()}
 
     metrics, last_fired, finite = {}, {}, jnp.array(True)
-    for g, (sae_losses, aux) in per_group.items():
+    for g, (sae_losses, aux) in per_stack.items():
         last_fired[g] = jnp.where(aux["fired"], step, state["last_fired"][g])
         dead = (step - last_fired[g]) >= hp.dead_window_steps
         metrics[g] = {"loss": sae_losses, "mse": aux["mse"], "fvu": aux["fvu"], "l0": aux["l0"],
@@ -306,18 +272,18 @@ def train_step(state: dict, batch: dict[str, jax.Array], grid: dict[str, Group],
     return new_state, metrics
 
 
-def make_train_step(grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.Mesh):
+def make_train_step(stacks: dict[str, Stack], hp: Hyperparams, mesh: jax.sharding.Mesh):
     """``jax.jit``-ed ``train_step`` with the mesh's shardings; the state argument is donated.
 
     Returns:
       ``step_fn(state, batch) -> (state, metrics)``; batch arrays ``[n_sites, B, d]`` with B divisible by the
       mesh's data size.
     """
-    shardings = state_shardings(abstract_state(grid, hp, mesh), mesh)
-    batch = {g: batch_sharding(mesh) for g in grid}
+    shardings = state_shardings(abstract_state(stacks, hp, mesh), mesh)
+    batch = {g: batch_sharding(mesh) for g in stacks}
     replicated = NamedSharding(mesh, P())
     return jax.jit(
-        lambda s, b: train_step(s, b, grid, hp),
+        lambda s, b: train_step(s, b, stacks, hp),
         in_shardings=(shardings, batch),
         out_shardings=(shardings, replicated),
         donate_argnums=0,

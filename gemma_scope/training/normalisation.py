@@ -1,6 +1,7 @@
-"""Feeding an activation source to the step: the normalisation constants (Gemma Scope §3) and the initial b_dec
-(zero, mean or geometric median), computed on the devices from the source's device-resident batches, and the
-grid's batches (SAE stacks and transcoder (x, y) pairs) gathered from the source's on the devices."""
+"""The normalisation constants C of every site (training sees ``x / C``; Gemma Scope §3) and the initial b_dec
+(zero, mean or geometric median), computed on the devices from an activation source's device-resident batches.
+Both are per site of the source (keyed by ``source.groups``); ``grid.Grid.constants`` lays them out as the
+stacked params are."""
 
 from __future__ import annotations
 
@@ -9,10 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-
-from gemma_scope import mesh as mesh_lib
-from gemma_scope.sites import Site, transcoder_target
-from gemma_scope.training import step as step_lib
 
 B_DEC_INITS = ("zero", "mean", "geometric_median")  # zero: the paper (§3); the others as SAELens offers them
 NORMALISATIONS = ("scalar", "per_dimension")  # scalar: the paper (§3)
@@ -44,7 +41,7 @@ def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec
       ``"scalar"`` (the paper, §3): one C for all dimensions with ``E||x / C||² = 1``.
       ``"per_dimension"``: ``C_j = σ_j · √d`` with σ_j the standard deviation of dimension j, so every dimension
         of the centred ``x / C`` has variance 1/d and ``E||(x − E x) / C||² = 1``. Deviation from the paper (our
-        choice, issue 12): the MSE then weights every dimension alike. Gemma 3 270M's residual stream has one
+        choice): the MSE then weights every dimension alike. Gemma 3 270M's residual stream has one
         dimension with ~50× the median standard deviation (55% of the variance of ordinary tokens at layer 8);
         under the paper's MSE the SAE reconstructs it to 0.7% and the other dimensions to ~20% of their
         variance, and the delta LM loss at L0 ≈ 100 is 1.1 nats; per dimension it is 0.29 nats (1.7 → 0.30 at
@@ -54,12 +51,12 @@ def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec
     ``b_dec_init``: ``"zero"`` (the paper, §3), ``"mean"`` (the activations' mean / C) or ``"geometric_median"``
     (``geometric_median`` of these batches / C; it keeps them on the devices). Deviation from the paper where
     the mean is used: Adam moves b_dec by about the learning rate per step, so a short run never reaches a residual
-    stream's mean (≈ 79% of E||x||² at Gemma 3 270M's layer 8) from 0; issue 12 measured loss recovered 52–66%
-    from zero, 74–88% from the mean (res.8, 1,600 steps).
+    stream's mean (≈ 79% of E||x||² at Gemma 3 270M's layer 8) from 0; we measured loss recovered 52–66% from
+    zero, 74–88% from the mean (res.8, 1,600 steps; README "Recipe ablation").
 
     Returns:
-      ``({group: C float32 [n_sites, d]}, {group: b_dec float32 [n_sites, d]})`` (groups as ``source.groups``; a
-      scalar C is repeated over d).
+      ``({group: C float32 [n_sites, d]}, {group: b_dec float32 [n_sites, d]})``, keyed and ordered as the
+      source's width groups (``source.groups``); a scalar C is repeated over d.
 
     Raises:
       ValueError: activations not finite (naming the batches and site) or all zero; an unknown ``b_dec_init`` or
@@ -101,69 +98,3 @@ def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec
         centre = np.asarray(median[g], np.float64) if centre is None else centre
         b_dec[g] = (centre / scale).astype(np.float32)
     return scales, b_dec
-
-
-def targets(groups: dict[str, list[str]], grid: dict[str, step_lib.Group]) -> dict[str, list[str]]:
-    """The sites each grid group's SAEs reconstruct: its own sites, or for a transcoder group the ``mlp.L`` that
-    each ``mlp_in.L`` predicts (``sites.transcoder_target``)."""
-    return {g: [str(transcoder_target(Site.parse(s))) if grid[g].transcoder else s for s in sites]
-            for g, sites in groups.items()}
-
-
-def _where(source_groups: dict[str, list[str]]) -> dict[str, tuple[str, int]]:
-    """``{site: (source group, index in it)}``."""
-    return {site: (g, i) for g, sites in source_groups.items() for i, site in enumerate(sites)}
-
-
-def grid_constants(source_groups: dict[str, list[str]], scales: dict[str, np.ndarray], b_dec: dict[str, np.ndarray],
-                   groups: dict[str, list[str]], grid: dict[str, step_lib.Group]
-                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The grid's normalisation constants and initial b_dec from the source's (``normalisation_constants``).
-
-    Returns:
-      ``({group: C float32 [n_sites, d]}, {group: b_dec float32 [n_sites, d]})``, and for a transcoder group C
-      float32 ``[n_sites, 2, d]`` = (C of its input ``mlp_in.L``, C of its output ``mlp.L``) with b_dec in the
-      output's units.
-    """
-    where = _where(source_groups)
-    pick = lambda table, site: table[where[site][0]][where[site][1]]
-    outputs = targets(groups, grid)
-    grid_scales, grid_b_dec = {}, {}
-    for g, sites in groups.items():
-        grid_scales[g] = np.array([[pick(scales, s), pick(scales, o)] if grid[g].transcoder else pick(scales, s)
-                                   for s, o in zip(sites, outputs[g])], np.float32)
-        grid_b_dec[g] = np.stack([pick(b_dec, o) for o in outputs[g]]).astype(np.float32)
-    return grid_scales, grid_b_dec
-
-
-def grid_batches(source_groups: dict[str, list[str]], groups: dict[str, list[str]],
-                 grid: dict[str, step_lib.Group], mesh):
-    """A function from a source batch ``{source group: [n, B, d]}`` to the step's batch: ``{group: [n_sites, B,
-    d]}`` for an SAE group, ``(x, y)`` of those for a transcoder group (its ``mlp_in.L`` and the ``mlp.L`` they
-    predict). Rows are gathered on the devices into ``step.batch_sharding``; a group that is a whole source group
-    is the source's array itself (no copy), so a run without transcoders feeds the source's batches unchanged.
-
-    Raises:
-      ValueError: the sites of one grid group lie in several source groups.
-    """
-    where = _where(source_groups)
-
-    def plan(sites):  # (source group, rows to gather or None for all of it)
-        (g, *others) = sorted({where[s][0] for s in sites})
-        if others:
-            raise ValueError(f"sites {sites} of one grid group lie in several source groups ({[g, *others]})")
-        index = tuple(where[s][1] for s in sites)
-        return g, None if index == tuple(range(len(source_groups[g]))) else index
-
-    outputs = targets(groups, grid)
-    plans = {g: [plan(sites)] + ([plan(outputs[g])] if grid[g].transcoder else []) for g, sites in groups.items()}
-    gather = jax.jit(lambda x, index: x[np.array(index)], static_argnums=1,
-                     out_shardings=mesh_lib.batch_sharding(mesh))
-
-    def to_grid(batch):
-        taken = {g: [batch[s] if index is None else gather(batch[s], index) for s, index in p]
-                 for g, p in plans.items()}
-        return {g: tuple(x) if grid[g].transcoder else x[0] for g, x in taken.items()}
-
-    return to_grid
-
