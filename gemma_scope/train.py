@@ -33,7 +33,7 @@ from gemma_scope.training.checkpoint import Checkpointer
 from gemma_scope.training.export import write_release
 from gemma_scope.training.grid import Grid, source_data
 from gemma_scope.training.log import MetricsLog
-from gemma_scope.training.settings import hyperparams, validate_config
+from gemma_scope.training.settings import hyperparams, lambdas_of, validate_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (experiments/<name>.py)")
 
@@ -81,6 +81,8 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
       WorkdirInUseError, OSError: another trainer holds the workdir, or it cannot be written (``workdir.py``).
     """
     sweep = validate_config(config)
+    if config.sae.l0_coefficient is None:  # record the default λ itself: config.json and a resume compare values
+        config.sae.l0_coefficient = lambdas_of(config)
     if config.mesh.distributed and not jax.distributed.is_initialized():
         jax.distributed.initialize()  # a launcher may have initialised it with an explicit coordinator
     hp = hyperparams(config)

@@ -178,6 +178,18 @@ def test_nonfinite_activations_are_rejected(tmp_path, make_npy_dir):
         train.run(_config(tmp_path / "run", data, norm_batches=1))
 
 
+def test_a_default_lambda_is_recorded_as_its_value_so_a_resume_compares_values(tmp_path, make_npy_dir):
+    data = make_npy_dir()
+    config = _config(tmp_path / "run", data, steps=4)
+    config.sae.l0_coefficient = None  # not given: λ·L0's default
+    train.run(config)
+    assert json.loads((tmp_path / "run/config.json").read_text())["sae"]["l0_coefficient"] == [1e-3]
+    resumed = _config(tmp_path / "run", data, steps=8)
+    resumed.sae.l0_coefficient = (1e-3,)  # the same λ, now given explicitly: the same run, resumed
+    train.run(resumed)
+    assert json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("sae.width", 0, "sae.width must be a positive integer"),
     ("sae.l0_coefficient", (-1.0,), "sae.l0_coefficient"),
