@@ -1,5 +1,5 @@
 """The optimizer: optax's Adam on Gemma Scope's schedule; a short training run from a fixed seed reproduces the
-stored reference of the hand-written Adam it replaced; its state's shardings.
+stored reference of the hand-written Adam it replaced; its state's shardings; old-format checkpoints.
 
 ``tests/golden/optimizer_reference.npz`` holds the params and Adam moments after ``_short_run`` of each case in
 ``CASES``, written with the hand-written Adam the step used before optax (``adam_b1 = 0`` kept no first moment) by
@@ -8,6 +8,7 @@ removed since: run now it would store optax's numbers). Keys: ``<case>/params/<g
 ``<case>/nu/<group>/<name>``, ``<case>/mu/<group>/<name>`` (β1 ≠ 0 only).
 """
 
+import json
 import pathlib
 
 import jax
@@ -17,7 +18,7 @@ import optax
 import pytest
 
 from gemma_scope import mesh as mesh_lib
-from gemma_scope.training import optimizer
+from gemma_scope.training import checkpoint, optimizer
 from gemma_scope.training import step as step_lib
 
 REFERENCE = pathlib.Path(__file__).parent / "golden/optimizer_reference.npz"
@@ -129,3 +130,71 @@ def test_moments_take_their_params_shardings(b1):
         for name, param in state["params"]["g"].items():
             assert tree["g"][name].sharding == param.sharding, name
     assert {s.data.shape for s in moments.nu["g"]["W_enc"].addressable_shards} == {(1, 16, 16)}  # M=64 over 4
+
+
+# --- checkpoints of the train state ------------------------------------------------------------------------------
+
+_CKPT_GRID = {"g": step_lib.Group(n_sites=1, d_model=16, width=64, l0_coefficients=(1e-3, 1e-2))}
+
+
+def _trained_state(hp, mesh, steps=3):
+    rng = np.random.default_rng(2)
+    state = step_lib.init_state(jax.random.key(0), _CKPT_GRID, hp, mesh)
+    train_step = step_lib.make_train_step(_CKPT_GRID, hp, mesh)
+    for _ in range(steps):
+        state, _ = train_step(state, {"g": rng.normal(size=(1, 64, 16)).astype(np.float32)})
+    return state, train_step
+
+
+def _save(directory, state, state_format):
+    saver = checkpoint.Checkpointer(directory, every=1, keep=1, state_format=state_format)
+    saver.save(3, state, force=True)
+    saver.close()
+
+
+@pytest.mark.parametrize("b1", [0.0, 0.9])
+def test_format_1_checkpoint_restores_into_the_optax_state(tmp_path, b1):
+    """A checkpoint as the hand-written Adam wrote it (``opt_state = {"count", "nu"[, "mu"]}``, no format file)
+    restores with the same numbers and shardings, and training goes on from it exactly."""
+    hp = step_lib.Hyperparams(learning_rate=1e-2, lr_warmup_steps=2, adam_b1=b1)
+    mesh = mesh_lib.make_mesh(2, 4)
+    state, train_step = _trained_state(hp, mesh)
+    expected = jax.device_get(state)
+    old = dict(state, opt_state=optimizer.format_1_layout(state["opt_state"]))
+    assert set(old["opt_state"]) == {"count", "nu", *(("mu",) if b1 else ())}
+    _save(tmp_path, old, state_format=1)
+    step_dir = tmp_path / "3"  # as written before formats were recorded: no format file in the seal
+    (step_dir / checkpoint.STATE_FORMAT_FILE).unlink()
+    (step_dir / checkpoint.CHECKSUMS_FILE).write_text(json.dumps(checkpoint.file_checksums(step_dir)))
+
+    reader = checkpoint.Checkpointer(tmp_path, every=1, keep=1, state_format=step_lib.STATE_FORMAT)
+    assert reader.latest_step() == 3 and reader.state_format(3) == 1
+    restored = step_lib.restore_state(reader, 3, _CKPT_GRID, hp, mesh)
+    reader.close()
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
+    assert jax.tree.leaves(jax.tree.map(lambda a, b: a.sharding == b.sharding, restored, state)) == \
+        [True] * len(jax.tree.leaves(state))
+    batch = {"g": np.random.default_rng(3).normal(size=(1, 64, 16)).astype(np.float32)}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(train_step(restored, batch)),
+                 jax.device_get(train_step(state, batch)))
+
+
+def test_checkpoints_record_their_format_and_other_formats_are_refused(tmp_path):
+    hp = step_lib.Hyperparams(learning_rate=1e-2)
+    mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
+    state, _ = _trained_state(hp, mesh, steps=1)
+    _save(tmp_path / "now", state, step_lib.STATE_FORMAT)
+    assert json.loads((tmp_path / "now/3" / checkpoint.STATE_FORMAT_FILE).read_text()) == {"state_format": 2}
+    assert checkpoint.STATE_FORMAT_FILE in json.loads((tmp_path / "now/3" / checkpoint.CHECKSUMS_FILE).read_text())
+    reader = checkpoint.Checkpointer(tmp_path / "now", every=1, keep=1, state_format=step_lib.STATE_FORMAT)
+    restored = step_lib.restore_state(reader, 3, _CKPT_GRID, hp, mesh)
+    reader.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+
+    _save(tmp_path / "future", state, 99)
+    reader = checkpoint.Checkpointer(tmp_path / "future", every=1, keep=1, state_format=step_lib.STATE_FORMAT)
+    with pytest.raises(ValueError, match="checkpoint step 3 has train-state format 99; this version reads formats "
+                                         "1 to 2"):
+        step_lib.restore_state(reader, 3, _CKPT_GRID, hp, mesh)
+    reader.close()

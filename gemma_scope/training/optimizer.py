@@ -3,6 +3,10 @@
 Gemma Scope trains with Adam, β1 = 0, β2 = 0.999, ε = 1e-8, and a cosine warmup of the learning rate from 0.1·η
 to η. The decoder-gradient projection before the update, and the decoder renormalisation and θ ≥ 0 clamp after
 it, are the step's (``step.train_step``), not the optimizer's.
+
+Checkpoints written before the optimizer was optax's (state format 1, ``step.STATE_FORMAT``) hold the same
+numbers in a dict, ``{"count": int32 [], "nu": second moments[, "mu": first moments]}``; ``format_1_layout`` and
+``from_format_1`` restore them.
 """
 
 from __future__ import annotations
@@ -43,6 +47,15 @@ def make_optimizer(hp) -> optax.GradientTransformation:
 
 
 def format_1_layout(opt_state):
-    """``{"count": int32 [], "nu": second moments[, "mu": first moments]}`` of ``opt_state``, an optimizer state of
-    ``make_optimizer``: the dict the hand-written Adam kept before optax."""
+    """``{"count": int32 [], "nu": second moments[, "mu": first moments]}`` of ``opt_state`` (a ``make_optimizer``
+    state, or its ``jax.ShapeDtypeStruct`` tree): the dict the hand-written Adam kept, state format 1, and so the
+    restore target of an old checkpoint's optimizer state."""
     return opt_state[0]._asdict()  # the hand-written Adam named its fields as optax does
+
+
+def from_format_1(old: dict, opt_state):
+    """The ``make_optimizer`` state holding ``old``'s numbers (a state-format-1 optimizer state restored onto
+    ``format_1_layout(opt_state)``); ``opt_state`` gives the structure (arrays or ``jax.ShapeDtypeStruct``)."""
+    moments, schedule = opt_state
+    # Two arrays: the step donates its state, and one buffer cannot be donated twice.
+    return moments._replace(**old), schedule._replace(count=jnp.copy(old["count"]))

@@ -19,6 +19,9 @@ Train state (a pytree of arrays, checkpointed whole)::
      "norm_scale": {group: float32 [n_sites, d]}  # C of each site and dimension, x = x_raw / C (passed
                                                   # through); [n_sites, 2, d] (input, output) for transcoders
      "nonfinite_step": int32 []}  # first step whose loss was NaN/Inf, -1 if none
+
+Checkpoints record the state's format (``STATE_FORMAT``): 1, the optimizer state as a dict (before optax);
+2, optax's state.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from gemma_scope import sae
 from gemma_scope.mesh import batch_sharding
 from gemma_scope.sae import losses
 from gemma_scope.training import optimizer
+
+STATE_FORMAT = 2  # module docstring; ``restore_state`` reads this and every older format
 
 # Partition spec of each stacked param (leading grid axis never split): the latent axis M goes on 'model'.
 _PARAM_SPECS = {
@@ -177,6 +182,24 @@ def abstract_state(grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.M
     tree = jax.eval_shape(lambda k: _build_state(k, grid, hp, ones), jax.random.key(0))
     shardings = state_shardings(tree, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_state(checkpointer, step: int, grid: dict[str, Group], hp: Hyperparams, mesh: jax.sharding.Mesh) -> dict:
+    """The train state saved at ``step`` by ``checkpointer`` (a ``checkpoint.Checkpointer``), laid out on ``mesh``
+    as ``init_state`` lays it out; a state-format-1 checkpoint's optimizer state is converted (the same numbers).
+
+    Raises:
+      ValueError: the checkpoint's state format is neither 1 nor ``STATE_FORMAT`` (the message names it).
+    """
+    target = abstract_state(grid, hp, mesh)
+    found = checkpointer.state_format(step)
+    if found == 1:
+        old = checkpointer.restore(step, dict(target, opt_state=optimizer.format_1_layout(target["opt_state"])))
+        return dict(old, opt_state=optimizer.from_format_1(old["opt_state"], target["opt_state"]))
+    if found != STATE_FORMAT:
+        raise ValueError(f"checkpoint step {step} has train-state format {found}; this version reads formats 1 to "
+                         f"{STATE_FORMAT}")
+    return checkpointer.restore(step, target)
 
 
 def _group_loss(params: dict, x: jax.Array, y: jax.Array | None, sparsity_scale: jax.Array, grp: Group,
