@@ -19,6 +19,7 @@ from benchmarks.common import (
     time_calls,
     write_json,
 )
+from gemma_scope import mesh as mesh_lib
 from gemma_scope.training import step
 
 
@@ -37,12 +38,12 @@ def build_benchmark_step(d_model: int, width: int, batch_size: int, compute_dtyp
     Returns:
       ``(state, step_fn)`` with ``step_fn(state, x) -> state`` for x float32/bfloat16 ``[batch_size, d_model]``.
     """
-    mesh = mesh or step.make_mesh()
+    mesh = mesh or mesh_lib.make_mesh()
     lambdas = tuple(float(v) for v in np.geomspace(1e-4, 1e-2, n_saes)) if n_saes > 1 else (1e-3,)
     grid = {"bench": step.Group(n_sites=1, d_model=d_model, width=width, l0_coefficients=lambdas)}
     hp = step.Hyperparams(compute_dtype=compute_dtype, lr_warmup_steps=0, l0_warmup_steps=0)
     train_step = step.make_train_step(grid, hp, mesh)
-    sharding = step.batch_sharding(mesh)
+    sharding = mesh_lib.batch_sharding(mesh)
     return step.init_state(jax.random.key(0), grid, hp, mesh), \
         lambda state, x: train_step(state, {"bench": jax.device_put(x[None], sharding)})[0]
 
@@ -56,7 +57,7 @@ def _batches(mesh, d_model: int, batch: int, count: int = 2) -> list[jax.Array]:
 
 def bench_step(d_model: int, width: int, batch: int, dtype: str, warmup: int, steps: int, n_saes: int = 1) -> dict:
     """Time one jitted train step of ``n_saes`` SAEs on one batch; tokens/s counts the batch once."""
-    mesh = step.make_mesh()
+    mesh = mesh_lib.make_mesh()
     state, step_fn = build_benchmark_step(d_model, width, batch, dtype, n_saes=n_saes, mesh=mesh)
     batches = _batches(mesh, d_model, batch)
     box = {"state": state, "i": 0}
