@@ -25,8 +25,8 @@ from gemma_scope.training import optimizer
 from gemma_scope.training import step as step_lib
 
 # name: (group, batch). "default": experiments/gemma3_270m_res.py's grid (res.4/8/12 × target L0 50/100/200, width
-# 2048, batch 256); "wide": one SAE of width 16384 on d 640 (batch 1024: the optimizer's share of the step is 4× that
-# at the SAE-step benchmark's 4096, and the comparison fits in minutes on two cores).
+# 2048, batch 256); "wide": one SAE of width 16384 on d 640 (batch 1024: a quarter of the matmul work of the SAE-step
+# benchmark's 4096 beside the same optimizer work, and the comparison fits in minutes on two cores).
 GRIDS = {
     "default": (step_lib.Group(n_sites=3, d_model=640, width=2048, l0_coefficients=(1.0,) * 3,
                                target_l0s=(50.0, 100.0, 200.0)), 256),
