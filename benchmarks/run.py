@@ -1,6 +1,6 @@
 """Run every benchmark side by side and write benchmarks/RESULTS.md and benchmarks/results.json.
 
-    python -m benchmarks.run                 # everything, ≥ 8 timed steps each (≈ 9 min on 2 cores)
+    python -m benchmarks.run                 # everything, ≥ 8 timed steps each (≈ 11 min on 2 cores)
     python -m benchmarks.run --steps 2 --warmup 1 --shapes 640x4096x4096   # a quick harness check
 
 Each worker runs in its own process (ours: this interpreter; SAELens: the optional venv made by
@@ -27,7 +27,7 @@ from benchmarks import report
 from benchmarks.common import DTYPES, SAE_SHAPES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "pipeline", "allocator", "gpu")
+PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "pipeline", "allocator", "gpu", "optimizer")
 TCMALLOC_GLOBS = ("/usr/lib/*/libtcmalloc_minimal.so.4",
                   str(ROOT / ".cache/tcmalloc/usr/lib/*/libtcmalloc_minimal.so.4"))
 
@@ -254,8 +254,17 @@ def main(argv: list[str] | None = None) -> None:
                              "`bash benchmarks/setup_saelens.sh`")
         print("SKIP SAELens:", errors["saelens"], file=sys.stderr)
 
-    results = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "command": shlex.join(["python", "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
+    command = shlex.join(["python", "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])])
+    if "optimizer" in parts:  # its own block of RESULTS.md: `--only optimizer` leaves the other numbers alone
+        machine = machine_info()
+        optimizer = run_worker(sys.executable, "benchmarks.optimizer_step", timing, preload, args.timeout)
+        report.write_optimizer(pathlib.Path(args.out_dir), dict(
+            optimizer, date=datetime.datetime.now().isoformat(timespec="seconds"), command=command,
+            settings={"steps": args.steps, "warmup": args.warmup}, machine=dict(machine, loadavg_after=_loadavg()),
+            versions=_versions()))
+        if parts == {"optimizer"}:
+            return
+    results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
                "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats},
                "machine": machine_info(),
                "versions": _versions(), "errors": errors, "notes": notes, "matmul": {}}

@@ -94,12 +94,13 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     batch_size, steps = config.train.batch_size, config.train.steps
     mesh = _make_mesh(config, batch_size)
 
-    checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoint_every, config.train.keep_checkpoints)
+    checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoint_every, config.train.keep_checkpoints,
+                                step_lib.STATE_FORMAT)
     last_good = checkpointer.latest_step()
     workdir_lib.check_resume(workdir, config, last_good)
     if last_good is not None:
         try:
-            state = checkpointer.restore(last_good, step_lib.abstract_state(grid.stacks, hp, mesh))
+            state = step_lib.restore_state(checkpointer, last_good, grid.stacks, hp, mesh)
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint {workdir / 'checkpoints'}/{last_good} passed its checksums but does not "
                              f"restore onto this config's state: {e}") from e

@@ -2,8 +2,9 @@
 
 import pytest
 
-from benchmarks import report, run
+from benchmarks import optimizer_step, report, run
 from benchmarks.common import sae_step_flops_per_token, summarize
+from gemma_scope.training import step as step_lib
 
 
 def test_merge_keeps_sections_written_by_others():
@@ -106,3 +107,37 @@ def test_accelerator_benchmarks_run_on_cpu_at_tiny_shapes(tmp_path):
     assert set(results["evaluation"]["passes"]) == {"clean", "spliced"}
     text = (tmp_path / "RESULTS.md").read_text()
     assert f"# Accelerator benchmarks: {results['device']}" in text and "| model |" in text
+
+
+def test_optimizer_block_shows_the_ratio_against_its_target_and_keeps_the_main_block():
+    def row(grid, old, new):
+        return {"grid": grid, "saes": 9, "d_model": 640, "width": 2048, "batch": 256, "ratio": new / old,
+                "paired_ratio": 1.0, "cpu_ratio": 0.99,
+                "old": {"median_s": old, "min_s": old - 0.01, "max_s": old + 0.01, "flops": 2e9, "bytes_accessed": 3e9,
+                        "cpu_s": 1.0},
+                "new": {"median_s": new, "min_s": new - 0.01, "max_s": new + 0.01, "flops": 2e9, "bytes_accessed": 3e9,
+                        "cpu_s": 0.99}}
+    results = {"date": "2026-12-02T03:00:00", "command": "python -m benchmarks.run --only optimizer",
+               "settings": {"steps": 20, "warmup": 2}, "versions": {"jax": "0.10.2", "optax": "0.2.8"},
+               "machine": {"cpu": "AMD EPYC", "cores": 2, "memory_gib": 23.5, "loadavg_before": "1.00 1.00 1.00",
+                           "loadavg_after": "2.00 2.00 2.00"},
+               "optimizer": [row("default", 0.5, 0.51), row("wide", 1.0, 1.05)]}
+    main = report.merge_block("", "# Benchmarks\nmain numbers\n")
+    both = report.merge_block(main, report.render_optimizer(results), report.OPTIMIZER_MARKERS)
+    assert main in both  # the main block is untouched
+    assert ("| default | 9 × 640 / 2048 / 256 | 0.500 (0.490–0.510) | 0.510 (0.500–0.520) | 1.020 (1.000), met | "
+            "1.000 / 0.990 (0.990) | 2.00 / 2.00 | 3.000 / 3.000 |") in both
+    assert "| 1.050 (1.000), **not met** |" in both
+    again = report.merge_block(both, report.render_optimizer({**results, "optimizer": [row("default", 0.5, 0.4)]}),
+                               report.OPTIMIZER_MARKERS)
+    assert main in again and "0.800 (1.000), met" in again and "1.050" not in again
+
+
+def test_optimizer_benchmark_times_both_steps_on_one_grid(monkeypatch):
+    grp = step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3, 1e-2))
+    monkeypatch.setattr(optimizer_step, "GRIDS", {"tiny": (grp, 32)})
+    r = optimizer_step.bench("tiny", warmup=1, steps=3)
+    assert (r["saes"], r["old"]["n"], r["new"]["n"]) == (4, 3, 3)
+    assert r["ratio"] == r["new"]["median_s"] / r["old"]["median_s"]
+    # The same step but for the optimizer: XLA counts the same work to within the few elementwise ops per param.
+    assert r["new"]["flops"] == pytest.approx(r["old"]["flops"], rel=0.02) and r["old"]["flops"] > 0

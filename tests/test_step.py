@@ -1,30 +1,12 @@
-"""The train step's own pieces: Adam without a first moment equals optax.adam; bfloat16 steps match float32."""
+"""The train step's own pieces: bfloat16 steps match float32, the grid layout, the mesh's model axis."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from gemma_scope import mesh as mesh_lib
 from gemma_scope.training import step as step_lib
 from gemma_scope.training.grid import Stack
-
-
-@pytest.mark.parametrize("b1", [0.0, 0.9])
-def test_adam_equals_optax_adam(b1):
-    hp = step_lib.Hyperparams(learning_rate=1e-2, lr_warmup_steps=3, adam_b1=b1)
-    rng = np.random.default_rng(0)
-    params = {"W": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32), "b": jnp.asarray(rng.normal(size=6), jnp.float32)}
-    reference = optax.adam(step_lib.learning_rate_schedule(hp), b1=b1, b2=hp.adam_b2, eps=hp.adam_eps)
-    ours, theirs = step_lib.adam_init(params, hp), reference.init(params)
-    assert ("mu" in ours) == (b1 != 0)  # β1 = 0 keeps no first moment
-    for _ in range(6):
-        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-        ours_update, ours = jax.jit(lambda g, s: step_lib.adam_update(g, s, hp))(grads, ours)
-        their_update, theirs = jax.jit(reference.update)(grads, theirs)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0), ours_update, their_update)
-        assert np.abs(np.asarray(ours_update["W"])).max() > 1e-4  # the updates are not trivially zero
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 1), (2, 4)])
@@ -45,7 +27,7 @@ def test_bfloat16_step_follows_float32_step(mesh_shape):
         return jax.device_get(state), jax.device_get(metrics)
 
     (f32, f32_metrics), (bf16, bf16_metrics) = run("float32"), run("bfloat16")
-    assert set(f32["opt_state"]) == {"count", "nu"}
+    assert f32["opt_state"][0]._fields == ("count", "nu")  # β1 = 0 keeps no first moment
     np.testing.assert_allclose(bf16_metrics["g"]["loss"], f32_metrics["g"]["loss"], rtol=2e-2)
     init = jax.device_get(step_lib.init_state(jax.random.key(0), grid, step_lib.Hyperparams(), mesh)["params"]["g"])
     # θ is left out: its pseudo-gradient counts pre-activations within ε/2 of θ, a set bfloat16 rounding changes.

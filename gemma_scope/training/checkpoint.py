@@ -12,6 +12,9 @@ shard index carries a crc32c), so a flipped byte would be restored silently. Hen
 - Verification: when a ``Checkpointer`` opens a directory it verifies the newest step; a corrupt, unreadable or
   unsealed one is reported on stderr and moved to ``<directory>-corrupt/<step>`` (never deleted), and the next
   older step is tried, so training resumes from the newest intact checkpoint.
+- Format: ``<step>/gemma_scope_state_format.json`` records the state's format number (``{"state_format": N}``,
+  sealed with the item files), so that a reader can tell which layout a checkpoint holds; checkpoints written
+  before formats were recorded have none and read as format 1.
 - Rotation (ours, not Orbax's ``max_to_keep``): only after a newer step is in place with its checksums are the
   oldest steps beyond ``keep`` removed, so the newest verified checkpoint is never removed.
 """
@@ -32,13 +35,15 @@ from jax.experimental import multihost_utils
 from gemma_scope.files import sha256_file
 
 CHECKSUMS_FILE = "gemma_scope_sha256.json"
+STATE_FORMAT_FILE = "gemma_scope_state_format.json"
 _ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax.checkpoint._src.path.atomicity_types.TMP_DIR_SUFFIX
 
 
 def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
-    """sha256 (hex) of every file below the item directories of a step directory, by relative path (hashed in
-    threads: sha256 runs at roughly 0.5–2 GB/s per core)."""
+    """sha256 (hex) of every file below the item directories of a step directory and of its state-format file, by
+    relative path (hashed in threads: sha256 runs at roughly 0.5–2 GB/s per core)."""
     files = [p for item in sorted(step_dir.iterdir()) if item.is_dir() for p in sorted(item.rglob("*")) if p.is_file()]
+    files += [p for p in (step_dir / STATE_FORMAT_FILE,) if p.is_file()]
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return {p.relative_to(step_dir).as_posix(): digest for p, digest in zip(files, pool.map(sha256_file, files))}
 
@@ -71,6 +76,7 @@ class Checkpointer:
       directory: checkpoint root (created if missing).
       every: save interval in steps (``save`` with ``force=True`` saves regardless).
       keep: number of most recent checkpoints kept.
+      state_format: the format number of the states this instance saves (module docstring).
 
     Raises:
       ValueError: every or keep < 1.
@@ -78,10 +84,11 @@ class Checkpointer:
         thread).
     """
 
-    def __init__(self, directory: str | pathlib.Path, every: int, keep: int):
+    def __init__(self, directory: str | pathlib.Path, every: int, keep: int, state_format: int):
         if every < 1 or keep < 1:
             raise ValueError(f"train.checkpoint_every ({every}) and train.keep_checkpoints ({keep}) must be >= 1")
         self._root, self._keep, self._pending = pathlib.Path(directory).absolute(), keep, None
+        self._state_format = state_format
         self._latest = self._newest_intact()
         # Directories are created in the calling thread: if that fails, save raises here instead of leaving
         # Orbax's signalling threads waiting forever (the process would never exit).
@@ -121,19 +128,29 @@ class Checkpointer:
         return target
 
     def _seal(self) -> None:
-        """Orbax's post-finalisation callback: writes the checksums into the pending step's temporary directory
-        (Orbax renames it into place afterwards)."""
+        """Orbax's post-finalisation callback: writes the state format and the checksums into the pending step's
+        temporary directory (Orbax renames it into place afterwards)."""
         if jax.process_index() != 0:
             return
         candidates = sorted(self._root.glob(f"{self._pending}{_ORBAX_TMP_SUFFIX}*"))
         if len(candidates) != 1:
             raise RuntimeError(f"cannot find the temporary directory of checkpoint {self._pending} under {self._root} "
                                f"(found {candidates}); has Orbax's naming changed?")
+        (candidates[0] / STATE_FORMAT_FILE).write_text(json.dumps({"state_format": self._state_format}) + "\n")
         (candidates[0] / CHECKSUMS_FILE).write_text(json.dumps(file_checksums(candidates[0]), indent=1) + "\n")
 
     def latest_step(self) -> int | None:
         """The newest intact checkpoint's step (verified on opening, or saved and finalised since), or None."""
         return self._latest
+
+    def state_format(self, step: int) -> int:
+        """The state format recorded with checkpoint ``step`` (1 if it records none: written before formats were).
+
+        Raises:
+          OSError, ValueError, KeyError: the format file exists but cannot be read.
+        """
+        path = self._root / str(step) / STATE_FORMAT_FILE
+        return json.loads(path.read_text())["state_format"] if path.exists() else 1
 
     def restore(self, step: int, target):
         """Restores the state saved at ``step`` onto ``target``'s structure, shapes, dtypes and shardings

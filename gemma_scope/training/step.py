@@ -13,11 +13,14 @@ Sharding: the batch axis is split over ``'data'``; the latent axis M of ``W_enc`
 
 Train state (a pytree of arrays, checkpointed whole)::
 
-    {"step": int32 [], "params": {stack: stacked params}, "opt_state": Adam state (``adam_init``),
+    {"step": int32 [], "params": {stack: stacked params}, "opt_state": optimizer state (``optimizer.make_optimizer``),
      "last_fired": {stack: int32 [n, M]}  # step at which each latent last fired (dead-latent window)
      "norm_scale": {stack: float32 [n_sites, d]}  # C of each site and dimension, x = x_raw / C (passed
                                                   # through); [n_sites, 2, d] (input, output) for transcoders
      "nonfinite_step": int32 []}  # first step whose loss was NaN/Inf, -1 if none
+
+Checkpoints record the state's format (``STATE_FORMAT``): 1, the optimizer state as a dict (before optax);
+2, optax's state.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from jax.sharding import PartitionSpec as P
 from gemma_scope import configs, sae
 from gemma_scope.mesh import batch_sharding
 from gemma_scope.sae import losses
+from gemma_scope.training import optimizer
 from gemma_scope.training.grid import Stack
+
+STATE_FORMAT = 2  # module docstring; ``restore_state`` reads this and every older format
 
 # Partition spec of each stacked param (leading stack axis never split): the latent axis M goes on 'model'.
 _PARAM_SPECS = {
@@ -75,56 +81,13 @@ class Hyperparams:
     matryoshka_prefixes: tuple[int, ...] = _RECIPE.sae.matryoshka_prefixes
 
 
-def learning_rate_schedule(hp: Hyperparams):
-    """η(step): cosine warmup from 0.1·η to η over ``lr_warmup_steps``, then constant (Gemma Scope §3)."""
-
-    def schedule(count):
-        frac = jnp.minimum(count / max(hp.lr_warmup_steps, 1), 1.0)
-        return hp.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 - jnp.cos(jnp.pi * frac)))
-
-    return schedule if hp.lr_warmup_steps > 0 else (lambda count: jnp.asarray(hp.learning_rate, jnp.float32))
-
-
 def l0_scale(step, hp: Hyperparams):
     """λ(step) / λ: linear warmup from 0 to 1 over ``l0_warmup_steps`` (Gemma Scope §3); it scales every
-    sparsity coefficient (λ of either sparsity loss and the frequency penalty's)."""
+    sparsity coefficient (λ of either sparsity loss and the frequency penalty's). It weights the loss, not the
+    update, so it lives here with the loss rather than in ``optimizer``."""
     if hp.l0_warmup_steps <= 0:
         return jnp.asarray(1.0, jnp.float32)
     return jnp.minimum(step.astype(jnp.float32) / hp.l0_warmup_steps, 1.0)
-
-
-def adam_init(params: dict, hp: Hyperparams) -> dict:
-    """Adam state ``{"count": int32 [], "nu": second moments, "mu": first moments (only if β1 ≠ 0)}``.
-
-    With Gemma Scope's β1 = 0 (§3) the first moment would just be the gradient, so it is not kept.
-    """
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
-    return {"count": jnp.zeros((), jnp.int32), "nu": zeros(), **({"mu": zeros()} if hp.adam_b1 else {})}
-
-
-def adam_update(grads: dict, opt_state: dict, hp: Hyperparams) -> tuple[dict, dict]:
-    """One Adam step on the learning-rate schedule, as ``optax.adam(schedule, b1, b2, eps)`` computes it.
-
-    ``m ← β1·m + (1 − β1)·g``, ``v ← β2·v + (1 − β2)·g²``, ``Δ = −η(t)·m̂ / (√v̂ + ε)`` with
-    ``m̂ = m / (1 − β1^(t+1))``, ``v̂ = v / (1 − β2^(t+1))`` (Kingma & Ba 2015, Alg. 1), t the count before
-    this step; with β1 = 0, ``m̂ = g`` and no first moment is stored.
-
-    Returns:
-      ``(updates, new_opt_state)``; add the updates to the params.
-    """
-    b1, b2 = hp.adam_b1, hp.adam_b2
-    count = optax.safe_increment(opt_state["count"])
-    nu = jax.tree.map(lambda g, v: (1 - b2) * (g**2) + b2 * v, grads, opt_state["nu"])
-    new_state = {"count": count, "nu": nu}
-    m_hat = grads
-    if b1:
-        new_state["mu"] = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, grads, opt_state["mu"])
-        m_hat = jax.tree.map(lambda m: m / (1 - b1**count).astype(m.dtype), new_state["mu"])
-    v_correction = 1 - b2**count
-    step_size = -learning_rate_schedule(hp)(opt_state["count"])
-    scale = lambda m, v: m / (jnp.sqrt(v / v_correction.astype(v.dtype)) + hp.adam_eps)  # noqa: E731
-    updates = jax.tree.map(lambda m, v: jnp.asarray(step_size, m.dtype) * scale(m, v), m_hat, nu)
-    return updates, new_state
 
 
 def _spec(path, leaf) -> P:
@@ -154,7 +117,7 @@ def _build_state(key: jax.Array, stacks: dict[str, Stack], hp: Hyperparams, norm
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
-        "opt_state": adam_init(params, hp),
+        "opt_state": optimizer.make_optimizer(hp).init(params),
         "last_fired": {g: jnp.zeros((grp.n, grp.width), jnp.int32) for g, grp in stacks.items()},
         "norm_scale": {g: jnp.asarray(norm_scale[g], jnp.float32) for g in stacks},
         "nonfinite_step": jnp.full((), -1, jnp.int32),
@@ -190,6 +153,24 @@ def abstract_state(stacks: dict[str, Stack], hp: Hyperparams, mesh: jax.sharding
     tree = jax.eval_shape(lambda k: _build_state(k, stacks, hp, ones, None), jax.random.key(0))
     shardings = state_shardings(tree, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_state(checkpointer, step: int, stacks: dict[str, Stack], hp: Hyperparams, mesh: jax.sharding.Mesh) -> dict:
+    """The train state saved at ``step`` by ``checkpointer`` (a ``checkpoint.Checkpointer``), laid out on ``mesh``
+    as ``init_state`` lays it out; a state-format-1 checkpoint's optimizer state is converted (the same numbers).
+
+    Raises:
+      ValueError: the checkpoint's state format is neither 1 nor ``STATE_FORMAT`` (the message names it).
+    """
+    target = abstract_state(stacks, hp, mesh)
+    found = checkpointer.state_format(step)
+    if found == 1:
+        old = checkpointer.restore(step, dict(target, opt_state=optimizer.format_1_layout(target["opt_state"])))
+        return dict(old, opt_state=optimizer.from_format_1(old["opt_state"], target["opt_state"]))
+    if found != STATE_FORMAT:
+        raise ValueError(f"checkpoint step {step} has train-state format {found}; this version reads formats 1 to "
+                         f"{STATE_FORMAT}")
+    return checkpointer.restore(step, target)
 
 
 def _stack_loss(params: dict, x: jax.Array, y: jax.Array | None, sparsity_scale: jax.Array, grp: Stack,
@@ -252,7 +233,7 @@ def train_step(state: dict, batch: dict[str, jax.Array], stacks: dict[str, Stack
     grads, per_stack = jax.grad(total_loss, has_aux=True)(state["params"])
     grads = {g: dict(gr, W_dec=sae.remove_parallel_component(state["params"][g]["W_dec"], gr["W_dec"]))
              for g, gr in grads.items()}
-    updates, opt_state = adam_update(grads, state["opt_state"], hp)
+    updates, opt_state = optimizer.make_optimizer(hp).update(grads, state["opt_state"])
     params = optax.apply_updates(state["params"], updates)
     params = {g: dict(p, W_dec=sae.normalise_decoder(p["W_dec"]), threshold=jnp.maximum(p["threshold"], 0.0))
               for g, p in params.items()}
@@ -264,7 +245,7 @@ def train_step(state: dict, batch: dict[str, jax.Array], stacks: dict[str, Stack
         metrics[g] = {"loss": sae_losses, "mse": aux["mse"], "fvu": aux["fvu"], "l0": aux["l0"],
                       "dead_fraction": dead.mean(axis=-1)}
         finite &= jnp.isfinite(sae_losses).all()
-    metrics["learning_rate"] = learning_rate_schedule(hp)(step)
+    metrics["learning_rate"] = optimizer.learning_rate_schedule(hp)(step)
     metrics["l0_scale"] = scale
     nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, step, state["nonfinite_step"])
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state, last_fired=last_fired,
