@@ -4,7 +4,7 @@ import pytest
 
 from benchmarks import optimizer_step, report, run
 from benchmarks.common import sae_step_flops_per_token, summarize
-from gemma_scope.training import step as step_lib
+from gemma_scope.training.grid import Stack
 
 
 def test_merge_keeps_sections_written_by_others():
@@ -134,7 +134,7 @@ def test_optimizer_block_shows_the_ratio_against_its_target_and_keeps_the_main_b
 
 
 def test_optimizer_benchmark_times_both_steps_on_one_grid(monkeypatch):
-    grp = step_lib.Group(n_sites=2, d_model=16, width=64, l0_coefficients=(1e-3, 1e-2))
+    grp = Stack(sites=("res.0", "res.1"), d_model=16, width=64, l0_coefficients=(1e-3, 1e-2))
     monkeypatch.setattr(optimizer_step, "GRIDS", {"tiny": (grp, 32)})
     r = optimizer_step.bench("tiny", warmup=1, steps=3)
     assert (r["saes"], r["old"]["n"], r["new"]["n"]) == (4, 3, 3)
