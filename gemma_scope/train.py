@@ -11,7 +11,7 @@ the parameters of an uninterrupted run (batches are numbered; the state holds ev
 Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step) and
 the same metrics as TensorBoard event files, ``config.json``, the SAEs in the Gemma Scope 1 layout
 ``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/`` and SAEs and transcoders in the Gemma Scope 2 layout under
-``release_gs2/`` (``export``, ``release``).
+``release_gs2/`` (``training.export``, ``release``).
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def write_gs2(root: str | os.PathLike, site: Site, params: dict[str, np.ndarray]
     Args:
       root: release root directory (created if missing).
       site: the site it reads.
-      params: folded params in raw-activation space (``release_params``), any float dtype; stored as float32.
+      params: folded params in raw-activation space (``release.params``), any float dtype; stored as float32.
         ``W_skip`` present makes the ``_affine`` variant (``affine_skip_connection``).
       average_l0: mean L0 on evaluation tokens; gives the bucket (``l0_bucket``) and config.json's ``l0``.
       model_name: config.json's ``model_name`` (GS2 writes the Hugging Face id, e.g. "google/gemma-3-270m-pt").
@@ -135,7 +135,7 @@ def write_gs2(root: str | os.PathLike, site: Site, params: dict[str, np.ndarray]
 
 def load_gs2(path: pathlib.Path) -> dict[str, np.ndarray]:
     """Reads a Gemma Scope 2 ``params.safetensors`` and checks it against its ``config.json``; returns our params
-    (``release_params``; ``W_skip`` only for an affine transcoder).
+    (``release.params``; ``W_skip`` only for an affine transcoder).
 
     Raises:
       FileNotFoundError: no config.json beside the file.

@@ -41,7 +41,7 @@ _ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax.checkpoint._src.path.atomic
 
 def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
     """sha256 (hex) of every file below the item directories of a step directory and of its state-format file, by
-    relative path (hashed in threads: sha256 runs at roughly 0.5–2 GB/s per core)."""
+    relative path (hashed in threads)."""
     files = [p for item in sorted(step_dir.iterdir()) if item.is_dir() for p in sorted(item.rglob("*")) if p.is_file()]
     files += [p for p in (step_dir / STATE_FORMAT_FILE,) if p.is_file()]
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

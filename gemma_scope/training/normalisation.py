@@ -41,18 +41,15 @@ def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec
       ``"scalar"`` (the paper, §3): one C for all dimensions with ``E||x / C||² = 1``.
       ``"per_dimension"``: ``C_j = σ_j · √d`` with σ_j the standard deviation of dimension j, so every dimension
         of the centred ``x / C`` has variance 1/d and ``E||(x − E x) / C||² = 1``. Deviation from the paper (our
-        choice): the MSE then weights every dimension alike. Gemma 3 270M's residual stream has one
-        dimension with ~50× the median standard deviation (55% of the variance of ordinary tokens at layer 8);
-        under the paper's MSE the SAE reconstructs it to 0.7% and the other dimensions to ~20% of their
-        variance, and the delta LM loss at L0 ≈ 100 is 1.1 nats; per dimension it is 0.29 nats (1.7 → 0.30 at
-        layer 4, 1.5 → 0.26 at layer 12; README "Recipe ablation"). A dimension with σ_j < 1e-6 of the mean σ is
-        treated as having that σ (no division by 0).
+        choice): the MSE then weights every dimension alike, where the paper's lets one outsized dimension
+        of a residual stream take the SAE's capacity from the dimensions the LM needs (README "Recipe" and
+        "Recipe ablation" give the measurements). A dimension with σ_j < 1e-6 of the mean σ is treated as having
+        that σ (no division by 0).
 
     ``b_dec_init``: ``"zero"`` (the paper, §3), ``"mean"`` (the activations' mean / C) or ``"geometric_median"``
     (``geometric_median`` of these batches / C; it keeps them on the devices). Deviation from the paper where
-    the mean is used: Adam moves b_dec by about the learning rate per step, so a short run never reaches a residual
-    stream's mean (≈ 79% of E||x||² at Gemma 3 270M's layer 8) from 0; we measured loss recovered 52–66% from
-    zero, 74–88% from the mean (res.8, 1,600 steps; README "Recipe ablation").
+    the mean is used: Adam moves b_dec by about the learning rate per step, so a short run never gets from 0 to a
+    residual stream whose mean holds most of E||x||² (README "Recipe").
 
     Returns:
       ``({group: C float32 [n_sites, d]}, {group: b_dec float32 [n_sites, d]})``, keyed and ordered as the

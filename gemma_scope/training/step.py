@@ -207,8 +207,9 @@ def _normalised(batch, scale: jax.Array, transcoder: bool) -> tuple[jax.Array, j
 def train_step(state: dict, batch: dict[str, jax.Array], stacks: dict[str, Stack], hp: Hyperparams):
     """One Gemma Scope training step for every SAE of the grid (§3); pure, jit it (see ``make_train_step``).
 
-    Forward, loss (Eq. 4 with λ warmup, or the recipe ``hp.sparsity_loss`` etc. select: ``losses.loss``), backward through the JumpReLU/step pseudo-derivatives, removal of the
-    decoder gradient's parallel component, Adam, unit-norm decoder rows, θ clamped at ≥ 0 (JumpReLU needs θ ≥ 0;
+    Forward, loss (``losses.loss``: Eq. 4 with λ warmup, or the sparsity terms ``hp.sparsity_loss`` etc. select),
+    backward through the JumpReLU/step pseudo-derivatives, removal of the decoder gradient's parallel component,
+    the optimizer (``optimizer.make_optimizer``), unit-norm decoder rows, θ clamped at ≥ 0 (JumpReLU needs θ ≥ 0;
     the release convention applies relu).
 
     Args:
