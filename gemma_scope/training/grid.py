@@ -167,7 +167,7 @@ class Grid:
         """The config's grid over ``source`` (an ``activations.ActivationSource``): SAEs on ``data.sites`` (every
         source site without transcoders), one stack per input width (``activations.group_sites``), and the
         transcoders of ``transcoder.layers`` once per ``transcoder.skip`` variant; ``sae.width`` latents each, the
-        sweep ``(λs, target L0s)`` of ``configs.sweep_of`` on every site.
+        sweep ``(λs, target L0s)`` of ``training.settings.sweep_of`` on every site.
 
         Raises:
           ValueError: a malformed site name among the source's, or a bad site spec (``sites.parse_sites``).
