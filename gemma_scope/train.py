@@ -78,7 +78,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     Raises:
       ValueError: a bad config or bad activations (the message names the field / batch).
       NonFiniteError: a NaN/Inf loss, naming the step; the last good checkpoint is kept.
-      WorkdirInUseError, OSError: another trainer holds the workdir, or it cannot be written (``workdir.py``).
+      WorkdirInUseError, OSError: another trainer holds the workdir, or it cannot be written (``training.workdir``).
     """
     sweep = validate_config(config)
     if config.sae.l0_coefficient is None:  # record the default λ itself: config.json and a resume compare values

@@ -150,7 +150,7 @@ def test_recovers_a_known_sparse_dictionary(sparse_dictionary_data):
 
 def _autodiff_loss(params, x, lam, compute_dtype, y=None):
     """Eq. 4 composed from the public pieces and differentiated by JAX (the hand-written backward's reference);
-    a transcoder's (module docstring of sae.py) when y is given."""
+    a transcoder's (module docstring of sae.autoencoder) when y is given."""
     z = sae.pre_activations_train(params, x, compute_dtype, transcoder=y is not None)
     x_hat = sae.decode(params, sae.jumprelu(z, params["threshold"], EPS), compute_dtype)
     if "W_skip" in params:
