@@ -9,8 +9,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# Float32 tolerances. XLA's CPU code orders a float32 sum differently by CPU (vector width, FMA), thread count,
-# fusion, jit or not and batch size, so two float32 computations of one formula need not agree bitwise. Each
+# Float32 tolerances. XLA's CPU code orders and rounds float32 sums differently by CPU (vector width, FMA), thread
+# count, fusion, jit or not and batch size, so two float32 computations of one formula need not agree bitwise. Each
 # rounding errs by at most u = 2^-24 relative; a sum of K terms rounded in any order is within (K − 1)·u·Σ|term| of
 # the exact sum and a dot product of length K within K·u·Σ|product| (Higham, Accuracy and Stability of Numerical
 # Algorithms, §3.1, §4.2); to first order the errors of chained sums add up.
