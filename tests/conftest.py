@@ -9,6 +9,37 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# Float32 tolerances. XLA's CPU code orders and rounds float32 sums differently by CPU (vector width, FMA), thread
+# count, fusion, jit or not and batch size, so two float32 computations of one formula need not agree bitwise. Each
+# rounding errs by at most u = 2^-24 relative; a sum of K terms rounded in any order is within (K − 1)·u·Σ|term| of
+# the exact sum and a dot product of length K within K·u·Σ|product| (Higham, Accuracy and Stability of Numerical
+# Algorithms, §3.1, §4.2); to first order the errors of chained sums add up.
+UNIT_ROUNDOFF = 2.0**-24
+
+
+def f32_tol(terms, magnitude=1.0):
+    """Largest difference between two float32 evaluations of a computation whose chained sums have ``terms`` terms
+    in all, in any order, each evaluation within ``terms``·u·``magnitude`` of the exact value (or of a float64
+    reference). ``magnitude`` bounds the computation redone on absolute values over the elements compared (Σ|term|
+    for a sum, |A| @ |B| for a matmul, the value itself for a sum of non-negative terms); 1 gives a relative
+    tolerance."""
+    return 2 * terms * UNIT_ROUNDOFF * float(magnitude)
+
+
+# Two float32 passes of a tiny Gemma that XLA compiles differently (jit or eager, other captures or replacements,
+# other batch sizes) agree within a few dozen u of the activations' scale: measured ≤ 18·u·max|activation| with
+# AVX-512, AVX2 and SSE4.2 code on one or two cores (23·u with XLA's fast-math reassociation). A site lies ~10^3
+# roundings deep (≈ 700 a block: norms and projections over d_model = 64 and the FFN's 128 terms, attention over
+# ≤ 30 positions) and only all of them aligned could reach ~10^3·u, so atol = PASS_TOL·max|reference| (≈ 170·u of
+# the scale) holds with room.
+PASS_TOL = 1e-5
+
+
+def nll_tol(vocab_size, logit_scale):
+    """Tolerance of a token NLL (or a mean of them) between passes compiled apart: an NLL moves by at most twice
+    its logits' error (PASS_TOL·``logit_scale``) plus the rounding of its log-sum-exp over ``vocab_size`` terms."""
+    return 2 * PASS_TOL * logit_scale + f32_tol(vocab_size)
+
 
 @pytest.fixture
 def make_npy_dir(tmp_path):

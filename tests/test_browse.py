@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import f32_tol
 
 from gemma_scope import browse, model
 from gemma_scope.evaluation import latent_site, latents
@@ -49,7 +50,8 @@ def test_running_topk_equals_brute_force_topk():
             seq, pos = divmod(int(token), t)
             np.testing.assert_allclose(stats.top.windows[latent, j], padded[seq, pos:pos + before + 1 + after, latent])
         assert stats.count[latent] == len(fired)
-        np.testing.assert_allclose(stats.total[latent], flat[fired, latent].sum(), rtol=1e-5)
+        # a sum of non-negative terms, in other orders
+        np.testing.assert_allclose(stats.total[latent], flat[fired, latent].sum(), rtol=f32_tol(len(fired)))
         # the random sample: distinct firing tokens, as many as fit, each with its own activation at the centre
         sampled = stats.sample.ids[latent][np.isfinite(stats.sample.keys[latent])]
         assert len(sampled) == min(5, len(fired)) and len(set(sampled)) == len(sampled)

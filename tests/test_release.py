@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import f32_tol
 
 from gemma_scope import release
 from gemma_scope.release import gs2 as release_gs2
@@ -85,8 +86,11 @@ def test_saelens_apply_b_dec_to_input_is_folded(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     loaded = release.load_params(path.parent / "sae_weights.safetensors")
     x = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
+    # dot products over d = 6 (b_dec @ W_enc folded into b_enc, then x @ W_enc) and two additions
+    magnitude = ((np.abs(x) + np.abs(params["b_dec"])) @ np.abs(params["W_enc"]) + np.abs(params["b_enc"])).max()
     np.testing.assert_allclose(
-        x @ loaded["W_enc"] + loaded["b_enc"], (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"], rtol=1e-5, atol=1e-5
+        x @ loaded["W_enc"] + loaded["b_enc"], (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"], rtol=0,
+        atol=f32_tol(2 * 6 + 2, magnitude)
     )
 
 
