@@ -64,13 +64,21 @@ def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
     replicated = NamedSharding(mesh, P())
-    moments = jax.jit(lambda batch: {g: (jnp.mean(jnp.square(x.astype(jnp.float32)), axis=1),
-                                         jnp.mean(x.astype(jnp.float32), axis=1)) for g, x in batch.items()},
-                      out_shardings=replicated)
+    # Moments about the first batch's mean (per site and dimension): E x² − (E x)² would cancel float32 digits
+    # where a dimension's mean is large against its spread, as residual streams' are.
+    first_mean = jax.jit(lambda batch: {g: jnp.mean(x.astype(jnp.float32), axis=1) for g, x in batch.items()},
+                         out_shardings=replicated)
+
+    def about(batch, shift):  # per site and dimension: E u², E u over the batch, u = x − shift
+        u = {g: x.astype(jnp.float32) - shift[g][:, None] for g, x in batch.items()}
+        return {g: (jnp.mean(jnp.square(v), axis=1), jnp.mean(v, axis=1)) for g, v in u.items()}
+
+    moments = jax.jit(about, out_shardings=replicated)
     batches = source.batches(batch_size, 0, mesh, stop=n_batches)
-    totals, kept = None, []
+    shift, totals, kept = None, None, []
     for batch in batches:
-        totals = moments(batch) if totals is None else jax.tree.map(jnp.add, totals, moments(batch))
+        shift = first_mean(batch) if shift is None else shift
+        totals = moments(batch, shift) if totals is None else jax.tree.map(jnp.add, totals, moments(batch, shift))
         if b_dec_init == "geometric_median":
             kept.append(batch)
     source.check_finite()
@@ -78,16 +86,18 @@ def normalisation_constants(source, mesh, batch_size: int, n_batches: int, b_dec
         median = jax.jit(lambda xs: {g: jax.vmap(geometric_median)(jnp.concatenate([x[g] for x in xs], axis=1))
                                      for g in xs[0]}, out_shardings=replicated)(kept)
     scales, b_dec = {}, {}
-    for g, (sum_sq, sum_x) in totals.items():  # per site and dimension: E x_j², E x_j
-        mean_sq, mean = np.asarray(sum_sq, np.float64) / n_batches, np.asarray(sum_x, np.float64) / n_batches
-        norm_sq = mean_sq.sum(axis=-1)
+    for g, (sum_sq, sum_u) in totals.items():  # per site and dimension: E u_j², E u_j of u = x − shift
+        offset = np.asarray(sum_u, np.float64) / n_batches
+        variance = np.maximum(np.asarray(sum_sq, np.float64) / n_batches - offset**2, 0.0)
+        mean = np.asarray(shift[g], np.float64) + offset
+        norm_sq = (variance + mean**2).sum(axis=-1)  # E||x||²
         if not (np.isfinite(norm_sq).all() and (norm_sq > 0).all()):
             raise ValueError(f"cannot normalise sites {source.groups[g]}: mean squared norms {norm_sq.tolist()} "
                              "(zero or not finite)")
         if normalisation == "scalar":
             scale = np.repeat(np.sqrt(norm_sq)[:, None], mean.shape[-1], axis=-1)
         else:
-            std = np.sqrt(np.maximum(mean_sq - mean**2, 0.0))
+            std = np.sqrt(variance)
             std = np.maximum(std, 1e-6 * std.mean(axis=-1, keepdims=True) + np.finfo(np.float32).tiny)
             scale = std * np.sqrt(mean.shape[-1])
         scales[g] = scale.astype(np.float32)
