@@ -1,12 +1,13 @@
 """Train a grid of JumpReLU SAEs and transcoders: ``python -m gemma_scope.train --config=experiments/<name>.py
 [--config.x.y=v]``.
 
-``run`` is the story of a run: validate the config (``training.settings``), build the activation source (``activations``),
-the grid (``training.grid``: which SAE reads which site at which λ) and the mesh, restore or initialise the state
-(``training.checkpoint``, ``training.normalisation``, ``training.step``), loop over the source's device-resident
-batches logging metrics (``training.log``) and checkpointing, then write the release (``training.export``). A run
-killed at any moment and restarted with the same command resumes from its newest checkpoint and ends with exactly
-the parameters of an uninterrupted run (batches are numbered; the state holds everything else).
+``run`` is the story of a run: validate the config (``training.settings``), build the activation source
+(``activations``), the grid (``training.grid``: which SAE reads which site at which λ) and the mesh, restore or
+initialise the state (``training.checkpoint``, ``training.normalisation``, ``training.step``), loop over the
+source's device-resident batches logging metrics (``training.log``) and checkpointing, then write the release
+(``training.export``). A run killed at any moment and restarted with the same command resumes from its newest
+checkpoint and ends with exactly the parameters of an uninterrupted run (batches are numbered; the state holds
+everything else).
 
 Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step) and
 the same metrics as TensorBoard event files, ``config.json``, the SAEs in the Gemma Scope 1 layout
