@@ -140,7 +140,7 @@ def main() -> None:
         source = activations.ModelSource(lm, RandomTokens(cfg.vocab_size, p["seq_len"]), sites,
                                          chunk_sequences=p["chunk_sequences"], forward_batch=p["forward_batch"],
                                          passes=p["passes"], buffer_dtype=p["dtype"])
-        stacks = Grid.build(config, source, configs.sweep_of(config)).stacks
+        stacks = Grid.build(config, source, settings.sweep_of(config)).stacks
         # Forward and step alone before and after the loop; the faster of each is kept (load only slows them), so
         # a machine whose load changes during the run cannot make the loop look better than it is.
         alone = [(forward_tokens_per_s(), step_tokens_per_s(config, stacks, args.warmup, args.steps))]
@@ -161,7 +161,7 @@ def main() -> None:
         config.data.buffer_dtype = "float32"
         config.sae.l0_coefficient = (1e-3,)
         source = activations.make_source(config.data, 0)
-        stacks = Grid.build(config, source, configs.sweep_of(config)).stacks
+        stacks = Grid.build(config, source, settings.sweep_of(config)).stacks
         npy_alone = [step_tokens_per_s(config, stacks, args.warmup, args.steps)]
         result["npy_loop_tokens_per_s"] = loop_tokens_per_s(config, source)
         npy_alone.append(step_tokens_per_s(config, stacks, args.warmup, args.steps))
