@@ -69,6 +69,20 @@ def train_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.transcoder.layers = ""
     config.transcoder.skip = (False,)  # which variants: (False,), (True,) or (False, True) (affine skip x @ W_skip)
 
+    # Cross-layer transcoders (Gemma Scope 2's clt/): one dictionary over these layers ("*", "0-17", "4,8,12"; ""
+    # for none; data.source "model" only), layer L's latents reading mlp_in.L and writing to every mlp.L' with
+    # L' >= L; trained on sae.target_l0 / l0_coefficient's sweep, one CLT per entry and skip variant.
+    config.clt = ml_collections.ConfigDict()
+    config.clt.layers = ""
+    config.clt.skip = (False,)  # (False,), (True,) or (False, True): x_L @ W_skip[L] added to mlp.L's prediction
+    config.clt.width = config_dict.placeholder(int)  # latents per layer; None: sae.width
+    config.clt.l0 = "per_layer"  # "per_layer": each layer pulled to sae.target_l0 | "total": their sum is
+    # Crosscoders (Lindsey et al. 2024; Gemma Scope 2's crosscoder/): one dictionary reading and reconstructing res.L
+    # at these layers ("5,9,12,15"; "" for none; data.source "model" only), on the same sweep.
+    config.crosscoder = ml_collections.ConfigDict()
+    config.crosscoder.layers = ""
+    config.crosscoder.width = config_dict.placeholder(int)  # latents; None: sae.width
+
     config.train = ml_collections.ConfigDict()
     config.train.steps = paper_tokens(2**14) // PAPER_BATCH_SIZE
     config.train.batch_size = PAPER_BATCH_SIZE

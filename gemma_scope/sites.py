@@ -101,6 +101,12 @@ def transcoder_spec(layers: str) -> str:
                     for kind in _TRANSCODER_KINDS)
 
 
+def crosscoder_spec(layers: str) -> str:
+    """The site spec a crosscoder over a layer spec reads and reconstructs: ``"5,9"`` -> ``"res.5,res.9"``
+    (``"*"`` and ``"a-b"`` as in site specs; ``""`` -> ``""``)."""
+    return ",".join(f"res.{entry.strip()}" for entry in layers.split(",") if entry.strip())
+
+
 def transcoder_inputs(layers: str, num_layers: int) -> list[Site]:
     """The sorted ``mlp_in.L`` sites the transcoders of a layer spec read, in a model of ``num_layers`` layers.
 

@@ -52,15 +52,20 @@ def _check_finite(state, checkpointer: Checkpointer) -> None:
         raise NonFiniteError(f"non-finite loss (NaN/Inf) at step {bad}; stopped ({kept})")
 
 
-def _make_mesh(config, batch_size: int) -> jax.sharding.Mesh:
-    """The config's ('data', 'model') mesh; ValueError if the batch or the width does not split over it."""
-    mesh = mesh_lib.make_mesh(config.mesh.data,
-                              mesh_lib.model_axis_size(config.mesh.model, config.sae.width, jax.device_count()))
+def _make_mesh(config, batch_size: int, grid: Grid) -> jax.sharding.Mesh:
+    """The config's ('data', 'model') mesh; ValueError if the batch or a width does not split over it. "auto" sizes
+    the model axis for the grid's widest dictionary (a CLT's latents counted over all its layers, as Gemma Scope 2
+    names its CLT widths)."""
+    widest = max([config.sae.width] + [s.width * (s.n_sites if s.crosslayer == "clt" else 1)
+                                       for s in grid.stacks.values()])
+    mesh = mesh_lib.make_mesh(config.mesh.data, mesh_lib.model_axis_size(config.mesh.model, widest, jax.device_count()))
     if batch_size % mesh.size:
         raise ValueError(f"train.batch_size={batch_size} must be divisible by the mesh's data size × model size = "
                          f"{mesh.size} devices (each device gathers an equal share of every batch)")
-    if config.sae.width % mesh.shape["model"]:
-        raise ValueError(f"sae.width={config.sae.width} must be divisible by the mesh's model size {mesh.shape['model']}")
+    fields = {"sae.width": config.sae.width, "clt.width": config.clt.width, "crosscoder.width": config.crosscoder.width}
+    for name, width in fields.items():
+        if width is not None and width % mesh.shape["model"]:
+            raise ValueError(f"{name}={width} must be divisible by the mesh's model size {mesh.shape['model']}")
     return mesh
 
 
@@ -93,7 +98,7 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         source = activations.make_source(source_data(config), config.seed)
     grid = Grid.build(config, source, sweep)
     batch_size, steps = config.train.batch_size, config.train.steps
-    mesh = _make_mesh(config, batch_size)
+    mesh = _make_mesh(config, batch_size, grid)
 
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoint_every, config.train.keep_checkpoints,
                                 step_lib.STATE_FORMAT)

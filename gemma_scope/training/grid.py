@@ -14,7 +14,7 @@ Words:
     stacks' batches and constants are gathered.
 
 A stack is site-major: with ``n_sweep`` sweep entries, SAE ``i`` reads row ``i // n_sweep`` and uses sweep entry
-``i % n_sweep`` (``Stack.sae``).
+``i % n_sweep`` (``Stack.sae``); a cross-layer stack's entry ``i`` reads every row and is sweep entry ``i``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from gemma_scope import mesh as mesh_lib
 from gemma_scope.activations import group_sites
 from gemma_scope.sites import (
     Site,
+    crosscoder_spec,
     parse_sites,
     release_site,
     transcoder_inputs,
@@ -37,6 +38,8 @@ from gemma_scope.sites import (
     transcoder_target,
 )
 
+CROSSLAYER_KINDS = ("clt", "crosscoder")  # Stack.crosslayer: a CLT reads mlp_in.L → mlp.L, a crosscoder res.L
+
 
 @dataclasses.dataclass(frozen=True)
 class Stack:
@@ -44,10 +47,14 @@ class Stack:
     ``len(l0_coefficients)`` SAEs each, all ``width`` latents wide. Sweep entry ``j`` uses λ ``l0_coefficients[j]``
     and, with ``sparsity_loss="target_l0"``, the target L0 ``target_l0s[j]`` (``target_l0s`` is then as long as
     ``l0_coefficients``; empty otherwise). A transcoder stack holds transcoders (``mlp_in.L`` → ``mlp.L``,
-    d_model both) with an affine skip connection or without.
+    d_model both) with an affine skip connection or without. A cross-layer stack (``crosslayer`` "clt", a
+    transcoder stack over its layers, or "crosscoder", an SAE stack over its ``res`` sites) trains one dictionary
+    per sweep entry over all its sites; a CLT's sparsity acts on each layer's L0 (``l0_per_layer``, the target
+    L0 per layer) or on their sum (the target the total).
 
     Raises:
-      ValueError: ``skip`` without ``transcoder``.
+      ValueError: ``skip`` without ``transcoder``; an unknown ``crosslayer``, or a CLT that is not a transcoder
+        stack, or a crosscoder that is.
     """
 
     sites: tuple[str, ...]
@@ -57,10 +64,16 @@ class Stack:
     target_l0s: tuple[float, ...] = ()
     transcoder: bool = False
     skip: bool = False
+    crosslayer: str = ""
+    l0_per_layer: bool = True
 
     def __post_init__(self):
         if self.skip and not self.transcoder:
             raise ValueError("an affine skip connection (skip=True) belongs to transcoder stacks only")
+        if self.crosslayer and (self.crosslayer not in CROSSLAYER_KINDS
+                                or self.transcoder != (self.crosslayer == "clt")):
+            raise ValueError(f"crosslayer must be '' or one of {CROSSLAYER_KINDS} (a CLT a transcoder stack, a "
+                             f"crosscoder not), got {self.crosslayer!r} with transcoder={self.transcoder}")
 
     @property
     def n_sites(self) -> int:
@@ -68,8 +81,8 @@ class Stack:
 
     @property
     def n(self) -> int:
-        """The number of SAEs: the stacked params' leading axis."""
-        return self.n_sites * len(self.l0_coefficients)
+        """The number of SAEs (of cross-layer dictionaries): the stacked params' leading axis."""
+        return (1 if self.crosslayer else self.n_sites) * len(self.l0_coefficients)
 
     @property
     def sites_out(self) -> tuple[str, ...]:
@@ -78,8 +91,9 @@ class Stack:
             return self.sites
         return tuple(str(transcoder_target(Site.parse(s))) for s in self.sites)
 
-    def sae(self, i: int) -> tuple[int, float, float | None]:
-        """``(row, λ, target L0 or None)`` of SAE ``i`` of the stacked params (site-major: module docstring).
+    def sae(self, i: int) -> tuple[int | None, float, float | None]:
+        """``(row, λ, target L0 or None)`` of SAE ``i`` of the stacked params (site-major: module docstring); row
+        None for a cross-layer dictionary (it reads every row).
 
         Raises:
           IndexError: i outside ``[0, n)``.
@@ -87,7 +101,8 @@ class Stack:
         if not 0 <= i < self.n:
             raise IndexError(f"SAE index {i} outside the stack's {self.n} SAEs")
         row, j = divmod(i, len(self.l0_coefficients))
-        return row, self.l0_coefficients[j], self.target_l0s[j] if self.target_l0s else None
+        target = self.target_l0s[j] if self.target_l0s else None
+        return None if self.crosslayer else row, self.l0_coefficients[j], target
 
     def saes_of_site(self, row: int) -> slice:
         """The stacked-param indices of row ``row``'s SAEs, its sweep in ``l0_coefficients`` order."""
@@ -99,44 +114,100 @@ class Stack:
 class SAE:
     """Which one an SAE or transcoder of the grid is: ``params[stack][index]``, reading row ``row`` of the stack's
     batch, the site ``site`` (a source's site name), predicting ``site_out`` (``site`` itself for an SAE), trained
-    with λ ``l0_coefficient`` and ``target_l0`` (None unless the sparsity loss is "target_l0")."""
+    with λ ``l0_coefficient`` and ``target_l0`` (None unless the sparsity loss is "target_l0"). A cross-layer
+    dictionary (``crosslayer`` "clt" or "crosscoder") reads every row (``row`` None) and its ``layers``; ``site``
+    and ``site_out`` then list its sites, comma-separated."""
 
     stack: str
     index: int
-    row: int
+    row: int | None
     site: str
     site_out: str
     l0_coefficient: float
     target_l0: float | None
     transcoder: bool
     skip: bool
+    crosslayer: str = ""
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The model layers of the sites it reads, in order."""
+        return tuple(Site.parse(s).layer for s in self.site.split(","))
 
     @property
     def label(self) -> str:
-        """Its name in metrics and reports: the site, or a transcoder's ``sites.transcoder_label``."""
+        """Its name in metrics and reports: the site, a transcoder's ``sites.transcoder_label``, or ``clt.<layers>``
+        (``+skip``) / ``crosscoder.res.<layers>`` with the layers as a spec (``"0-17"``, ``"5,9,12"``)."""
+        if self.crosslayer:
+            spec = _layer_spec(self.layers)
+            return f"clt.{spec}" + (" +skip" if self.skip else "") if self.crosslayer == "clt" else \
+                f"crosscoder.res.{spec}"
         return transcoder_label(Site.parse(self.site), self.skip) if self.transcoder else self.site
 
     @property
     def release_site(self) -> Site | None:
-        """The model site it reads as the release names it; None for ``sites.CUSTOM`` activations."""
-        return release_site(self.site)
+        """The model site it reads as the release names it; None for ``sites.CUSTOM`` activations and cross-layer
+        dictionaries."""
+        return None if self.crosslayer else release_site(self.site)
+
+
+def _layer_spec(layers: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2,5"``."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
 
 
 def _identities(name: str, stack: Stack) -> tuple[SAE, ...]:
     """The SAEs of stack ``name`` in stacked-param order."""
     sites_out = stack.sites_out
+    if stack.crosslayer:
+        return tuple(SAE(name, i, None, ",".join(stack.sites), ",".join(sites_out), lam, target, stack.transcoder,
+                         stack.skip, stack.crosslayer)
+                     for i, (_, lam, target) in enumerate(map(stack.sae, range(stack.n))))
     return tuple(SAE(name, i, row, stack.sites[row], sites_out[row], lam, target, stack.transcoder, stack.skip)
                  for i, (row, lam, target) in enumerate(map(stack.sae, range(stack.n))))
 
 
+def _extra_specs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The site specs the transcoders, CLTs and crosscoders of a config read and predict (empty ones left out)."""
+    specs = (transcoder_spec(config.transcoder.layers), transcoder_spec(config.clt.layers),
+             crosscoder_spec(config.crosscoder.layers))
+    return tuple(filter(None, specs))
+
+
 def source_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The ``data`` block of the source a config's grid reads: ``config.data``, plus each transcoder's ``mlp_in.L``
-    and ``mlp.L`` (``sites.transcoder_spec``) in ``data.sites`` when ``transcoder.layers`` names layers."""
-    if not config.transcoder.layers.strip():
+    """The ``data`` block of the source a config's grid reads: ``config.data``, plus in ``data.sites`` each
+    transcoder's and CLT layer's ``mlp_in.L`` and ``mlp.L`` (``sites.transcoder_spec``) and each crosscoder layer's
+    ``res.L``, when ``transcoder.layers``, ``clt.layers`` or ``crosscoder.layers`` name layers."""
+    extra = _extra_specs(config)
+    if not extra:
         return config.data
     data = ml_collections.ConfigDict(config.data.to_dict())
-    data.sites = ",".join(filter(None, (config.data.sites.strip(), transcoder_spec(config.transcoder.layers))))
+    data.sites = ",".join(filter(None, (config.data.sites.strip(), *extra)))
     return data
+
+
+def _crosslayer_stacks(config, source, lambdas, targets) -> dict[str, Stack]:
+    """The CLT stacks (one per ``clt.skip`` variant) and the crosscoder stack of a config."""
+    stacks, n = {}, source.num_layers
+    if config.clt.layers.strip():
+        inputs = tuple(str(s) for s in transcoder_inputs(config.clt.layers, n))
+        d = source.d_in[inputs[0]]
+        for skip in config.clt.skip:
+            stacks[f"clt{'_skip' if skip else ''}_d{d}"] = Stack(
+                inputs, d, config.clt.width or config.sae.width, lambdas, targets, transcoder=True, skip=skip,
+                crosslayer="clt", l0_per_layer=config.clt.l0 == "per_layer")
+    if config.crosscoder.layers.strip():
+        sites = tuple(str(s) for s in parse_sites(crosscoder_spec(config.crosscoder.layers), n))
+        d = source.d_in[sites[0]]
+        stacks[f"xc_d{d}"] = Stack(sites, d, config.crosscoder.width or config.sae.width, lambdas, targets,
+                                   crosslayer="crosscoder")
+    return stacks
 
 
 class Grid:
@@ -165,18 +236,22 @@ class Grid:
     def build(cls, config: ml_collections.ConfigDict, source,
               sweep: tuple[tuple[float, ...], tuple[float, ...]]) -> Grid:
         """The config's grid over ``source`` (an ``activations.ActivationSource``): SAEs on ``data.sites`` (every
-        source site without transcoders), one stack per input width (``activations.group_sites``), and the
-        transcoders of ``transcoder.layers`` once per ``transcoder.skip`` variant; ``sae.width`` latents each, the
-        sweep ``(λs, target L0s)`` of ``training.settings.sweep_of`` on every site.
+        source site without transcoders, CLTs or crosscoders), one stack per input width
+        (``activations.group_sites``), and the transcoders of ``transcoder.layers`` once per ``transcoder.skip``
+        variant; ``sae.width`` latents each, the sweep ``(λs, target L0s)`` of ``training.settings.sweep_of`` on
+        every site. Then the CLT over ``clt.layers`` once per ``clt.skip`` variant and the crosscoder over
+        ``crosscoder.layers`` (``clt.width`` / ``crosscoder.width`` latents, ``sae.width`` when None), the same
+        sweep.
 
         Raises:
           ValueError: a malformed site name among the source's, or a bad site spec (``sites.parse_sites``).
         """
         lambdas, targets = sweep
-        if config.transcoder.layers.strip():
+        if _extra_specs(config):
             n = source.num_layers
             sae_sites = [str(s) for s in parse_sites(config.data.sites, n)] if config.data.sites.strip() else []
-            inputs = [str(s) for s in transcoder_inputs(config.transcoder.layers, n)]
+            inputs = [str(s) for s in transcoder_inputs(config.transcoder.layers, n)] \
+                if config.transcoder.layers.strip() else []
         else:
             sae_sites, inputs = list(source.sites), []
         width = config.sae.width
@@ -186,6 +261,7 @@ class Grid:
             d = source.d_in[inputs[0]]
             stacks[f"tc{'_skip' if skip else ''}_d{d}"] = Stack(tuple(inputs), d, width, lambdas, targets,
                                                                 transcoder=True, skip=skip)
+        stacks.update(_crosslayer_stacks(config, source, lambdas, targets))
         for name in source.sites:  # a malformed data.site fails here, before training, not at the release
             release_site(name)
         return cls(stacks, source.groups)
@@ -219,7 +295,7 @@ class Grid:
           ``(norm_scale, b_dec)``: norm_scale ``{stack: C float32 [n_sites, d]}`` per row as the train state holds
           it (every SAE of a row sees the same ``x / C``), for a transcoder stack ``[n_sites, 2, d]`` = (C of its
           ``mlp_in.L``, C of its ``mlp.L``); b_dec ``{stack: float32 [n, d]}`` per SAE, stacked as the params
-          (site-major), in the units of the site it predicts.
+          (site-major), in the units of the site it predicts; ``[n, n_sites, d]`` for a cross-layer stack.
         """
         norm_scale, init = {}, {}
         for name, stack in self.stacks.items():
@@ -227,7 +303,8 @@ class Grid:
                 [[self._pick(scales, s), self._pick(scales, o)] if stack.transcoder else self._pick(scales, s)
                  for s, o in zip(stack.sites, stack.sites_out)], np.float32)
             per_row = np.stack([self._pick(b_dec, o) for o in stack.sites_out]).astype(np.float32)
-            init[name] = per_row[[one.row for one in self._saes[name]]]
+            init[name] = np.stack([per_row] * stack.n) if stack.crosslayer else \
+                per_row[[one.row for one in self._saes[name]]]
         return norm_scale, init
 
     def batches(self, mesh: jax.sharding.Mesh):

@@ -5,7 +5,9 @@ series ``<site>/lambda_<λ>/<metric>`` or, in a target-L0 sweep, ``<site>/target
 
 A record holds ``step``, ``site``, ``l0_coefficient`` (λ), ``target_l0`` (None unless the sparsity loss is
 "target_l0"), ``lambda_now`` (λ after warmup), ``learning_rate``,
-``tokens``, ``tokens_per_s`` and the step's per-SAE metrics (``loss``, ``mse``, ``fvu``, ``l0``, ``dead_fraction``).
+``tokens``, ``tokens_per_s`` and the step's per-SAE metrics (``loss``, ``mse``, ``fvu``, ``l0``, ``dead_fraction``;
+a CLT's or crosscoder's also ``fvu_layers`` and a CLT's ``l0_layers``, lists over its layers, which TensorBoard gets
+as one series per layer, ``<label>/<sweep>/l0_layers/<i>``).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class MetricsLog:
         records = [{"step": step, "site": one.label, "l0_coefficient": one.l0_coefficient,
                     "target_l0": one.target_l0, "lambda_now": one.l0_coefficient * scale, "learning_rate": lr,
                     "tokens": step * self._batch, "tokens_per_s": tokens_per_s,
-                    **{k: float(v[one.index]) for k, v in metrics[one.stack].items()}}
+                    **{k: v[one.index].tolist() for k, v in metrics[one.stack].items()}}
                    for one in self._saes]
         with self._path.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -81,9 +83,11 @@ class MetricsLog:
             self._writer.add_scalar(name, records[0][name], step)
         for r in records:
             for key, value in r.items():
-                if key not in _NOT_SERIES:
-                    self._writer.add_scalar(tensorboard_tag(r["site"], r["l0_coefficient"], r["target_l0"], key),
-                                           value, step)
+                if key in _NOT_SERIES:
+                    continue
+                tag = tensorboard_tag(r["site"], r["l0_coefficient"], r["target_l0"], key)
+                for i, v in enumerate(value) if isinstance(value, list) else ((None, value),):
+                    self._writer.add_scalar(tag if i is None else f"{tag}/{i}", v, step)
         self._writer.flush()
         first = records[0]
         self._bar.set_postfix(loss=f"{first['loss']:.4g}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",

@@ -106,9 +106,38 @@ def validate_config(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if config.transcoder.layers.strip() and config.data.source != "model":
         raise ValueError(f"transcoder.layers={config.transcoder.layers!r} needs data.source='model' (a transcoder "
                          f"reads mlp_in.L and mlp.L of one LM pass), got data.source={config.data.source!r}")
+    _check_crosslayer(config)
     if not config.workdir:
         raise ValueError("workdir must name an output directory")
     return sweep
+
+
+CLT_L0 = ("per_layer", "total")  # clt.l0: sae.target_l0 is each layer's L0 target, or the sum's
+
+
+def _check_crosslayer(config) -> None:
+    """The ``clt`` and ``crosscoder`` blocks (``configs.train_config``); layer specs are checked against the model
+    when the grid is built (``sites.parse_sites``)."""
+    skips = tuple(config.clt.skip) if isinstance(config.clt.skip, (tuple, list)) else None
+    if not skips or not all(isinstance(v, bool) for v in skips) or len(set(skips)) != len(skips):
+        raise ValueError(f"clt.skip must be (False,), (True,) or (False, True), got {config.clt.skip!r}")
+    if config.clt.l0 not in CLT_L0:
+        raise ValueError(f"clt.l0 must be one of {CLT_L0}, got {config.clt.l0!r}")
+    for block in ("clt", "crosscoder"):
+        layers, width = config[block].layers, config[block].width
+        if not isinstance(layers, str):
+            raise ValueError(f"{block}.layers must be a layer spec string such as '*', '0-17' or '5,9,12', got "
+                             f"{layers!r}")
+        if width is not None and (not isinstance(width, int) or width <= 0):
+            raise ValueError(f"{block}.width must be a positive integer (latents per layer) or None (sae.width), "
+                             f"got {width!r}")
+        if layers.strip() and config.data.source != "model":
+            raise ValueError(f"{block}.layers={layers!r} needs data.source='model' (it reads several layers of one "
+                             f"LM pass), got data.source={config.data.source!r}")
+        if layers.strip() and tuple(config.sae.matryoshka_prefixes):
+            raise ValueError(f"{block}.layers={layers!r} cannot train with sae.matryoshka_prefixes="
+                             f"{tuple(config.sae.matryoshka_prefixes)} (no Matryoshka loss for cross-layer "
+                             "dictionaries); set sae.matryoshka_prefixes=()")
 
 
 def hyperparams(config) -> step.Hyperparams:

@@ -7,20 +7,26 @@ target L0s of a sweep, params stacked ``[n, ...]`` site-major). One activation b
 ``(x, y)`` of such arrays (``mlp_in.L`` read, ``mlp.L`` predicted), and all its transcoders have an affine skip or
 none do (``Stack.skip``).
 
-Sharding: the batch axis is split over ``'data'``; the latent axis M of ``W_enc``, ``b_enc``, ``W_dec``,
+A cross-layer stack (``Stack.crosslayer``) holds one CLT or crosscoder per sweep entry, each over all the stack's
+sites (``sae.crosslayer``'s layout behind the sweep axis: a CLT's ``W_dec [n, n_sites, F, n_sites, d]``), trained
+with ``sae.crosslayer_train``'s loss, its decoder constraint per latent over the latent's target layers.
+
+Sharding: the batch axis is split over ``'data'``; the latent axis M (F) of ``W_enc``, ``b_enc``, ``W_dec``,
 ``threshold`` (and their Adam moments) over ``'model'`` — a ``model`` axis of size 1 is pure data parallelism
 (narrow SAEs), larger sizes are latent-axis tensor parallelism (wide SAEs; only small all-reduces, §3.3).
 
 Train state (a pytree of arrays, checkpointed whole)::
 
     {"step": int32 [], "params": {stack: stacked params}, "opt_state": optimizer state (``optimizer.make_optimizer``),
-     "last_fired": {stack: int32 [n, M]}  # step at which each latent last fired (dead-latent window)
+     "last_fired": {stack: int32 [n, M]}  # step at which each latent last fired (dead-latent window); a CLT
+                                          # stack's [n, n_sites, F]
      "norm_scale": {stack: float32 [n_sites, d]}  # C of each site and dimension, x = x_raw / C (passed
                                                   # through); [n_sites, 2, d] (input, output) for transcoders
      "nonfinite_step": int32 []}  # first step whose loss was NaN/Inf, -1 if none
 
 Checkpoints record the state's format (``STATE_FORMAT``): 1, the optimizer state as a dict (before optax);
-2, optax's state.
+2, optax's state. Cross-layer stacks did not change the format: they are further stacks under the same keys, whose
+shapes follow from the config (as a new site's do), and the state of a config without them is unchanged.
 """
 
 from __future__ import annotations
@@ -36,21 +42,17 @@ from jax.sharding import PartitionSpec as P
 
 from gemma_scope import configs, sae
 from gemma_scope.mesh import batch_sharding
-from gemma_scope.sae import losses
+from gemma_scope.sae import crosslayer_train, losses
 from gemma_scope.training import optimizer
 from gemma_scope.training.grid import Stack
 
 STATE_FORMAT = 2  # module docstring; ``restore_state`` reads this and every older format
 
-# Partition spec of each stacked param (leading stack axis never split): the latent axis M goes on 'model'.
-_PARAM_SPECS = {
-    "W_enc": P(None, None, "model"),
-    "b_enc": P(None, "model"),
-    "threshold": P(None, "model"),
-    "W_dec": P(None, "model", None),
-    "b_dec": P(None, None),
-    "W_skip": P(None, None, None),  # [d, d], small: replicated
-}
+# The latent axis of each stacked param that has one, from the end (W_enc [..., d, M], W_dec [..., M, d] of an SAE,
+# [..., F, n, d] of a CLT or crosscoder: rank 3 is an SAE stack's); it goes on 'model', every other axis (the
+# leading stack axis, b_dec, W_skip [d, d]) is not split.
+_LATENT_AXIS = {"W_enc": lambda ndim: -1, "b_enc": lambda ndim: -1, "threshold": lambda ndim: -1,
+                "W_dec": lambda ndim: -2 if ndim == 3 else -3}
 
 
 # The recipe's defaults, written once in configs.train_config (any data block: only sae and train are read).
@@ -93,11 +95,14 @@ def l0_scale(step, hp: Hyperparams):
 def _spec(path, leaf) -> P:
     """Partition spec of a state leaf: params and their Adam moments by key, last_fired on M, the rest replicated."""
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    ndim = getattr(leaf, "ndim", 0)
     if keys and keys[0] == "last_fired":
-        return P(None, "model")
-    if keys and keys[-1] in _PARAM_SPECS and getattr(leaf, "ndim", 0) == len(_PARAM_SPECS[keys[-1]]):
-        return _PARAM_SPECS[keys[-1]]
-    return P()
+        axis = ndim - 1
+    elif keys and keys[-1] in _LATENT_AXIS and ndim >= 2:
+        axis = ndim + _LATENT_AXIS[keys[-1]](ndim)
+    else:
+        return P()
+    return P(*(("model" if a == axis else None) for a in range(ndim)))
 
 
 def state_shardings(state, mesh: jax.sharding.Mesh):
@@ -110,18 +115,27 @@ def _build_state(key: jax.Array, stacks: dict[str, Stack], hp: Hyperparams, norm
     """The fresh, unsharded train state (module docstring); every SAE gets its own init key."""
     params = {}
     for k, (g, grp) in zip(jax.random.split(key, len(stacks)), sorted(stacks.items())):
-        init = lambda kk, grp=grp: sae.init_params(kk, grp.d_model, grp.width, hp.threshold_init, grp.skip)  # noqa: E731
-        params[g] = jax.vmap(init)(jax.random.split(k, grp.n))
+        params[g] = jax.vmap(lambda kk, grp=grp: _init_one(kk, grp, hp))(jax.random.split(k, grp.n))
         if b_dec is not None:
             params[g]["b_dec"] = jnp.asarray(b_dec[g], jnp.float32)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "opt_state": optimizer.make_optimizer(hp).init(params),
-        "last_fired": {g: jnp.zeros((grp.n, grp.width), jnp.int32) for g, grp in stacks.items()},
+        "last_fired": {g: jnp.zeros((grp.n, *((grp.n_sites,) if grp.crosslayer == "clt" else ()), grp.width),
+                                    jnp.int32) for g, grp in stacks.items()},
         "norm_scale": {g: jnp.asarray(norm_scale[g], jnp.float32) for g in stacks},
         "nonfinite_step": jnp.full((), -1, jnp.int32),
     }
+
+
+def _init_one(key: jax.Array, grp: Stack, hp: Hyperparams) -> dict:
+    """One SAE, transcoder, CLT or crosscoder of stack ``grp``, freshly initialised."""
+    if grp.crosslayer == "clt":
+        return crosslayer_train.init_clt(key, grp.n_sites, grp.d_model, grp.width, hp.threshold_init, grp.skip)
+    if grp.crosslayer == "crosscoder":
+        return crosslayer_train.init_crosscoder(key, grp.n_sites, grp.d_model, grp.width, hp.threshold_init)
+    return sae.init_params(key, grp.d_model, grp.width, hp.threshold_init, grp.skip)
 
 
 def init_state(key: jax.Array, stacks: dict[str, Stack], hp: Hyperparams, mesh: jax.sharding.Mesh,
@@ -178,6 +192,8 @@ def _stack_loss(params: dict, x: jax.Array, y: jax.Array | None, sparsity_scale:
     """Sum of the stack's SAE losses and their per-SAE aux; params ``[n, ...]``, x ``[n_sites, B, d]``, y the
     transcoders' targets like x (None for SAEs); ``sparsity_scale`` the warmup factor of every sparsity
     coefficient (``l0_scale``)."""
+    if grp.crosslayer:
+        return _crosslayer_loss(params, x, y, sparsity_scale, grp, hp)
     n_l = len(grp.l0_coefficients)
     by_site = jax.tree.map(lambda a: a.reshape(grp.n_sites, n_l, *a.shape[1:]), params)
     lambdas = sparsity_scale * jnp.asarray(grp.l0_coefficients, jnp.float32)
@@ -194,6 +210,26 @@ def _stack_loss(params: dict, x: jax.Array, y: jax.Array | None, sparsity_scale:
         by_site, x, y, lambdas, targets)
     flat = lambda a: a.reshape(grp.n, *a.shape[2:])  # noqa: E731
     return sae_losses.sum(), (flat(sae_losses), jax.tree.map(flat, aux))
+
+
+def _crosslayer_loss(params: dict, x: jax.Array, y: jax.Array | None, sparsity_scale: jax.Array, grp: Stack,
+                     hp: Hyperparams):
+    """``_stack_loss`` of a cross-layer stack: one CLT or crosscoder per sweep entry, all reading the whole batch
+    ``x`` (``y``) ``[n_sites, B, d]``."""
+    lambdas = sparsity_scale * jnp.asarray(grp.l0_coefficients, jnp.float32)
+    targets = jnp.asarray(grp.target_l0s or (1.0,) * grp.n, jnp.float32)
+    kw = dict(sparsity_loss=hp.sparsity_loss, frequency_coefficient=sparsity_scale * hp.frequency_coefficient,
+              frequency_threshold=hp.frequency_threshold)
+    dtype = jnp.dtype(hp.compute_dtype)
+
+    def one(p, lam, target):
+        if grp.crosslayer == "clt":
+            return crosslayer_train.clt_loss(p, x, y, lam, hp.bandwidth, dtype, target_l0=target,
+                                             l0_per_layer=grp.l0_per_layer, **kw)
+        return crosslayer_train.crosscoder_loss(p, x, lam, hp.bandwidth, dtype, target_l0=target, **kw)
+
+    dict_losses, aux = jax.vmap(one)(params, lambdas, targets)
+    return dict_losses.sum(), (dict_losses, aux)
 
 
 def _normalised(batch, scale: jax.Array, transcoder: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -220,7 +256,9 @@ def train_step(state: dict, batch: dict[str, jax.Array], stacks: dict[str, Stack
 
     Returns:
       ``(new_state, metrics)``: metrics ``{stack: {"loss", "mse", "fvu", "l0", "dead_fraction": float32 [n]}}``
-      plus ``"learning_rate"`` and ``"l0_scale"`` (λ now / λ) scalars of this step.
+      (a cross-layer stack's ``mse`` and ``l0`` summed over layers, ``fvu`` their squared error over their variance,
+      plus ``"fvu_layers"`` and a CLT's ``"l0_layers"`` ``[n, n_sites]``) plus ``"learning_rate"`` and
+      ``"l0_scale"`` (λ now / λ) scalars of this step.
     """
     step = state["step"]
     scale = l0_scale(step, hp)
@@ -232,11 +270,13 @@ def train_step(state: dict, batch: dict[str, jax.Array], stacks: dict[str, Stack
         return sum(v[0] for v in out.values()), {g: v[1] for g, v in out.items()}
 
     grads, per_stack = jax.grad(total_loss, has_aux=True)(state["params"])
-    grads = {g: dict(gr, W_dec=sae.remove_parallel_component(state["params"][g]["W_dec"], gr["W_dec"]))
+    # One unit-norm decoder per latent: an SAE's row, a cross-layer latent's rows over its target layers.
+    lib = {g: crosslayer_train if grp.crosslayer else sae for g, grp in stacks.items()}
+    grads = {g: dict(gr, W_dec=lib[g].remove_parallel_component(state["params"][g]["W_dec"], gr["W_dec"]))
              for g, gr in grads.items()}
     updates, opt_state = optimizer.make_optimizer(hp).update(grads, state["opt_state"])
     params = optax.apply_updates(state["params"], updates)
-    params = {g: dict(p, W_dec=sae.normalise_decoder(p["W_dec"]), threshold=jnp.maximum(p["threshold"], 0.0))
+    params = {g: dict(p, W_dec=lib[g].normalise_decoder(p["W_dec"]), threshold=jnp.maximum(p["threshold"], 0.0))
               for g, p in params.items()}
 
     metrics, last_fired, finite = {}, {}, jnp.array(True)
@@ -244,7 +284,8 @@ def train_step(state: dict, batch: dict[str, jax.Array], stacks: dict[str, Stack
         last_fired[g] = jnp.where(aux["fired"], step, state["last_fired"][g])
         dead = (step - last_fired[g]) >= hp.dead_window_steps
         metrics[g] = {"loss": sae_losses, "mse": aux["mse"], "fvu": aux["fvu"], "l0": aux["l0"],
-                      "dead_fraction": dead.mean(axis=-1)}
+                      "dead_fraction": dead.reshape(dead.shape[0], -1).mean(axis=-1),
+                      **{k: aux[k] for k in ("l0_layers", "fvu_layers") if k in aux}}
         finite &= jnp.isfinite(sae_losses).all()
     metrics["learning_rate"] = optimizer.learning_rate_schedule(hp)(step)
     metrics["l0_scale"] = scale
