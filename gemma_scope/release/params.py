@@ -120,3 +120,44 @@ def read_json(path: pathlib.Path) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+def tensor_shape(raw: dict[str, np.ndarray], key: str, file: pathlib.Path, what: str | None = None) -> tuple:
+    """The shape of ``raw[key]`` read from ``file``; ``what`` (e.g. ``"[d_model, width]"``) names its expected
+    form, and its rank is checked when given as ``[a, b, ...]``.
+
+    Raises:
+      ValueError: naming the file and the key: the key is missing, or its rank is not ``what``'s.
+    """
+    if key not in raw:
+        raise ValueError(f"{file}: missing key {key!r}" + (f" {what}" if what else "") + f" (has {sorted(raw)})")
+    shape = raw[key].shape
+    if what and what.startswith("[") and len(shape) != what.count(",") + 1:
+        raise ValueError(f"{file}: key {key!r} has shape {shape}; expected {what}")
+    return shape
+
+
+def check_tensors(raw: dict[str, np.ndarray], expected: dict[str, tuple], file: pathlib.Path, where: str) -> None:
+    """Checks the arrays read from one file: exactly the keys of ``expected``, each of its shape, a float dtype,
+    finite, and ``threshold`` (if expected) ``>= 0``; ``where`` says where the expected sizes come from.
+
+    Raises:
+      ValueError: one line naming the file, the key and the expected shape.
+    """
+    for key, shape in expected.items():
+        value = raw.get(key)
+        if value is None:
+            raise ValueError(f"{file}: missing key {key!r}; expected shape {shape} ({where}; has {sorted(raw)})")
+        if value.shape != shape:
+            raise ValueError(f"{file}: key {key!r} has shape {value.shape}; expected {shape} ({where})")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"{file}: key {key!r} has dtype {value.dtype}; expected a float dtype")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{file}: key {key!r} {shape} holds {value.size - np.isfinite(value).sum()} "
+                             "non-finite values")
+    extra = sorted(set(raw) - set(expected))
+    if extra:
+        raise ValueError(f"{file}: unexpected key(s) {extra}; expected exactly {sorted(expected)} ({where})")
+    if "threshold" in expected and (raw["threshold"] < 0).any():
+        raise ValueError(f"{file}: key 'threshold' has negative entries (min {raw['threshold'].min()}); "
+                         "expected >= 0")

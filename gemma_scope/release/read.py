@@ -1,5 +1,7 @@
 """Reading any release: the files a command-line path names, and the SAE or transcoder in one whatever its layout
-(Gemma Scope 1 ``params.npz`` and SAELens, ``release.gs1``; Gemma Scope 2, ``release.gs2``)."""
+(Gemma Scope 1 ``params.npz`` and SAELens, ``release.gs1``; Gemma Scope 2, ``release.gs2``), and the cross-layer
+transcoders and crosscoders of Gemma Scope 2 (``release.gs2_crosslayer``: a directory of
+``params_layer_*.safetensors``, named by the directory itself)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,13 @@ import numpy as np
 from gemma_scope import sites
 from gemma_scope.release.gs1 import PARAMS_FILE, SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE, load_gs1
 from gemma_scope.release.gs2 import GS2_CONFIG_FILE, GS2_PARAMS_FILE, gs2_sites, load_gs2
+from gemma_scope.release.gs2_crosslayer import (
+    LAYER_FILE_RE,
+    crosslayer_kind,
+    crosslayer_layers,
+    is_crosslayer_dir,
+    read_crosslayer,
+)
 from gemma_scope.release.params import read_json
 
 
@@ -18,6 +27,9 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads and validates an SAE or transcoder: a Gemma Scope 1 ``params.npz``, a Gemma Scope 2
     ``params.safetensors`` (with its ``config.json``), a SAELens JumpReLU ``sae_weights.safetensors`` (with its
     ``cfg.json``, if any), or a directory holding one of them (in that order of preference).
+
+    A directory of ``params_layer_*.safetensors`` (a GS2 CLT or crosscoder) gives ``gemma_scope.sae.crosslayer``'s
+    params instead (``release.gs2_crosslayer.read_crosslayer``; ``crosslayer.kind`` tells them apart).
 
     Returns the float32 arrays of ``release.params`` (``W_skip`` only for an affine transcoder). A SAELens SAE
     with ``apply_b_dec_to_input`` true is folded into the Gemma Scope convention (``b_enc' = b_enc − b_dec @
@@ -32,12 +44,15 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
         than "none". The message names the file and the key.
     """
     path = _params_file(pathlib.Path(path))
+    if path.is_dir():
+        return read_crosslayer(path)[0]
     return load_gs2(path) if path.name == GS2_PARAMS_FILE else load_gs1(path)
 
 
 def find_saes(path: str | pathlib.Path) -> list[pathlib.Path]:
     """SAE and transcoder files named by a command-line path: a params file, an SAE directory, or a release root
-    (every ``params.npz`` and ``params.safetensors`` below it, sorted).
+    (every ``params.npz`` and ``params.safetensors`` below it, sorted). A CLT or crosscoder is named by its
+    directory (the one holding ``params_layer_*.safetensors``), itself or below a root.
 
     Raises:
       FileNotFoundError: nothing SAE-like at or below path.
@@ -46,8 +61,11 @@ def find_saes(path: str | pathlib.Path) -> list[pathlib.Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
+        if is_crosslayer_dir(path):
+            return [path]
         found = [path / name for name in (PARAMS_FILE, GS2_PARAMS_FILE) if (path / name).is_file()][:1]
-        found = found or sorted([*path.rglob(PARAMS_FILE), *path.rglob(GS2_PARAMS_FILE)])
+        multi = {p.parent for p in path.rglob("params_layer_*.safetensors") if LAYER_FILE_RE.fullmatch(p.name)}
+        found = found or sorted([*path.rglob(PARAMS_FILE), *path.rglob(GS2_PARAMS_FILE), *multi])
         found = found or ([path / SAELENS_WEIGHTS_FILE] if (path / SAELENS_WEIGHTS_FILE).is_file() else [])
         if found:
             return found
@@ -59,11 +77,18 @@ def sae_info(path: pathlib.Path) -> dict:
     """What a release says about an SAE or transcoder file: ``site`` (the site it reads) and ``site_out`` (the site
     it predicts; ``site`` for an SAE) as strings, from a GS2 ``config.json``, the GS1
     ``<kind>/layer_<L>/width_<W>/average_l0_<K>`` layout or SAELens ``cfg.json`` metadata, and ``l0_coefficient``
-    and ``target_l0`` (SAELens metadata); None when unknown.
+    and ``target_l0`` (SAELens metadata); None when unknown. For a CLT or crosscoder directory also ``kind``
+    ("clt" | "crosscoder") and ``layers`` (the covered model layers); ``site`` / ``site_out`` are then those of
+    its first layer (``mlp_in.L`` / ``mlp.L``, or ``res.L``).
 
     Raises:
       ValueError: a GS2 config.json that is malformed (as in ``load_params``).
     """
+    if path.is_dir() and is_crosslayer_dir(path):
+        kind, layers = crosslayer_kind(path), crosslayer_layers(path)
+        site, site_out = (("mlp_in", "mlp") if kind == "clt" else ("res", "res"))
+        return {"site": f"{site}.{layers[0]}", "site_out": f"{site_out}.{layers[0]}", "l0_coefficient": None,
+                "target_l0": None, "kind": kind, "layers": layers}
     if path.name == GS2_PARAMS_FILE:
         site, site_out = gs2_sites(read_json(path.parent / GS2_CONFIG_FILE))
         return {"site": str(site), "site_out": str(site_out), "l0_coefficient": None, "target_l0": None}
@@ -102,6 +127,8 @@ def load_sae(path: str | os.PathLike, site: str | None) -> tuple[pathlib.Path, d
 def _params_file(path: pathlib.Path) -> pathlib.Path:
     """The params file a path names: itself, or the first of params.npz / params.safetensors /
     sae_weights.safetensors in a directory."""
+    if path.is_dir() and is_crosslayer_dir(path):
+        return path
     if path.is_dir():
         names = (PARAMS_FILE, GS2_PARAMS_FILE, SAELENS_WEIGHTS_FILE)
         found = next((path / name for name in names if (path / name).is_file()), None)

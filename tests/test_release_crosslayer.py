@@ -1,0 +1,128 @@
+"""Gemma Scope 2's CLT and crosscoder layouts: round trip through our writer and reader, the dispatching reader."""
+
+import json
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from gemma_scope import release
+from gemma_scope.release import gs2_crosslayer as gs2x
+
+
+def random_clt(n=3, d=8, width=5, skip=True, seed=0):
+    """A CLT in ``sae.crosslayer``'s layout with its unused slots W_dec[i, :, j < i] zero."""
+    rng = np.random.default_rng(seed)
+    params = {"W_enc": rng.normal(size=(n, d, width)), "b_enc": rng.normal(size=(n, width)),
+              "threshold": rng.uniform(0, 1, size=(n, width)), "W_dec": rng.normal(size=(n, width, n, d)),
+              "b_dec": rng.normal(size=(n, d))}
+    if skip:
+        params["W_skip"] = rng.normal(size=(n, d, d))
+    params["W_dec"] *= np.triu(np.ones((n, n)))[:, None, :, None]
+    return {k: v.astype(np.float32) for k, v in params.items()}
+
+
+def random_crosscoder(n=4, d=6, width=12, block_diagonal=True, seed=1):
+    rng = np.random.default_rng(seed)
+    params = {"W_enc": rng.normal(size=(n, d, width)), "b_enc": rng.normal(size=width),
+              "threshold": rng.uniform(0, 1, size=width), "W_dec": rng.normal(size=(width, n, d)),
+              "b_dec": rng.normal(size=(n, d))}
+    if block_diagonal:
+        blocks = np.array_split(np.arange(width), n)
+        mask = np.zeros((n, 1, width))
+        for k, block in enumerate(blocks):
+            mask[k, 0, block] = 1
+        params["W_enc"] *= mask
+    return {k: v.astype(np.float32) for k, v in params.items()}
+
+
+def test_clt_of_some_layers_round_trips_and_files_hold_gs2_slots(tmp_path):
+    params = random_clt()
+    layers = [1, 3, 4]
+    out = release.write_clt(tmp_path, params, layers, n_layers=6, average_l0=[40.0, 50.0, 60.0],
+                            metadata={"model_name": "google/gemma-3-270m", "seed": np.int64(3)})
+    assert out == tmp_path / "clt" / "layer_1_3_4_width_15_l0_medium_affine"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"] + [f"params_layer_{i}.safetensors" for i in layers]
+    raw = safetensors.numpy.load_file(out / "params_layer_3.safetensors")
+    assert {k: v.shape for k, v in raw.items()} == {"w_enc": (8, 5), "b_enc": (5,), "threshold": (5,),
+                                                    "w_dec": (5, 6, 8), "b_dec": (8,),
+                                                    "affine_skip_connection": (8, 8)}
+    np.testing.assert_array_equal(raw["w_dec"][:, 3], params["W_dec"][1, :, 1])
+    np.testing.assert_array_equal(raw["w_dec"][:, 4], params["W_dec"][1, :, 2])
+    assert not raw["w_dec"][:, [0, 1, 2, 5]].any()  # below the source layer, and layer 5 (not covered)
+    np.testing.assert_array_equal(raw["b_dec"], params["b_dec"][1])
+    config = json.loads((out / "config.json").read_text())
+    assert config["type"] == "clt" and config["layers"] == layers and config["n_layers"] == 6
+    assert config["width"] == 15 and config["l0"] == 50 and config["affine_connection"] is True
+    assert config["hf_hook_point_in"] == "model.layers.{layer}.pre_feedforward_layernorm.output"
+    assert config["model_name"] == "google/gemma-3-270m" and config["seed"] == 3
+    back, info = release.read_clt(out)
+    assert sorted(back) == sorted(params)
+    for key in params:
+        np.testing.assert_array_equal(back[key], params[key], err_msg=key)
+    assert info["layers"] == layers and info["n_layers"] == 6 and info["affine"] is True
+    assert info["average_l0"] == [40.0, 50.0, 60.0]
+
+
+def test_clt_of_all_layers_drops_unused_slots_and_reads_through_the_dispatcher(tmp_path):
+    params = random_clt(skip=False)
+    params["W_dec"][2, :, 0] = 7.0  # an unused slot (j < i): crosslayer masks it; the file holds zero
+    out = release.write_clt(tmp_path, params, [0, 1, 2], n_layers=3, average_l0=[100.0, 120.0, 110.0], metadata={})
+    assert out.name == "width_15_l0_big"
+    assert release.find_saes(tmp_path) == [out] and release.find_saes(out) == [out]
+    info = release.sae_info(out)
+    assert info == {"site": "mlp_in.0", "site_out": "mlp.0", "l0_coefficient": None, "target_l0": None,
+                    "kind": "clt", "layers": [0, 1, 2]}
+    back = release.load_params(out)
+    assert back["W_dec"][2, :, 0].max() == 0
+    params["W_dec"][2, :, 0] = 0
+    for key in params:
+        np.testing.assert_array_equal(back[key], params[key], err_msg=key)
+
+
+@pytest.mark.parametrize("block_diagonal", [True, False])
+def test_crosscoder_round_trips_in_gs2_blocks(tmp_path, block_diagonal):
+    params = random_crosscoder(block_diagonal=block_diagonal)
+    out = release.write_crosscoder(tmp_path, params, [7, 13, 17, 22], average_l0=45.2,
+                                   metadata={"model_name": "google/gemma-3-1b-pt"})
+    assert out == tmp_path / "crosscoder" / "layer_7_13_17_22_width_12_l0_medium"
+    raw = safetensors.numpy.load_file(out / "params_layer_2.safetensors")
+    expected = {"w_enc": (6, 3), "b_enc": (3,), "threshold": (3,), "w_dec": (3, 4, 6), "b_dec": (6,)}
+    if not block_diagonal:
+        expected["w_enc_all_layers"] = (4, 6, 3)
+    assert {k: v.shape for k, v in raw.items()} == expected
+    np.testing.assert_array_equal(raw["w_enc"], params["W_enc"][2][:, 6:9])  # block 2 = latents 6..8, layer 17
+    np.testing.assert_array_equal(raw["b_dec"], params["b_dec"][2])
+    assert json.loads((out / "config.json").read_text())["encoder"] == ("per_layer" if block_diagonal
+                                                                       else "all_layers")
+    back, info = release.read_crosscoder(out)
+    for key in params:
+        np.testing.assert_array_equal(back[key], params[key], err_msg=key)
+    assert info["layers"] == [7, 13, 17, 22] and info["width"] == 12 and info["average_l0"] == 45.2
+    assert release.sae_info(out)["kind"] == "crosscoder" and release.sae_info(out)["site"] == "res.7"
+
+
+def test_a_release_root_lists_saes_clts_and_crosscoders(tmp_path):
+    rng = np.random.default_rng(0)
+    sae = {"W_enc": rng.normal(size=(8, 4)), "W_dec": rng.normal(size=(4, 8)), "b_enc": np.zeros(4),
+           "b_dec": np.zeros(8), "threshold": np.zeros(4)}
+    from gemma_scope.sites import Site
+    sae_file = release.write_gs2(tmp_path, Site("res", 1), sae, 20.0, model_name="m")
+    clt = release.write_clt(tmp_path, random_clt(skip=False), [0, 1, 2], n_layers=3, average_l0=[5, 5, 5])
+    cc = release.write_crosscoder(tmp_path, random_crosscoder(d=8), [0, 1, 2, 3], average_l0=5)
+    assert release.find_saes(tmp_path) == sorted([sae_file, clt, cc])
+    assert gs2x.crosslayer_layers(cc) == [0, 1, 2, 3]
+
+
+def test_writers_refuse_bad_params(tmp_path):
+    params = random_clt()
+    with pytest.raises(ValueError, match=r"key 'W_dec' has shape \(3, 5, 2, 8\); expected \(3, 5, 3, 8\)"):
+        release.write_clt(tmp_path, params | {"W_dec": params["W_dec"][:, :, :2]}, [0, 1, 2], n_layers=3,
+                          average_l0=[1, 1, 1])
+    with pytest.raises(ValueError, match="outside a model of n_layers=3"):
+        release.write_clt(tmp_path, params, [0, 1, 3], n_layers=3, average_l0=[1, 1, 1])
+    with pytest.raises(ValueError, match="one per covered layer"):
+        release.write_clt(tmp_path, params, [0, 1, 2], n_layers=3, average_l0=[1, 1])
+    with pytest.raises(ValueError, match=r"metadata keys \['layers'\]"):
+        release.write_clt(tmp_path, params, [0, 1, 2], n_layers=3, average_l0=[1, 1, 1], metadata={"layers": 1})
+    assert not (tmp_path / "clt").exists()
