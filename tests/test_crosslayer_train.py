@@ -74,8 +74,8 @@ def test_clt_gradients_equal_the_formulas():
     active, kernel = z > p["threshold"][:, None], np.abs((z - p["threshold"][:, None]) / EPS) < 0.5
     assert kernel.any() and active.any()
     f = z * active
-    y_hat = np.stack([sum(f[i] @ p["W_dec"][i, :, j] for i in range(j + 1)) + p["b_dec"][j] + xs[j] @ p["W_skip"][j]
-                      for j in range(N)])
+    y_hat = np.stack([sum(f[i] @ p["W_dec"][i, :, j] for i in range(j + 1)) + p["b_dec"][j]
+                      + xs[j] @ p["W_skip"][j] for j in range(N)])
     g = 2 * (y_hat - ys) / B
     d_f = np.stack([sum(g[j] @ p["W_dec"][i, :, j].T for j in range(i, N)) for i in range(N)])
     want = {"W_dec": np.einsum("ibf,jbd->ifjd", f, g) * np.triu(np.ones((N, N)))[:, None, :, None],

@@ -1,6 +1,7 @@
 """The release of a trained grid: every SAE and transcoder folded into raw-activation space, its average L0
 measured, and written in the Gemma Scope 1 layout (SAEs, ``release.write_sae``) and the Gemma Scope 2 layout (SAEs
-and transcoders, ``release_gs2.write_gs2``)."""
+and transcoders, ``release_gs2.write_gs2``; CLTs and crosscoders, ``gs2_crosslayer.write_clt`` /
+``write_crosscoder``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 from gemma_scope import release, sae
 from gemma_scope.release import gs2 as release_gs2
+from gemma_scope.release import gs2_crosslayer
+from gemma_scope.sae import crosslayer, crosslayer_train
 from gemma_scope.sites import Site
 from gemma_scope.training import hosts, settings
 from gemma_scope.training.grid import Grid
@@ -35,8 +38,8 @@ def write_release(config, source, mesh, grid: Grid, state: dict) -> list[pathlib
       state: the final train state.
 
     Returns:
-      The files to evaluate: the SAEs' ``params.npz`` and the transcoders' ``params.safetensors`` (empty on
-      processes other than 0).
+      The files to evaluate: the SAEs' ``params.npz`` and the transcoders' ``params.safetensors``, then the CLTs'
+      and crosscoders' directories (empty on processes other than 0).
 
     SAEs (transcoders) of one site (and skip variant) whose rounded average L0 coincide would share a release
     directory; the later ones are skipped with a warning (they remain in the checkpoint).
@@ -51,6 +54,10 @@ def write_release(config, source, mesh, grid: Grid, state: dict) -> list[pathlib
     workdir = pathlib.Path(config.workdir)
     written, used = [], set()
     for g, stack in grid.stacks.items():
+        if stack.crosslayer:
+            written += _write_crosslayer(config, source.num_layers, grid, g, params[g], scales[g],
+                                         [b[g] for b in batches])
+            continue
         for row in range(stack.n_sites):
             saes = stack.saes_of_site(row)
             trained = jax.tree.map(lambda a: a[saes], params[g])
@@ -87,4 +94,42 @@ def write_release(config, source, mesh, grid: Grid, state: dict) -> list[pathlib
                 written.append(release.write_sae(workdir / "release", site, weights, float(l0[j]), meta))
                 if site is not None and site.kind in release_gs2.GS2_FOLDERS:
                     release_gs2.write_gs2(workdir / "release_gs2", site, weights, float(l0[j]), **gs2)
+    return written
+
+
+def _write_crosslayer(config, n_layers: int, grid: Grid, name: str, params: dict, scales: np.ndarray,
+                      batches: list) -> list[pathlib.Path]:
+    """Folds each CLT (``crosslayer_train.fold_clt``) or crosscoder (``fold_crosscoder``) of cross-layer stack
+    ``name``, measures its average L0 on ``batches`` (raw activations, a CLT's per layer, ``crosslayer.clt_encode``)
+    and writes it under ``<workdir>/release_gs2`` (process 0); a sweep's directories are labelled by
+    ``release_gs2.gs2_labels`` of their (mean per layer) L0. Returns the directories written."""
+    stack = grid.stacks[name]
+    if stack.crosslayer == "clt":
+        folded = jax.vmap(crosslayer_train.fold_clt, in_axes=(0, None, None))(params, scales[:, 0], scales[:, 1])
+        encode = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(crosslayer.clt_encode(p, x) > 0, -1), -1),
+                                  in_axes=(0, None)))
+    else:
+        folded = jax.vmap(crosslayer_train.fold_crosscoder, in_axes=(0, None))(params, scales)
+        encode = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(crosslayer.crosscoder_encode(p, x) > 0, -1)),
+                                  in_axes=(0, None)))
+    # A CLT's batch is (x, y), its L0 taken on x; a crosscoder's is x.
+    l0 = np.mean([np.asarray(encode(folded, b[0] if stack.transcoder else b)) for b in batches], axis=0)
+    labels = release_gs2.gs2_labels([float(np.mean(v)) for v in l0])
+    root, written = pathlib.Path(config.workdir) / "release_gs2", []
+    for one in grid.saes_of(name):
+        if jax.process_index() != 0:
+            continue
+        weights = {k: np.asarray(v[one.index], np.float32) for k, v in folded.items()}
+        meta = {"model_name": config.data.get("model") or "", "l0_coefficient": one.l0_coefficient,
+                "target_l0": one.target_l0, **settings.recipe_metadata(config), "training_steps": config.train.steps,
+                "training_tokens": config.train.steps * config.train.batch_size, "seed": config.seed}
+        if stack.crosslayer == "clt":
+            meta["clt_l0"] = config.clt.l0
+            written.append(gs2_crosslayer.write_clt(root, weights, list(one.layers), n_layers=n_layers,
+                                                    average_l0=[float(v) for v in l0[one.index]], metadata=meta,
+                                                    l0_label=labels[one.index]))
+        else:
+            written.append(gs2_crosslayer.write_crosscoder(root, weights, list(one.layers),
+                                                           average_l0=float(l0[one.index]), metadata=meta,
+                                                           l0_label=labels[one.index]))
     return written

@@ -129,8 +129,8 @@ def _check_crosslayer(config) -> None:
             raise ValueError(f"{block}.layers must be a layer spec string such as '*', '0-17' or '5,9,12', got "
                              f"{layers!r}")
         if width is not None and (not isinstance(width, int) or width <= 0):
-            raise ValueError(f"{block}.width must be a positive integer (latents per layer) or None (sae.width), "
-                             f"got {width!r}")
+            raise ValueError(f"{block}.width must be a positive integer (latents{' per layer' * (block == 'clt')}) "
+                             f"or None (sae.width), got {width!r}")
         if layers.strip() and config.data.source != "model":
             raise ValueError(f"{block}.layers={layers!r} needs data.source='model' (it reads several layers of one "
                              f"LM pass), got data.source={config.data.source!r}")
