@@ -23,11 +23,11 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks import report
+from benchmarks import clt_step, report
 from benchmarks.common import DTYPES, SAE_SHAPES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "pipeline", "allocator", "gpu", "optimizer")
+PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "pipeline", "allocator", "gpu", "optimizer", "clt")
 TCMALLOC_GLOBS = ("/usr/lib/*/libtcmalloc_minimal.so.4",
                   str(ROOT / ".cache/tcmalloc/usr/lib/*/libtcmalloc_minimal.so.4"))
 
@@ -263,6 +263,14 @@ def main(argv: list[str] | None = None) -> None:
             settings={"steps": args.steps, "warmup": args.warmup}, machine=dict(machine, loadavg_after=_loadavg()),
             versions=_versions()))
         if parts == {"optimizer"}:
+            return
+    if "clt" in parts:  # its own block of RESULTS.md, as the optimizer's
+        machine = machine_info()
+        clt = run_worker(sys.executable, "benchmarks.clt_step", timing, preload, args.timeout)
+        clt_step.write(pathlib.Path(args.out_dir), dict(
+            clt, date=datetime.datetime.now().isoformat(timespec="seconds"), command=command,
+            settings={"steps": args.steps, "warmup": args.warmup}, machine=dict(machine, loadavg_after=_loadavg())))
+        if parts <= {"optimizer", "clt"}:
             return
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
                "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats},

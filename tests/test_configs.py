@@ -13,7 +13,7 @@ import pytest
 from gemma_scope import activations, configs, sae
 from gemma_scope.model import get_config as model_config
 from gemma_scope.sae import losses
-from gemma_scope.sites import parse_sites, transcoder_spec
+from gemma_scope.sites import crosscoder_spec, parse_sites, transcoder_spec
 from gemma_scope.training import settings, step
 
 EXPERIMENTS_DIR = pathlib.Path(__file__).parents[1] / "experiments"
@@ -37,8 +37,9 @@ def test_every_experiment_validates(path):
     settings.validate_config(config)
     if config.data.source == "model":
         name = config.data.model_config or config.data.model
-        spec = ",".join(filter(None, (config.data.sites, transcoder_spec(config.transcoder.layers))))
-        parse_sites(spec, model_config(name).num_layers)  # sites (and transcoders' sites) exist in that model
+        spec = ",".join(filter(None, (config.data.sites, transcoder_spec(config.transcoder.layers),
+                                      transcoder_spec(config.clt.layers), crosscoder_spec(config.crosscoder.layers))))
+        parse_sites(spec, model_config(name).num_layers)  # sites (and the dictionaries' sites) exist in that model
 
 
 def test_transcoder_runs():
@@ -47,6 +48,16 @@ def test_transcoder_runs():
     paper = load(EXPERIMENTS_DIR / "2b_transcoder.py", "layer=all")
     assert (paper.data.model_config, paper.data.sites, paper.transcoder.layers) == ("gemma2_2b", "", "*")
     assert paper.train.steps * paper.train.batch_size == pytest.approx(configs.paper_tokens(2**14), rel=1e-3)
+
+
+def test_crosslayer_runs():
+    small = load(EXPERIMENTS_DIR / "gemma3_270m_clt.py")
+    assert (small.data.sites, small.clt.layers, small.clt.l0, small.sae.sparsity_loss) == \
+        ("", "*", "per_layer", "target_l0")
+    paper = load(EXPERIMENTS_DIR / "2b_clt.py")
+    assert (paper.data.model_config, paper.clt.width, paper.clt.skip) == ("gemma2_2b", 10_080, (False, True))
+    assert paper.train.steps * paper.train.batch_size == pytest.approx(configs.paper_tokens(262_080), rel=1e-3)
+    assert load(EXPERIMENTS_DIR / "gemma3_270m_crosscoder.py").crosscoder.layers == "5,9,12,15"
 
 
 def test_paper_runs_follow_the_recipe():

@@ -194,16 +194,16 @@ def source_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def _crosslayer_stacks(config, source, lambdas, targets) -> dict[str, Stack]:
     """The CLT stacks (one per ``clt.skip`` variant) and the crosscoder stack of a config."""
-    stacks, n = {}, source.num_layers
+    stacks = {}
     if config.clt.layers.strip():
-        inputs = tuple(str(s) for s in transcoder_inputs(config.clt.layers, n))
+        inputs = tuple(str(s) for s in transcoder_inputs(config.clt.layers, source.num_layers))
         d = source.d_in[inputs[0]]
         for skip in config.clt.skip:
             stacks[f"clt{'_skip' if skip else ''}_d{d}"] = Stack(
                 inputs, d, config.clt.width or config.sae.width, lambdas, targets, transcoder=True, skip=skip,
                 crosslayer="clt", l0_per_layer=config.clt.l0 == "per_layer")
     if config.crosscoder.layers.strip():
-        sites = tuple(str(s) for s in parse_sites(crosscoder_spec(config.crosscoder.layers), n))
+        sites = tuple(str(s) for s in parse_sites(crosscoder_spec(config.crosscoder.layers), source.num_layers))
         d = source.d_in[sites[0]]
         stacks[f"xc_d{d}"] = Stack(sites, d, config.crosscoder.width or config.sae.width, lambdas, targets,
                                    crosslayer="crosscoder")
