@@ -1,5 +1,5 @@
-"""Train a grid of JumpReLU SAEs and transcoders: ``python -m gemma_scope.train --config=experiments/<name>.py
-[--config.x.y=v]``.
+"""Train a grid of JumpReLU SAEs, transcoders, CLTs and crosscoders:
+``python -m gemma_scope.train --config=experiments/<name>.py [--config.x.y=v]``.
 
 ``run`` is the story of a run: validate the config (``training.settings``), build the activation source
 (``activations``), the grid (``training.grid``: which SAE reads which site at which λ) and the mesh, restore or
@@ -11,8 +11,8 @@ everything else).
 
 Outputs under ``config.workdir``: ``checkpoints/<step>``, ``metrics.jsonl`` (one record per SAE per log step) and
 the same metrics as TensorBoard event files, ``config.json``, the SAEs in the Gemma Scope 1 layout
-``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/`` and SAEs and transcoders in the Gemma Scope 2 layout under
-``release_gs2/`` (``training.export``, ``release``).
+``release/<kind>/layer_<L>/width_<W>/average_l0_<K>/`` and SAEs, transcoders, CLTs and crosscoders in the Gemma
+Scope 2 layout under ``release_gs2/`` (``training.export``, ``release``).
 """
 
 from __future__ import annotations
