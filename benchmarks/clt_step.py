@@ -1,6 +1,6 @@
 """The train step of one cross-layer transcoder (CLT) against the per-layer transcoders it generalises, same
 layers, d_model, latents per layer, batch and sparsity loss, in one process, the two steps alternating call by
-call: wall seconds per step, tokens/s, FLOPs per token (the formula of ``sae.crosslayer_train``'s
+call: wall and CPU seconds per step, tokens/s, FLOPs per token (the formula of ``sae.crosslayer_train``'s
 docstring and XLA's count of the compiled step) and the train state's bytes (params + Adam). Run as
 ``python -m benchmarks.clt_step --out FILE`` (``python -m benchmarks.run --only clt`` writes its RESULTS.md block).
 """
@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import datetime
 import pathlib
+import resource
+import statistics
+import time
 
 import jax
 import numpy as np
 
 from benchmarks import report
-from benchmarks.common import time_interleaved, worker_args, write_json
+from benchmarks.common import summarize, worker_args, write_json
 from gemma_scope import mesh as mesh_lib
 from gemma_scope.training import step as step_lib
 from gemma_scope.training.grid import Stack
@@ -42,7 +45,8 @@ def _stacks(width: int) -> dict[str, dict[str, Stack]]:
 
 def bench(width: int, warmup: int, steps: int) -> dict:
     """One CLT and its per-layer transcoders at ``width`` latents per layer: per side ``median_s``, ``min_s``,
-    ``max_s``, ``tokens_per_s``, ``flops_per_token`` (formula), ``xla_flops_per_token``,
+    ``max_s``, ``tokens_per_s``, ``cpu_s`` (this process's CPU seconds per step, median: other processes barely
+    change it), ``flops_per_token`` (formula), ``xla_flops_per_token``,
     ``state_bytes``; ``ratio`` = CLT / transcoders median seconds."""
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     hp = step_lib.Hyperparams(sparsity_loss="target_l0", lr_warmup_steps=0, l0_warmup_steps=0)
@@ -65,9 +69,20 @@ def bench(width: int, warmup: int, steps: int) -> dict:
         calls[side] = call
         out[side] = {"flops_per_token": flops_per_token(N_LAYERS, D_MODEL, width, side == "clt"),
                      "xla_flops_per_token": cost["flops"] / BATCH, "state_bytes": state_bytes}
-    times = time_interleaved(calls, warmup, steps)
-    for side, t in times.items():
-        out[side].update(t, tokens_per_s=BATCH / t["median_s"])
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    wall, cpu = {side: [] for side in calls}, {side: [] for side in calls}
+    for _ in range(steps):  # round-robin, so that machine noise hits both alike
+        for side, call in calls.items():
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            call()
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            wall[side].append(time.perf_counter() - start)
+            cpu[side].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    for side in calls:
+        t = summarize(wall[side])
+        out[side].update(t, tokens_per_s=BATCH / t["median_s"], cpu_s=statistics.median(cpu[side]))
     return {"width": width, **out, "ratio": out["clt"]["median_s"] / out["transcoders"]["median_s"]}
 
 
@@ -86,12 +101,13 @@ def render(results: dict) -> str:
            "the CPU; both steps alike, as they alternate).", ""]
     if "clt" not in results:
         return "\n".join([*out, f"Not measured: {results.get('error', 'not run')}"]) + "\n"
-    out += ["| F per layer | transcoders s/step | CLT s/step | CLT / transcoders | GFLOP/token formula "
-            "transcoders / CLT | XLA GFLOP/token transcoders / CLT | state MiB transcoders / CLT |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    out += ["| F per layer | transcoders s/step | CLT s/step | CLT / transcoders | CPU s/step transcoders / CLT | "
+            "GFLOP/token formula transcoders / CLT | XLA GFLOP/token transcoders / CLT | state MiB transcoders / CLT |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["clt"]:
         tc, clt = r["transcoders"], r["clt"]
         out.append(f"| {r['width']} | {tc['median_s']:.3f} | {clt['median_s']:.3f} | {r['ratio']:.2f} | "
+                   f"{tc['cpu_s']:.3f} / {clt['cpu_s']:.3f} | "
                    f"{tc['flops_per_token'] / 1e9:.4f} / {clt['flops_per_token'] / 1e9:.4f} | "
                    f"{tc['xla_flops_per_token'] / 1e9:.4f} / {clt['xla_flops_per_token'] / 1e9:.4f} | "
                    f"{tc['state_bytes'] / 2**20:.0f} / {clt['state_bytes'] / 2**20:.0f} |")
@@ -111,7 +127,7 @@ def main() -> None:
     rows = [bench(int(w), args.warmup, args.steps) for w in args.widths.split(",")]
     for r in rows:
         print(f"F={r['width']}: transcoders {r['transcoders']['median_s']:.3f} s, CLT {r['clt']['median_s']:.3f} s "
-              f"(×{r['ratio']:.2f})")
+              f"(×{r['ratio']:.2f}); CPU s {r['transcoders']['cpu_s']:.3f} / {r['clt']['cpu_s']:.3f}")
     write_json(args.out, {"clt": rows, "date": datetime.datetime.now().isoformat(timespec="seconds")})
 
 

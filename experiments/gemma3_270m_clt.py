@@ -17,7 +17,7 @@ F = 128 latents per layer (2,304 in all, "2k" in the release's name) is chosen f
 (benchmarks/RESULTS.md, "Cross-layer transcoder step"), so 800 steps × 256 tokens train in about 15 minutes on
 the 2-core CPU beside the LM passes; the evaluation (the replacement model and each layer alone on 32 × 256
 held-out tokens) takes the rest of the half hour. The release is ``release_gs2/clt/width_2k_l0_small/``.
-``--config.clt.skip='(False, True)'`` adds the affine variant; ``--config.sae.target_l0='(16.0, 48.0)'`` a sweep.
+``--config.clt.skip=False,True`` adds the affine variant; ``--config.sae.target_l0=16,48`` a sweep.
 """
 
 import importlib.util

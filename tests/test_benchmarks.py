@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks import optimizer_step, report, run
+from benchmarks import clt_step, optimizer_step, report, run
 from benchmarks.common import sae_step_flops_per_token, summarize
 from gemma_scope.training.grid import Stack
 
@@ -141,3 +141,20 @@ def test_optimizer_benchmark_times_both_steps_on_one_grid(monkeypatch):
     assert r["ratio"] == r["new"]["median_s"] / r["old"]["median_s"]
     # The same step but for the optimizer: XLA counts the same work to within the few elementwise ops per param.
     assert r["new"]["flops"] == pytest.approx(r["old"]["flops"], rel=0.02) and r["old"]["flops"] > 0
+
+
+def test_clt_benchmark_times_both_steps_and_its_block_keeps_the_main_block(tmp_path, monkeypatch):
+    assert clt_step.flops_per_token(18, 640, 128, True) / clt_step.flops_per_token(18, 640, 128, False) == 21 / 4
+    monkeypatch.setattr(clt_step, "N_LAYERS", 3)
+    monkeypatch.setattr(clt_step, "D_MODEL", 8)
+    monkeypatch.setattr(clt_step, "BATCH", 16)
+    r = clt_step.bench(4, warmup=1, steps=2)
+    assert (r["clt"]["n"], r["transcoders"]["n"]) == (2, 2)
+    assert r["ratio"] == r["clt"]["median_s"] / r["transcoders"]["median_s"]
+    # The CLT's decoder holds n² blocks (the unused as zeros) against n: more state, more XLA FLOPs.
+    assert r["clt"]["state_bytes"] > r["transcoders"]["state_bytes"] and r["clt"]["xla_flops_per_token"] > \
+        r["transcoders"]["xla_flops_per_token"] > 0
+    (tmp_path / "RESULTS.md").write_text(report.merge_block("", "# Benchmarks\nmain numbers\n"))
+    clt_step.write(tmp_path, {"clt": [r], "date": "2026-12-02", "command": "python -m benchmarks.run --only clt"})
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "main numbers" in text and "| 4 | " in text and "# Cross-layer transcoder step" in text
