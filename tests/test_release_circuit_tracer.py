@@ -13,11 +13,11 @@ from conftest import f32_tol
 from test_release_crosslayer import random_clt
 
 from gemma_scope import release
-from gemma_scope.release import circuit_tracer as ct
 from gemma_scope.sae import crosslayer
 
-# A venv holding circuit-tracer==0.5.0 (with torch==2.13.0 CPU), e.g. /work/venvs/cltrelease; README says how.
-CIRCUIT_TRACER_PYTHON = os.environ.get("CIRCUIT_TRACER_PYTHON", "/work/venvs/cltrelease/bin/python")
+# The python of a venv holding circuit-tracer==0.5.0 (torch==2.13.0 CPU first); README "CLTs and crosscoders".
+CIRCUIT_TRACER_PYTHON = os.environ.get("CIRCUIT_TRACER_PYTHON",
+                                       str(pathlib.Path(__file__).parents[1] / ".venv-circuit-tracer/bin/python"))
 
 
 def diagonal(params):
