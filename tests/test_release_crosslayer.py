@@ -73,6 +73,8 @@ def test_clt_of_all_layers_drops_unused_slots_and_reads_through_the_dispatcher(t
     info = release.sae_info(out)
     assert info == {"site": "mlp_in.0", "site_out": "mlp.0", "l0_coefficient": None, "target_l0": None,
                     "kind": "clt", "layers": [0, 1, 2]}
+    with pytest.raises(ValueError, match=r"is a clt \(several layers\); this command takes one SAE or transcoder"):
+        release.load_sae(out, None)  # browse / steer
     back = release.load_params(out)
     assert back["W_dec"][2, :, 0].max() == 0
     params["W_dec"][2, :, 0] = 0

@@ -49,6 +49,19 @@ def is_circuit_tracer_dir(path: pathlib.Path) -> bool:
                                                                                "layer_0.safetensors"))
 
 
+def circuit_tracer_layers(path: pathlib.Path) -> list[int]:
+    """The layers 0..n−1 of a circuit-tracer directory, from its file names alone (no tensor is read).
+
+    Raises:
+      FileNotFoundError / ValueError: as ``read_circuit_tracer`` for its config.yaml.
+    """
+    first = _layer_file_pattern(path)
+    n = 0
+    while (path / first.format(n)).is_file():
+        n += 1
+    return list(range(n))
+
+
 def write_circuit_tracer(out: str | os.PathLike, params: dict, *, model_name: str, kind: str = CLT_KIND,
                          feature_input_hook: str = INPUT_HOOK, feature_output_hook: str = OUTPUT_HOOK) -> pathlib.Path:
     """Writes a CLT of EVERY layer of its model in circuit-tracer's layout (module docstring); returns ``out``.
@@ -114,14 +127,8 @@ def read_circuit_tracer(path: str | os.PathLike, *, n_layers: int | None = None)
         than ``n_layers``.
     """
     path = pathlib.Path(path)
-    config = _read_config(path)
-    kind = config.get("model_kind")
-    first = {CLT_KIND: "W_enc_{}.safetensors", SET_KIND: "layer_{}.safetensors"}.get(kind)
-    if first is None:
-        raise ValueError(f"{path / CONFIG_FILE}: 'model_kind' is {kind!r}; expected {CLT_KIND!r} or {SET_KIND!r}")
-    n = 0
-    while (path / first.format(n)).is_file():
-        n += 1
+    config, first = _read_config(path), _layer_file_pattern(path)
+    kind, n = config["model_kind"], len(circuit_tracer_layers(path))
     if n == 0 or (n_layers is not None and n != n_layers):
         raise ValueError(f"{path}: {n} files {first.format('<i>')} numbered from 0; expected {n_layers or 'some'}, "
                          "one per model layer")
@@ -176,6 +183,14 @@ def _read_set(path: pathlib.Path, n: int) -> dict:
     if skip:
         params["W_skip"] = np.swapaxes(stack("W_skip"), 1, 2)
     return params
+
+
+def _layer_file_pattern(path: pathlib.Path) -> str:
+    kind = _read_config(path).get("model_kind")
+    first = {CLT_KIND: "W_enc_{}.safetensors", SET_KIND: "layer_{}.safetensors"}.get(kind)
+    if first is None:
+        raise ValueError(f"{path / CONFIG_FILE}: 'model_kind' is {kind!r}; expected {CLT_KIND!r} or {SET_KIND!r}")
+    return first
 
 
 def _read_config(path: pathlib.Path) -> dict:

@@ -12,7 +12,7 @@ import pathlib
 import numpy as np
 
 from gemma_scope import sites
-from gemma_scope.release.circuit_tracer import is_circuit_tracer_dir, read_circuit_tracer
+from gemma_scope.release.circuit_tracer import circuit_tracer_layers, is_circuit_tracer_dir, read_circuit_tracer
 from gemma_scope.release.gs1 import PARAMS_FILE, SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE, load_gs1
 from gemma_scope.release.gs2 import GS2_CONFIG_FILE, GS2_PARAMS_FILE, gs2_sites, load_gs2
 from gemma_scope.release.gs2_crosslayer import (
@@ -88,7 +88,7 @@ def sae_info(path: pathlib.Path) -> dict:
       ValueError: a GS2 config.json that is malformed (as in ``load_params``).
     """
     if path.is_dir() and is_circuit_tracer_dir(path):
-        layers = load_crosslayer(path)[1]["layers"]
+        layers = circuit_tracer_layers(path)
         return {"site": "mlp_in.0", "site_out": "mlp.0", "l0_coefficient": None, "target_l0": None, "kind": "clt",
                 "layers": layers}
     if path.is_dir() and is_crosslayer_dir(path):
@@ -144,6 +144,9 @@ def load_sae(path: str | os.PathLike, site: str | None) -> tuple[pathlib.Path, d
         listed = "\n  ".join(map(str, found))
         raise ValueError(f"{path} holds {len(found)} SAEs; pass one of them:\n  {listed}")
     file = found[0]
+    if _is_multi(file):
+        raise ValueError(f"{file} is a {sae_info(file)['kind']} (several layers); this command takes one SAE or "
+                         "transcoder (python -m gemma_scope.evaluate takes CLTs and crosscoders)")
     site = site or sae_info(file)["site"]
     if site is None:
         raise ValueError(f"{file}: cannot tell which site the SAE reads; pass --site (e.g. --site=res.8)")
