@@ -164,6 +164,10 @@ def test_identity_crosscoder_gives_zero_delta_and_a_random_one_matches_direct_co
     for record in got:
         np.testing.assert_allclose(record["spliced_loss"], nll_with(params, cfg, tokens, mask,
                                                                     want[tuple(record["replaced"])]), rtol=0, atol=tol)
+    # Overwriting res.3 screens off res.1 at the content positions; the only non-content positions here are BOS
+    # (attends to itself) and trailing padding (no content after it), so all together = the last layer alone.
+    np.testing.assert_allclose(got[0]["spliced_loss"], got[2]["spliced_loss"], rtol=0, atol=tol)
+    assert abs(got[0]["spliced_loss"] - got[1]["spliced_loss"]) > 10 * tol
 
 
 def test_cli_evaluates_clt_and_crosscoder_directories(lm, tmp_path, monkeypatch, capsys):

@@ -70,6 +70,7 @@ def test_clt_of_all_layers_drops_unused_slots_and_reads_through_the_dispatcher(t
     out = release.write_clt(tmp_path, params, [0, 1, 2], n_layers=3, average_l0=[100.0, 120.0, 110.0], metadata={})
     assert out.name == "width_15_l0_big"
     assert release.find_saes(tmp_path) == [out] and release.find_saes(out) == [out]
+    assert release.find_saes(out / "params_layer_1.safetensors") == [out]
     info = release.sae_info(out)
     assert info == {"site": "mlp_in.0", "site_out": "mlp.0", "l0_coefficient": None, "target_l0": None,
                     "kind": "clt", "layers": [0, 1, 2]}

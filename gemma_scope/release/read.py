@@ -60,6 +60,8 @@ def find_saes(path: str | pathlib.Path) -> list[pathlib.Path]:
       FileNotFoundError: nothing SAE-like at or below path.
     """
     path = pathlib.Path(path)
+    if path.is_file() and _is_multi(path.parent):  # one file of a CLT or crosscoder names its directory
+        return [path.parent]
     if path.is_file():
         return [path]
     if path.is_dir():
