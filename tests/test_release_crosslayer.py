@@ -196,3 +196,12 @@ def test_bad_gs2_crosscoder_files(tmp_path):
     (out / "params_layer_3.safetensors").rename(out / "params_layer_4.safetensors")
     with pytest.raises(ValueError, match=r"numbered \[0, 1, 2, 4\]; expected params_layer_0 .. params_layer_3"):
         release.read_crosscoder(out)
+
+
+def test_gs2_config_naming_type_transcoder_and_a_rounded_width_still_reads_by_its_folder(tmp_path):
+    params = random_clt(skip=False)
+    out = release.write_clt(tmp_path, params, [0, 1, 2], n_layers=3, average_l0=[5, 5, 5])
+    (out / "config.json").write_text(json.dumps({"architecture": "jump_relu", "type": "transcoder", "width": 16,
+                                                 "affine_connection": False}))
+    assert release.sae_info(out)["kind"] == "clt"
+    np.testing.assert_array_equal(release.load_params(out)["W_enc"], params["W_enc"])

@@ -171,15 +171,16 @@ def is_crosslayer_dir(path: pathlib.Path) -> bool:
 
 
 def crosslayer_kind(path: pathlib.Path) -> str:
-    """``"clt"`` or ``"crosscoder"`` for a GS2 multi-layer directory: config.json's ``type``, else the folder
-    above it (``clt`` / ``crosscoder``).
+    """``"clt"`` or ``"crosscoder"`` for a GS2 multi-layer directory: config.json's ``type`` when it is one of
+    them, else the folder above it (``clt`` / ``crosscoder``).
 
     Raises:
       ValueError: naming the directory, when neither tells.
     """
     config_path = path / GS2_CONFIG_FILE
     kind = read_json(config_path).get("type") if config_path.is_file() else None
-    kind = kind or {CLT_FOLDER: "clt", CROSSCODER_FOLDER: "crosscoder"}.get(path.parent.name)
+    if kind not in ("clt", "crosscoder"):  # GS2's own config.json may say "transcoder": the folder decides
+        kind = {CLT_FOLDER: "clt", CROSSCODER_FOLDER: "crosscoder"}.get(path.parent.name, kind)
     if kind not in ("clt", "crosscoder"):
         raise ValueError(f"{path}: cannot tell a CLT from a crosscoder: config.json 'type' is {kind!r} and the "
                          f"folder above is {path.parent.name!r}; expected type 'clt' or 'crosscoder', or a folder "
@@ -358,11 +359,12 @@ def _layer_files(path: pathlib.Path) -> dict[int, pathlib.Path]:
 
 
 def _read_config(path: pathlib.Path) -> dict:
-    config_path = path / GS2_CONFIG_FILE
-    return read_json(config_path) if config_path.is_file() else {}
+    return read_json(path / GS2_CONFIG_FILE) if (path / GS2_CONFIG_FILE).is_file() else {}
 
 
 def _check_config(config: dict, path: pathlib.Path, **values) -> None:
+    if "width_per_layer" not in config:  # not ours: GS2's "width" may be a rounded name ("262k" of 262,080)
+        values.pop("width")
     for key, value in (values | {"architecture": "jump_relu"}).items():
         if key in config and config[key] != value:
             raise ValueError(f"{path / GS2_CONFIG_FILE}: {key!r} is {config[key]!r}; expected {value!r} as the "
@@ -386,8 +388,7 @@ def _config(kind: str, metadata: dict | None, *, width, width_per_layer, layers,
               "model_name": (metadata or {}).get("model_name"), "architecture": "jump_relu", "l0": l0,
               "affine_connection": affine, "type": kind, "layers": layers, "d_model": d_model,
               "width_per_layer": width_per_layer, "average_l0": average_l0, "encoder": encoder}
-    if n_layers is not None:
-        config["n_layers"] = n_layers
+    config |= {"n_layers": n_layers} if n_layers is not None else {}
     clash = sorted(set(metadata or {}) & (set(config) - {"model_name"}))
     if clash:
         raise ValueError(f"metadata keys {clash} would overwrite the config.json keys the layout defines")
