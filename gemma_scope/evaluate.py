@@ -3,7 +3,9 @@ position.
 
 All metrics use folded (release-convention) params on raw activations (``gemma_scope.sae.predict``). An SAE
 reconstructs the site it reads; a transcoder reads ``mlp_in.L`` and predicts ``mlp.L``, and its FVU, MSE and
-splice are of that output (Gemma Scope 2).
+splice are of that output (Gemma Scope 2). A cross-layer transcoder or crosscoder directory (Gemma Scope 2's or
+circuit-tracer's, ``release.load_crosslayer``) is evaluated with ``--model`` as the whole replacement and each
+layer alone (``evaluation.crosslayer``), one JSON line each.
 
 - L0, FVU, MSE, firing frequencies: ``evaluation.reconstruction`` (on cached activations, or on the sites'
   activations of the evaluation's own forward passes).
