@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import subprocess
-import types
 
 import jax
 import jax.numpy as jnp
@@ -178,3 +177,194 @@ def test_per_layer_transcoders_are_the_clt_diagonal(tiny, attributed):
     np.testing.assert_array_equal(as_clt.active, graph.active)
     np.testing.assert_allclose(as_clt.adjacency, graph.adjacency, rtol=0,
                                atol=PASS_TOL * np.abs(graph.adjacency).max())
+
+
+def test_pruning_and_scores_on_a_graph_worked_by_hand():
+    """tok1 -> f0 (1), tok1 -> f1 (1), and the logit <- f0 (3), f1 (1), error (0, 1) (0.5): influences 2/3, 2/9,
+    1/9 and tok1 8/9; keeping 0.8 of the total (17/9) keeps tok1 and f0; replacement 8/9, completeness 25/26."""
+    adjacency = np.zeros((7, 7), np.float32)  # f0, f1, err(0, 0), err(0, 1), tok0, tok1, logit
+    adjacency[0, 5] = adjacency[1, 5] = 1
+    adjacency[6, [0, 1, 3]] = 3, 1, 0.5
+    graph = graphs.Graph(np.array([2, 9]), np.array([[0, 1, 0], [0, 1, 1]]), np.ones(2, np.float32), np.array([4]),
+                         np.ones(1, np.float32), adjacency, np.zeros(3), np.zeros(3), 1)
+    node_mask, edge_mask, cumulative = graphs.prune(graph, 0.8, 0.98)
+    assert node_mask.tolist() == [True, False, False, False, True, True, True]
+    assert sorted(zip(*np.nonzero(edge_mask))) == [(0, 5), (6, 0)]
+    np.testing.assert_allclose(cumulative[[5, 0, 1, 3]], np.cumsum([8, 6, 2, 1]) / 17, rtol=1e-6)
+    np.testing.assert_allclose(graphs.scores(graph), (8 / 9, 25 / 26), rtol=1e-6)
+    with pytest.raises(ValueError, match="node_threshold must be in \\[0, 1\\], got 1.5"):
+        graphs.prune(graph, 1.5)
+
+
+def random_graph(seed, n=3, t=5, per_cell=3, k=3):
+    """A random attribution graph with the causal structure of a real one (a latent at layer j reads latents and
+    errors of layers < j and tokens; logits read everything), sparse weights of both signs."""
+    rng = np.random.default_rng(seed)
+    active = np.array([(j, p, i) for j in range(n) for p in range(1, t) for i in range(per_cell)])
+    a, errors = len(active), n * t
+    size = a + errors + t + k
+    layer_of = np.concatenate([active[:, 0], np.repeat(np.arange(n), t), np.full(t, -1), np.full(k, n)])
+    is_latent_or_logit = np.r_[np.ones(a, bool), np.zeros(errors + t, bool), np.ones(k, bool)]
+    reads = is_latent_or_logit[:, None] & (layer_of[None, :] < layer_of[:, None])
+    reads[:, :a] &= layer_of[None, :a] < layer_of[:, None]
+    reads[:a, a:a + errors] &= layer_of[None, a:a + errors] < layer_of[:a, None]
+    weights = rng.normal(size=(size, size)) * (rng.random((size, size)) < 0.5)
+    adjacency = (weights * reads).astype(np.float32)
+    probs = np.sort(rng.dirichlet(np.ones(k)))[::-1].astype(np.float32)
+    return graphs.Graph(rng.integers(3, 500, t), active, rng.random(a).astype(np.float32) + 0.1,
+                        rng.integers(3, 500, k), probs, adjacency, np.zeros(a + k), np.zeros(a + k), n)
+
+
+@pytest.mark.skipif(not CIRCUIT_TRACER_PYTHON.is_file(),
+                    reason=f"no circuit-tracer venv at {CIRCUIT_TRACER_PYTHON} (set CIRCUIT_TRACER_PYTHON; "
+                           "pip install torch==2.13.0 circuit-tracer==0.5.0 there)")
+def test_pruning_scores_and_json_equal_circuit_tracers_own(tmp_path):
+    """circuit-tracer's ``prune_graph``, ``compute_graph_scores`` and ``create_graph_files`` internals, run in its
+    venv on the same graph, give the same masks, influence, scores and frontend JSON; its pydantic ``Model``
+    reads our file."""
+    graph = random_graph(0)
+    node_mask, edge_mask, cumulative = graphs.prune(graph, 0.6, 0.9)
+    doc = graph_json.graph_model(graph, node_mask, edge_mask, cumulative, lambda i: f"t{i}", "p", "graph", "scan", 0.6)
+    path = graph_json.write_graph_files(tmp_path, doc)
+    np.savez(tmp_path / "graph.npz", tokens=graph.tokens, adjacency=graph.adjacency, active=graph.active,
+             activations=graph.activations, logit_probs=graph.logit_probs, logit_tokens=graph.logit_tokens,
+             num_layers=graph.num_layers, node_threshold=0.6, edge_threshold=0.9)
+    script = pathlib.Path(__file__).parent / "_circuit_tracer_graph.py"
+    subprocess.run([str(CIRCUIT_TRACER_PYTHON), str(script), str(tmp_path / "graph.npz"), str(path),
+                    str(tmp_path / "theirs.json")], check=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    theirs = json.loads((tmp_path / "theirs.json").read_text())
+    assert theirs["node_mask"] == node_mask.tolist() and 0 < sum(node_mask) < len(node_mask)
+    assert theirs["edge_mask"] == np.flatnonzero(edge_mask).tolist()
+    np.testing.assert_allclose(theirs["cumulative"], cumulative, rtol=1e-5)
+    np.testing.assert_allclose(theirs["scores"], graphs.scores(graph), rtol=1e-5)
+    model_doc = theirs["model"]
+    assert theirs["ours_nodes"] == len(doc["nodes"])
+    assert model_doc["metadata"] == {**doc["metadata"], "prompt": "p"} and model_doc["qParams"] == doc["qParams"]
+    for ours, want in zip(doc["nodes"], model_doc["nodes"], strict=True):
+        assert ours.keys() == want.keys()
+        for key, value in want.items():
+            assert ours[key] == pytest.approx(value, rel=1e-5) if isinstance(value, float) else ours[key] == value
+    pairs = [[(e["source"], e["target"]) for e in links] for links in (doc["links"], model_doc["links"])]
+    assert pairs[0] == pairs[1]
+    np.testing.assert_allclose([e["weight"] for e in doc["links"]], [e["weight"] for e in model_doc["links"]])
+    listing = json.loads((tmp_path / graph_json.METADATA_FILE).read_text())
+    assert listing == {"graphs": [doc["metadata"]]}
+
+
+class _Letters:
+    """Lowercase letters: id = ord(c) - 94 (3..28); BOS 2."""
+
+    bos_id = 2
+
+    def encode(self, text):
+        return [ord(c) - 94 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i + 94) if 3 <= i < 29 else f"<{i}>" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def command_output(tiny, tmp_path_factory):
+    """The command on per-layer GS2 transcoders (every other one with an affine skip), with an intervention."""
+    cfg, params = tiny
+    root = tmp_path_factory.mktemp("attribute")
+    tc = random_transcoders(cfg, 2)
+    for j in range(cfg.num_layers):
+        layer = {key: np.asarray(tc[key][j]) for key in ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")}
+        if j % 2:
+            layer["W_skip"] = np.asarray(tc["W_skip"][j])
+        gs2.write_gs2(root / "release", Site("mlp_in", j), layer, 15, model_name="tiny", site_out=Site("mlp", j))
+    patch = pytest.MonkeyPatch()
+    patch.setattr(model, "load", lambda name: model.LoadedModel(cfg, params, make_tokenizer=_Letters))
+    try:
+        summary = attribute.main([f"--transcoders={root / 'release' / 'transcoder_all'}", "--model=tiny",
+                                  "--prompt=thecatsat", f"--out={root / 'graph'}", "--max_logits=3",
+                                  "--intervene=2:5:20,4:0:0"])
+    finally:
+        patch.undo()
+    return root, summary, tc
+
+
+def test_command_writes_the_graph_and_intervenes(tiny, command_output):
+    cfg, params = tiny
+    root, summary, tc = command_output
+    doc = json.loads((root / "graph" / "graph.json").read_text())
+    assert summary["tokens"] == 10 and summary["nodes_kept"] == len(doc["nodes"]) > 10
+    assert 0 < summary["replacement_score"] < 1 and 0 < summary["completeness_score"] < 1
+    kinds = {n["feature_type"] for n in doc["nodes"]}
+    assert kinds >= {"cross layer transcoder", "embedding", "logit"}
+    assert doc["metadata"]["prompt_tokens"] == ["<2>", *"thecatsat"]
+    assert (root / "graph" / "index.html").is_file() and (root / "graph" / "graph-data.js").is_file()
+    tokens = jnp.asarray([[2, *_Letters().encode("thecatsat")]])
+    logits = model.forward(params, cfg, tokens).logits[0, -1]
+    before, after = summary["intervention"]["before"], summary["intervention"]["after"]
+    np.testing.assert_allclose(before, logits, rtol=0, atol=PASS_TOL * float(jnp.abs(logits).max()))
+    assert np.abs(after - before).max() > 1e-2
+    # a clamp in the last layer changes no later latent: it adds (value − f) · W_dec[latent] to mlp.6 past BOS
+    tc = attribute.load_transcoders(root / "release" / "transcoder_all", cfg.num_layers)
+    prompt = replacement.prepare(params, cfg, tc, tokens[0])
+    clamped = replacement.rerun(params, cfg, tc, prompt, [(6, 3, 7.0)])
+    shift = (7.0 - prompt.latents[6, :, 3]).at[0].set(0.0)[:, None] * tc["W_dec"][6, 3]
+    direct = model.forward(params, cfg, tokens, replace={Site("mlp", 6): lambda m: m + shift[None]},
+                           frozen=prompt.frozen).logits[0, -1]
+    np.testing.assert_allclose(clamped, direct, rtol=0, atol=PASS_TOL * float(jnp.abs(direct).max()))
+    assert np.abs(np.asarray(clamped) - np.asarray(logits)).max() > 1e-2
+
+
+def test_command_errors_are_one_line(tiny, command_output, tmp_path, capsys, monkeypatch):
+    from gemma_scope import cli
+
+    cfg, params = tiny
+    monkeypatch.setattr(model, "load", lambda name: model.LoadedModel(cfg, params, make_tokenizer=_Letters))
+    root, _, _ = command_output
+    release = root / "release" / "transcoder_all"
+    partial = tmp_path / "partial"
+    for path in sorted(release.iterdir())[1:]:
+        (partial / path.name).mkdir(parents=True)
+        for file in path.iterdir():
+            (partial / path.name / file.name).write_bytes(file.read_bytes())
+    for argv, message in [
+        ([f"--transcoders={partial}"], "no transcoder for layer(s) 0 under"),
+        ([f"--transcoders={release}", "--intervene=2:5"], "--intervene entry '2:5' is not LAYER:LATENT:VALUE"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run(attribute.main, [*argv, "--prompt=ab", f"--out={tmp_path / 'out'}"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+
+
+def test_view_in_headless_chromium_draws_the_graph_and_shows_a_latent_on_hover(command_output, tmp_path):
+    from test_browse import _Chromium, _chromium_executable
+
+    executable = _chromium_executable()
+    root, _, _ = command_output
+    doc = json.loads((root / "graph" / "graph.json").read_text())
+    latent = next(n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder")
+    layer, index = latent["layer"], latent["node_id"].split("_")[1]
+    browse = tmp_path / "browse" / f"layer_{layer}" / "data" / "latents"
+    browse.mkdir(parents=True)
+    top = [{"tokens": [" the", " cat"], "act": 4.5}, {"tokens": [" a", " dog"], "act": 2.0}]
+    (browse / f"{index}.js").write_text("BROWSE.showLatent(" + json.dumps({"id": int(index), "top": top}) + ");\n")
+    contexts = view.latent_contexts(tmp_path / "browse", doc)
+    assert contexts == {f"{layer}_{index}": [{"text": " the cat", "act": 4.5}, {"text": " a dog", "act": 2.0}]}
+    page = view.write_view(tmp_path / "site", doc, contexts)
+    browser = _Chromium(executable, tmp_path / "profile")
+    try:
+        browser.call("Page.navigate", session=browser.session, url=page.resolve().as_uri())
+        browser.wait_event("Page.loadEventFired")
+        assert browser.evaluate("document.querySelectorAll('circle.node').length") == len(doc["nodes"])
+        assert browser.evaluate("document.querySelectorAll('line.edge').length") == len(doc["links"])
+        selector = f"circle[data-id='{latent['node_id']}']"
+        box = browser.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+                               ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        browser.call("Input.dispatchMouseEvent", session=browser.session, type="mouseMoved", x=box[0], y=box[1])
+        browser.wait_for("document.querySelector('#details .context') !== null")
+        assert browser.evaluate("[...document.querySelectorAll('#details .context')].map(c => c.textContent)") == [
+            " the cat  (4.50)", " a dog  (2.00)"]
+        touching = sum(latent["node_id"] in (e["source"], e["target"]) for e in doc["links"])
+        assert browser.evaluate("document.querySelectorAll('line.edge.lit').length") == touching > 0
+        assert browser.evaluate("document.getElementById('tooltip').hidden") is False
+        assert browser.errors() == []
+    finally:
+        browser.close()
