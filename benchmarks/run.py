@@ -27,7 +27,9 @@ from benchmarks import report
 from benchmarks.common import DTYPES, SAE_SHAPES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "pipeline", "allocator", "gpu", "optimizer")
+PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "pipeline", "allocator", "gpu", "optimizer",
+         "attribution")
+ATTRIBUTION_TOKENS = (16, 64, 256)  # prompt lengths of the attribution part, one worker each
 TCMALLOC_GLOBS = ("/usr/lib/*/libtcmalloc_minimal.so.4",
                   str(ROOT / ".cache/tcmalloc/usr/lib/*/libtcmalloc_minimal.so.4"))
 
@@ -263,6 +265,15 @@ def main(argv: list[str] | None = None) -> None:
             settings={"steps": args.steps, "warmup": args.warmup}, machine=dict(machine, loadavg_after=_loadavg()),
             versions=_versions()))
         if parts == {"optimizer"}:
+            return
+    if "attribution" in parts:  # its own block of RESULTS.md, like the optimizer's
+        machine = machine_info()
+        rows = [run_worker(sys.executable, "benchmarks.attribution", ["--tokens", str(n)], preload, args.timeout)
+                for n in ATTRIBUTION_TOKENS]
+        report.write_attribution(pathlib.Path(args.out_dir), dict(
+            rows=rows, date=datetime.datetime.now().isoformat(timespec="seconds"), command=command,
+            machine=dict(machine, loadavg_after=_loadavg()), versions=_versions()))
+        if parts <= {"optimizer", "attribution"}:
             return
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
                "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats},
