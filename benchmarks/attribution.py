@@ -4,7 +4,8 @@ length per process (so that the peak resident memory is that length's). Run as
 
 Phases, as ``python -m gemma_scope.attribute`` runs them: ``prepare`` (the model's pass with the transcoders, jit
 compile included), ``edges`` (the jitted vjps over every target, compile included), ``prune`` (pruning and
-scores on the host), then ``edges_warm``: the edges again, compiled. Without ``--transcoders``, random per-layer
+scores on the host), then ``edges_warm``: the edges again, compiled; each in wall seconds and in the process's
+CPU seconds (all threads; barely changed by other processes on a shared machine). Without ``--transcoders``, random per-layer
 transcoders of width 512 with an affine skip stand in, each layer's threshold set so that 30 latents fire per
 token on average (the cost depends on the number of active latents, not on what they mean). The prompt is the
 first tokens of ``tests/golden/prose.txt`` after BOS.
@@ -55,25 +56,25 @@ def main() -> None:
     tokens = np.array([lm.tokenizer.bos_id, *ids[:args.tokens - 1]], np.int32)
     tc = (attribute.load_transcoders(args.transcoders, lm.config.num_layers) if args.transcoders
           else random_transcoders(lm, tokens))
-    times = {}
-    start = time.perf_counter()
-    prompt = replacement.prepare(lm.params, lm.config, tc, tokens)
-    times["prepare"] = time.perf_counter() - start
-    start = time.perf_counter()
-    graph = graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size)
-    times["edges"] = time.perf_counter() - start
-    start = time.perf_counter()
-    graphs.prune(graph)
-    scores = graphs.scores(graph)
-    times["prune"] = time.perf_counter() - start
-    start = time.perf_counter()
-    graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size)
-    times["edges_warm"] = time.perf_counter() - start
+    times, cpu = {}, {}
+
+    def timed(name, call):
+        wall, used = time.perf_counter(), time.process_time()
+        result = call()
+        times[name], cpu[name] = time.perf_counter() - wall, time.process_time() - used
+        return result
+
+    prompt = timed("prepare", lambda: replacement.prepare(lm.params, lm.config, tc, tokens))
+    graph = timed("edges", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size))
+    scores = timed("prune", lambda: (graphs.prune(graph), graphs.scores(graph))[1])
+    timed("edges_warm", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size))
     write_json(args.out, {"tokens": len(tokens), "active_latents": len(graph.active),
                           "nodes": graph.adjacency.shape[0], "logits": len(graph.logit_tokens),
                           "transcoders": args.transcoders or f"random, width {WIDTH}, L0 {TARGET_L0}, skip",
                           "batch_size": args.batch_size, "seconds": {k: round(v, 2) for k, v in times.items()},
+                          "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
                           "total_s": round(times["prepare"] + times["edges"] + times["prune"], 2),
+                          "total_cpu_s": round(cpu["prepare"] + cpu["edges"] + cpu["prune"], 2),
                           "replacement_score": scores[0], "completeness_score": scores[1]})
 
 

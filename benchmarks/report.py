@@ -280,16 +280,18 @@ def render_attribution(results: dict) -> str:
            f"Machine: {m['cpu']} ({m['cores']} cores), {m['memory_gib']} GiB RAM; jax {results['versions']['jax']}. "
            f"Load average before/after: {m['loadavg_before']} / {m['loadavg_after']} (above the core count, other "
            "work shared the CPU and the times are longer than on an idle machine).", "",
+           "Each cell: wall seconds / the process's CPU seconds (all threads).", "",
            "| tokens | transcoders | active latents | nodes | prepare | edges | prune + scores | total | edges warm | "
            "peak RSS GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["rows"]:
         if "error" in r:
             out.append(f"| – | {r['error']} | | | | | | | | |")
             continue
-        s = r["seconds"]
+        s, c = r["seconds"], r["cpu_seconds"]
+        cells = [f"{s[k]:.1f} / {c[k]:.1f}" for k in ("prepare", "edges", "prune")]
         out.append(f"| {r['tokens']} | {r['transcoders']} | {r['active_latents']} | {r['nodes']} | "
-                   f"{s['prepare']:.1f} | {s['edges']:.1f} | {s['prune']:.1f} | {r['total_s']:.1f} | "
-                   f"{s['edges_warm']:.1f} | {r['max_rss_gib']:.2f} |")
+                   f"{' | '.join(cells)} | {r['total_s']:.1f} / {r['total_cpu_s']:.1f} | "
+                   f"{s['edges_warm']:.1f} / {c['edges_warm']:.1f} | {r['max_rss_gib']:.2f} |")
     return "\n".join(out) + "\n"
 
 
