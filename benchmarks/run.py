@@ -27,7 +27,9 @@ from benchmarks import clt_step, report
 from benchmarks.common import DTYPES, SAE_SHAPES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "pipeline", "allocator", "gpu", "optimizer", "clt")
+PARTS = ("peak", "ours", "saelens", "generator", "endtoend", "pipeline", "allocator", "gpu", "optimizer", "clt",
+         "attribution")
+ATTRIBUTION_TOKENS = (16, 64, 256)  # prompt lengths of the attribution part, one worker each
 TCMALLOC_GLOBS = ("/usr/lib/*/libtcmalloc_minimal.so.4",
                   str(ROOT / ".cache/tcmalloc/usr/lib/*/libtcmalloc_minimal.so.4"))
 
@@ -262,16 +264,21 @@ def main(argv: list[str] | None = None) -> None:
             optimizer, date=datetime.datetime.now().isoformat(timespec="seconds"), command=command,
             settings={"steps": args.steps, "warmup": args.warmup}, machine=dict(machine, loadavg_after=_loadavg()),
             versions=_versions()))
-        if parts == {"optimizer"}:
-            return
     if "clt" in parts:  # its own block of RESULTS.md, as the optimizer's
         machine = machine_info()
         clt = run_worker(sys.executable, "benchmarks.clt_step", timing, preload, args.timeout)
         clt_step.write(pathlib.Path(args.out_dir), dict(
             clt, date=datetime.datetime.now().isoformat(timespec="seconds"), command=command,
             settings={"steps": args.steps, "warmup": args.warmup}, machine=dict(machine, loadavg_after=_loadavg())))
-        if parts <= {"optimizer", "clt"}:
-            return
+    if "attribution" in parts:  # its own block of RESULTS.md, like the optimizer's
+        machine = machine_info()
+        rows = [run_worker(sys.executable, "benchmarks.attribution", ["--tokens", str(n)], preload, args.timeout)
+                for n in ATTRIBUTION_TOKENS]
+        report.write_attribution(pathlib.Path(args.out_dir), dict(
+            rows=rows, date=datetime.datetime.now().isoformat(timespec="seconds"), command=command,
+            machine=dict(machine, loadavg_after=_loadavg()), versions=_versions()))
+    if parts <= {"optimizer", "clt", "attribution"}:  # the blocks of their own ran; nothing of the main block
+        return
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
                "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats},
                "machine": machine_info(),

@@ -14,10 +14,12 @@ MAX_LINES = 400
 # Each subpackage and the parts of gemma_scope it must never import ("*" is everything but the listed exceptions).
 FORBIDDEN = {
     "sae": ("*", {"sae", "sites"}),  # the maths only
-    "model": ({"sae", "training", "activations"}, None),
-    "data": ({"sae", "training", "activations"}, None),
-    "activations": ({"training", "evaluation", "release"}, None),
-    "release": ({"training", "activations"}, None),
+    "model": ({"sae", "training", "activations", "attribution"}, None),
+    "data": ({"sae", "training", "activations", "attribution"}, None),
+    "activations": ({"training", "evaluation", "release", "attribution"}, None),
+    "release": ({"training", "activations", "attribution"}, None),
+    # the replacement model and its graph: the model and the dictionaries' maths, no files of other layouts
+    "attribution": ({"training", "activations", "data", "evaluation", "release"}, None),
 }
 
 

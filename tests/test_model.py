@@ -144,6 +144,41 @@ def test_logits_false_skips_later_layers(tiny):
     np.testing.assert_allclose(out.acts[site], full.acts[site], rtol=0, atol=PASS_TOL * np.abs(full.acts[site]).max())
 
 
+def test_frozen_scalings_give_the_same_pass_and_make_it_affine(tiny):
+    """Recording the norms' inverse RMS and the attention patterns changes nothing; a pass holding them frozen
+    gives the same logits, and with the MLP outputs held fixed too its logits before the final softcap are affine
+    in its embeddings (the local replacement model of attribution graphs), which the plain pass's are not."""
+    lm, golden = tiny
+    cfg, params, tokens = lm.config, lm.params, jnp.asarray(golden["tokens"])
+    mlps = [Site("mlp", layer) for layer in range(cfg.num_layers)]
+    plain = model.forward(params, cfg, tokens, capture=mlps)
+    recorded = model.forward(params, cfg, tokens, capture=mlps, record_frozen=True)
+    assert plain.frozen is None and len(recorded.frozen) == 5 * cfg.num_layers + 1
+    assert recorded.frozen[model.frozen_key(0, "pattern")].shape == (
+        *tokens.shape[:2], cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, tokens.shape[1])
+    np.testing.assert_array_equal(recorded.logits, plain.logits)
+    frozen = model.forward(params, cfg, tokens, frozen=recorded.frozen)
+    scale = float(jnp.abs(plain.logits).max())
+    np.testing.assert_allclose(frozen.logits, plain.logits, rtol=0, atol=PASS_TOL * scale)
+
+    fixed = {site: (lambda a: lambda x: a)(plain.acts[site]) for site in mlps}
+    embeddings = params["embedder"]["input_embedding"][tokens] * np.sqrt(cfg.d_model)
+
+    def logits(e, freeze):  # before the final softcap (Gemma 2's), which no freezing makes linear
+        out = model.forward(params, cfg, tokens, replace=fixed, embeddings=e, frozen=freeze).logits
+        cap = cfg.final_logit_softcap
+        return out if cap is None else cap * jnp.arctanh(out / cap)
+
+    for freeze, affine in ((recorded.frozen, True), (None, False)):
+        ends = [logits(c * embeddings, freeze) for c in (0.0, 1.0, 2.0)]
+        if affine:  # g(2e) - g(e) = g(e) - g(0), up to the rounding of two passes (conftest.PASS_TOL)
+            np.testing.assert_allclose(ends[2] - ends[1], ends[1] - ends[0], rtol=0, atol=4 * PASS_TOL * scale)
+        else:
+            assert rel_l2(ends[2] - ends[1], ends[1] - ends[0]) > 1e-2
+    with pytest.raises(ValueError, match="frozen\\['layer_0/pre_attention_norm'\\] is nothing"):
+        model.forward(params, cfg, tokens, frozen={})
+
+
 def test_token_nll_equals_log_softmax(tiny):
     lm, golden = tiny
     cfg, params, tokens = lm.config, lm.params, jnp.asarray(golden["tokens"])

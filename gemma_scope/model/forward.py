@@ -3,6 +3,12 @@
 `forward` and `token_nll` are pure functions of (params, tokens) for a static config, capture list and replacement
 functions, so they can be wrapped in `jax.jit` (close over ``cfg``, ``capture`` and ``replace``). Replacement
 functions may close over traced arrays (SAE params).
+
+`forward` can also record the nonlinear scalings of the pass (each RMSNorm's inverse RMS and each attention
+pattern, `layers`) and, on a second pass, hold them at recorded values under `jax.lax.stop_gradient`: with the
+MLPs replaced too, the pass is then linear in its embeddings and in whatever the replacements add (the local
+replacement model of Ameisen et al. 2025, "Circuit Tracing", §2.3). Neither costs the plain forward anything: the
+hooks resolve when the function is traced.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import jax.numpy as jnp
 
 from gemma_scope.model.config import GLOBAL, LOCAL, Config
 from gemma_scope.model.layers import Transformer
-from gemma_scope.sites import Site
+from gemma_scope.sites import KINDS, Site
 
 Replacement = Callable[[jax.Array], jax.Array]
 
@@ -26,10 +32,36 @@ class Output:
 
     logits: [B, T, vocab_size] in the params' dtype (final softcap applied), or None when ``logits=False``.
     acts: {Site: [B, T, cfg.site_width(site.kind)]} for every captured site.
+    frozen: with ``record_frozen``, the pass's nonlinear scalings by `frozen_key`: each norm's inverse RMS
+      [B, T, 1] and each attention pattern [B, T, num_kv_heads, num_heads / num_kv_heads, T]; else None.
     """
 
     logits: jax.Array | None
     acts: dict[Site, jax.Array]
+    frozen: dict[str, jax.Array] | None = None
+
+
+def frozen_key(layer: int | None, name: str) -> str:
+    """The key of a recorded scaling: ``"layer_3/pre_ffw_norm"``, ``"layer_3/pattern"``, or ``"final_norm"``
+    (layer None)."""
+    return name if layer is None else f"layer_{layer}/{name}"
+
+
+def _fixer(layer, name, frozen, recorded):
+    """The function a norm or attention applies to its scaling: record it and/or replace it by a frozen constant."""
+    key = frozen_key(layer, name)
+
+    def fix(value):
+        if frozen is not None:
+            if key not in frozen or frozen[key].shape != value.shape:
+                got = frozen[key].shape if key in frozen else "nothing"
+                raise ValueError(f"frozen[{key!r}] is {got}; expected an array of shape {value.shape}")
+            value = jax.lax.stop_gradient(frozen[key].astype(value.dtype))
+        if recorded is not None:
+            recorded[key] = value
+        return value
+
+    return fix
 
 
 def init_params(cfg: Config, rng: jax.Array, dtype=jnp.float32) -> dict:
@@ -69,8 +101,10 @@ def _check_sites(cfg: Config, sites: Iterable[Site], what: str) -> None:
             raise ValueError(f"{what} site {site} is beyond the model's layers 0..{cfg.num_layers - 1}")
 
 
-def _run_trunk(params, cfg, tokens, capture, replace, attention_mask, all_layers):
-    """Embedding and all blocks, or (``all_layers`` False) those up to the last captured/replaced site.
+def _run_trunk(params, cfg, tokens, capture, replace, attention_mask, all_layers, embeddings=None, frozen=None,
+               recorded=None):
+    """Embedding (or ``embeddings``) and all blocks, or (``all_layers`` False) those up to the last
+    captured/replaced site; scalings frozen and/or recorded into the dict ``recorded`` (`_fixer`).
 
     Returns (residual stream, captured acts)."""
     if tokens.ndim != 2:
@@ -83,6 +117,8 @@ def _run_trunk(params, cfg, tokens, capture, replace, attention_mask, all_layers
 
     def hook_for(layer):
         def hook(kind, value):
+            if kind not in KINDS:  # a norm's inverse RMS or an attention pattern
+                return value if frozen is None and recorded is None else _fixer(layer, kind, frozen, recorded)(value)
             site = Site(kind, layer)
             if site in capture:
                 acts[site] = value  # the activation as the model computed it, before its own replacement
@@ -97,13 +133,15 @@ def _run_trunk(params, cfg, tokens, capture, replace, attention_mask, all_layers
 
     positions, masks = _positions_and_masks(cfg, tokens, attention_mask)
     hooks = [hook_for(layer) for layer in range(num_layers)]
-    x = Transformer(cfg).apply({"params": params}, tokens, positions, masks, hooks, method=Transformer.trunk)
+    x = Transformer(cfg).apply({"params": params}, tokens, positions, masks, hooks, embeddings,
+                               method=Transformer.trunk)
     return x, acts
 
 
 def forward(params: dict, cfg: Config, tokens: jax.Array, *, capture: Iterable[Site] = (),
             replace: Mapping[Site, Replacement] | None = None, attention_mask: jax.Array | None = None,
-            logits: bool = True) -> Output:
+            logits: bool = True, embeddings: jax.Array | None = None, record_frozen: bool = False,
+            frozen: Mapping[str, jax.Array] | None = None) -> Output:
     """Runs Gemma on ``tokens`` int32 [B, T], reading and replacing site activations.
 
     Args:
@@ -116,17 +154,26 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, *, capture: Iterable[S
       attention_mask: optional bool [B, T], False at padding: padding keys are never attended to and RoPE
         positions count real tokens only. Outputs at padding positions are meaningless.
       logits: False skips the final norm and unembedding, and every layer after the last captured/replaced one.
+      embeddings: the residual stream entering layer 0, float [B, T, d_model], instead of the tokens' scaled
+        embeddings (``tokens`` still set the shapes, positions and masks).
+      record_frozen: return the pass's nonlinear scalings in ``Output.frozen``.
+      frozen: {`frozen_key`: array} from a recording pass (on the same tokens, or any pass of the same shapes):
+        every norm's inverse RMS and attention pattern takes that value, under `jax.lax.stop_gradient`.
 
     Returns:
-      Output(logits [B, T, vocab_size] or None, acts {Site: [B, T, width]}).
+      Output(logits [B, T, vocab_size] or None, acts {Site: [B, T, width]}, frozen or None).
 
     Raises:
       ValueError / TypeError: bad token or mask shapes, sites that are not `Site`s or beyond the last layer, a
-      replacement returning the wrong shape.
+      replacement returning the wrong shape, a frozen scaling missing or of the wrong shape.
     """
-    x, acts = _run_trunk(params, cfg, tokens, capture, replace, attention_mask, all_layers=logits)
-    out_logits = Transformer(cfg).apply({"params": params}, x, method=Transformer.decode) if logits else None
-    return Output(logits=out_logits, acts=acts)
+    recorded = {} if record_frozen else None
+    x, acts = _run_trunk(params, cfg, tokens, capture, replace, attention_mask, logits, embeddings, frozen, recorded)
+    out_logits = None
+    if logits:
+        fix = None if frozen is None and recorded is None else _fixer(None, "final_norm", frozen, recorded)
+        out_logits = Transformer(cfg).apply({"params": params}, x, fix, method=Transformer.decode)
+    return Output(logits=out_logits, acts=acts, frozen=recorded)
 
 
 def token_nll(params: dict, cfg: Config, tokens: jax.Array, replace: Mapping[Site, Replacement] | None = None, *,

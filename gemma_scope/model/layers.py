@@ -9,11 +9,16 @@ optional QK-norm, attention-logit softcap, GeGLU MLP, tied embeddings scaled by 
 Each block calls ``hook(kind, value)`` at its four sites (`gemma_scope.sites`): "att" with the per-head attention
 outputs concatenated over heads ``[B, T, num_heads * head_dim]`` before W_O, "mlp_in" with the MLP's input (after
 pre_ffw_norm), "mlp" after post_ffw_norm, and "res" with the block output; whatever the hook returns flows
-downstream.
+downstream. It calls the same hook at the block's nonlinear scalings, so that a caller can freeze them (the local
+replacement model of attribution graphs, Ameisen et al. 2025 "Circuit Tracing" §2.3): "pattern" with the attention
+probabilities ``[B, T, num_kv_heads, num_heads / num_kv_heads, T]`` and, under each norm's name
+("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"), its inverse RMS ``[B, T, 1]``.
+The QK-norms are not hooked: they only reach the output through the pattern.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -29,15 +34,18 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x²) + eps) * (1 + scale)`` over the last axis; param ``scale`` [d], zero-initialised."""
+    """``x / sqrt(mean(x²) + eps) * (1 + scale)`` over the last axis; param ``scale`` [d], zero-initialised.
+
+    ``fix``, if given, maps the inverse RMS ``1 / sqrt(mean(x²) + eps)`` ``[..., 1]`` to the one used (e.g. a frozen
+    constant)."""
 
     eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, fix: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
         scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],))
-        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        return x * jax.lax.rsqrt(var + self.eps) * (1 + scale)
+        inv = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return x * (inv if fix is None else fix(inv)) * (1 + scale)
 
 
 class Einsum(nn.Module):
@@ -98,8 +106,11 @@ class Attention(nn.Module):
             self._key_norm = RMSNorm(c.norm_eps)
         self.attn_vec_einsum = Einsum((c.num_heads, c.head_dim, c.d_model))
 
-    def heads(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B, T, d_model], positions int [B, T], mask bool [B, T, S] (query t may see key s) -> [B, T, N, H]."""
+    def heads(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+              fix: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+        """x [B, T, d_model], positions int [B, T], mask bool [B, T, S] (query t may see key s) -> [B, T, N, H].
+
+        ``fix``, if given, maps the attention probabilities ``[B, T, K, N / K, S]`` to the ones used."""
         c = self.config
         if c.use_qkv_einsum:
             q, k, v = self.qkv_einsum("BTD,SNDH->SBTNH", x)
@@ -120,6 +131,7 @@ class Attention(nn.Module):
             logits = c.attn_logit_softcap * jnp.tanh(logits / c.attn_logit_softcap)
         logits = jnp.where(mask[:, :, None, None, :], logits, _MASKED)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        probs = probs if fix is None else fix(probs)
         return jnp.einsum("BTKGS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
 
     def project(self, heads: jax.Array) -> jax.Array:
@@ -159,12 +171,13 @@ class Block(nn.Module):
         self.post_ffw_norm = RMSNorm(eps)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, hook: Hook) -> jax.Array:
-        heads = self.attn.heads(self.pre_attention_norm(x), positions, mask)
+        fix = lambda name: functools.partial(hook, name)  # noqa: E731
+        heads = self.attn.heads(self.pre_attention_norm(x, fix("pre_attention_norm")), positions, mask, fix("pattern"))
         b, t, n, h = heads.shape
         att = hook("att", heads.reshape(b, t, n * h)).reshape(b, t, n, h)
-        x = x + self.post_attention_norm(self.attn.project(att))
-        mlp_in = hook("mlp_in", self.pre_ffw_norm(x))
-        mlp = hook("mlp", self.post_ffw_norm(self.mlp(mlp_in)))
+        x = x + self.post_attention_norm(self.attn.project(att), fix("post_attention_norm"))
+        mlp_in = hook("mlp_in", self.pre_ffw_norm(x, fix("pre_ffw_norm")))
+        mlp = hook("mlp", self.post_ffw_norm(self.mlp(mlp_in), fix("post_ffw_norm")))
         return hook("res", x + mlp)
 
 
@@ -180,19 +193,22 @@ class Transformer(nn.Module):
         self.final_norm = RMSNorm(c.norm_eps)
 
     def trunk(self, tokens: jax.Array, positions: jax.Array, masks: dict[str, jax.Array],
-              hooks: list[Hook]) -> jax.Array:
+              hooks: list[Hook], embeddings: jax.Array | None = None) -> jax.Array:
         """tokens int [B, T] -> residual stream [B, T, d_model] after ``len(hooks)`` layers.
 
-        masks: bool [B, T, T] per attention type (LOCAL / GLOBAL); hooks: one per layer to run.
+        masks: bool [B, T, T] per attention type (LOCAL / GLOBAL); hooks: one per layer to run; embeddings: the
+        residual stream entering layer 0 [B, T, d_model], if not the tokens' scaled embeddings.
         """
-        x = self.embedder.encode(tokens)
+        x = self.embedder.encode(tokens) if embeddings is None else embeddings
         for block, hook in zip(self.blocks, hooks):
             x = block(x, positions, masks[block.attn_type], hook)
         return x
 
-    def decode(self, x: jax.Array) -> jax.Array:
-        """Residual stream [..., d_model] after the last layer -> logits [..., vocab_size] (final softcap applied)."""
-        logits = self.embedder.decode(self.final_norm(x))
+    def decode(self, x: jax.Array, fix: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+        """Residual stream [..., d_model] after the last layer -> logits [..., vocab_size] (final softcap applied).
+
+        ``fix`` maps the final norm's inverse RMS (as in `RMSNorm`)."""
+        logits = self.embedder.decode(self.final_norm(x, fix))
         cap = self.config.final_logit_softcap
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 

@@ -1,0 +1,82 @@
+"""Attribution graph of one prompt on the embedded Gemma 3 270M: wall time by phase and peak memory, for one prompt
+length per process (so that the peak resident memory is that length's). Run as
+``python -m benchmarks.attribution --out FILE --tokens 16 [--transcoders DIR]``.
+
+Phases, as ``python -m gemma_scope.attribute`` runs them: ``prepare`` (the model's pass with the transcoders, jit
+compile included), ``edges`` (the jitted vjps over every target, compile included), ``prune`` (pruning and
+scores on the host), then ``edges_warm``: the edges again, compiled; each in wall seconds and in the process's
+CPU seconds (all threads; barely changed by other processes on a shared machine). Without ``--transcoders``, random per-layer
+transcoders of width 512 with an affine skip stand in, each layer's threshold set so that 30 latents fire per
+token on average (the cost depends on the number of active latents, not on what they mean). The prompt is the
+first tokens of ``tests/golden/prose.txt`` after BOS.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import worker_args, write_json
+from gemma_scope import attribute, model
+from gemma_scope.attribution import graph as graphs
+from gemma_scope.attribution import replacement
+
+PROSE = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "prose.txt"
+WIDTH, TARGET_L0 = 512, 30
+
+
+def random_transcoders(lm: model.LoadedModel, tokens: np.ndarray) -> dict:
+    """Per-layer random transcoders (`replacement`'s layout) whose thresholds give ``TARGET_L0`` on ``tokens``."""
+    cfg = lm.config
+    n, d = cfg.num_layers, cfg.d_model
+    k = jax.random.split(jax.random.key(0), 3)
+    out = model.forward(lm.params, cfg, jnp.asarray(tokens)[None], capture=replacement._mlp_sites(n))
+    x = jnp.stack([out.acts[s][0] for s in replacement._mlp_sites(n) if s.kind == "mlp_in"]).astype(jnp.float32)
+    w_enc = jax.random.normal(k[0], (n, d, WIDTH)) / jnp.linalg.norm(x, axis=-1).mean(axis=1)[:, None, None]
+    pre = jnp.einsum("ntd,ndf->ntf", x[:, 1:], w_enc).reshape(n, -1)
+    threshold = jnp.quantile(pre, 1 - TARGET_L0 / WIDTH, axis=1)
+    return {"W_enc": w_enc, "b_enc": jnp.zeros((n, WIDTH)), "threshold": jnp.broadcast_to(threshold[:, None],
+                                                                                         (n, WIDTH)),
+            "W_dec": jax.random.normal(k[1], (n, WIDTH, d)) * 0.05, "b_dec": jnp.zeros((n, d)),
+            "W_skip": jax.random.normal(k[2], (n, d, d)) * 0.01}
+
+
+def main() -> None:
+    parser = worker_args(__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16, help="prompt length, BOS included")
+    parser.add_argument("--transcoders", help="one transcoder per layer (default: random, see the docstring)")
+    parser.add_argument("--batch-size", type=int, default=64, help="targets per backward pass")
+    args = parser.parse_args()
+    lm = model.load("gemma3_270m")
+    ids = lm.tokenizer.encode(PROSE.read_text())
+    tokens = np.array([lm.tokenizer.bos_id, *ids[:args.tokens - 1]], np.int32)
+    tc = (attribute.load_transcoders(args.transcoders, lm.config.num_layers) if args.transcoders
+          else random_transcoders(lm, tokens))
+    times, cpu = {}, {}
+
+    def timed(name, call):
+        wall, used = time.perf_counter(), time.process_time()
+        result = call()
+        times[name], cpu[name] = time.perf_counter() - wall, time.process_time() - used
+        return result
+
+    prompt = timed("prepare", lambda: replacement.prepare(lm.params, lm.config, tc, tokens))
+    graph = timed("edges", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size))
+    scores = timed("prune", lambda: (graphs.prune(graph), graphs.scores(graph))[1])
+    timed("edges_warm", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size))
+    write_json(args.out, {"tokens": len(tokens), "active_latents": len(graph.active),
+                          "nodes": graph.adjacency.shape[0], "logits": len(graph.logit_tokens),
+                          "transcoders": args.transcoders or f"random, width {WIDTH}, L0 {TARGET_L0}, skip",
+                          "batch_size": args.batch_size, "seconds": {k: round(v, 2) for k, v in times.items()},
+                          "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
+                          "total_s": round(times["prepare"] + times["edges"] + times["prune"], 2),
+                          "total_cpu_s": round(cpu["prepare"] + cpu["edges"] + cpu["prune"], 2),
+                          "replacement_score": scores[0], "completeness_score": scores[1]})
+
+
+if __name__ == "__main__":
+    main()
