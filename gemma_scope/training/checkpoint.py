@@ -139,6 +139,11 @@ class Checkpointer:
         (candidates[0] / STATE_FORMAT_FILE).write_text(json.dumps({"state_format": self._state_format}) + "\n")
         (candidates[0] / CHECKSUMS_FILE).write_text(json.dumps(file_checksums(candidates[0]), indent=1) + "\n")
 
+    @property
+    def directory(self) -> pathlib.Path:
+        """The checkpoint root (absolute)."""
+        return self._root
+
     def latest_step(self) -> int | None:
         """The newest intact checkpoint's step (verified on opening, or saved and finalised since), or None."""
         return self._latest
