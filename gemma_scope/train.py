@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from gemma_scope import activations, cli
 from gemma_scope import mesh as mesh_lib
 from gemma_scope.evaluation.releases import evaluate_saes
+from gemma_scope.files import as_no_space, is_no_space, space_for
 from gemma_scope.training import normalisation, stopping
 from gemma_scope.training import step as step_lib
 from gemma_scope.training import workdir as workdir_lib
@@ -88,8 +89,13 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
         config.sae.l0_coefficient = lambdas_of(config)
     if config.mesh.distributed and not jax.distributed.is_initialized():
         stopping.initialize(config.mesh.heartbeat_timeout_s)  # a launcher may have, with an explicit coordinator
-    with stopping.watch() as stop_at:  # from here a signal stops the run at a saved step
-        return _train(config, source, sweep, stop_at)
+    try:
+        with stopping.watch() as stop_at, stopping.exit_on_lost_peer():  # a signal stops the run at a saved step
+            return _train(config, source, sweep, stop_at)
+    except Exception as e:  # the first write that failed for lack of space, named (a later one may fail too)
+        if not is_no_space(e):
+            raise
+        raise as_no_space(e, config.workdir) from e
 
 
 def _train(config, source, sweep, stop_at) -> list[pathlib.Path]:
@@ -105,6 +111,9 @@ def _train(config, source, sweep, stop_at) -> list[pathlib.Path]:
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoint_every, config.train.keep_checkpoints,
                                 step_lib.STATE_FORMAT)
     last_good = checkpointer.latest_step()
+    # Early: JAX's count of steps starts here (training.stopping.watch); before a first step, only a checkpoint
+    # already on disk can be the one to stop at.
+    preempted = stop_at(last_good or 0) and last_good is not None
     workdir_lib.check_resume(workdir, config, last_good)
     if last_good is not None:
         try:
@@ -117,16 +126,20 @@ def _train(config, source, sweep, stop_at) -> list[pathlib.Path]:
             source, mesh, batch_size, config.train.norm_batches, config.sae.b_dec_init, config.sae.normalisation))
         state = step_lib.init_state(jax.random.key(config.seed), grid.stacks, hp, mesh, norm_scale, b_dec)
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        text = config.to_json_best_effort(indent=2)
+        with space_for(workdir / "config.json", len(text.encode())):
+            (workdir / "config.json").write_text(text)
 
     start = int(jax.device_get(state["step"]))
     train_step = step_lib.make_train_step(grid.stacks, hp, mesh)
     to_stacks = grid.batches(mesh)
     batches = source.batches(batch_size, start, mesh, stop=steps)
     log = MetricsLog(workdir, grid, batch_size, start, steps)
-    preempted = False
+    done = start
     try:  # no host sync between log steps: batches and steps are dispatched ahead of the device
         for number, batch in zip(range(start, steps), batches):
+            if preempted:  # the notice came before the first step: the restored checkpoint is the step reached
+                break
             state, metrics = train_step(state, to_stacks(batch))
             done = number + 1
             preempted = stop_at(done)  # every step, on every process (JAX's preemption sync point)

@@ -22,7 +22,9 @@ shard index carries a crc32c), so a flipped byte would be restored silently. Hen
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -32,11 +34,22 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from gemma_scope.files import sha256_file
+from gemma_scope.files import NO_SPACE_TEXT, NoSpaceError, is_no_space, sha256_file
 
 CHECKSUMS_FILE = "gemma_scope_sha256.json"
 STATE_FORMAT_FILE = "gemma_scope_state_format.json"
 _ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax.checkpoint._src.path.atomicity_types.TMP_DIR_SUFFIX
+
+
+class _QuietOnNoSpace(logging.Filter):
+    """Drops Orbax's log records (with tracebacks, hundreds of lines) of a write that failed for lack of space: the
+    save raises ``NoSpaceError``, which says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (NO_SPACE_TEXT.search(record.getMessage()) or is_no_space(record.exc_info and record.exc_info[1]))
+
+
+logging.getLogger("absl").addFilter(_QuietOnNoSpace())
 
 
 def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
@@ -87,7 +100,7 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, every: int, keep: int, state_format: int):
         if every < 1 or keep < 1:
             raise ValueError(f"train.checkpoint_every ({every}) and train.keep_checkpoints ({keep}) must be >= 1")
-        self._root, self._keep, self._pending = pathlib.Path(directory).absolute(), keep, None
+        self._root, self._keep, self._pending, self._pending_bytes = pathlib.Path(directory).absolute(), keep, None, 0
         self._state_format = state_format
         self._latest = self._newest_intact()
         # Directories are created in the calling thread: if that fails, save raises here instead of leaving
@@ -164,19 +177,42 @@ class Checkpointer:
 
     def save(self, step: int, state, force: bool = False) -> bool:
         """Saves ``state`` as ``step`` if the interval says so (or ``force``); asynchronous after the device copy.
-        First waits for the previous save and rotates old checkpoints out."""
+        First waits for the previous save and rotates old checkpoints out.
+
+        Raises:
+          NoSpaceError: the disk filled up (here or in ``wait``); names the step's directory and the state's size.
+            The partial step is removed; the older checkpoints are intact.
+        """
         self.wait()
         self._pending = step  # read by _seal
-        saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        self._pending_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+        with self._space_for_pending():
+            saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
         if not saved:
             self._pending = self._latest
         return saved
+
+    @contextlib.contextmanager
+    def _space_for_pending(self):
+        """NoSpaceError for the pending step, after removing its partial (temporary) directory."""
+        try:
+            yield
+        except Exception as e:
+            if not is_no_space(e):
+                raise
+            if jax.process_index() == 0:
+                for partial in self._root.glob(f"{self._pending}{_ORBAX_TMP_SUFFIX}*"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            error = NoSpaceError(self._root / str(self._pending), self._pending_bytes)
+            self._pending = self._latest
+            raise error from e
 
     def wait(self) -> None:
         """Blocks until pending saves are on disk; once the newest is in place with its checksums, removes the
         oldest checkpoints beyond ``keep`` (otherwise it says so on stderr and removes nothing). (Re-hashing the
         files just written would read them back from the page cache, so it would prove nothing.)"""
-        self._manager.wait_until_finished()
+        with self._space_for_pending():
+            self._manager.wait_until_finished()
         if self._pending is None or self._pending == self._latest:
             return
         if not (self._root / str(self._pending) / CHECKSUMS_FILE).is_file():

@@ -6,12 +6,17 @@
   reads. Several processes (``jax.distributed``): JAX's preemption sync manager owns SIGTERM (XLA's coordination
   service propagates a notice on any process to all; they agree on the step to save, one past the furthest step
   any of them had reached, and ``multihost_utils.reached_preemption_sync_point(step)`` is True at that step on
-  every process); SIGINT is forwarded to this process as SIGTERM so that it takes the same path. A second signal
-  during the stop takes the default action (SIGINT: KeyboardInterrupt; SIGTERM: exit).
-- A lost peer. ``initialize`` starts ``jax.distributed`` with a heartbeat timeout (``DEFAULT_HEARTBEAT_TIMEOUT_S``)
-  and a missed-heartbeat callback: when a process stops sending heartbeats (killed, its host lost) the
-  coordination service tells the others, which print one line naming the lost process and exit with
-  ``EXIT_PEER_LOST`` instead of hanging in a collective (JAX's default callback aborts with a stack trace).
+  every process); SIGINT is forwarded to this process as SIGTERM so that it takes the same path. In one process a
+  second signal during the stop takes the default action (SIGINT: KeyboardInterrupt; SIGTERM: exit).
+- A lost peer. A process that dies (kill -9, its host lost) breaks the others' next collective at once (gloo:
+  "Connection closed by peer"); ``exit_on_lost_peer`` turns that into one line naming the lost process and exit
+  status ``EXIT_PEER_LOST``. Whatever else the others are doing (a barrier, a collective that does not notice),
+  ``jax.distributed``'s coordination service declares a process lost after ``heartbeat_timeout_s`` without a
+  heartbeat (``initialize``; default ``DEFAULT_HEARTBEAT_TIMEOUT_S``) and terminates the rest (SIGABRT, with
+  XLA's "Terminating process because the JAX distributed service detected fatal errors" and a stack trace); it
+  does so at once when the lost process is process 0, which hosts the service. (jaxlib 0.10.2's client takes a
+  ``missed_heartbeat_callback``, but ``jax.distributed.initialize`` does not pass one, and a Python callback
+  there ends in ``std::bad_cast``.)
 """
 
 from __future__ import annotations
@@ -40,9 +45,15 @@ class Preempted(Exception):
 
 @contextlib.contextmanager
 def watch() -> Iterator[Callable[[int], bool]]:
-    """Within the block, yields ``reached(step) -> bool``: call it after every step with the steps done (on every
-    process, from the same start); True means save this step and stop (module docstring). Restores the previous
-    handlers when the block ends. Outside the main thread (no signals there) ``reached`` is always False."""
+    """Within the block, yields ``reached(step) -> bool``: call it with the step a run starts from as soon as that
+    is known, then after every step with the steps done (on every process; Orbax's ``save`` calls it too, with the
+    same step); True means save this step and stop (module docstring). Restores the previous handlers when the
+    block ends. Outside the main thread (no signals there) ``reached`` is always False.
+
+    JAX's sync point is one past the furthest step any process had passed to ``reached`` when the notice came,
+    counting from 0 if none had; a notice before a resumed run's first call is therefore never reached (the run
+    goes on until the scheduler's kill, losing only the steps since that start) — hence the early first call.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield lambda step: False
         return
@@ -68,45 +79,36 @@ def watch() -> Iterator[Callable[[int], bool]]:
 
 
 def initialize(heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S, **kwargs) -> None:
-    """``jax.distributed.initialize(**kwargs)`` whose processes exit with one line and ``EXIT_PEER_LOST`` within
-    ``heartbeat_timeout_s`` (+ a few seconds) of a peer's loss (module docstring). Call it before any JAX
-    computation, in place of ``jax.distributed.initialize``.
+    """``jax.distributed.initialize(**kwargs)`` with ``heartbeat_timeout_s``: a process that stops sending
+    heartbeats is declared lost after that long and the others are stopped (module docstring). Call it before any
+    JAX computation, in place of ``jax.distributed.initialize``.
 
     Raises:
       ValueError: heartbeat_timeout_s < 1.
     """
-    if heartbeat_timeout_s < 1:
+    if not heartbeat_timeout_s >= 1:
         raise ValueError(f"mesh.heartbeat_timeout_s={heartbeat_timeout_s} must be >= 1 (seconds)")
-    from jax._src import distributed  # jax.distributed.initialize takes no missed-heartbeat callback: pass ours
+    jax.distributed.initialize(heartbeat_timeout_seconds=int(heartbeat_timeout_s), **kwargs)
 
-    make_client = distributed._jax.get_distributed_runtime_client
 
-    def client_with_callback(*args, **kw):
-        return make_client(*args, **kw, missed_heartbeat_callback=_peer_lost)
+_LOST_PEER = re.compile(r"Connection (closed|reset) by peer|heartbeat timeout|stopped sending heartbeats")
 
-    distributed._jax.get_distributed_runtime_client = client_with_callback
+
+@contextlib.contextmanager
+def exit_on_lost_peer() -> Iterator[None]:
+    """In a multi-process run, turns a collective's failure on a lost peer (gloo: "Connection closed by peer") into
+    one line on stderr and ``os._exit(EXIT_PEER_LOST)``: a normal exit would wait at jax.distributed's shutdown
+    barrier for the lost process and then abort with a stack trace."""
     try:
-        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s, **kwargs)
-    finally:
-        distributed._jax.get_distributed_runtime_client = make_client
-
-
-def lost_processes(status: str) -> str:
-    """The lost processes named in a coordination-service error (``"process 1"``, ``"processes 1, 2"``), or
-    ``"a process"`` when it names none (e.g. the coordinator itself is gone)."""
-    listed = re.search(r"unhealthy \(stopped sending heartbeats\):\s*([\d\s,]+)", status)
-    ids = re.findall(r"\d+", listed.group(1)) if listed else re.findall(r"/task:(\d+)", status)
-    ids = sorted(set(ids) - {str(jax.process_index())}, key=int)
-    if not ids:
-        return "the coordinator (process 0)" if jax.process_index() else "a process"
-    return ("process " if len(ids) == 1 else "processes ") + ", ".join(ids)
-
-
-def _peer_lost(status) -> None:
-    """The coordination service's error callback (a C++ thread): one line, then exit without waiting for the
-    collectives that will never finish."""
-    text = str(status)
-    print(f"error: lost {lost_processes(text)} of {jax.process_count()} (no heartbeat within the timeout: killed, "
-          f"or its host lost); process {jax.process_index()} stops too. Restart all processes to resume from the "
-          f"newest checkpoint. ({' '.join(text.split())[:200]})", file=sys.stderr, flush=True)
-    os._exit(EXIT_PEER_LOST)
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1 or not _LOST_PEER.search(str(e)):
+            raise
+        others = [str(i) for i in range(jax.process_count()) if i != jax.process_index()]
+        lost = f"process {others[0]}" if len(others) == 1 else f"one of processes {', '.join(others)}"
+        detail = _LOST_PEER.search(str(e)).group(0)
+        print(f"error: lost {lost} of {jax.process_count()} ({detail}: killed, or its host lost); process "
+              f"{jax.process_index()} stops too. Restart all processes to resume from the newest checkpoint.",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_PEER_LOST)
