@@ -50,6 +50,20 @@ class _QuietOnNoSpace(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietOnNoSpace())
+_ABANDONED = ("Event loop is closed", "Python is likely shutting down")
+
+
+def _quiet_abandoned_writes(unraisable, previous=sys.unraisablehook) -> None:
+    """After a failed save Orbax abandons its TensorStore writes: their callbacks find its event loop closed and
+    its coroutines are collected at exit, each printing an "Exception ignored" traceback; those are dropped, and so
+    are writes failing for lack of space (TensorBoard's flush at exit): the run reports the first in one line."""
+    abandoned = isinstance(unraisable.exc_value, (RuntimeError, ImportError)) and \
+        any(text in str(unraisable.exc_value) for text in _ABANDONED)
+    if not (abandoned or is_no_space(unraisable.exc_value)):
+        previous(unraisable)
+
+
+sys.unraisablehook = _quiet_abandoned_writes
 
 
 def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
