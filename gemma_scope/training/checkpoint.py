@@ -77,13 +77,19 @@ def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
 
 def verify(step_dir: pathlib.Path) -> str | None:
     """Why the checkpoint at ``step_dir`` is not intact (a sentence naming the file), or None if it is."""
+    seal = step_dir / CHECKSUMS_FILE
     try:
-        expected = json.loads((step_dir / CHECKSUMS_FILE).read_text())
+        expected = json.loads(seal.read_text())
+    except FileNotFoundError:
+        return f"{seal} is missing"
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON (empty, garbage)
+        return f"{seal} cannot be read as JSON ({type(e).__name__}: {e})"
+    if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+        return f"{seal} does not hold a {{file: sha256}} object"
+    try:
         actual = file_checksums(step_dir)
-    except FileNotFoundError as e:
-        return f"{e.filename} is missing" if e.filename else str(e)
-    except (OSError, ValueError) as e:  # unreadable file, bad JSON
-        return f"cannot read it ({type(e).__name__}: {e})"
+    except OSError as e:
+        return f"cannot read {e.filename or step_dir} ({type(e).__name__}: {e.strerror or e})"
     for name in sorted(set(expected) | set(actual)):
         if name not in actual:
             return f"{name} is missing"
@@ -129,11 +135,12 @@ class Checkpointer:
             if self._root.is_dir() else []
 
     def _newest_intact(self) -> int | None:
-        """Verifies steps newest first; moves each bad one aside (process 0) and returns the first intact one."""
+        """Verifies steps newest first; moves each bad one aside (process 0) and returns the first intact one (an
+        unsealed one of an older version counts: ``_older_version``)."""
         found = None
         for step in self._steps_on_disk():
             problem = verify(self._root / str(step))
-            if problem is None:
+            if problem is None or self._older_version(step):
                 found = step
                 break
             if jax.process_index() == 0:
@@ -144,9 +151,34 @@ class Checkpointer:
             multihost_utils.sync_global_devices("gemma_scope checkpoint verification")
         return found
 
+    def _older_version(self, step: int) -> bool:
+        """Whether step ``step`` is an unsealed checkpoint written before seals existed (neither a seal nor a state
+        format file, both of which sealing versions write) whose Orbax metadata is complete; if so, says on stderr
+        that it resumes without checking the arrays (a damaged array still fails the restore, which is reported)."""
+        step_dir = self._root / str(step)
+        if (step_dir / CHECKSUMS_FILE).exists() or (step_dir / STATE_FORMAT_FILE).exists():
+            return False
+        try:
+            json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+            items = [p for p in step_dir.iterdir() if p.is_dir()]
+        except (OSError, ValueError):
+            return False
+        if not items or not all((p / "_METADATA").is_file() for p in items):
+            return False
+        if jax.process_index() == 0:
+            print(f"checkpoint {step_dir} has no {CHECKSUMS_FILE} (written by a version before checkpoints were "
+                  "sealed): its Orbax metadata is complete but its arrays cannot be checked; resuming from it",
+                  file=sys.stderr)
+        return True
+
     def _quarantine(self, step: int) -> pathlib.Path:
-        target = self._root.with_name(self._root.name + "-corrupt") / str(step)
-        n = 0
+        """Moves a bad step to ``<root>-corrupt/<step>`` (``<root>-corrupt.1/...`` if that name is taken by a file,
+        ``<step>.1`` if the step is there already)."""
+        parent, n = self._root.with_name(self._root.name + "-corrupt"), 0
+        while parent.exists() and not parent.is_dir():
+            n += 1
+            parent = self._root.with_name(f"{self._root.name}-corrupt.{n}")
+        target, n = parent / str(step), 0
         while target.exists():
             n += 1
             target = target.with_name(f"{step}.{n}")
