@@ -6,6 +6,9 @@ data.build, sweep).
   options (argparse, ``parser``). ``--help`` lists every option.
 - A user error (``USER_ERRORS``: a bad value, a missing file, an unknown config key) ends the command with ONE line
   ``error: <message>`` on stderr and exit status 2; ``--verbose`` shows the traceback instead.
+- An exception with an ``exit_status`` attribute ends it with one line and that status: a full disk
+  (``files.NoSpaceError``, 74), a preempted run (``training.stopping.Preempted``, 75: its line names the saved
+  checkpoint). A lost peer process exits with 69 (``training.stopping``).
 
 Each ``main(argv)`` raises its errors; the module's ``if __name__ == "__main__"`` calls ``run`` (argparse) or
 ``run_app`` (absl), which turn them into that one line.
@@ -25,6 +28,7 @@ from absl import app, flags
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, FloatingPointError)
 VERBOSE_HELP = "on an error, show the traceback instead of one line"
 EXIT_USER_ERROR = 2
+_EXIT_PREEMPTED = 75  # training.stopping.EXIT_PREEMPTED (not imported: it imports jax): a stop, not an error
 
 flags.DEFINE_bool("verbose", False, VERBOSE_HELP)
 
@@ -39,8 +43,13 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def _fail(error: BaseException) -> None:
     message = " ".join(str(error).split()) or type(error).__name__
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    status = getattr(error, "exit_status", EXIT_USER_ERROR)
+    print(message if status == _EXIT_PREEMPTED else f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _handled(error: BaseException) -> bool:
+    return isinstance(error, USER_ERRORS) or hasattr(error, "exit_status")
 
 
 def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
@@ -49,8 +58,8 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except USER_ERRORS as e:
-        if "--verbose" in argv:
+    except Exception as e:
+        if "--verbose" in argv or not _handled(e):
             raise
         _fail(e)
 
@@ -102,8 +111,8 @@ def run_app(main: Callable[[list[str]], object]) -> None:
     def guarded(argv):
         try:
             main(argv)  # its return value is for Python callers; absl would print it
-        except USER_ERRORS as e:
-            if verbose:
+        except Exception as e:
+            if verbose or not _handled(e):
                 raise
             _fail(e)
 

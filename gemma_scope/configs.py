@@ -103,6 +103,7 @@ def train_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.mesh.data = -1  # -1: all devices the model axis leaves
     config.mesh.model = "auto"  # latent-axis (tensor) parallel size; "auto": 1 up to width 2**14, more beyond
     config.mesh.distributed = False  # call jax.distributed.initialize() (multi-host TPU VM slices)
+    config.mesh.heartbeat_timeout_s = 100  # with distributed: the others stop this long after a process is lost
 
     # Evaluation after training (data.source="model" only): held-out sequences of the corpus, §4.
     config.eval = ml_collections.ConfigDict()

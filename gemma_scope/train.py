@@ -27,7 +27,8 @@ from ml_collections import config_flags
 from gemma_scope import activations, cli
 from gemma_scope import mesh as mesh_lib
 from gemma_scope.evaluation.releases import evaluate_saes
-from gemma_scope.training import normalisation
+from gemma_scope.files import as_no_space, is_no_space, space_for
+from gemma_scope.training import normalisation, stopping
 from gemma_scope.training import step as step_lib
 from gemma_scope.training import workdir as workdir_lib
 from gemma_scope.training.checkpoint import Checkpointer
@@ -85,12 +86,24 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
       ValueError: a bad config or bad activations (the message names the field / batch).
       NonFiniteError: a NaN/Inf loss, naming the step; the last good checkpoint is kept.
       WorkdirInUseError, OSError: another trainer holds the workdir, or it cannot be written (``training.workdir``).
+      stopping.Preempted: a SIGTERM or SIGINT; the step reached is saved (``training.stopping``).
+      files.NoSpaceError: the disk filled up; the message names the file and the bytes it needed.
     """
     sweep = validate_config(config)
     if config.sae.l0_coefficient is None:  # record the default λ itself: config.json and a resume compare values
         config.sae.l0_coefficient = lambdas_of(config)
     if config.mesh.distributed and not jax.distributed.is_initialized():
-        jax.distributed.initialize()  # a launcher may have initialised it with an explicit coordinator
+        stopping.initialize(config.mesh.heartbeat_timeout_s)  # a launcher may have, with an explicit coordinator
+    try:
+        with stopping.watch() as stop_at, stopping.exit_on_lost_peer():  # a signal stops the run at a saved step
+            return _train(config, source, sweep, stop_at)
+    except Exception as e:  # the first write that failed for lack of space, named (a later one may fail too)
+        if not is_no_space(e):
+            raise
+        raise as_no_space(e, config.workdir) from e
+
+
+def _train(config, source, sweep, stop_at) -> list[pathlib.Path]:
     hp = hyperparams(config)
     workdir = pathlib.Path(config.workdir)
     workdir_lib.check_writable(workdir, workdir / "checkpoints")
@@ -103,6 +116,9 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
     checkpointer = Checkpointer(workdir / "checkpoints", config.train.checkpoint_every, config.train.keep_checkpoints,
                                 step_lib.STATE_FORMAT)
     last_good = checkpointer.latest_step()
+    # Early: JAX's count of steps starts here (training.stopping.watch); before a first step, only a checkpoint
+    # already on disk can be the one to stop at.
+    preempted = stop_at(last_good or 0) and last_good is not None
     workdir_lib.check_resume(workdir, config, last_good)
     if last_good is not None:
         try:
@@ -115,30 +131,41 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
             source, mesh, batch_size, config.train.norm_batches, config.sae.b_dec_init, config.sae.normalisation))
         state = step_lib.init_state(jax.random.key(config.seed), grid.stacks, hp, mesh, norm_scale, b_dec)
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        text = config.to_json_best_effort(indent=2)
+        with space_for(workdir / "config.json", len(text.encode())):
+            (workdir / "config.json").write_text(text)
 
     start = int(jax.device_get(state["step"]))
     train_step = step_lib.make_train_step(grid.stacks, hp, mesh)
     to_stacks = grid.batches(mesh)
     batches = source.batches(batch_size, start, mesh, stop=steps)
     log = MetricsLog(workdir, grid, batch_size, start, steps)
+    done = start
     try:  # no host sync between log steps: batches and steps are dispatched ahead of the device
         for number, batch in zip(range(start, steps), batches):
+            if preempted:  # the notice came before the first step: the restored checkpoint is the step reached
+                break
             state, metrics = train_step(state, to_stacks(batch))
             done = number + 1
+            preempted = stop_at(done)  # every step, on every process (JAX's preemption sync point)
             if done % config.train.log_every == 0 or done == steps:
                 source.check_finite()
                 _check_finite(state, checkpointer)
                 log.write(done, jax.device_get(metrics))
-            if done % config.train.checkpoint_every == 0 or done == steps:
+            if preempted or done % config.train.checkpoint_every == 0 or done == steps:
                 source.check_finite()
                 _check_finite(state, checkpointer)
-                checkpointer.save(done, state, force=done == steps)
+                checkpointer.save(done, state, force=preempted or done == steps)
+            if preempted:
+                break
     finally:
         batches.close()
         log.close()
         checkpointer.wait()
     checkpointer.close()
+    if preempted:
+        raise stopping.Preempted(f"preempted: stopped after step {done} of {steps}; checkpoint "
+                                 f"{checkpointer.directory / str(done)} is sealed; rerun the same command to resume")
     return write_release(config, source, mesh, grid, state)
 
 

@@ -2,8 +2,11 @@
 
     python tests/_train_process.py PROCESS_ID NUM_PROCESSES PORT DEVICES CONFIG_OVERRIDES_JSON
 
-Starts JAX with DEVICES CPU devices, joins the job through a coordinator on 127.0.0.1:PORT (gloo collectives),
-then trains ``experiments/from_activations.py`` with the overrides and ``mesh.distributed=True``. With
+Starts JAX with DEVICES CPU devices, joins the job through a coordinator on 127.0.0.1:PORT (gloo collectives;
+``training.stopping.initialize`` with the overrides' ``mesh.heartbeat_timeout_s``), then trains
+``experiments/from_activations.py`` with the overrides and ``mesh.distributed=True``; a preemption ends it with
+the trainer's line and exit status. The override ``"_sigterm_at_seal": N`` makes process 0 send itself SIGTERM
+while it seals checkpoint N (a signal during a checkpoint write). With
 ``"data.source": "model"`` the activations come from a random-weight tiny Gemma 3 (``res.1``, ``res.3``) on random
 token ids, each process reading its own sequences.
 """
@@ -12,6 +15,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import signal
 import sys
 
 process_id, num_processes, port, devices = map(int, sys.argv[1:5])
@@ -21,15 +25,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
-
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-if num_processes > 1:
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
-
 import numpy as np  # noqa: E402
 
 from gemma_scope import activations, model, train  # noqa: E402
 from gemma_scope.sites import parse_sites  # noqa: E402
+from gemma_scope.training import checkpoint, stopping  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+overrides = json.loads(sys.argv[5])
+sigterm_at_seal = overrides.pop("_sigterm_at_seal", None)
+if num_processes > 1:
+    stopping.initialize(overrides.get("mesh.heartbeat_timeout_s", stopping.DEFAULT_HEARTBEAT_TIMEOUT_S),
+                        coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id)
 
 
 class ProcessTokens:
@@ -46,7 +53,7 @@ spec = importlib.util.spec_from_file_location("from_activations", ROOT / "experi
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 config = module.get_config()
-for key, value in json.loads(sys.argv[5]).items():
+for key, value in overrides.items():
     *sections, name = key.split(".")
     node = config[sections[0]] if sections else config
     node[name] = tuple(value) if isinstance(value, list) else value
@@ -58,5 +65,20 @@ if config.data.source == "model":
     lm = model.LoadedModel(cfg, model.init_params(cfg, jax.random.key(0)), make_tokenizer=lambda: None)
     source = activations.ModelSource(lm, ProcessTokens(), parse_sites("res.1,res.3", cfg.num_layers),
                                      chunk_sequences=8, forward_batch=4, passes=2, seed=config.seed)
-for path in train.run(config, source):
+seal = checkpoint.Checkpointer._seal
+
+
+def seal_then_signal(self):
+    if self._pending == sigterm_at_seal and jax.process_index() == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+    seal(self)
+
+
+checkpoint.Checkpointer._seal = seal_then_signal
+try:
+    paths = train.run(config, source)
+except stopping.Preempted as e:
+    print(e, file=sys.stderr)
+    sys.exit(e.exit_status)
+for path in paths:
     print(path)

@@ -1,9 +1,11 @@
 """The trainer on a 2-process CPU mesh (jax.distributed, gloo): the same SAEs as 1 process with the same devices
-and global batch, and a kill -9 of both processes then a restart resumes exactly."""
+and global batch, a kill -9 of both processes then a restart resumes exactly, and signals and a lost peer stop
+both."""
 
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -85,6 +87,63 @@ def _kill_restart_and_compare(tmp_path, data, **train):
     _finish(_start(tmp_path / "killed", data, 2, **train))
     _finish(_start(tmp_path / "straight", data, 2, **train))
     resumed, straight = _released(tmp_path / "killed"), _released(tmp_path / "straight")
+    assert resumed.keys() == straight.keys() and resumed
+    for name in straight:
+        for key in straight[name]:
+            np.testing.assert_array_equal(resumed[name][key], straight[name][key])
+
+
+def _wait_for(procs, condition, what):
+    deadline = time.time() + 300
+    while not condition():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, f"ended before {what}"
+        time.sleep(0.01)
+
+
+def _checkpoints(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_a_signal_or_a_lost_peer_and_resume_exactly(tmp_path, make_npy_dir):
+    """SIGTERM / SIGINT to one or both processes at 5 points: both stop at one step, seal it and exit 75; a kill -9
+    of one: the other exits 69 within the heartbeat timeout, naming it. The restarts end bitwise equal to an
+    uninterrupted run."""
+    data, run = make_npy_dir(rows=(600, 424)), tmp_path / "stopped"
+    train = {"train.steps": 80, "train.checkpoint_every": 10, "mesh.heartbeat_timeout_s": 10}
+    _finish(_start(tmp_path / "straight", data, 2, **train))
+    metrics = run / "metrics.jsonl"
+    points = [  # (when, which processes, signal)
+        (lambda: metrics.is_file() and metrics.stat().st_size, [1], signal.SIGTERM),  # before the first checkpoint
+        (None, [], signal.SIGTERM),  # process 0 sends it itself while it seals checkpoint 20 (_train_process.py)
+        (lambda: _checkpoints(run)[-1] > stopped[-1], [0], signal.SIGINT),
+        (lambda: _checkpoints(run)[-1] > stopped[-1], [0, 1], signal.SIGTERM),
+        (lambda: _checkpoints(run)[-1] > stopped[-1], [1], signal.SIGKILL),  # a lost peer
+    ]
+    stopped = [0]
+    for condition, targets, signum in points:
+        procs = _start(run, data, 2, **train, **({} if condition else {"_sigterm_at_seal": 20}))
+        if condition is None:
+            condition = lambda: True  # noqa: E731
+        _wait_for(procs, condition, f"signal {signum!r} to {targets}")
+        for i in targets:
+            os.kill(procs[i].pid, signum)
+        sent = time.time()
+        outs = [p.communicate(timeout=300) for p in procs]
+        if signum == signal.SIGKILL:  # 69 and one line if it was in a collective; else JAX's abort at the timeout
+            assert time.time() - sent < 10 + 30, outs[0][1][-3000:]
+            assert procs[0].returncode == 69 and "error: lost process 1 of 2" in outs[0][1].strip().splitlines()[-1] \
+                or procs[0].returncode == -signal.SIGABRT and "another task died" in outs[0][1], outs[0][1][-3000:]
+            continue
+        lines = [err.strip().splitlines()[-1] for _, err in outs]
+        assert [p.returncode for p in procs] == [75, 75], [err[-3000:] for _, err in outs]
+        step = int(re.fullmatch(r"preempted: stopped after step (\d+) of 80; checkpoint \S+ is sealed; rerun the "
+                                r"same command to resume", lines[0]).group(1))
+        assert lines[1] == lines[0] and step in _checkpoints(run) and step > stopped[-1]
+        stopped.append(step)
+    assert stopped[1] < 10 and stopped[2] > 20, stopped  # before the first checkpoint; after the write of 20
+    _finish(_start(run, data, 2, **train))
+    resumed, straight = _released(run), _released(tmp_path / "straight")
     assert resumed.keys() == straight.keys() and resumed
     for name in straight:
         for key in straight[name]:

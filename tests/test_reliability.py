@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 import pytest
 from test_train import _config, _release_files
@@ -82,6 +83,59 @@ def test_checkpoint_without_checksums_is_not_trusted(tmp_path, make_npy_dir, cap
     train.run(config)
     assert f"{checkpoint.CHECKSUMS_FILE} is missing" in capfd.readouterr().err  # fell back to step 4
     assert (tmp_path / "run/checkpoints-corrupt/8").is_dir()
+
+
+def _tiny_checkpoints(root, steps) -> dict:
+    """Saves ``{"w": [step, step + 1, step + 2]}`` as checkpoints ``steps`` under ``root``; returns the states."""
+    states = {step: {"w": jax.numpy.arange(3.0) + step} for step in steps}
+    saver = checkpoint.Checkpointer(root, 1, len(steps), 3)
+    for step, state in states.items():
+        saver.save(step, state, force=True)
+    saver.close()
+    return states
+
+
+def test_unsealed_checkpoint_of_an_older_version_is_resumed_saying_so(tmp_path, capfd):
+    root = tmp_path / "checkpoints"
+    states = _tiny_checkpoints(root, [1, 2])
+    for name in (checkpoint.CHECKSUMS_FILE, checkpoint.STATE_FORMAT_FILE):  # as written before seals existed
+        (root / "2" / name).unlink()
+    capfd.readouterr()
+    reopened = checkpoint.Checkpointer(root, 1, 2, 3)
+    assert reopened.latest_step() == 2 and reopened.state_format(2) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [f"checkpoint {root / '2'} has no {checkpoint.CHECKSUMS_FILE} (written by a version before "
+                   "checkpoints were sealed): its Orbax metadata is complete but its arrays cannot be checked; "
+                   "resuming from it"]
+    target = {"w": jax.ShapeDtypeStruct((3,), np.float32)}
+    np.testing.assert_array_equal(reopened.restore(2, target)["w"], states[2]["w"])
+    reopened.close()
+    (root / "2/_CHECKPOINT_METADATA").unlink()  # incomplete: not taken for an older version's
+    assert checkpoint.Checkpointer(root, 1, 2, 3).latest_step() == 1
+    assert f"checkpoint {root / '2'} is corrupt: {root / '2' / checkpoint.CHECKSUMS_FILE} is missing" in \
+        capfd.readouterr().err
+
+
+@pytest.mark.parametrize("content, problem", [(b"", "cannot be read as JSON (JSONDecodeError"),
+                                              (b"\x00garbage", "cannot be read as JSON"),
+                                              (b'["a"]', "does not hold a {file: sha256} object")])
+def test_empty_or_garbage_seal_is_named(tmp_path, content, problem):
+    root = tmp_path / "checkpoints"
+    _tiny_checkpoints(root, [1])
+    (root / "1" / checkpoint.CHECKSUMS_FILE).write_bytes(content)
+    assert checkpoint.verify(root / "1").startswith(f"{root / '1' / checkpoint.CHECKSUMS_FILE} {problem}")
+
+
+def test_corrupt_checkpoint_is_moved_aside_when_checkpoints_corrupt_is_a_file(tmp_path, capfd):
+    root = tmp_path / "checkpoints"
+    _tiny_checkpoints(root, [1, 2])
+    (tmp_path / "checkpoints-corrupt").write_text("a user's file\n")
+    (root / "2" / checkpoint.CHECKSUMS_FILE).write_text("{}")
+    capfd.readouterr()
+    assert checkpoint.Checkpointer(root, 1, 2, 3).latest_step() == 1
+    assert f"checkpoint {root / '2'} is corrupt: default/" in capfd.readouterr().err
+    assert (tmp_path / "checkpoints-corrupt").read_text() == "a user's file\n"
+    assert (tmp_path / "checkpoints-corrupt.1/2/default").is_dir()
 
 
 class _Exploding(activations.NpyShardSource):

@@ -150,7 +150,7 @@ def write_shards(source, out: str | os.PathLike, tokens: int, storage_dtype: str
             chunk = source.chunk(k, mesh, STORAGE_DTYPES[storage_dtype])
             for site, data in chunk.items():
                 name = f"shard_{k:05d}.npy"
-                with atomic_path(dirs[site] / name) as tmp, open(tmp, "wb") as f:
+                with atomic_path(dirs[site] / name, data.nbytes + 128) as tmp, open(tmp, "wb") as f:  # + header
                     np.save(f, data)
                 shards[site][name] = {"shape": list(data.shape), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
             n = len(chunk[source.sites[0]])
@@ -159,8 +159,9 @@ def write_shards(source, out: str | os.PathLike, tokens: int, storage_dtype: str
     for site, directory in dirs.items():
         manifest = {"model": source.model_name, "site": site, "dtype": storage_dtype, "d": source.d_in[site],
                     "count": written, "token_source": token_source or {}, "shards": shards[site]}
-        with atomic_path(directory / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        text = json.dumps(manifest, indent=1) + "\n"
+        with atomic_path(directory / MANIFEST, len(text)) as tmp:
+            tmp.write_text(text)
     return dirs
 
 

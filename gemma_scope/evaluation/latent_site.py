@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from gemma_scope.evaluation.latents import BINS_PER_OCTAVE, LOWEST_BIN, Stats
+from gemma_scope.files import space_for
 
 ASSETS = pathlib.Path(__file__).parents[1] / "browser"
 DENSE_FREQUENCY = 0.1
@@ -79,7 +80,8 @@ def write_site(out: str | pathlib.Path, stats: Stats, tokens: np.ndarray, piece:
     out = pathlib.Path(out)
     (out / "data" / "latents").mkdir(parents=True, exist_ok=True)
     for asset in ASSETS.iterdir():
-        shutil.copyfile(asset, out / asset.name)
+        with space_for(out / asset.name, asset.stat().st_size):
+            shutil.copyfile(asset, out / asset.name)
     contexts = _Contexts(tokens, piece, stats.before)
     n_tokens = max(int(stats.tokens), 1)
     rows = []
@@ -98,17 +100,23 @@ def write_site(out: str | pathlib.Path, stats: Stats, tokens: np.ndarray, piece:
             up_ids, up, down_ids, down = (a[i] for a in promoted)
             latent["promoted"] = [[piece(int(t)), s] for t, s in zip(up_ids, _rounded(up))]
             latent["suppressed"] = [[piece(int(t)), s] for t, s in zip(down_ids, _rounded(down))]
-        (out / "data" / "latents" / f"{i}.js").write_text(
-            "BROWSE.showLatent(" + json.dumps(latent, ensure_ascii=False, separators=(",", ":")) + ");\n",
-            encoding="utf-8")
+        _write(out / "data" / "latents" / f"{i}.js",
+               "BROWSE.showLatent(" + json.dumps(latent, ensure_ascii=False, separators=(",", ":")) + ");\n")
         search = " ".join("".join(c["tokens"]) for c in top[:5])
         rows.append([i, _rounded([frequency])[0], max_act, _rounded([latent["mean"]])[0], flag,
                      [p for p, _ in latent.get("promoted", [])[:5]], search])
     index = {"title": title, "meta": meta or {}, "tokens": int(stats.tokens), "dense_frequency": dense_frequency,
              "columns": ["id", "frequency", "max", "mean", "flag", "promoted", "text"], "latents": rows}
-    (out / "data" / "index.js").write_text(
-        "var BROWSE_INDEX = " + json.dumps(index, ensure_ascii=False, separators=(",", ":")) + ";\n", encoding="utf-8")
+    _write(out / "data" / "index.js",
+           "var BROWSE_INDEX = " + json.dumps(index, ensure_ascii=False, separators=(",", ":")) + ";\n")
     return out / "index.html"
+
+
+def _write(path: pathlib.Path, text: str) -> None:
+    """Writes UTF-8 text; NoSpaceError naming the file and its size if the disk is full."""
+    data = text.encode("utf-8")
+    with space_for(path, len(data)):
+        path.write_bytes(data)
 
 
 def _samples(stats: Stats, i: int, max_act: float, contexts: _Contexts, per_interval: int) -> list[dict]:

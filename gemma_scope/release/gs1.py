@@ -71,13 +71,14 @@ def write_sae(
     d, width = params["W_enc"].shape
     out = sae_dir(root, site, width, average_l0)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / PARAMS_FILE) as tmp, open(tmp, "wb") as f:
+    nbytes = sum(v.nbytes for v in params.values())  # the arrays; the containers add a few hundred bytes
+    with atomic_path(out / PARAMS_FILE, nbytes) as tmp, open(tmp, "wb") as f:
         np.savez(f, **params)
-    with atomic_path(out / SAELENS_WEIGHTS_FILE) as tmp:
+    with atomic_path(out / SAELENS_WEIGHTS_FILE, nbytes) as tmp:
         safetensors.numpy.save_file(params, tmp)
-    cfg = _saelens_cfg(site, d, width, average_l0, metadata or {})
-    with atomic_path(out / SAELENS_CFG_FILE) as tmp:
-        tmp.write_text(json.dumps(cfg, indent=2))
+    cfg = json.dumps(_saelens_cfg(site, d, width, average_l0, metadata or {}), indent=2)
+    with atomic_path(out / SAELENS_CFG_FILE, len(cfg)) as tmp:
+        tmp.write_text(cfg)
     return out / PARAMS_FILE
 
 

@@ -123,13 +123,14 @@ def write_gs2(root: str | os.PathLike, site: Site, params: dict[str, np.ndarray]
     width = params["W_enc"].shape[1]
     affine = SKIP_KEY in params
     out = gs2_dir(root, site, width, average_l0, transcoder=transcoder, affine=affine, l0_label=l0_label)
-    with atomic_path(out / GS2_PARAMS_FILE) as tmp:
+    with atomic_path(out / GS2_PARAMS_FILE, sum(v.nbytes for v in params.values())) as tmp:
         safetensors.numpy.save_file({GS2_TENSORS[k]: v for k, v in params.items()}, tmp)
     config = dict(zip(GS2_CONFIG_KEYS, (
         HF_HOOK_POINTS[site.kind].format(site.layer), HF_HOOK_POINTS[site_out.kind].format(site_out.layer), width,
         model_name, "jump_relu", round(average_l0), affine, "transcoder" if transcoder else "sae")))
-    with atomic_path(out / GS2_CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(config, indent=2))
+    text = json.dumps(config, indent=2)
+    with atomic_path(out / GS2_CONFIG_FILE, len(text)) as tmp:
+        tmp.write_text(text)
     return out / GS2_PARAMS_FILE
 
 

@@ -22,7 +22,9 @@ shard index carries a crc32c), so a flipped byte would be restored silently. Hen
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -32,11 +34,36 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from gemma_scope.files import sha256_file
+from gemma_scope.files import NO_SPACE_TEXT, NoSpaceError, is_no_space, sha256_file
 
 CHECKSUMS_FILE = "gemma_scope_sha256.json"
 STATE_FORMAT_FILE = "gemma_scope_state_format.json"
 _ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax.checkpoint._src.path.atomicity_types.TMP_DIR_SUFFIX
+
+
+class _QuietOnNoSpace(logging.Filter):
+    """Drops Orbax's log records (with tracebacks, hundreds of lines) of a write that failed for lack of space: the
+    save raises ``NoSpaceError``, which says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (NO_SPACE_TEXT.search(record.getMessage()) or is_no_space(record.exc_info and record.exc_info[1]))
+
+
+logging.getLogger("absl").addFilter(_QuietOnNoSpace())
+_ABANDONED = ("Event loop is closed", "Python is likely shutting down")
+
+
+def _quiet_abandoned_writes(unraisable, previous=sys.unraisablehook) -> None:
+    """After a failed save Orbax abandons its TensorStore writes: their callbacks find its event loop closed and
+    its coroutines are collected at exit, each printing an "Exception ignored" traceback; those are dropped, and so
+    are writes failing for lack of space (TensorBoard's flush at exit): the run reports the first in one line."""
+    abandoned = isinstance(unraisable.exc_value, (RuntimeError, ImportError)) and \
+        any(text in str(unraisable.exc_value) for text in _ABANDONED)
+    if not (abandoned or is_no_space(unraisable.exc_value)):
+        previous(unraisable)
+
+
+sys.unraisablehook = _quiet_abandoned_writes
 
 
 def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
@@ -50,13 +77,19 @@ def file_checksums(step_dir: pathlib.Path) -> dict[str, str]:
 
 def verify(step_dir: pathlib.Path) -> str | None:
     """Why the checkpoint at ``step_dir`` is not intact (a sentence naming the file), or None if it is."""
+    seal = step_dir / CHECKSUMS_FILE
     try:
-        expected = json.loads((step_dir / CHECKSUMS_FILE).read_text())
+        expected = json.loads(seal.read_text())
+    except FileNotFoundError:
+        return f"{seal} is missing"
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON (empty, garbage)
+        return f"{seal} cannot be read as JSON ({type(e).__name__}: {e})"
+    if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+        return f"{seal} does not hold a {{file: sha256}} object"
+    try:
         actual = file_checksums(step_dir)
-    except FileNotFoundError as e:
-        return f"{e.filename} is missing" if e.filename else str(e)
-    except (OSError, ValueError) as e:  # unreadable file, bad JSON
-        return f"cannot read it ({type(e).__name__}: {e})"
+    except OSError as e:
+        return f"cannot read {e.filename or step_dir} ({type(e).__name__}: {e.strerror or e})"
     for name in sorted(set(expected) | set(actual)):
         if name not in actual:
             return f"{name} is missing"
@@ -87,7 +120,7 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, every: int, keep: int, state_format: int):
         if every < 1 or keep < 1:
             raise ValueError(f"train.checkpoint_every ({every}) and train.keep_checkpoints ({keep}) must be >= 1")
-        self._root, self._keep, self._pending = pathlib.Path(directory).absolute(), keep, None
+        self._root, self._keep, self._pending, self._pending_bytes = pathlib.Path(directory).absolute(), keep, None, 0
         self._state_format = state_format
         self._latest = self._newest_intact()
         # Directories are created in the calling thread: if that fails, save raises here instead of leaving
@@ -102,11 +135,12 @@ class Checkpointer:
             if self._root.is_dir() else []
 
     def _newest_intact(self) -> int | None:
-        """Verifies steps newest first; moves each bad one aside (process 0) and returns the first intact one."""
+        """Verifies steps newest first; moves each bad one aside (process 0) and returns the first intact one (an
+        unsealed one of an older version counts: ``_older_version``)."""
         found = None
         for step in self._steps_on_disk():
             problem = verify(self._root / str(step))
-            if problem is None:
+            if problem is None or self._older_version(step):
                 found = step
                 break
             if jax.process_index() == 0:
@@ -117,9 +151,34 @@ class Checkpointer:
             multihost_utils.sync_global_devices("gemma_scope checkpoint verification")
         return found
 
+    def _older_version(self, step: int) -> bool:
+        """Whether step ``step`` is an unsealed checkpoint written before seals existed (neither a seal nor a state
+        format file, both of which sealing versions write) whose Orbax metadata is complete; if so, says on stderr
+        that it resumes without checking the arrays (a damaged array still fails the restore, which is reported)."""
+        step_dir = self._root / str(step)
+        if (step_dir / CHECKSUMS_FILE).exists() or (step_dir / STATE_FORMAT_FILE).exists():
+            return False
+        try:
+            json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+            items = [p for p in step_dir.iterdir() if p.is_dir()]
+        except (OSError, ValueError):
+            return False
+        if not items or not all((p / "_METADATA").is_file() for p in items):
+            return False
+        if jax.process_index() == 0:
+            print(f"checkpoint {step_dir} has no {CHECKSUMS_FILE} (written by a version before checkpoints were "
+                  "sealed): its Orbax metadata is complete but its arrays cannot be checked; resuming from it",
+                  file=sys.stderr)
+        return True
+
     def _quarantine(self, step: int) -> pathlib.Path:
-        target = self._root.with_name(self._root.name + "-corrupt") / str(step)
-        n = 0
+        """Moves a bad step to ``<root>-corrupt/<step>`` (``<root>-corrupt.1/...`` if that name is taken by a file,
+        ``<step>.1`` if the step is there already)."""
+        parent, n = self._root.with_name(self._root.name + "-corrupt"), 0
+        while parent.exists() and not parent.is_dir():
+            n += 1
+            parent = self._root.with_name(f"{self._root.name}-corrupt.{n}")
+        target, n = parent / str(step), 0
         while target.exists():
             n += 1
             target = target.with_name(f"{step}.{n}")
@@ -138,6 +197,11 @@ class Checkpointer:
                                f"(found {candidates}); has Orbax's naming changed?")
         (candidates[0] / STATE_FORMAT_FILE).write_text(json.dumps({"state_format": self._state_format}) + "\n")
         (candidates[0] / CHECKSUMS_FILE).write_text(json.dumps(file_checksums(candidates[0]), indent=1) + "\n")
+
+    @property
+    def directory(self) -> pathlib.Path:
+        """The checkpoint root (absolute)."""
+        return self._root
 
     def latest_step(self) -> int | None:
         """The newest intact checkpoint's step (verified on opening, or saved and finalised since), or None."""
@@ -159,19 +223,42 @@ class Checkpointer:
 
     def save(self, step: int, state, force: bool = False) -> bool:
         """Saves ``state`` as ``step`` if the interval says so (or ``force``); asynchronous after the device copy.
-        First waits for the previous save and rotates old checkpoints out."""
+        First waits for the previous save and rotates old checkpoints out.
+
+        Raises:
+          NoSpaceError: the disk filled up (here or in ``wait``); names the step's directory and the state's size.
+            The partial step is removed; the older checkpoints are intact.
+        """
         self.wait()
         self._pending = step  # read by _seal
-        saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        self._pending_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+        with self._space_for_pending():
+            saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
         if not saved:
             self._pending = self._latest
         return saved
+
+    @contextlib.contextmanager
+    def _space_for_pending(self):
+        """NoSpaceError for the pending step, after removing its partial (temporary) directory."""
+        try:
+            yield
+        except Exception as e:
+            if not is_no_space(e):
+                raise
+            if jax.process_index() == 0:
+                for partial in self._root.glob(f"{self._pending}{_ORBAX_TMP_SUFFIX}*"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            error = NoSpaceError(self._root / str(self._pending), self._pending_bytes)
+            self._pending = self._latest
+            raise error from e
 
     def wait(self) -> None:
         """Blocks until pending saves are on disk; once the newest is in place with its checksums, removes the
         oldest checkpoints beyond ``keep`` (otherwise it says so on stderr and removes nothing). (Re-hashing the
         files just written would read them back from the page cache, so it would prove nothing.)"""
-        self._manager.wait_until_finished()
+        with self._space_for_pending():
+            self._manager.wait_until_finished()
         if self._pending is None or self._pending == self._latest:
             return
         if not (self._root / str(self._pending) / CHECKSUMS_FILE).is_file():

@@ -13,6 +13,7 @@ as one series per layer, ``<label>/<sweep>/l0_layers/<i>``).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import time
 
@@ -20,6 +21,7 @@ import jax
 import tqdm
 from tensorboardX import SummaryWriter
 
+from gemma_scope.files import space_for
 from gemma_scope.training.grid import Grid
 
 METRICS_FILE = "metrics.jsonl"
@@ -77,8 +79,16 @@ class MetricsLog:
                     "tokens": step * self._batch, "tokens_per_s": tokens_per_s,
                     **{k: v[one.index].tolist() for k, v in metrics[one.stack].items()}}
                    for one in self._saes]
-        with self._path.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        with space_for(self._path, len(data)), open(self._path, "ab", buffering=0) as f:
+            size = f.seek(0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:  # a raw write may be short
+                    view = view[f.write(view):]
+            except OSError:
+                f.truncate(size)  # no torn record for the resume to trip over
+                raise
         for name in _RUN_SCALARS:
             self._writer.add_scalar(name, records[0][name], step)
         for r in records:
@@ -88,7 +98,8 @@ class MetricsLog:
                 tag = tensorboard_tag(r["site"], r["l0_coefficient"], r["target_l0"], key)
                 for i, v in enumerate(value) if isinstance(value, list) else ((None, value),):
                     self._writer.add_scalar(tag if i is None else f"{tag}/{i}", v, step)
-        self._writer.flush()
+        with space_for(self._path.with_name("events.out.tfevents.*")):
+            self._writer.flush()
         first = records[0]
         self._bar.set_postfix(loss=f"{first['loss']:.4g}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
                               dead=f"{first['dead_fraction']:.2f}", tok_s=f"{tokens_per_s:.3g}")
