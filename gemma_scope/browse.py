@@ -33,6 +33,7 @@ def browse(sae_path: str | pathlib.Path, out: str | pathlib.Path, *, model_name:
       before the model loads is.
     """
     from gemma_scope.data.reader import SequenceReader
+    from gemma_scope.data.store import read_manifest
 
     check_output_dir(out, "--out")
     if k < 1:
@@ -40,6 +41,7 @@ def browse(sae_path: str | pathlib.Path, out: str | pathlib.Path, *, model_name:
     sae_file, sae_params, sae_site = release.load_sae(sae_path, site)
     if (config := model.config_of(model_name)) is not None:
         config.check_site(sae_site, sae_params["W_enc"].shape[0], "SAE input")
+    read_manifest(corpus)  # a missing corpus, too, is named before the model loads
     lm = model.load(model_name)
     reader = SequenceReader(corpus, split="heldout", seq_len=seq_len, tokenizer=lm.tokenizer)
     num_sequences = min(max(1, num_tokens // seq_len), reader.sequences_per_epoch)

@@ -11,7 +11,7 @@ import pytest
 
 from gemma_scope import browse, cli, evaluate, files, model, release, score, steer, train
 from gemma_scope.data import build as data_build
-from gemma_scope.data import builder
+from gemma_scope.data import builder, store
 from gemma_scope.sites import Site
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -142,6 +142,8 @@ def test_a_file_where_a_directory_is_expected_is_one_line(tmp_path, capsys, monk
             files.check_output_dir(tmp_path / "new" / "dir", "--out")
     with pytest.raises(NotADirectoryError, match=f"^--out {blocker}: {blocker} is a file"):  # before any fetch
         builder.build_corpus(builder.resolve_sources(["sotu"], tmp_path / "cache"), blocker, tokenizer=None)
+    with pytest.raises(NotADirectoryError, match=f"^{blocker} is a file; expected a built corpus directory"):
+        store.read_manifest(blocker)
     with pytest.raises(ValueError, match=r"unknown packaged source 'nope'; expected one of \['sotu'"):
         data_build.main([f"--out={tmp_path / 'corpus'}", "--sources=nope"])
     assert not (tmp_path / "cache").exists()
@@ -207,6 +209,7 @@ def _release(tmp_path, site, d, width=8):
     ("browse", ["--top_k=0"], ValueError, "--top_k must be >= 1 (top-activating contexts kept per latent), got 0"),
     ("browse", ["--out=FILE/site"], NotADirectoryError, "--out FILE/site: FILE is a file, not a directory"),
     ("browse", ["--d=64"], ValueError, "SAE input width 64 does not match site res.2 of gemma3_270m (width 640)"),
+    ("browse", ["--corpus=FILE"], NotADirectoryError, "FILE is a file; expected a built corpus directory"),
     ("evaluate", ["--site=res.400"], ValueError, "SAE: site res.400 is beyond gemma3_270m's layers 0..17"),
     ("evaluate", ["--d=64"], ValueError, "SAE: SAE input width 64 does not match site res.2 of gemma3_270m"),
     ("evaluate", ["--out=FILE"], NotADirectoryError, "--out FILE: FILE is a file, not a directory"),
