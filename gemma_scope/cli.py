@@ -15,6 +15,7 @@ Each ``main(argv)`` raises its errors; the module's ``if __name__ == "__main__"`
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -46,7 +47,8 @@ def _message(error: BaseException) -> str:
     """The one line for ``error``; an OSError in Python's bare ``[Errno n] text: 'path'`` form says which path is in
     the way."""
     if isinstance(error, OSError) and error.filename is not None and str(error).startswith("[Errno"):
-        if isinstance(error, (NotADirectoryError, FileExistsError)):
+        if isinstance(error, NotADirectoryError) or (isinstance(error, FileExistsError)
+                                                     and not os.path.isdir(error.filename)):
             return (f"{error.filename}: expected a directory, but it or one of its parents is a file "
                     f"({error.strerror})")
         if isinstance(error, IsADirectoryError):

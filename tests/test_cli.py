@@ -132,6 +132,13 @@ def test_a_file_where_a_directory_is_expected_is_one_line(tmp_path, capsys, monk
         cli.run(lambda argv: (blocker / "out").mkdir(parents=True), [])
     assert capsys.readouterr().err == (f"error: {blocker / 'out'}: expected a directory, but it or one of its parents "
                                        "is a file (Not a directory)\n")
+    with pytest.raises(SystemExit):
+        cli.run(lambda argv: blocker.mkdir(), [])
+    assert capsys.readouterr().err == f"error: {blocker}: expected a directory, but it or one of its parents is a " \
+                                      "file (File exists)\n"
+    with pytest.raises(SystemExit):  # a directory that exists: Python's own line
+        cli.run(lambda argv: tmp_path.mkdir(), [])
+    assert capsys.readouterr().err == f"error: [Errno 17] File exists: '{tmp_path}'\n"
     with pytest.raises(NotADirectoryError, match=f"^--out {blocker}/a/b: {blocker} is a file, not a directory"):
         files.check_output_dir(blocker / "a" / "b", "--out")
     assert files.check_output_dir(tmp_path / "new" / "dir", "--out") == tmp_path / "new" / "dir"
