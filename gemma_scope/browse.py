@@ -17,6 +17,7 @@ import pathlib
 from gemma_scope import cli, model, release
 from gemma_scope.evaluation.latent_site import DENSE_FREQUENCY, piece_text, write_site
 from gemma_scope.evaluation.latents import collect, logit_effects
+from gemma_scope.files import check_output_dir
 
 
 def browse(sae_path: str | pathlib.Path, out: str | pathlib.Path, *, model_name: str = "gemma3_270m",
@@ -28,11 +29,19 @@ def browse(sae_path: str | pathlib.Path, out: str | pathlib.Path, *, model_name:
 
     Raises:
       ValueError / FileNotFoundError: as `release.load_sae`, `collect`, and the corpus reader (missing corpus, too few
-      held-out tokens).
+      held-out tokens). NotADirectoryError / PermissionError: ``out`` cannot be written. All that can be checked
+      before the model loads is.
     """
     from gemma_scope.data.reader import SequenceReader
+    from gemma_scope.data.store import read_manifest
 
+    check_output_dir(out, "--out")
+    if k < 1:
+        raise ValueError(f"--top_k must be >= 1 (top-activating contexts kept per latent), got {k}")
     sae_file, sae_params, sae_site = release.load_sae(sae_path, site)
+    if (config := model.config_of(model_name)) is not None:
+        config.check_site(sae_site, sae_params["W_enc"].shape[0], "SAE input")
+    read_manifest(corpus)  # a missing corpus, too, is named before the model loads
     lm = model.load(model_name)
     reader = SequenceReader(corpus, split="heldout", seq_len=seq_len, tokenizer=lm.tokenizer)
     num_sequences = min(max(1, num_tokens // seq_len), reader.sequences_per_epoch)

@@ -4,8 +4,9 @@ data.build, sweep).
 - Entry points whose input is an experiment config (``train``, ``activations``) take ml_collections'
   ``--config=FILE[:ARG]`` plus ``--config.x.y=value`` overrides (absl flags); the others take ``--snake_case``
   options (argparse, ``parser``). ``--help`` lists every option.
-- A user error (``USER_ERRORS``: a bad value, a missing file, an unknown config key) ends the command with ONE line
-  ``error: <message>`` on stderr and exit status 2; ``--verbose`` shows the traceback instead.
+- A user error (``USER_ERRORS``: a bad value, a missing file, a file where a directory is expected, an unknown
+  config key) ends the command with ONE line ``error: <message>`` on stderr and exit status 2; ``--verbose`` shows
+  the traceback instead. Commands check what they can before loading a model or reading data.
 - An exception with an ``exit_status`` attribute ends it with one line and that status: a full disk
   (``files.NoSpaceError``, 74), a preempted run (``training.stopping.Preempted``, 75: its line names the saved
   checkpoint). A lost peer process exits with 69 (``training.stopping``).
@@ -17,15 +18,20 @@ Each ``main(argv)`` raises its errors; the module's ``if __name__ == "__main__"`
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Callable
 
 from absl import app, flags
+from ml_collections import ConfigDict
 
 # Errors that mean the user asked for something wrong (extend here; every entry point uses this tuple).
 # FloatingPointError: training diverged (train.NonFiniteError); its message names the step and the checkpoint to
 # resume from, which is all a user needs.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, FloatingPointError)
+# NotADirectoryError, FileExistsError, IsADirectoryError: a path given where the other kind of path was expected.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, FloatingPointError,
+                                                NotADirectoryError, FileExistsError, IsADirectoryError)
 VERBOSE_HELP = "on an error, show the traceback instead of one line"
 EXIT_USER_ERROR = 2
 _EXIT_PREEMPTED = 75  # training.stopping.EXIT_PREEMPTED (not imported: it imports jax): a stop, not an error
@@ -41,8 +47,21 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _message(error: BaseException) -> str:
+    """The one line for ``error``; an OSError in Python's bare ``[Errno n] text: 'path'`` form says which path is in
+    the way."""
+    if isinstance(error, OSError) and error.filename is not None and str(error).startswith("[Errno"):
+        if isinstance(error, NotADirectoryError) or (isinstance(error, FileExistsError)
+                                                     and not os.path.isdir(error.filename)):
+            return (f"{error.filename}: expected a directory, but it or one of its parents is a file "
+                    f"({error.strerror})")
+        if isinstance(error, IsADirectoryError):
+            return f"{error.filename}: expected a file, found a directory"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _fail(error: BaseException) -> None:
-    message = " ".join(str(error).split()) or type(error).__name__
+    message = _message(error)
     status = getattr(error, "exit_status", EXIT_USER_ERROR)
     print(message if status == _EXIT_PREEMPTED else f"error: {message}", file=sys.stderr)
     sys.exit(status)
@@ -64,6 +83,25 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
         _fail(e)
 
 
+def _unknown_key(error: Exception, argv: list[str]) -> tuple[list[str], int] | None:
+    """(keys of the ``--config.a.b=v`` override, index of its key that config_dict could not find), or None.
+
+    config_dict names the missing key (``'widht'\\nDid you mean "width" instead of "widht"?``, or ``Attribute
+    <class 'int'>.x does not exist ... lookup: a.b.x``); the override is the first one holding exactly that key."""
+    text = str(error)
+    path = re.search(r"Attempting to lookup: ([\w.]+)", text)
+    named = re.search(r'instead of "(\w+)"', text) or re.match(r"""[\\'"]*(\w+)""", text)
+    for arg in argv:
+        keys = arg.split("=", 1)[0].removeprefix("--").split(".")
+        if keys[0] != "config" or len(keys) < 2:
+            continue
+        if path and keys[1:] == path[1].split("."):
+            return keys, len(keys) - 1
+        if not path and named and named[1] in keys[1:]:
+            return keys, keys.index(named[1], 1)
+    return None
+
+
 def parse_config_flags(argv: list[str]) -> list[str]:
     """``flags.FLAGS(argv)`` for an entry point with a ``--config`` config-file flag. The config file is loaded
     once, by ``config_flags``, which also checks each ``--config.a.b=v`` override against it; its refusals become
@@ -71,27 +109,41 @@ def parse_config_flags(argv: list[str]) -> list[str]:
 
     Raises:
       FileNotFoundError: a ``--config`` file that cannot be loaded.
-      ValueError: an unknown flag or config key (named, with where it was looked up), or a bad ``--config`` value
-        (e.g. ``FILE:ARG`` refused by ``get_config``: its error's last line).
+      ValueError: an unknown flag or config key (named, with where it was looked up), a config file with a syntax
+        error (file and line) or whose ``get_config()`` returns no ConfigDict, or a bad ``--config`` value (e.g.
+        ``FILE:ARG`` refused by ``get_config``: its error's last line).
     """
+    source = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "the config")
+    example = "an ml_collections ConfigDict (see experiments/from_activations.py)"
+    not_a_config = f"--config={source}: the file defines no get_config() returning {example}"
+    returned = f"--config={source}: get_config() returned an object of type {{}}; expected {example}"
     try:
         rest = flags.FLAGS(argv)
-        if flags.FLAGS["config"].value is not None:
-            flags.FLAGS["config"].value.keys()  # a file config_flags could not load gives OSError here
+        value = flags.FLAGS["config"].value
+        if value is not None and not isinstance(value, ConfigDict):
+            getattr(value, "keys", None)  # a file config_flags could not load gives OSError here
+            raise ValueError(returned.format(type(value).__name__))
         return rest
     except OSError as e:
         raise FileNotFoundError(f"--config: {str(e).splitlines()[-1].strip()}") from None
+    except SyntaxError as e:
+        raise ValueError(f"--config={source}: syntax error in {e.filename}, line {e.lineno}: {e.msg}") from None
     except (flags.Error, AttributeError, KeyError) as e:  # config_flags raises AttributeError for unknown keys
-        source = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "the config")
-        for arg in argv if isinstance(e, (AttributeError, KeyError)) else ():
-            keys = arg.split("=", 1)[0].removeprefix("--").split(".")
-            if keys[0] == "config" and len(keys) > 1 and keys[-1] in str(e):
-                hint = str(e).strip("'\"").split("\\n")[-1]  # config_dict's "Did you mean ..."
-                raise ValueError(f"--{'.'.join(keys)}: unknown config key {keys[-1]!r} under "
-                                 f"{'.'.join(keys[:-1])!r} of {source}. {hint}") from None
+        unknown = _unknown_key(e, argv) if isinstance(e, (AttributeError, KeyError)) else None
+        if unknown:
+            keys, i = unknown
+            flag, parent = "--" + ".".join(keys), ".".join(keys[:i])
+            held = re.search(r"Attribute <class '([\w.]+)'>", str(e))
+            if held and i == 1:
+                raise ValueError(returned.format(held[1])) from None
+            if held:
+                raise ValueError(f"{flag}: {parent!r} of {source} is of type {held[1]}, not a group of config keys; "
+                                 f"there is no key {keys[i]!r} under it") from None
+            hint = re.search(r'Did you mean "\w+" instead of "\w+"\?', str(e))
+            raise ValueError(f"{flag}: unknown config key {keys[i]!r} under {parent!r} of {source}."
+                             + (f" {hint[0]}" if hint else "")) from None
         if isinstance(e, AttributeError) and "'get_config'" in str(e):
-            raise ValueError(f"--config={source}: the file defines no get_config() returning an ml_collections "
-                             "ConfigDict (see experiments/from_activations.py)") from None
+            raise ValueError(not_a_config) from None
         text = str(e).strip()  # get_config's traceback, when it raised, is embedded in the message: keep its last line
         raise ValueError(text.split("Traceback")[0] + text.splitlines()[-1] if "Traceback" in text else text) from None
 

@@ -1,6 +1,6 @@
 """Atomic file writes (readers, and a run killed mid-write, see the old file or the whole new one, never a part),
-writes that fail for lack of space named in one line, the sha256 of a file, UTF-8 text that names where it failed,
-and strict-JSON conversion of metric records."""
+writes that fail for lack of space named in one line, the check of an output directory before the work that fills
+it, the sha256 of a file, UTF-8 text that names where it failed, and strict-JSON conversion of metric records."""
 
 from __future__ import annotations
 
@@ -100,6 +100,26 @@ def atomic_path(path: str | os.PathLike, nbytes: int | None = None) -> Iterator[
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> pathlib.Path:
+    """Checks, without creating anything, that directory ``path`` exists or can be created and written, so that a
+    command fails before its work rather than after; returns ``path`` as a Path.
+
+    Raises:
+      NotADirectoryError: ``path`` or one of its parents is a file (the message names ``what``, e.g. "--out").
+      PermissionError: the nearest existing directory is not writable.
+    """
+    path = pathlib.Path(path)
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what} {path}: {existing} is a file, not a directory; expected a directory or "
+                                 "a path where one can be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path}: cannot write to {existing} (permission denied)")
+    return path
 
 
 def sha256_file(path: str | os.PathLike, offset: int = 0) -> str:

@@ -64,9 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text_file", "--text-file", required=True, type=pathlib.Path, help="UTF-8 text file ('-' for stdin)")
     parser.add_argument("--max_length", "--max-length", type=int, default=1024, help="tokens per window, BOS included")
     args = parser.parse_args(argv)
+    if args.text_file.is_dir():
+        raise IsADirectoryError(f"--text_file {args.text_file} is a directory; expected a UTF-8 text file")
     if str(args.text_file) != "-" and not args.text_file.is_file():
-        parser.error(f"--text_file {args.text_file} does not exist")
+        raise FileNotFoundError(f"--text_file {args.text_file} does not exist")
     text = read_text(args.text_file)
+    if not text:  # checked before the model loads
+        raise ValueError(f"nothing to score: {'stdin' if str(args.text_file) == '-' else args.text_file} is empty")
     lm = model.load(args.model)
     result = score_ids(lm, lm.tokenizer.encode(text), args.max_length)
     print(json.dumps({"model": str(args.model), **result}))

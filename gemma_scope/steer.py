@@ -13,6 +13,7 @@ from the same random stream (``--seed``), so that they differ only by the steeri
 from __future__ import annotations
 
 import itertools
+import math
 import shutil
 import textwrap
 
@@ -79,12 +80,13 @@ def steer(lm: model.LoadedModel, sae_params: dict, site: Site, latent: int, alph
     """(plain continuation, steered continuation) of ``prompt`` with ``alpha × W_dec[latent]`` added at ``site``.
 
     Raises:
-      ValueError: ``latent`` outside ``[0, width)``; a decoder row whose width is not the site's.
+      ValueError: ``latent`` outside ``[0, width)``; a non-finite ``alpha``; a site beyond the model's layers or
+        a decoder row whose width is not the site's.
     """
     check_latent(sae_params, latent)
-    if sae_params["W_dec"].shape[1] != lm.config.site_width(site.kind):
-        raise ValueError(f"SAE output width {sae_params['W_dec'].shape[1]} does not match site {site} of width "
-                         f"{lm.config.site_width(site.kind)}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha}")
+    lm.config.check_site(site, sae_params["W_dec"].shape[1], "SAE output")
     tok = lm.tokenizer
     ids = [tok.bos_id] + tok.encode(prompt)
     run = lambda replace: tok.decode(generate(lm.params, lm.config, ids, num_tokens, replace=replace,  # noqa: E731
@@ -114,10 +116,14 @@ def main(argv: list[str] | None = None) -> tuple[str, str]:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled at this temperature")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (same for both generations)")
     args = parser.parse_args(argv)
-    if args.tokens < 1 or args.temperature < 0:
+    if args.tokens < 1 or not args.temperature >= 0:
         parser.error(f"--tokens must be >= 1 and --temperature >= 0 (got {args.tokens}, {args.temperature})")
+    if not math.isfinite(args.alpha):
+        raise ValueError(f"--alpha must be a finite number, got {args.alpha}")
     _, sae_params, site = release.load_sae(args.sae, args.site)
-    check_latent(sae_params, args.latent)  # before the model loads
+    check_latent(sae_params, args.latent)  # what can be checked before the model loads
+    if (config := model.config_of(args.model)) is not None:
+        config.check_site(site, sae_params["W_dec"].shape[1], "SAE output")
     plain, steered = steer(model.load(args.model), sae_params, site, args.latent, args.alpha, args.prompt,
                            args.tokens, args.temperature, args.seed)
     column = max(20, min(60, (shutil.get_terminal_size().columns - 3) // 2))

@@ -12,6 +12,7 @@ Without ``--run`` nothing is executed (dry run).
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import shlex
 import subprocess
@@ -22,15 +23,27 @@ from gemma_scope import cli
 TPU_SCRIPT = pathlib.Path(__file__).with_name("tpu_vm.sh")
 
 
+def _label(value: float, lambdas: list[float]) -> str:
+    """``value`` with the fewest significant digits (at least 6, as ``%g``) that tell it from every other λ."""
+    for digits in range(6, 18):
+        label = f"{value:.{digits}g}"
+        if all(f"{v:.{digits}g}" != label for v in lambdas if v != value):
+            return label
+    return repr(value)
+
+
 def sweep_commands(config: str, lambdas: list[float], workdir: str, mode: str, overrides: list[str],
                    tpu: str | None = None, zone: str | None = None) -> list[list[str]]:
     """The argv of each run of the sweep (see the module docstring).
 
     Raises:
-      ValueError: no λ, a negative λ, an unknown mode, or ``tpu`` without ``zone``.
+      ValueError: no λ, a λ that is negative or not finite, a λ listed twice, an unknown mode, or ``tpu`` without
+        ``zone``.
     """
-    if not lambdas or any(v < 0 for v in lambdas):
-        raise ValueError(f"--lambdas must list sparsity coefficients >= 0, got {lambdas}")
+    if not lambdas or not all(math.isfinite(v) and v >= 0 for v in lambdas):
+        raise ValueError(f"--lambdas must list finite sparsity coefficients >= 0, got {lambdas}")
+    if len(set(lambdas)) != len(lambdas):
+        raise ValueError(f"--lambdas lists a value twice: {lambdas}")
     if mode not in ("grid", "separate"):
         raise ValueError(f"--mode must be 'grid' or 'separate', got {mode!r}")
     if tpu and not zone:
@@ -38,7 +51,7 @@ def sweep_commands(config: str, lambdas: list[float], workdir: str, mode: str, o
     if mode == "grid":
         runs = [(workdir, ",".join(repr(v) for v in lambdas))]
     else:
-        runs = [(f"{workdir.rstrip('/')}/l0_{v:g}", repr(v)) for v in lambdas]
+        runs = [(f"{workdir.rstrip('/')}/l0_{_label(v, lambdas)}", repr(v)) for v in lambdas]
     commands = []
     for run_dir, value in runs:
         args = [f"--config={config}", f"--config.workdir={run_dir}", f"--config.sae.l0_coefficient={value}", *overrides]
@@ -70,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         commands = sweep_commands(args.config, lambdas, args.workdir, args.mode, overrides, args.tpu, args.zone)
     except ValueError as e:
         parser.error(str(e))
-    for command in commands:
+    for number, command in enumerate(commands, 1):
         print(shlex.join(command), flush=True)
-        if args.run:
-            subprocess.run(command, check=True)
+        status = subprocess.run(command).returncode if args.run else 0
+        if status:  # the run has printed its own error: one more line, and its exit status
+            print(f"error: run {number} of {len(commands)} failed (exit status {status}); the sweep stopped there",
+                  file=sys.stderr)
+            sys.exit(status)
     return 0
 
 

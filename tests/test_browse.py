@@ -326,6 +326,7 @@ def test_cli_writes_the_site_of_a_released_sae_from_held_out_text(tmp_path, monk
     cfg, params = _tiny_lm()
     lm = model.LoadedModel(config=cfg, params=params, make_tokenizer=ByteTokenizer)
     monkeypatch.setattr(model, "load", lambda name: lm)
+    monkeypatch.setattr(model, "config_of", lambda name: cfg)  # the checks before the load see the tiny model
     sae_file = release.write_sae(tmp_path / "release", Site("res", 2), _tiny_sae(cfg), average_l0=4)
 
     index = browse.main([f"--sae={sae_file.parent}", f"--out={tmp_path / 'site'}", f"--corpus={tmp_path / 'corpus'}",

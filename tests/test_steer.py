@@ -91,6 +91,7 @@ def test_cli_prints_plain_and_steered_generations_side_by_side(tiny, tmp_path, m
                   "b_enc": np.zeros(width), "b_dec": np.zeros(d), "threshold": np.zeros(width)}
     path = release.write_sae(tmp_path, Site("res", 3), sae_params, average_l0=3)
     monkeypatch.setattr(model, "load", lambda name: model.LoadedModel(cfg, params, make_tokenizer=_Letters))
+    monkeypatch.setattr(model, "config_of", lambda name: cfg)  # the checks before the load see the tiny model
     plain, steered = steer.main([f"--sae={path}", "--latent=5", "--alpha=20", "--prompt=abc", "--tokens=5"])
     out = capsys.readouterr().out
     assert "prompt: 'abc'  (res.3, latent 5, alpha 20)" in out

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from gemma_scope import cli
 from gemma_scope.activations.shards import STORAGE_DTYPES, write_shards
 from gemma_scope.activations.sources import make_source
+from gemma_scope.files import check_output_dir
 from gemma_scope.mesh import make_mesh
 
 _CONFIG = None  # the --config flag, defined when run as a command (train defines its own)
@@ -34,6 +35,7 @@ def main(argv: list[str]) -> dict[str, pathlib.Path]:
     config, out = _CONFIG.value, flags.FLAGS.out
     if config.data.source != "model":
         raise ValueError(f"data.source must be 'model' to write activations, got {config.data.source!r}")
+    check_output_dir(out, "--out")  # before the model loads
     source = make_source(config.data, config.seed)
     data = config.data
     token_source = {"model": data.model, "corpus": data.corpus or "default", "split": "train",

@@ -18,6 +18,7 @@ import numpy as np
 import tqdm
 
 from gemma_scope.files import atomic_path, sha256_file
+from gemma_scope.sites import CUSTOM, release_site
 
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
@@ -61,8 +62,8 @@ def open_shards(path: str | os.PathLike) -> tuple[list[np.ndarray], dict | None]
         except (OSError, ValueError, EOFError) as e:  # truncated header or data, not an .npy file
             raise ValueError(f"{f}: cannot read it as an .npy array ({e}); the file is truncated or corrupt") from e
         a = a.view(dtype) if a.dtype.kind == "V" and a.dtype.itemsize == dtype.itemsize else a
-        if a.dtype != dtype or a.ndim != 2 or a.shape[0] == 0:
-            raise ValueError(f"{f}: activations must be {dtype.name} [N > 0, d], got {a.dtype} {list(a.shape)}")
+        if a.dtype != dtype or a.ndim != 2 or 0 in a.shape:
+            raise ValueError(f"{f}: activations must be {dtype.name} [N > 0, d > 0], got {a.dtype} {list(a.shape)}")
         if a.shape[1] != (arrays[0] if arrays else a).shape[1]:
             raise ValueError(f"{f}: width d={a.shape[1]} differs from {files[0].name}'s d={arrays[0].shape[1]}")
         if manifest:
@@ -90,13 +91,17 @@ def _read_manifest(path: pathlib.Path) -> dict:
         problem = "no 'shards' object"
     elif manifest.get("dtype") not in STORAGE_DTYPES:
         problem = f"'dtype' is {manifest.get('dtype')!r}, expected one of {sorted(STORAGE_DTYPES)}"
-    elif "site" not in manifest:
-        problem = "no 'site' key"
+    elif not isinstance(manifest.get("site"), str):
+        problem = f"'site' is {manifest.get('site')!r}, expected a site name such as 'res.12' (or {CUSTOM!r})"
     else:
         bad = [name for name, entry in manifest["shards"].items()
                if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
                        and isinstance(entry.get("sha256"), str))]
         problem = f"shard entries {bad} lack 'shape' or 'sha256'" if bad else None
+        try:
+            release_site(manifest["site"])
+        except ValueError as e:
+            problem = problem or f"'site': {e}"
     if problem:
         raise ValueError(f"{path}: malformed manifest: {problem} (written by gemma_scope.activations.shards.write_shards)")
     return manifest

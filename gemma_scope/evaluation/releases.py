@@ -13,7 +13,7 @@ from gemma_scope.activations.shards import first_rows, open_shards
 from gemma_scope.evaluation.crosslayer import evaluate_crosslayer
 from gemma_scope.evaluation.reconstruction import activation_metrics
 from gemma_scope.evaluation.splice import evaluate_grid
-from gemma_scope.files import json_ready
+from gemma_scope.files import check_output_dir, json_ready
 from gemma_scope.release.params import SKIP_KEY
 from gemma_scope.sites import CUSTOM, Site, transcoder_label
 
@@ -93,7 +93,10 @@ def evaluate_saes(
       ValueError: neither ``model_name`` nor ``activations``; a count out of range; an SAE whose site is unknown
         when splicing; a transcoder, CLT or crosscoder with ``activations`` (one directory holds one site); a CLT
         or crosscoder that does not fit the model (``_crosslayer_records``); malformed SAE files
-        (``release.load_params``) or activations (``open_shards``, NaN/Inf).
+        (``release.load_params``) or activations (``open_shards``, NaN/Inf); a site beyond the model's layers or
+        of another width than the SAE's, checked before the model loads where its config is known
+        (``model.config_of``).
+      NotADirectoryError / PermissionError: ``out`` cannot be written.
     """
     if not (activations or model_name):
         raise ValueError("give activations=DIR (cached activations) and/or model_name=NAME (delta LM loss)")
@@ -127,6 +130,15 @@ def evaluate_saes(
                         "l0_coefficient": info["l0_coefficient"], "target_l0": info["target_l0"]})
         saes.append((Site.parse(sites[0]) if model_name else None, params,
                      Site.parse(sites[1]) if model_name else None))
+    if out:
+        check_output_dir(out, "--out")
+    if model_name and (config := model.config_of(model_name, model_config)) is not None:
+        for record, (site_in, params, site_out) in zip(records, saes):  # before the model and the corpus load
+            try:
+                config.check_site(site_in, params["W_enc"].shape[0], "SAE input")
+                config.check_site(site_out, params["W_dec"].shape[1], "SAE output")
+            except ValueError as e:
+                raise ValueError(f"{record['sae']}: {e}") from None
     if model_name:
         lm, sequences = _load_lm(model_name, model_config, corpus, num_sequences, seq_len, packing)
         for record, result in zip(records, evaluate_grid(lm.params, lm.config, *sequences, saes,

@@ -93,7 +93,7 @@ def evaluate_grid(
       NaN where no token counts.
 
     Raises:
-      ValueError: mismatched shapes, no SAE, an SAE whose widths do not fit its sites, or a transcoder whose
+      ValueError: mismatched shapes, no SAE, an SAE whose sites or widths do not fit the model, or a transcoder whose
         input site does not precede its output site in the same layer.
     """
     tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, bool)
@@ -104,10 +104,8 @@ def evaluate_grid(
     saes = [(entry[0], jax.tree.map(jnp.asarray, entry[1]), entry[2] if len(entry) > 2 else entry[0])
             for entry in saes]
     for site, params, site_out in saes:
-        for what, width, at in (("input", params["W_enc"].shape[0], site), ("output", params["W_dec"].shape[1], site_out)):
-            if width != cfg.site_width(at.kind):
-                raise ValueError(f"SAE {what} width {width} does not match site {at} of {cfg.name} "
-                                 f"(width {cfg.site_width(at.kind)})")
+        cfg.check_site(site, params["W_enc"].shape[0], "SAE input")
+        cfg.check_site(site_out, params["W_dec"].shape[1], "SAE output")
         if site != site_out and (site, site_out) != transcoder_pair(site.layer):
             raise ValueError(f"a transcoder splices mlp.L from mlp_in.L of the same layer; got {site} -> {site_out}")
     sites = tuple(sorted({s for site, _, site_out in saes for s in (site, site_out)}))

@@ -8,7 +8,7 @@
 
 from gemma_scope.model.config import Config, config_names, get_config
 from gemma_scope.model.forward import Output, forward, frozen_key, init_params, token_nll
-from gemma_scope.model.load import LoadedModel, load
+from gemma_scope.model.load import LoadedModel, config_of, load
 
-__all__ = ["Config", "LoadedModel", "Output", "config_names", "forward", "frozen_key", "get_config", "init_params",
-           "load", "token_nll"]
+__all__ = ["Config", "LoadedModel", "Output", "config_names", "config_of", "forward", "frozen_key", "get_config",
+           "init_params", "load", "token_nll"]

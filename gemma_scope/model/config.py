@@ -80,6 +80,20 @@ class Config:
             return self.d_model
         raise ValueError(f"unknown site kind {kind!r}; expected 'res', 'att', 'mlp' or 'mlp_in'")
 
+    def check_site(self, site, width: int | None = None, what: str = "activation") -> None:
+        """Checks that ``site`` (a `gemma_scope.sites.Site`) is one of this model's and, given ``width``, that its
+        activations are ``width`` wide.
+
+        Raises:
+          ValueError: a layer outside ``[0, num_layers)``, or another width (``what`` names whose, e.g. "SAE
+            input").
+        """
+        if not 0 <= site.layer < self.num_layers:
+            raise ValueError(f"site {site} is beyond {self.name}'s layers 0..{self.num_layers - 1}")
+        if width is not None and width != self.site_width(site.kind):
+            raise ValueError(f"{what} width {width} does not match site {site} of {self.name} "
+                             f"(width {self.site_width(site.kind)})")
+
 
 def _pattern(pattern: tuple[str, ...], num_layers: int) -> tuple[str, ...]:
     return tuple(pattern[i % len(pattern)] for i in range(num_layers))

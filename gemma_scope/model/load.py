@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import pathlib
 from collections.abc import Callable
@@ -43,6 +44,29 @@ def _tokenizer_in(*directories: pathlib.Path) -> Callable[[], object]:
                                 "use gemma_scope.model.tokenizer.Tokenizer.from_file(...) with the model's tokenizer")
 
     return make
+
+
+def config_of(name_or_path: str | os.PathLike = EMBEDDED, config: Config | str | None = None) -> Config | None:
+    """The architecture `load` would give ``name_or_path``, read without its weights, so that commands can check
+    sites and widths before the load: the embedded model's, a GGUF file's (``config`` or gemma3_270m's), a Hugging
+    Face directory's ``config.json``, an orbax checkpoint's given ``config``; None where only the weights tell (an
+    orbax checkpoint without ``config``) or `load` would refuse the name.
+
+    Raises:
+      ValueError: an unknown ``config`` name, or a Hugging Face ``config.json`` that is not a Gemma 2/3 config.
+    """
+    if isinstance(config, str):
+        config = configs.get_config(config)
+    path = pathlib.Path(name_or_path)
+    if str(name_or_path) == EMBEDDED:
+        return configs.get_config(EMBEDDED)
+    if path.suffix == ".gguf":
+        return config or configs.get_config(EMBEDDED)
+    if (path / "config.json").is_file():
+        from gemma_scope.model.from_hf import config_from_hf
+
+        return config_from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    return config if path.is_dir() else None
 
 
 def load(name_or_path: str | os.PathLike = EMBEDDED, *, config: Config | str | None = None,

@@ -23,6 +23,20 @@ from gemma_scope.training import hosts, settings
 from gemma_scope.training.grid import Grid
 
 
+def _check_finite(batches: list[dict], grid: Grid, mesh, first: int) -> None:
+    """Raises ValueError naming the batch and site of the first NaN/Inf among the L0 batches: a latent never fires
+    on NaN, so the release's average L0, and with it its name, would change silently."""
+    finite = jax.jit(lambda x: jnp.isfinite(x).all(axis=(1, 2)), out_shardings=NamedSharding(mesh, P()))
+    for number, batch in enumerate(batches, first):
+        for g, stack in grid.stacks.items():
+            ok = np.asarray(finite(batch[g][0] if stack.transcoder else batch[g]))  # [n_sites]
+            if not ok.all():
+                raise ValueError(f"activation batch {number}, read after training to measure the average L0 of each "
+                                 f"SAE (train.eval_batches), holds NaN/Inf at site {stack.sites[int(np.argmin(ok))]!r};"
+                                 " expected finite activations. Nothing was released; the trained SAEs are in the "
+                                 "last checkpoint")
+
+
 def write_release(config, source, mesh, grid: Grid, state: dict) -> list[pathlib.Path]:
     """Folds every SAE and transcoder of the grid (``sae.fold_normalisation``), measures its average L0 on the
     ``train.eval_batches`` batches after training, and writes it (process 0): SAEs in the Gemma Scope 1 layout under
@@ -41,6 +55,9 @@ def write_release(config, source, mesh, grid: Grid, state: dict) -> list[pathlib
       The files to evaluate: the SAEs' ``params.npz`` and the transcoders' ``params.safetensors``, then the CLTs'
       and crosscoders' directories (empty on processes other than 0).
 
+    Raises:
+      ValueError: NaN/Inf in the L0 batches (naming the batch and site), before anything is written.
+
     SAEs (transcoders) of one site (and skip variant) whose rounded average L0 coincide would share a release
     directory; the later ones are skipped with a warning (they remain in the checkpoint).
     """
@@ -49,6 +66,7 @@ def write_release(config, source, mesh, grid: Grid, state: dict) -> list[pathlib
     to_stacks = grid.batches(mesh)
     batches = [to_stacks(b) for b in source.batches(config.train.batch_size, config.train.steps, mesh,
                                                   stop=config.train.steps + config.train.eval_batches)]
+    _check_finite(batches, grid, mesh, config.train.steps)
     l0_of = jax.jit(jax.vmap(lambda p, x: jnp.mean(jnp.sum(sae.encode(p, x.astype(jnp.float32)) > 0, axis=-1)),
                              in_axes=(0, None)), out_shardings=NamedSharding(mesh, P()))
     workdir = pathlib.Path(config.workdir)

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 
 from flax import traverse_util
 
+from gemma_scope.files import check_output_dir
+
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 RESULT_NEUTRAL = ("workdir", "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -47,9 +49,11 @@ def check_writable(*directories: str | os.PathLike) -> None:
     """Creates each directory (with parents) and writes and removes a probe file in it.
 
     Raises:
+      NotADirectoryError: a file where one of them, or a parent, should be (``files.check_output_dir``).
       OSError (PermissionError for a permission problem): naming the directory that cannot be written.
     """
     for directory in map(pathlib.Path, directories):
+        check_output_dir(directory, "workdir")
         try:
             directory.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=directory):
