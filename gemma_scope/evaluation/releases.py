@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+from collections.abc import Sequence
 
 from gemma_scope import model, release
 from gemma_scope.activations.shards import first_rows, open_shards
@@ -48,6 +49,7 @@ def evaluate_saes(
     batch_size: int | None = None,
     out: str | pathlib.Path | None = None,
     notes: str = "",
+    sections: Sequence[str] = (),
 ) -> list[dict]:
     """Evaluates released SAE and transcoder files, printing one JSON line of metrics per file; returns the records.
 
@@ -56,7 +58,8 @@ def evaluate_saes(
     of the corpus. A transcoder's sites come from its release (``--site`` names an SAE's only); its record's
     ``site`` reads ``"mlp_in.L→mlp.L"``, with ``" +skip"`` for an affine one. With ``activations`` (a directory of
     cached ``.npy`` shards): ``activation_metrics`` on at most ``max_tokens`` of them. With ``out``:
-    ``metrics.json``, ``report.md`` and plots there (``notes`` goes under the report's heading).
+    ``metrics.json``, ``report.md`` and plots there (``notes`` goes under the report's heading, ``sections`` at its
+    end).
 
     Raises:
       ValueError: neither ``model_name`` nor ``activations``; a count out of range; an SAE whose site is unknown
@@ -104,5 +107,5 @@ def evaluate_saes(
         from gemma_scope.evaluation import report  # matplotlib only when a report is asked for
 
         notes = notes or f"Model: {model_name or '–'}; activations: {activations or '–'}."
-        print(f"report: {report.write_evaluation(records, out, notes)}", file=sys.stderr)
+        print(f"report: {report.write_evaluation(records, out, notes, sections)}", file=sys.stderr)
     return records
