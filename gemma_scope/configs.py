@@ -110,6 +110,9 @@ def train_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.eval.num_sequences = 2048  # the paper's protocol: 2,048 sequences x 1,024 tokens; 0 skips evaluation
     config.eval.seq_len = 1024
     config.eval.lm_batch_size = 8
+    # k-sparse probing on sae-probes' default datasets (evaluation.probing) in the report; needs the "probe" extra
+    # and `pip install --no-deps sae-probes==0.4.2`
+    config.eval.probe = False
     return config
 
 

@@ -26,6 +26,8 @@ from ml_collections import config_flags
 
 from gemma_scope import activations, cli
 from gemma_scope import mesh as mesh_lib
+from gemma_scope.evaluation import probe_datasets, probe_report
+from gemma_scope.evaluation.probe_runs import probe_saes
 from gemma_scope.evaluation.releases import evaluate_saes
 from gemma_scope.files import as_no_space, is_no_space, space_for
 from gemma_scope.training import normalisation, stopping
@@ -171,18 +173,26 @@ def _train(config, source, sweep, stop_at) -> list[pathlib.Path]:
 
 def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
     """Evaluates a finished model-source run's released SAEs and transcoders on held-out text (Gemma Scope §4) and
-    writes ``<workdir>/report/{report.md, metrics.json, *.png}``; returns the metric records. The CLT and
-    crosscoder directories among ``paths`` are left to ``python -m gemma_scope.evaluate --sae=DIR``."""
+    writes ``<workdir>/report/{report.md, metrics.json, *.png}``; with ``eval.probe``, k-sparse probing first
+    (``probe_runs.probe_saes``: ``probing.{csv,md,png}`` there, and its section in the report). Returns the metric
+    records. The CLT and crosscoder directories among ``paths`` are left to ``python -m gemma_scope.evaluate
+    --sae=DIR``."""
+    paths = [p for p in paths if p.is_file()]
+    report_dir = pathlib.Path(config.workdir) / "report"
+    sections = []
+    if config.eval.get("probe", False):
+        probes = probe_saes(paths, model_name=config.data.model, model_config=config.data.get("model_config") or None,
+                            out=report_dir)
+        sections.append(probe_report.markdown(probes))
     tokens = config.train.steps * config.train.batch_size
     notes = (f"Model `{config.data.model}`, sites `{config.data.sites}`; trained on {tokens:,} activations per SAE "
              f"({config.train.steps:,} steps × {config.train.batch_size:,}); evaluated on "
              f"{config.eval.num_sequences} held-out sequences × {config.eval.seq_len} tokens.")
     return evaluate_saes(
-        [p for p in paths if p.is_file()], model_name=config.data.model,
-        model_config=config.data.get("model_config") or None,
+        paths, model_name=config.data.model, model_config=config.data.get("model_config") or None,
         corpus=config.data.corpus or None, packing=config.data.packing,
         num_sequences=config.eval.num_sequences, seq_len=config.eval.seq_len,
-        lm_batch_size=config.eval.lm_batch_size, out=pathlib.Path(config.workdir) / "report", notes=notes)
+        lm_batch_size=config.eval.lm_batch_size, out=report_dir, notes=notes, sections=sections)
 
 
 def summary(records: list[dict], tokens: int) -> str:
@@ -208,11 +218,14 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     config = _CONFIG.value
+    evaluating = config.data.source == "model" and config.eval.num_sequences > 0
+    if evaluating and config.eval.get("probe", False):
+        probe_datasets.check_installed()  # before training, not after it
     paths = run(config)
     for path in paths:
         print(path)
     files = any(p.is_file() for p in paths)  # CLT and crosscoder directories: python -m gemma_scope.evaluate
-    if config.data.source == "model" and config.eval.num_sequences > 0 and files and jax.process_index() == 0:
+    if evaluating and files and jax.process_index() == 0:
         records = evaluate_run(config, paths)
         print(summary(records, config.train.steps * config.train.batch_size))
         print(f"report: {pathlib.Path(config.workdir) / 'report' / 'report.md'}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+from collections.abc import Sequence
 
 from gemma_scope import model, release
 from gemma_scope.activations.shards import first_rows, open_shards
@@ -77,6 +78,7 @@ def evaluate_saes(
     batch_size: int | None = None,
     out: str | pathlib.Path | None = None,
     notes: str = "",
+    sections: Sequence[str] = (),
 ) -> list[dict]:
     """Evaluates released SAE and transcoder files, printing one JSON line of metrics per file; returns the records.
 
@@ -86,8 +88,8 @@ def evaluate_saes(
     ``site`` reads ``"mlp_in.L→mlp.L"``, with ``" +skip"`` for an affine one. With ``activations`` (a directory of
     cached ``.npy`` shards): ``activation_metrics`` on at most ``max_tokens`` of them. A CLT or crosscoder
     directory (``release.load_crosslayer``) needs ``model_name``; its records (``_crosslayer_records``) follow
-    the SAEs'. With ``out``:
-    ``metrics.json``, ``report.md`` and plots there (``notes`` goes under the report's heading).
+    the SAEs'. With ``out``: ``metrics.json``, ``report.md`` and plots there (``notes`` goes under the report's
+    heading, ``sections`` at its end).
 
     Raises:
       ValueError: neither ``model_name`` nor ``activations``; a count out of range; an SAE whose site is unknown
@@ -158,5 +160,5 @@ def evaluate_saes(
         from gemma_scope.evaluation import report  # matplotlib only when a report is asked for
 
         notes = notes or f"Model: {model_name or '–'}; activations: {activations or '–'}."
-        print(f"report: {report.write_evaluation(records, out, notes)}", file=sys.stderr)
+        print(f"report: {report.write_evaluation(records, out, notes, sections)}", file=sys.stderr)
     return records

@@ -195,7 +195,8 @@ def markdown_table(records: Sequence[dict]) -> str:
 
 
 def write_report(
-    records: Sequence[dict], out_dir: str | pathlib.Path, title: str = "SAE evaluation", notes: str = ""
+    records: Sequence[dict], out_dir: str | pathlib.Path, title: str = "SAE evaluation", notes: str = "",
+    sections: Sequence[str] = (),
 ) -> pathlib.Path:
     """Writes ``report.md`` and the plots the records support into ``out_dir``; returns the report's path.
 
@@ -204,6 +205,7 @@ def write_report(
       out_dir: created if missing.
       title: the report's heading.
       notes: Markdown placed under the heading (e.g. model, tokens seen, evaluation protocol).
+      sections: Markdown sections appended at the end (e.g. ``probe_report.markdown``'s k-sparse probing).
 
     Raises:
       ValueError: no records.
@@ -212,24 +214,25 @@ def write_report(
         raise ValueError("write_report needs at least one evaluated SAE record")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sections = [f"# {title}", notes, "## Results", markdown_table(records), METRICS_LEGEND]
+    parts = [f"# {title}", notes, "## Results", markdown_table(records), METRICS_LEGEND]
     plots = [("Sparsity–fidelity frontier", FRONTIER_PLOT, plot_frontier, True),
              ("By sequence position", POSITION_PLOT, plot_by_position, _has(records, "by_position")),
              ("Latent firing frequencies", FREQUENCY_PLOT, plot_frequency_histograms, _has(records, "frequencies"))]
     for heading, name, plot, available in plots:
         if available:
             plot(records, out_dir / name)
-            sections.append(f"## {heading}\n\n![{heading}]({name})")
+            parts.append(f"## {heading}\n\n![{heading}]({name})")
     path = out_dir / "report.md"
-    path.write_text("\n\n".join(s for s in sections if s) + "\n")
+    path.write_text("\n\n".join(s for s in [*parts, *sections] if s) + "\n")
     return path
 
 
-def write_evaluation(records: Sequence[dict], out_dir: str | pathlib.Path, notes: str = "") -> pathlib.Path:
+def write_evaluation(records: Sequence[dict], out_dir: str | pathlib.Path, notes: str = "",
+                     sections: Sequence[str] = ()) -> pathlib.Path:
     """Writes ``metrics.json`` (the records without ``frequencies``, strict JSON) and ``write_report``'s report
-    into ``out_dir``; returns the report's path. Raises ValueError on no records."""
+    (with ``sections`` at its end) into ``out_dir``; returns the report's path. Raises ValueError on no records."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = [{k: v for k, v in r.items() if k != "frequencies"} for r in records]
     (out_dir / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=1) + "\n")
-    return write_report(records, out_dir, notes=notes)
+    return write_report(records, out_dir, notes=notes, sections=sections)
