@@ -59,8 +59,9 @@ def train_one(rows: torch.Tensor, target_l0: float, args: argparse.Namespace) ->
     sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
         d_in=rows.shape[1], d_sae=args.width, dtype="float32", device="cpu", jumprelu_sparsity_loss_mode="quadratic",
         target_l0=target_l0, normalize_activations=args.normalize))
+    lr = SAETrainerConfig.lr  # its default, 3e-4; lr_end is set by the runner config (to lr for "constant")
     cfg = SAETrainerConfig(total_training_samples=args.steps * args.batch, train_batch_size_samples=args.batch,
-                           device="cpu", n_batches_for_norm_estimate=args.norm_batches)
+                           lr=lr, lr_end=lr, device="cpu", n_batches_for_norm_estimate=args.norm_batches)
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches(rows, args.batch, args.seed))
     return trainer.fit()
 
@@ -76,7 +77,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--normalize", default="none", choices=("none", "expected_average_only_in"))
     parser.add_argument("--norm_batches", type=int, default=1000, help="SAELens's n_batches_for_norm_estimate")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine 2 threads ran a step 1.2-6x slower)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     rows = torch.from_numpy(np.ascontiguousarray(load_rows(args.acts)))
     for target in (float(t) for t in args.targets.split(",")):
         out = args.out / f"target_{target:g}"
