@@ -16,12 +16,14 @@ Command line::
 
     python -m gemma_scope.evaluate --sae=PATH/params.npz --activations=DIR            # one JSON line per SAE
     python -m gemma_scope.evaluate --sae=RELEASE_ROOT --model=gemma3_270m --site=res.6 --out=DIR
+    python -m gemma_scope.evaluate --sae=RELEASE_ROOT --model=gemma3_270m --by_source --num_sequences=8 \
+        --seq_len=256 [--split=train]                  # one JSON line per SAE and corpus source
 """
 
 from __future__ import annotations
 
 from gemma_scope import cli, release
-from gemma_scope.evaluation.releases import evaluate_saes
+from gemma_scope.evaluation.releases import by_source, evaluate_saes
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -42,10 +44,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (paper: 1024)")
     parser.add_argument("--lm_batch_size", type=int, default=8, help="sequences per LM batch")
     parser.add_argument("--out", help="directory for metrics.json, report.md and plots")
+    parser.add_argument("--by_source", action="store_true",
+                        help="with --model: metrics per corpus source, --num_sequences of each source's documents")
+    parser.add_argument("--split", default="heldout", choices=("heldout", "train", "ood"),
+                        help="corpus split for --by_source (default heldout)")
     args = parser.parse_args(argv)
     if not (args.activations or args.model):
         parser.error("give --activations=DIR (cached activations) and/or --model=NAME (delta LM loss)")
     sae_paths = [p for spec in args.sae for p in release.find_saes(spec)]
+    if args.by_source:
+        if not args.model:
+            parser.error("--by_source needs --model=NAME")
+        return by_source(sae_paths, args.model, site=args.site, corpus=args.corpus, split=args.split,
+                         num_sequences=args.num_sequences, seq_len=args.seq_len, packing=args.packing,
+                         lm_batch_size=args.lm_batch_size, model_config=args.model_config)
     return evaluate_saes(sae_paths, model_name=args.model, model_config=args.model_config, site=args.site, corpus=args.corpus, packing=args.packing,
                          num_sequences=args.num_sequences, seq_len=args.seq_len, lm_batch_size=args.lm_batch_size,
                          activations=args.activations, max_tokens=args.max_tokens, batch_size=args.batch_size,

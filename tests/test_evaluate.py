@@ -455,3 +455,38 @@ def test_model_config_reaches_model_load_from_the_cli_and_the_trainer(tmp_path, 
     with pytest.raises(FileNotFoundError, match="stop here"):
         train.evaluate_run(config, sorted((tmp_path / "release").rglob("params.npz")))
     assert asked == [("/ckpt/orbax", "gemma2_2b")] * 2
+
+
+def test_by_source_evaluates_each_sources_documents_alone(tiny_gemma, tmp_path, monkeypatch, capsys):
+    """--by_source: one record per train source and SAE, each the grid's metrics on sequences made of that source's
+    documents only (a source whose text the SAE reconstructs worse shows it); ood sources are left out."""
+    from test_data import ByteTokenizer
+
+    from gemma_scope.data import SequenceReader, TextFiles, build_corpus
+
+    params, cfg, _, _ = tiny_gemma
+    for name, letters in (("abc", "abc "), ("xyz", "xyz\n"), ("novel", "q")):
+        (tmp_path / name).mkdir()
+        rng = np.random.default_rng(len(name))
+        for k in range(12):
+            (tmp_path / name / f"{k}.txt").write_text("".join(rng.choice(list(letters), size=300)))
+    sources = [TextFiles([str(tmp_path / n / "*.txt")], name=n) for n in ("abc", "xyz")]
+    sources.append(TextFiles([str(tmp_path / "novel" / "*.txt")], name="novel", role="ood"))
+    build_corpus(sources, tmp_path / "corpus", ByteTokenizer(), heldout_fraction=0.3, log=lambda *_: None)
+    lm = types.SimpleNamespace(params=params, config=cfg, tokenizer=ByteTokenizer())
+    monkeypatch.setattr(releases.model, "load", lambda name, config=None: lm)
+    path = release.write_sae(tmp_path / "rel", Site("res", 1), random_sae(d=cfg.d_model, width=16), 10)
+    records = evaluate.main([f"--sae={path}", "--model=tiny", "--by_source", f"--corpus={tmp_path / 'corpus'}",
+                             "--seq_len=32", "--num_sequences=3", "--lm_batch_size=2"])
+    assert [(r["source"], r["split"], r["site"]) for r in records] == [("abc", "heldout", "res.1"),
+                                                                      ("xyz", "heldout", "res.1")]
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    for record in records:
+        seqs = SequenceReader(tmp_path / "corpus", split="heldout", seq_len=32, sources=[record["source"]])
+        batch = seqs.sequences(0, 3)
+        letters = set(ByteTokenizer.decode(batch["tokens"][batch["mask"]]))
+        assert letters <= set({"abc": "abc ", "xyz": "xyz\n"}[record["source"]]), letters
+        want = splice.evaluate_grid(params, cfg, batch["tokens"], batch["mask"],
+                                    [(Site("res", 1), release.load_params(path))], batch_size=2, progress=False)[0]
+        assert all(record[k] == want[k] for k in ("l0", "fvu", "delta_lm_loss", "n_targets")), record
+    assert records[0]["fvu"] != records[1]["fvu"]

@@ -69,7 +69,8 @@ def test_saelens_files_match_saelens_jumprelu_format(tmp_path):
     assert cfg["apply_b_dec_to_input"] is False and cfg["normalize_activations"] == "none"
     assert cfg["reshape_activations"] == "hook_z"
     assert cfg["metadata"]["hook_name"] == "blocks.2.attn.hook_z"
-    assert cfg["metadata"]["model_name"] == "gemma3_270m"
+    assert cfg["metadata"]["model_name"] == "google/gemma-3-270m"  # TransformerLens' name of our model
+    assert cfg["metadata"]["gemma_scope_model"] == "gemma3_270m"
     weights = safetensors.numpy.load_file(path.parent / "sae_weights.safetensors")
     for key in PARAM_KEYS:
         np.testing.assert_array_equal(weights[key], params[key])

@@ -347,6 +347,11 @@ def test_transcoders_train_beside_saes_and_release_in_both_layouts(tmp_path):
     gs2 = sorted(str(p.parent.relative_to(root / "release_gs2")) for p in (root / "release_gs2").rglob("config.json"))
     assert [p.split("/")[0] for p in gs2] == ["resid_post_all", "transcoder_all", "transcoder_all"]
     assert gs2[2].endswith("_affine") and not gs2[1].endswith("_affine")
+    for name in gs2:  # GS2's l0 and bucket say which text they come from (our key beside GS2's)
+        gs2_config = json.loads((root / "release_gs2" / name / "config.json").read_text())
+        assert gs2_config["model_name"] == "stand-in"  # not one of our registry names: written as given
+        assert gs2_config["l0_measured_on"] == (f"train split: 4 batches x {config.train.batch_size} activations of "
+                                                "the training stream after the last step")
     assert [p.suffix for p in paths] == [".npz", ".safetensors", ".safetensors"]
     assert release.sae_info(paths[1]) == {"site": "mlp_in.0", "site_out": "mlp.0", "l0_coefficient": None,
         "target_l0": None}
@@ -421,6 +426,10 @@ def test_target_l0_sweep_trains_as_one_grid_and_records_its_recipe(tmp_path, mak
         assert meta["sparsity_loss"] == "target_l0" and meta["b_dec_init"] == "mean"
         assert meta["l0_coefficient"] == 0.5 and meta["frequency_coefficient"] == 0.1
         assert meta["matryoshka_prefixes"] == [8, 16] and meta["average_l0"] >= 0
+        assert meta["average_l0_measured_on"] == (f"train split: {config.train.eval_batches} batches x "
+                                                  f"{config.train.batch_size} activations of the training stream "
+                                                  "after the last step")
+        assert meta["model_name"] is None and meta["context_size"] is None  # .npy files without a manifest
 
 
 @pytest.mark.parametrize("field, value, message", [

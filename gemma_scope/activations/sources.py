@@ -85,6 +85,9 @@ class NpyShardSource:
         if buffer_rows < 1:
             raise ValueError(f"data.buffer_rows must be >= 1, got {buffer_rows}")
         site = site if site != CUSTOM or manifest is None else manifest["site"]
+        # Where the activations came from, when the manifest says (``activations.shards``): the release records it.
+        self.model_name = manifest.get("model") if manifest else None
+        self.seq_len = (manifest.get("token_source") or {}).get("seq_len") if manifest else None
         self.sites = [site]
         self.d_in = {site: int(self._arrays[0].shape[1])}
         self.groups = group_sites(self.sites, self.d_in)
@@ -202,7 +205,7 @@ class ModelSource:
         self.d_in = {str(s): cfg.site_width(s.kind) for s in sites}
         self.groups = group_sites(self.sites, self.d_in)
         self._lm, self._reader = lm, reader
-        self.model_name = cfg.name
+        self.model_name, self.seq_len = cfg.name, reader.seq_len
         self.num_layers = cfg.num_layers
         self._chunk, self._forward_batch, self._passes, self._seed = chunk_sequences, forward_batch, passes, seed
         self._buffer_dtype = jnp.dtype(buffer_dtype)

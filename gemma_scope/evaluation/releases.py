@@ -22,16 +22,64 @@ from gemma_scope.sites import CUSTOM, Site, transcoder_label
 def _load_lm(name: str, model_config: str | None, corpus: str | None, num_sequences: int, seq_len: int, packing: str):
     """The LM (``model.load(name, config=model_config)``) and ``(tokens [N, T], mask [N, T])``: the first N
     sequences of the corpus's held-out split."""
+    lm = model.load(name, config=model_config or None)
+    return lm, _sequences(lm, corpus, num_sequences, seq_len, packing)
+
+
+def _sequences(lm, corpus: str | None, num_sequences: int, seq_len: int, packing: str, split: str = "heldout",
+               source: str | None = None) -> tuple:
+    """``(tokens [N, T], mask [N, T])``: the first N sequences of a split of the corpus (of one source's documents
+    when ``source`` is given), all of them when it has fewer (said on stderr)."""
     from gemma_scope.data.reader import SequenceReader
 
-    lm = model.load(name, config=model_config or None)
-    reader = SequenceReader(corpus, split="heldout", seq_len=seq_len, packing=packing, tokenizer=lm.tokenizer)
+    reader = SequenceReader(corpus, split=split, seq_len=seq_len, packing=packing, tokenizer=lm.tokenizer,
+                            sources=[source] if source else None)
     if num_sequences > reader.sequences_per_epoch:
-        print(f"held-out split has only {reader.sequences_per_epoch} sequences of {seq_len} tokens; using them all",
-              file=sys.stderr)
+        print(f"{split} split{f' of {source}' if source else ''} has only {reader.sequences_per_epoch} sequences of "
+              f"{seq_len} tokens; using them all", file=sys.stderr)
         num_sequences = reader.sequences_per_epoch
     held_out = reader.sequences(0, num_sequences)
-    return lm, (held_out["tokens"], held_out["mask"])
+    return held_out["tokens"], held_out["mask"]
+
+
+def by_source(sae_paths: list[pathlib.Path], model_name: str, *, site: str | None = None, corpus: str | None = None,
+              split: str = "heldout", num_sequences: int = 8, seq_len: int = 256, packing: str = "packed",
+              lm_batch_size: int = 8, model_config: str | None = None) -> list[dict]:
+    """Metrics of SAEs (not transcoders) per corpus source: for every source of role "train" in the corpus
+    manifest, ``evaluate_grid`` on the first ``num_sequences`` sequences of ``split`` made of that source's
+    documents alone (fewer if the source has fewer). One record per source and SAE, printed as a JSON line: ``sae``,
+    ``site``, ``source``, ``split``, ``l0``, ``fvu``, ``delta_lm_loss``, ``loss_recovered``, ``clean_loss``,
+    ``n_tokens``, ``n_targets``. Shows which text raises L0: the README's "L0 on held-out text".
+
+    Raises:
+      ValueError: a transcoder, an SAE whose site is unknown, a corpus without train sources; as
+        ``release.load_params``.
+    """
+    from gemma_scope.data import store
+
+    grid, records = [], []
+    for path in sae_paths:
+        info = release.sae_info(path)
+        if info["site_out"] != info["site"]:
+            raise ValueError(f"{path}: a transcoder; by-source evaluation takes SAEs")
+        if (site or info["site"]) is None:
+            raise ValueError(f"{path}: cannot tell which site to splice at; pass --site (e.g. --site=res.6)")
+        grid.append((Site.parse(site or info["site"]), release.load_params(path)))
+    manifest = store.read_manifest(corpus if corpus is not None else store.default_corpus_dir())
+    names = [name for name, entry in manifest["sources"].items() if entry["role"] == "train"]
+    if not names:
+        raise ValueError(f"corpus {corpus} has no source of role 'train'")
+    lm = model.load(model_name, config=model_config or None)
+    for name in names:
+        tokens, mask = _sequences(lm, corpus, num_sequences, seq_len, packing, split, name)
+        results = evaluate_grid(lm.params, lm.config, tokens, mask, grid, batch_size=lm_batch_size)
+        for path, (sae_site, _), result in zip(sae_paths, grid, results):
+            record = {"sae": str(path), "site": str(sae_site), "source": name, "split": split,
+                      **{k: result[k] for k in ("l0", "fvu", "delta_lm_loss", "loss_recovered", "clean_loss",
+                                                "n_tokens", "n_targets")}}
+            print(json.dumps(json_ready(record)), flush=True)
+            records.append(record)
+    return records
 
 
 def _crosslayer_records(path, params, info, lm, sequences, batch_size: int) -> list[dict]:

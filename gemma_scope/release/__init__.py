@@ -7,5 +7,5 @@ from gemma_scope.release.circuit_tracer import read_circuit_tracer, write_circui
 from gemma_scope.release.gs1 import PARAMS_FILE, SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE, sae_dir, write_sae
 from gemma_scope.release.gs2 import gs2_labels, write_gs2
 from gemma_scope.release.gs2_crosslayer import read_clt, read_crosscoder, write_clt, write_crosscoder
-from gemma_scope.release.params import SKIP_KEY, width_label
+from gemma_scope.release.params import SKIP_KEY, peer_model_name, width_label
 from gemma_scope.release.read import find_saes, load_crosslayer, load_params, load_sae, sae_info

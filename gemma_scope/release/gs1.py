@@ -18,7 +18,14 @@ import safetensors.numpy
 
 from gemma_scope import sites
 from gemma_scope.files import atomic_path
-from gemma_scope.release.params import check_average_l0, read_json, read_safetensors, validate_params, width_label
+from gemma_scope.release.params import (
+    check_average_l0,
+    peer_model_name,
+    read_json,
+    read_safetensors,
+    validate_params,
+    width_label,
+)
 from gemma_scope.sites import Site
 
 PARAMS_FILE = "params.npz"
@@ -26,7 +33,9 @@ SAELENS_CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 # The SAELens version whose config layout cfg.json follows (model_name, hook_name, ... under "metadata").
 SAELENS_FORMAT_VERSION = "6.0.0"
-# TransformerLens hook names SAELens uses for Gemma Scope's sites (mlp_in: its name for a transcoder's input).
+# TransformerLens hook names of our sites, as SAELens names Gemma Scope's (res, att, mlp). mlp_in (the
+# pre-feed-forward RMSNorm's output) has no exact TransformerLens hook: ln2.hook_normalized is that norm's output
+# before its scale (1 + w), so an mlp_in SAE does not read it as it stands.
 _HOOK_NAMES = {"res": "blocks.{}.hook_resid_post", "att": "blocks.{}.attn.hook_z", "mlp": "blocks.{}.hook_mlp_out",
                "mlp_in": "blocks.{}.ln2.hook_normalized"}
 
@@ -109,17 +118,35 @@ def load_gs1(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _saelens_cfg(site: Site | None, d: int, width: int, average_l0: float, metadata: dict) -> dict:
-    """A SAELens >= 6 JumpReLU config; model_name/hook_name also at top level for pre-6 readers."""
+    """A SAELens >= 6 JumpReLU config that SAELens (``SAE.load_from_disk``) and SAEBench read as they stand.
+
+    What they read (sae_lens 6.54.12, ``saes/sae.py`` and ``loading/pretrained_sae_loaders.py``): top-level
+    ``architecture`` "jumprelu", ``d_in``, ``d_sae``, ``dtype``, ``apply_b_dec_to_input`` (false: our b_enc already
+    holds the pre-encoder bias, Gemma Scope's convention), ``normalize_activations`` "none" (our normalisation is
+    folded into the weights, so the SAE reads raw activations) and ``reshape_activations``; and under ``metadata``
+    the TransformerLens ``model_name`` (``release.params.PEER_MODEL_NAMES``, e.g. "google/gemma-3-270m"), its
+    ``hook_name`` (``_HOOK_NAMES``), ``hook_head_index``, ``prepend_bos``, ``context_size``,
+    ``model_from_pretrained_kwargs`` and ``exclude_special_tokens``. Ours beside them: ``gemma_scope_model`` (the
+    name given), ``site``, ``normalisation_folded``, ``average_l0`` and whatever ``metadata`` holds (its
+    ``model_name`` is translated, its ``hook_name`` wins). model_name/hook_name are repeated at top level for pre-6
+    readers.
+    """
+    model = metadata.get("model_name")
     hook_name = metadata.get("hook_name") or (_HOOK_NAMES[site.kind].format(site.layer) if site else sites.CUSTOM)
     meta = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": SAELENS_FORMAT_VERSION,
-        "model_name": metadata.get("model_name"),
+        "model_class_name": "HookedTransformer",
+        "model_from_pretrained_kwargs": {},
         "hook_head_index": None,
-        "prepend_bos": True,
+        "prepend_bos": True,  # every sequence starts with BOS
+        "exclude_special_tokens": True,  # BOS, EOS and padding positions never train or evaluate an SAE
+        "normalisation_folded": True,
         "site": str(site) if site else None,
         "average_l0": float(average_l0),
         **metadata,
+        "gemma_scope_model": model,
+        "model_name": peer_model_name(model),
         "hook_name": hook_name,
     }
     return {

@@ -99,7 +99,8 @@ def gs2_dir(root: str | os.PathLike, site: Site, width: int, average_l0: float, 
 
 
 def write_gs2(root: str | os.PathLike, site: Site, params: dict[str, np.ndarray], average_l0: float, *,
-              model_name: str, site_out: Site | None = None, l0_label: str | None = None) -> pathlib.Path:
+              model_name: str, site_out: Site | None = None, l0_label: str | None = None,
+              l0_measured_on: str | None = None) -> pathlib.Path:
     """Writes an SAE or transcoder in the Gemma Scope 2 layout (module docstring); returns the params file path.
 
     Args:
@@ -111,6 +112,8 @@ def write_gs2(root: str | os.PathLike, site: Site, params: dict[str, np.ndarray]
       model_name: config.json's ``model_name`` (GS2 writes the Hugging Face id, e.g. "google/gemma-3-270m-pt").
       site_out: the site it predicts: None or ``site`` for an SAE; ``mlp.L`` for a transcoder reading ``mlp_in.L``.
       l0_label: the directory's ``l0_`` label (``gs2_labels``, for a sweep); default the L0's bucket.
+      l0_measured_on: which text average_l0 was measured on; written as config.json's ``l0_measured_on`` (our
+        extension; GS2 has no such key) when given.
 
     Raises:
       ValueError: params failing ``validate_params``; sites GS2 has no layout for; a bad average_l0.
@@ -128,6 +131,8 @@ def write_gs2(root: str | os.PathLike, site: Site, params: dict[str, np.ndarray]
     config = dict(zip(GS2_CONFIG_KEYS, (
         HF_HOOK_POINTS[site.kind].format(site.layer), HF_HOOK_POINTS[site_out.kind].format(site_out.layer), width,
         model_name, "jump_relu", round(average_l0), affine, "transcoder" if transcoder else "sae")))
+    if l0_measured_on is not None:
+        config["l0_measured_on"] = l0_measured_on
     text = json.dumps(config, indent=2)
     with atomic_path(out / GS2_CONFIG_FILE, len(text)) as tmp:
         tmp.write_text(text)

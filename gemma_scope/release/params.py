@@ -21,6 +21,16 @@ import safetensors.numpy
 from gemma_scope.sae import PARAM_KEYS
 
 SKIP_KEY = "W_skip"  # a transcoder's affine skip connection [d_in, d_out] (Gemma Scope 2)
+# Our model registry names (``gemma_scope.model``) as TransformerLens / SAELens / SAEBench name the models: the names
+# of SAELens's pretrained_saes.yaml (Gemma Scope: "gemma-2-2b"; Gemma Scope 2: "google/gemma-3-270m", which is also
+# the Hugging Face id). A checkpoint path or another name is written as given.
+PEER_MODEL_NAMES = {"gemma2_2b": "gemma-2-2b", "gemma2_9b": "gemma-2-9b", "gemma2_27b": "gemma-2-27b",
+                    "gemma3_270m": "google/gemma-3-270m", "gemma3_1b": "google/gemma-3-1b-pt"}
+
+
+def peer_model_name(model: str | None) -> str | None:
+    """The TransformerLens/SAELens name of one of our models (``PEER_MODEL_NAMES``), else ``model`` unchanged."""
+    return PEER_MODEL_NAMES.get(model, model) if model else model
 
 
 def width_label(width: int) -> str:

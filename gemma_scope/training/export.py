@@ -71,6 +71,10 @@ def write_release(config, source, mesh, grid: Grid, state: dict) -> list[pathlib
                              in_axes=(0, None)), out_shardings=NamedSharding(mesh, P()))
     workdir = pathlib.Path(config.workdir)
     written, used = [], set()
+    model_name = config.data.get("model") or getattr(source, "model_name", None) or ""
+    # Which text the release's L0 (the directory name, GS2's l0 and bucket) was measured on.
+    measured_on = (f"train split: {len(batches)} batches x {config.train.batch_size} activations of the training "
+                   "stream after the last step")
     for g, stack in grid.stacks.items():
         if stack.crosslayer:
             written += _write_crosslayer(config, source.num_layers, grid, g, params[g], scales[g],
@@ -98,13 +102,14 @@ def write_release(config, source, mesh, grid: Grid, state: dict) -> list[pathlib
                 if jax.process_index() != 0:
                     continue
                 weights = {k: np.asarray(v[j], np.float32) for k, v in folded.items()}
-                gs2 = dict(model_name=config.data.get("model") or "", l0_label=labels[j])
+                gs2 = dict(model_name=release.peer_model_name(model_name), l0_label=labels[j], l0_measured_on=measured_on)
                 site = one.release_site
                 if one.transcoder:
                     written.append(release_gs2.write_gs2(workdir / "release_gs2", site, weights, float(l0[j]),
                                                          site_out=Site.parse(one.site_out), **gs2))
                     continue
-                meta = {"l0_coefficient": one.l0_coefficient, "target_l0": one.target_l0,
+                meta = {"model_name": model_name or None, "context_size": getattr(source, "seq_len", None),
+                         "average_l0_measured_on": measured_on, "l0_coefficient": one.l0_coefficient, "target_l0": one.target_l0,
                         **settings.recipe_metadata(config), "training_steps": config.train.steps,
                         "training_tokens": config.train.steps * config.train.batch_size, "seed": config.seed}
                 if config.sae.normalisation == "scalar":  # one C per site: Gemma Scope's normalisation constant
