@@ -23,15 +23,6 @@ from gemma_scope import cli
 TPU_SCRIPT = pathlib.Path(__file__).with_name("tpu_vm.sh")
 
 
-def _label(value: float, lambdas: list[float]) -> str:
-    """``value`` with the fewest significant digits (at least 6, as ``%g``) that tell it from every other λ."""
-    for digits in range(6, 18):
-        label = f"{value:.{digits}g}"
-        if all(f"{v:.{digits}g}" != label for v in lambdas if v != value):
-            return label
-    return repr(value)
-
-
 def sweep_commands(config: str, lambdas: list[float], workdir: str, mode: str, overrides: list[str],
                    tpu: str | None = None, zone: str | None = None) -> list[list[str]]:
     """The argv of each run of the sweep (see the module docstring).
@@ -51,7 +42,9 @@ def sweep_commands(config: str, lambdas: list[float], workdir: str, mode: str, o
     if mode == "grid":
         runs = [(workdir, ",".join(repr(v) for v in lambdas))]
     else:
-        runs = [(f"{workdir.rstrip('/')}/l0_{_label(v, lambdas)}", repr(v)) for v in lambdas]
+        # %g with the fewest significant digits (at least 6) that tell the λ apart; 17 tell any two floats apart
+        digits = next(n for n in range(6, 18) if len({f"{v:.{n}g}" for v in lambdas}) == len(lambdas))
+        runs = [(f"{workdir.rstrip('/')}/l0_{v:.{digits}g}", repr(v)) for v in lambdas]
     commands = []
     for run_dir, value in runs:
         args = [f"--config={config}", f"--config.workdir={run_dir}", f"--config.sae.l0_coefficient={value}", *overrides]

@@ -10,7 +10,7 @@ import pytest
 from conftest import PASS_TOL, f32_tol, nll_tol
 from test_release import write_gs2_by_hand
 
-from gemma_scope import evaluate, release
+from gemma_scope import evaluate, model, release
 from gemma_scope.evaluation import reconstruction, releases, splice
 from gemma_scope.release import gs2 as release_gs2
 from gemma_scope.sites import Site
@@ -113,6 +113,9 @@ class ToyConfig(types.SimpleNamespace):
 
     def __eq__(self, other):
         return isinstance(other, ToyConfig)
+
+    num_layers = 1
+    check_site = model.Config.check_site
 
     def site_width(self, kind):
         return self.d_model
