@@ -221,14 +221,7 @@ def test_gs2_clt_written_independently_from_the_key_names_evaluates(lm, tmp_path
             np.testing.assert_array_equal(got["W_dec"][i, :, j], files[i]["w_dec"][:, j])
     monkeypatch.setattr(releases, "_load_lm", lambda *args: (types.SimpleNamespace(params=params, config=cfg),
                                                              (tokens, mask)))
-    monkeypatch.setattr(crosslayer, "evaluate_crosslayer", _whole_only(crosslayer.evaluate_crosslayer))
-    monkeypatch.setattr(releases, "evaluate_crosslayer", crosslayer.evaluate_crosslayer)
-    records = evaluate.main([f"--sae={out}", "--model=tiny", "--lm_batch_size=2"])
-    assert records[0]["site"] == "CLT mlp_in→mlp 0,1,2,3,4,5,6" and records[0]["width"] == 28
+    records = evaluate.main([f"--sae={out}", "--model=tiny", "--lm_batch_size=2", "--whole_only"])
+    assert len(records) == 1 and records[0]["site"] == "CLT mlp_in→mlp 0,1,2,3,4,5,6" and records[0]["width"] == 28
     assert np.isfinite(records[0]["delta_lm_loss"]) and records[0]["zero_ablation_loss"] > records[0]["clean_loss"]
     assert len(records[0]["fvu_by_layer"]) == n_layers
-
-
-def _whole_only(evaluate_crosslayer):
-    """The replacement model only (skips the 7 layers alone, to keep the test fast)."""
-    return lambda *args, **kwargs: evaluate_crosslayer(*args, **(kwargs | {"per_layer": False}))

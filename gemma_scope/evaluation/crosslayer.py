@@ -110,7 +110,8 @@ def _predict_and_sums(params: dict, x: jax.Array, y: jax.Array, weight: jax.Arra
     active = (f > 0).astype(jnp.float32)
     token_sq_err = jnp.sum((y - pred) ** 2, axis=-1)
     centred = y - shift[:, None, :]
-    return pred, {"n": weight.sum(), "sq_err": token_sq_err @ weight, "centred": jnp.einsum("nbd,b->nd", centred, weight),
+    return pred, {"n": weight.sum(), "sq_err": token_sq_err @ weight,
+                  "centred": jnp.einsum("nbd,b->nd", centred, weight),
                   "centred_sq": jnp.sum(centred**2, axis=-1) @ weight, "active": active.sum(-1) @ weight,
                   "fires": jnp.einsum("mbf,b->mf", active, weight), "token_sq_err": token_sq_err}
 

@@ -82,7 +82,7 @@ def by_source(sae_paths: list[pathlib.Path], model_name: str, *, site: str | Non
     return records
 
 
-def _crosslayer_records(path, params, info, lm, sequences, batch_size: int) -> list[dict]:
+def _crosslayer_records(path, params, info, lm, sequences, batch_size: int, layers_alone: bool = True) -> list[dict]:
     """``evaluate_crosslayer``'s records of a GS2 CLT or crosscoder directory, labelled: the whole dictionary's
     ``site`` reads ``"CLT mlp_in→mlp 0,1,…"`` (``+skip`` for an affine one) or ``"crosscoder res 7,13,…"``, each
     layer alone's ``"mlp_in.L→mlp.L (CLT)"`` or ``"res.L (crosscoder)"``.
@@ -99,7 +99,8 @@ def _crosslayer_records(path, params, info, lm, sequences, batch_size: int) -> l
     if layers[-1] >= cfg.num_layers or info["d_model"] != cfg.d_model:
         raise ValueError(f"{path}: covers layers {layers} with d_model {info['d_model']}; {cfg.name} has layers "
                          f"0..{cfg.num_layers - 1} and d_model {cfg.d_model}")
-    results = evaluate_crosslayer(lm.params, cfg, *sequences, params, layers, info["kind"], batch_size=batch_size)
+    results = evaluate_crosslayer(lm.params, cfg, *sequences, params, layers, info["kind"], batch_size=batch_size,
+                                  per_layer=layers_alone)
     skip = " +skip" if info["affine"] else ""
     whole = (f"CLT mlp_in→mlp {','.join(map(str, layers))}{skip}" if info["kind"] == "clt"
              else f"crosscoder res {','.join(map(str, layers))}")
@@ -127,6 +128,7 @@ def evaluate_saes(
     out: str | pathlib.Path | None = None,
     notes: str = "",
     sections: Sequence[str] = (),
+    layers_alone: bool = True,
 ) -> list[dict]:
     """Evaluates released SAE and transcoder files, printing one JSON line of metrics per file; returns the records.
 
@@ -135,9 +137,9 @@ def evaluate_saes(
     of the corpus. A transcoder's sites come from its release (``--site`` names an SAE's only); its record's
     ``site`` reads ``"mlp_in.L→mlp.L"``, with ``" +skip"`` for an affine one. With ``activations`` (a directory of
     cached ``.npy`` shards): ``activation_metrics`` on at most ``max_tokens`` of them. A CLT or crosscoder
-    directory (``release.load_crosslayer``) needs ``model_name``; its records (``_crosslayer_records``) follow
-    the SAEs'. With ``out``: ``metrics.json``, ``report.md`` and plots there (``notes`` goes under the report's
-    heading, ``sections`` at its end).
+    directory (``release.load_crosslayer``) needs ``model_name``; its records (``_crosslayer_records``; each
+    covered layer alone too unless ``layers_alone`` is False) follow the SAEs'. With ``out``: ``metrics.json``,
+    ``report.md`` and plots there (``notes`` goes under the report's heading, ``sections`` at its end).
 
     Raises:
       ValueError: neither ``model_name`` nor ``activations``; a count out of range; an SAE whose site is unknown
@@ -195,7 +197,7 @@ def evaluate_saes(
                                                           batch_size=lm_batch_size) if saes else []):
             record.update(result)
         for path, params, info in multi:
-            multi_records = _crosslayer_records(path, params, info, lm, sequences, lm_batch_size)
+            multi_records = _crosslayer_records(path, params, info, lm, sequences, lm_batch_size, layers_alone)
             records += multi_records
             saes += [(None, None, None)] * len(multi_records)
     arrays = open_shards(activations)[0] if activations else None  # opened (and verified) once

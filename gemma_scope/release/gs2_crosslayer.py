@@ -156,8 +156,8 @@ def write_crosscoder(root: str | os.PathLike, params: dict, layers: list[int], *
                      n_layers=None, d_model=d, l0=round(float(average_l0)), average_l0=float(average_l0),
                      affine=False, encoder="per_layer" if block_diagonal else "all_layers", kinds=("res", "res"))
     for k, block in enumerate(blocks):
-        tensors = {"w_enc": params["W_enc"][k][:, block], "b_enc": params["b_enc"][block],
-                   "threshold": params["threshold"][block], "w_dec": params["W_dec"][block], "b_dec": params["b_dec"][k]}
+        tensors = {"w_enc": params["W_enc"][k][:, block], "b_enc": params["b_enc"][block], "b_dec": params["b_dec"][k],
+                   "threshold": params["threshold"][block], "w_dec": params["W_dec"][block]}
         if not block_diagonal:
             tensors[ALL_LAYERS_ENC] = params["W_enc"][:, :, block]
         _save(out / LAYER_FILE.format(k), tensors)
