@@ -3,7 +3,9 @@ position.
 
 All metrics use folded (release-convention) params on raw activations (``gemma_scope.sae.predict``). An SAE
 reconstructs the site it reads; a transcoder reads ``mlp_in.L`` and predicts ``mlp.L``, and its FVU, MSE and
-splice are of that output (Gemma Scope 2).
+splice are of that output (Gemma Scope 2). A cross-layer transcoder or crosscoder directory (Gemma Scope 2's or
+circuit-tracer's, ``release.load_crosslayer``) is evaluated with ``--model`` as the whole replacement and each
+layer alone (``evaluation.crosslayer``), one JSON line each.
 
 - L0, FVU, MSE, firing frequencies: ``evaluation.reconstruction`` (on cached activations, or on the sites'
   activations of the evaluation's own forward passes).
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num_sequences", type=int, default=64, help="held-out sequences (paper: 2048)")
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (paper: 1024)")
     parser.add_argument("--lm_batch_size", type=int, default=8, help="sequences per LM batch")
+    parser.add_argument("--whole_only", action="store_true",
+                        help="CLTs and crosscoders: splice only the whole dictionary, not also each layer alone")
     parser.add_argument("--out", help="directory for metrics.json, report.md and plots")
     args = parser.parse_args(argv)
     if not (args.activations or args.model):
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return evaluate_saes(sae_paths, model_name=args.model, model_config=args.model_config, site=args.site, corpus=args.corpus, packing=args.packing,
                          num_sequences=args.num_sequences, seq_len=args.seq_len, lm_batch_size=args.lm_batch_size,
                          activations=args.activations, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                         out=args.out)
+                         out=args.out, layers_alone=not args.whole_only)
 
 
 if __name__ == "__main__":

@@ -143,19 +143,21 @@ def run(config: ml_collections.ConfigDict, source: activations.ActivationSource 
 
 
 def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
-    """Evaluates a finished model-source run's released SAEs and transcoders on held-out text (Gemma Scope §4) and
-    writes ``<workdir>/report/{report.md, metrics.json, *.png}``; returns the metric records. The CLT and
-    crosscoder directories among ``paths`` are left to ``python -m gemma_scope.evaluate --sae=DIR``."""
+    """Evaluates a finished model-source run's released SAEs, transcoders, CLTs and crosscoders on held-out text
+    (Gemma Scope §4) and writes ``<workdir>/report/{report.md, metrics.json, *.png}``; returns the metric records.
+    A CLT or crosscoder is spliced whole only (each layer alone would cost one more pass per covered layer:
+    ``python -m gemma_scope.evaluate --sae=DIR`` measures those)."""
     tokens = config.train.steps * config.train.batch_size
     notes = (f"Model `{config.data.model}`, sites `{config.data.sites}`; trained on {tokens:,} activations per SAE "
              f"({config.train.steps:,} steps × {config.train.batch_size:,}); evaluated on "
              f"{config.eval.num_sequences} held-out sequences × {config.eval.seq_len} tokens.")
     return evaluate_saes(
-        [p for p in paths if p.is_file()], model_name=config.data.model,
+        paths, model_name=config.data.model,
         model_config=config.data.get("model_config") or None,
         corpus=config.data.corpus or None, packing=config.data.packing,
         num_sequences=config.eval.num_sequences, seq_len=config.eval.seq_len,
-        lm_batch_size=config.eval.lm_batch_size, out=pathlib.Path(config.workdir) / "report", notes=notes)
+        lm_batch_size=config.eval.lm_batch_size, out=pathlib.Path(config.workdir) / "report", notes=notes,
+        layers_alone=False)
 
 
 def summary(records: list[dict], tokens: int) -> str:
@@ -184,8 +186,7 @@ def main(argv: list[str]) -> None:
     paths = run(config)
     for path in paths:
         print(path)
-    files = any(p.is_file() for p in paths)  # CLT and crosscoder directories: python -m gemma_scope.evaluate
-    if config.data.source == "model" and config.eval.num_sequences > 0 and files and jax.process_index() == 0:
+    if config.data.source == "model" and config.eval.num_sequences > 0 and jax.process_index() == 0:
         records = evaluate_run(config, paths)
         print(summary(records, config.train.steps * config.train.batch_size))
         print(f"report: {pathlib.Path(config.workdir) / 'report' / 'report.md'}")

@@ -70,9 +70,12 @@ def test_clt_of_all_layers_drops_unused_slots_and_reads_through_the_dispatcher(t
     out = release.write_clt(tmp_path, params, [0, 1, 2], n_layers=3, average_l0=[100.0, 120.0, 110.0], metadata={})
     assert out.name == "width_15_l0_big"
     assert release.find_saes(tmp_path) == [out] and release.find_saes(out) == [out]
+    assert release.find_saes(out / "params_layer_1.safetensors") == [out]
     info = release.sae_info(out)
     assert info == {"site": "mlp_in.0", "site_out": "mlp.0", "l0_coefficient": None, "target_l0": None,
                     "kind": "clt", "layers": [0, 1, 2]}
+    with pytest.raises(ValueError, match=r"is a clt \(several layers\); this command takes one SAE or transcoder"):
+        release.load_sae(out, None)  # browse / steer
     back = release.load_params(out)
     assert back["W_dec"][2, :, 0].max() == 0
     params["W_dec"][2, :, 0] = 0
@@ -126,3 +129,79 @@ def test_writers_refuse_bad_params(tmp_path):
     with pytest.raises(ValueError, match=r"metadata keys \['layers'\]"):
         release.write_clt(tmp_path, params, [0, 1, 2], n_layers=3, average_l0=[1, 1, 1], metadata={"layers": 1})
     assert not (tmp_path / "clt").exists()
+
+
+def rewrite(file, **changes):
+    """Rewrites one safetensors file with some arrays replaced (None deletes the key)."""
+    raw = safetensors.numpy.load_file(file)
+    for key, value in changes.items():
+        if value is None:
+            del raw[key]
+        else:
+            raw[key] = np.asarray(value, np.float32)
+    safetensors.numpy.save_file(raw, file)
+
+
+@pytest.mark.parametrize("change,message", [
+    # the layer axis of w_dec does not match the model's 6 layers
+    (lambda f: rewrite(f, w_dec=np.zeros((5, 7, 8))),
+     r"params_layer_3.safetensors: key 'w_dec' has shape \(5, 7, 8\); expected \(5, 6, 8\)"),
+    # shapes disagree with the first file's w_enc
+    (lambda f: rewrite(f, b_enc=np.zeros(4)), r"params_layer_3.safetensors: key 'b_enc' has shape \(4,\); expected "
+                                              r"\(5,\) \(d_model=8, width=5 from params_layer_1.safetensors"),
+    (lambda f: rewrite(f, w_enc=np.zeros((8, 4))), r"params_layer_3.safetensors: key 'w_enc' has shape \(8, 4\)"),
+    (lambda f: rewrite(f, threshold=None), r"params_layer_3.safetensors: missing key 'threshold'; expected shape "
+                                           r"\(5,\)"),
+    (lambda f: rewrite(f, affine_skip_connection=None), r"params_layer_3.safetensors: missing key "
+                                                        r"'affine_skip_connection'; expected shape \(8, 8\)"),
+    (lambda f: rewrite(f, b_dec=np.full(8, np.nan)), r"params_layer_3.safetensors: key 'b_dec' \(8,\) holds 8 "
+                                                     r"non-finite values"),
+    # weights below the source layer (3) are non-zero
+    (lambda f: rewrite(f, w_dec=np.eye(5, 6 * 8).reshape(5, 6, 8)),
+     r"params_layer_3.safetensors: key 'w_dec' \(5, 6, 8\) has non-zero slots below source layer 3 \(max \|w\| 1\); "
+     r"expected w_dec\[:, :3, :\] zero"),
+    # a decoder to layer 5, which the CLT does not cover
+    (lambda f: rewrite(f, w_dec=np.ones((5, 6, 8)) * (np.arange(6) == 5)[None, :, None]),
+     r"params_layer_3.safetensors: key 'w_dec' writes to layers \[5\], which have no params_layer file"),
+])
+def test_bad_gs2_clt_files_name_the_file_key_and_expected_shape(tmp_path, change, message):
+    out = release.write_clt(tmp_path, random_clt(), [1, 3, 4], n_layers=6, average_l0=[40.0, 50.0, 60.0])
+    change(out / "params_layer_3.safetensors")
+    with pytest.raises(ValueError, match=message):
+        release.read_clt(out, n_layers=6)
+
+
+def test_gs2_clt_against_the_model_and_its_config(tmp_path):
+    out = release.write_clt(tmp_path, random_clt(), [1, 3, 4], n_layers=6, average_l0=[40.0, 50.0, 60.0])
+    with pytest.raises(ValueError, match=r"config.json: 'n_layers' is 6; expected 18 \(the model's\)"):
+        release.read_clt(out, n_layers=18)
+    (out / "config.json").unlink()  # without its config, the files' layer axis is checked against the model's
+    with pytest.raises(ValueError, match=r"params_layer_1.safetensors: key 'w_dec' has shape \(5, 6, 8\); expected "
+                                         r"\(5, 18, 8\)"):
+        release.read_clt(out, n_layers=18)
+    assert release.sae_info(out)["kind"] == "clt"  # no config.json: the folder above, clt/, says what it is
+    (tmp_path / "elsewhere").mkdir()
+    moved = out.rename(tmp_path / "elsewhere" / out.name)
+    with pytest.raises(ValueError, match="cannot tell a CLT from a crosscoder: config.json 'type' is None and the "
+                                         "folder above is 'elsewhere'"):
+        release.load_params(moved)
+
+
+def test_bad_gs2_crosscoder_files(tmp_path):
+    out = release.write_crosscoder(tmp_path, random_crosscoder(), [7, 13, 17, 22], average_l0=45.0)
+    rewrite(out / "params_layer_1.safetensors", w_dec=np.zeros((3, 5, 6)))
+    with pytest.raises(ValueError, match=r"params_layer_1.safetensors: key 'w_dec' has shape \(3, 5, 6\); expected "
+                                         r"\(3, 4, 6\)"):
+        release.read_crosscoder(out)
+    (out / "params_layer_3.safetensors").rename(out / "params_layer_4.safetensors")
+    with pytest.raises(ValueError, match=r"numbered \[0, 1, 2, 4\]; expected params_layer_0 .. params_layer_3"):
+        release.read_crosscoder(out)
+
+
+def test_gs2_config_naming_type_transcoder_and_a_rounded_width_still_reads_by_its_folder(tmp_path):
+    params = random_clt(skip=False)
+    out = release.write_clt(tmp_path, params, [0, 1, 2], n_layers=3, average_l0=[5, 5, 5])
+    (out / "config.json").write_text(json.dumps({"architecture": "jump_relu", "type": "transcoder", "width": 16,
+                                                 "affine_connection": False}))
+    assert release.sae_info(out)["kind"] == "clt"
+    np.testing.assert_array_equal(release.load_params(out)["W_enc"], params["W_enc"])

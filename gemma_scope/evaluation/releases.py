@@ -10,6 +10,7 @@ import sys
 
 from gemma_scope import model, release
 from gemma_scope.activations.shards import first_rows, open_shards
+from gemma_scope.evaluation.crosslayer import evaluate_crosslayer
 from gemma_scope.evaluation.reconstruction import activation_metrics
 from gemma_scope.evaluation.splice import evaluate_grid
 from gemma_scope.files import json_ready
@@ -32,6 +33,35 @@ def _load_lm(name: str, model_config: str | None, corpus: str | None, num_sequen
     return lm, (held_out["tokens"], held_out["mask"])
 
 
+def _crosslayer_records(path, params, info, lm, sequences, batch_size: int, layers_alone: bool = True) -> list[dict]:
+    """``evaluate_crosslayer``'s records of a GS2 CLT or crosscoder directory, labelled: the whole dictionary's
+    ``site`` reads ``"CLT mlp_in→mlp 0,1,…"`` (``+skip`` for an affine one) or ``"crosscoder res 7,13,…"``, each
+    layer alone's ``"mlp_in.L→mlp.L (CLT)"`` or ``"res.L (crosscoder)"``.
+
+    Raises:
+      ValueError: naming a file of ``path``: a CLT whose ``w_dec`` layer axis is not the model's layer count, or
+        covered layers or d_model that do not fit the model.
+    """
+    cfg, layers = lm.config, info["layers"]
+    if info["kind"] == "clt" and info["n_layers"] != cfg.num_layers:
+        raise ValueError(f"{path / f'params_layer_{layers[0]}.safetensors'}: key 'w_dec' has a layer axis of "
+                         f"{info['n_layers']}; expected shape ({info['width']}, {cfg.num_layers}, {info['d_model']}) "
+                         f"for {cfg.name}'s {cfg.num_layers} layers")
+    if layers[-1] >= cfg.num_layers or info["d_model"] != cfg.d_model:
+        raise ValueError(f"{path}: covers layers {layers} with d_model {info['d_model']}; {cfg.name} has layers "
+                         f"0..{cfg.num_layers - 1} and d_model {cfg.d_model}")
+    results = evaluate_crosslayer(lm.params, cfg, *sequences, params, layers, info["kind"], batch_size=batch_size,
+                                  per_layer=layers_alone)
+    skip = " +skip" if info["affine"] else ""
+    whole = (f"CLT mlp_in→mlp {','.join(map(str, layers))}{skip}" if info["kind"] == "clt"
+             else f"crosscoder res {','.join(map(str, layers))}")
+    labels = [whole] + [f"{transcoder_label(Site('mlp_in', x), info['affine'])} (CLT)" if info["kind"] == "clt"
+                        else f"res.{x} (crosscoder)" for x in layers]
+    width = params["W_enc"].shape[0] * params["W_enc"].shape[2] if info["kind"] == "clt" else info["width"]
+    return [{"sae": str(path), "site": label, "width": width, "kind": info["kind"], "l0_coefficient": None,
+             "target_l0": None} | result for label, result in zip(labels, results)]
+
+
 def evaluate_saes(
     sae_paths: list[pathlib.Path],
     *,
@@ -48,6 +78,7 @@ def evaluate_saes(
     batch_size: int | None = None,
     out: str | pathlib.Path | None = None,
     notes: str = "",
+    layers_alone: bool = True,
 ) -> list[dict]:
     """Evaluates released SAE and transcoder files, printing one JSON line of metrics per file; returns the records.
 
@@ -55,12 +86,15 @@ def evaluate_saes(
     loss and site metrics of all SAEs together (``evaluate_grid``) on the first ``num_sequences`` held-out sequences
     of the corpus. A transcoder's sites come from its release (``--site`` names an SAE's only); its record's
     ``site`` reads ``"mlp_in.L→mlp.L"``, with ``" +skip"`` for an affine one. With ``activations`` (a directory of
-    cached ``.npy`` shards): ``activation_metrics`` on at most ``max_tokens`` of them. With ``out``:
+    cached ``.npy`` shards): ``activation_metrics`` on at most ``max_tokens`` of them. A CLT or crosscoder
+    directory (``release.load_crosslayer``) needs ``model_name``; its records (``_crosslayer_records``; each
+    covered layer alone too unless ``layers_alone`` is False) follow the SAEs'. With ``out``:
     ``metrics.json``, ``report.md`` and plots there (``notes`` goes under the report's heading).
 
     Raises:
       ValueError: neither ``model_name`` nor ``activations``; a count out of range; an SAE whose site is unknown
-        when splicing; a transcoder with ``activations`` (one directory holds one site); malformed SAE files
+        when splicing; a transcoder, CLT or crosscoder with ``activations`` (one directory holds one site); a CLT
+        or crosscoder that does not fit the model (``_crosslayer_records``); malformed SAE files
         (``release.load_params``) or activations (``open_shards``, NaN/Inf).
     """
     if not (activations or model_name):
@@ -70,10 +104,16 @@ def evaluate_saes(
                                ("lm_batch_size", lm_batch_size, 1)):
         if value is not None and value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
-    records, saes = [], []
+    records, saes, multi = [], [], []
     for path in sae_paths:
-        params = release.load_params(path)
         info = release.sae_info(path)
+        if info.get("kind") in ("clt", "crosscoder"):  # a GS2 multi-layer directory: its own passes
+            if activations:
+                raise ValueError(f"{path}: a {info['kind']} reads several layers; evaluate it with --model instead "
+                                 "of --activations")
+            multi.append((path, *release.load_crosslayer(path)))
+            continue
+        params = release.load_params(path)
         if info["site_out"] != info["site"]:  # a transcoder: its sites are in its config, never overridden
             if activations:
                 raise ValueError(f"{path}: a transcoder ({info['site']} -> {info['site_out']}) needs activations of "
@@ -92,8 +132,12 @@ def evaluate_saes(
     if model_name:
         lm, sequences = _load_lm(model_name, model_config, corpus, num_sequences, seq_len, packing)
         for record, result in zip(records, evaluate_grid(lm.params, lm.config, *sequences, saes,
-                                                          batch_size=lm_batch_size)):
+                                                          batch_size=lm_batch_size) if saes else []):
             record.update(result)
+        for path, params, info in multi:
+            multi_records = _crosslayer_records(path, params, info, lm, sequences, lm_batch_size, layers_alone)
+            records += multi_records
+            saes += [(None, None, None)] * len(multi_records)
     arrays = open_shards(activations)[0] if activations else None  # opened (and verified) once
     for record, (_, params, _) in zip(records, saes):
         if activations:

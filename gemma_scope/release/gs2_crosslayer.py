@@ -156,8 +156,8 @@ def write_crosscoder(root: str | os.PathLike, params: dict, layers: list[int], *
                      n_layers=None, d_model=d, l0=round(float(average_l0)), average_l0=float(average_l0),
                      affine=False, encoder="per_layer" if block_diagonal else "all_layers", kinds=("res", "res"))
     for k, block in enumerate(blocks):
-        tensors = {"w_enc": params["W_enc"][k][:, block], "b_enc": params["b_enc"][block],
-                   "threshold": params["threshold"][block], "w_dec": params["W_dec"][block], "b_dec": params["b_dec"][k]}
+        tensors = {"w_enc": params["W_enc"][k][:, block], "b_enc": params["b_enc"][block], "b_dec": params["b_dec"][k],
+                   "threshold": params["threshold"][block], "w_dec": params["W_dec"][block]}
         if not block_diagonal:
             tensors[ALL_LAYERS_ENC] = params["W_enc"][:, :, block]
         _save(out / LAYER_FILE.format(k), tensors)
@@ -171,15 +171,16 @@ def is_crosslayer_dir(path: pathlib.Path) -> bool:
 
 
 def crosslayer_kind(path: pathlib.Path) -> str:
-    """``"clt"`` or ``"crosscoder"`` for a GS2 multi-layer directory: config.json's ``type``, else the folder
-    above it (``clt`` / ``crosscoder``).
+    """``"clt"`` or ``"crosscoder"`` for a GS2 multi-layer directory: config.json's ``type`` when it is one of
+    them, else the folder above it (``clt`` / ``crosscoder``).
 
     Raises:
       ValueError: naming the directory, when neither tells.
     """
     config_path = path / GS2_CONFIG_FILE
     kind = read_json(config_path).get("type") if config_path.is_file() else None
-    kind = kind or {CLT_FOLDER: "clt", CROSSCODER_FOLDER: "crosscoder"}.get(path.parent.name)
+    if kind not in ("clt", "crosscoder"):  # GS2's own config.json may say "transcoder": the folder decides
+        kind = {CLT_FOLDER: "clt", CROSSCODER_FOLDER: "crosscoder"}.get(path.parent.name, kind)
     if kind not in ("clt", "crosscoder"):
         raise ValueError(f"{path}: cannot tell a CLT from a crosscoder: config.json 'type' is {kind!r} and the "
                          f"folder above is {path.parent.name!r}; expected type 'clt' or 'crosscoder', or a folder "
@@ -228,34 +229,33 @@ def read_clt(path: str | os.PathLike, *, n_layers: int | None = None) -> tuple[d
     if None not in (config.get("n_layers"), n_layers) and config["n_layers"] != n_layers:
         raise ValueError(f"{path / GS2_CONFIG_FILE}: 'n_layers' is {config['n_layers']}; expected {n_layers} (the "
                          "model's)")
-    arrays = {layer: read_safetensors(files[layer]) for layer in layers}
-    first = arrays[layers[0]]  # the model's n_layers, else config.json's, else the first file's; others must agree
+    first = read_safetensors(files[layers[0]])  # n_layers: the model's, else config.json's, else this file's
     n_layers = n_layers or config.get("n_layers") or tensor_shape(first, "w_dec", files[layers[0]],
                                                                   "[width, n_layers, d_model]")[1]
     if layers[-1] >= n_layers:
         raise ValueError(f"{files[layers[-1]]}: a source layer outside a model of n_layers={n_layers}; expected "
                          f"params_layer_0 .. params_layer_{n_layers - 1}")
     d, width = tensor_shape(first, "w_enc", files[layers[0]], "[d_model, width]")
-    skip = SKIP in first
+    skip, n = SKIP in first, len(layers)
     expected = {"w_enc": (d, width), "b_enc": (width,), "threshold": (width,), "w_dec": (width, n_layers, d),
                 "b_dec": (d,)} | ({SKIP: (d, d)} if skip else {})
-    for layer in layers:
-        check_tensors(arrays[layer], expected, files[layer], f"d_model={d}, width={width} from "
+    w_dec, small = np.zeros((n, width, n, d), np.float32), []
+    for i, layer in enumerate(layers):  # one file in memory at a time beside the dense W_dec
+        raw = first if i == 0 else read_safetensors(files[layer])
+        check_tensors(raw, expected, files[layer], f"d_model={d}, width={width} from "
                       f"{files[layers[0]].name} 'w_enc', n_layers={n_layers}")
-        w_dec = arrays[layer]["w_dec"]
-        if np.any(w_dec[:, :layer]):
-            raise ValueError(f"{files[layer]}: key 'w_dec' {w_dec.shape} has non-zero slots below source layer "
-                             f"{layer} (max |w| {np.abs(w_dec[:, :layer]).max():.3g}); expected w_dec[:, :{layer}, :] "
-                             "zero")
+        if np.any(raw["w_dec"][:, :layer]):
+            raise ValueError(f"{files[layer]}: key 'w_dec' {raw['w_dec'].shape} has non-zero slots below source "
+                             f"layer {layer} (max |w| {np.abs(raw['w_dec'][:, :layer]).max():.3g}); expected "
+                             f"w_dec[:, :{layer}, :] zero")
         uncovered = [t for t in range(layer, n_layers) if t not in files]
-        if uncovered and np.any(w_dec[:, uncovered]):
+        if uncovered and np.any(raw["w_dec"][:, uncovered]):
             raise ValueError(f"{files[layer]}: key 'w_dec' writes to layers {uncovered}, which have no "
                              f"params_layer file; expected those slots zero (the CLT covers {layers})")
-    n = len(layers)
-    stack = lambda key: np.stack([arrays[layer][key].astype(np.float32) for layer in layers])  # noqa: E731
-    w_dec = np.zeros((n, width, n, d), np.float32)
-    for i, layer in enumerate(layers):
-        w_dec[i, :, i:, :] = arrays[layer]["w_dec"][:, layers[i:], :]
+        w_dec[i, :, i:, :] = raw.pop("w_dec")[:, layers[i:], :]
+        small.append({k: v.astype(np.float32) for k, v in raw.items()})
+        first = raw = None
+    stack = lambda key: np.stack([one[key] for one in small])  # noqa: E731
     params = {"W_enc": stack("w_enc"), "b_enc": stack("b_enc"), "threshold": stack("threshold"), "W_dec": w_dec,
               "b_dec": stack("b_dec")} | ({"W_skip": stack(SKIP)} if skip else {})
     _check_config(config, path, layers=layers, affine_connection=skip, width=n * width)
@@ -359,11 +359,12 @@ def _layer_files(path: pathlib.Path) -> dict[int, pathlib.Path]:
 
 
 def _read_config(path: pathlib.Path) -> dict:
-    config_path = path / GS2_CONFIG_FILE
-    return read_json(config_path) if config_path.is_file() else {}
+    return read_json(path / GS2_CONFIG_FILE) if (path / GS2_CONFIG_FILE).is_file() else {}
 
 
 def _check_config(config: dict, path: pathlib.Path, **values) -> None:
+    if "width_per_layer" not in config:  # not ours: GS2's "width" may be a rounded name ("262k" of 262,080)
+        values.pop("width")
     for key, value in (values | {"architecture": "jump_relu"}).items():
         if key in config and config[key] != value:
             raise ValueError(f"{path / GS2_CONFIG_FILE}: {key!r} is {config[key]!r}; expected {value!r} as the "
@@ -387,8 +388,7 @@ def _config(kind: str, metadata: dict | None, *, width, width_per_layer, layers,
               "model_name": (metadata or {}).get("model_name"), "architecture": "jump_relu", "l0": l0,
               "affine_connection": affine, "type": kind, "layers": layers, "d_model": d_model,
               "width_per_layer": width_per_layer, "average_l0": average_l0, "encoder": encoder}
-    if n_layers is not None:
-        config["n_layers"] = n_layers
+    config |= {"n_layers": n_layers} if n_layers is not None else {}
     clash = sorted(set(metadata or {}) & (set(config) - {"model_name"}))
     if clash:
         raise ValueError(f"metadata keys {clash} would overwrite the config.json keys the layout defines")
