@@ -2,7 +2,6 @@
 ``clt/``; Ameisen et al. 2025).
 
     python -m gemma_scope.train --config=experiments/gemma3_270m_clt.py
-    python -m gemma_scope.evaluate --sae=runs/gemma3_270m_clt/release_gs2/clt/<variant> --model=gemma3_270m
 
 Layer L's F latents read ``mlp_in.L`` (the pre-feed-forward RMSNorm's output) and write to ``mlp.L'`` of every layer
 L' ≥ L (after the post-feed-forward norm). One LM pass per batch feeds it; the loss is the sum over the 18 output
@@ -12,13 +11,16 @@ target 16 per layer: Gemma Scope 2's small bucket), each latent's decoder over i
 (experiments/gemma3_270m_res.py: per-dimension normalisation of each layer's input and output, λ 1, b_dec from the
 mean of mlp.L, batch 256, 256-token context, learning rate 5e-4).
 
-F = 128 latents per layer (2,304 in all, "2k" in the release's name) is chosen for time: a CLT step costs
+F = 128 latents per layer (2,304 in all) is chosen for time: a CLT step costs
 (n + 3)/4 = 5.25× the FLOPs of the per-layer transcoders at n = 18, and measured 2.65 CPU seconds per step of 256
 tokens at F = 128 (6.1 at F = 256; benchmarks/RESULTS.md, "Cross-layer transcoder step"), so 600 steps take
-≈ 26 CPU minutes, ≈ 15–20 minutes on the two idle cores, plus ≈ 2 minutes of LM passes; the evaluation (the
-replacement model and each layer alone on 32 × 256 held-out tokens) takes the rest of the half hour. These are
-estimates from the step's CPU time measured under load, not a timed idle run.
-The release is ``release_gs2/clt/width_2k_l0_small/``.
+≈ 26 CPU minutes, ≈ 15–20 minutes on the two idle cores, plus ≈ 2 minutes of LM passes; the trainer then
+evaluates the replacement model (every mlp.L replaced at once) on 32 × 256 held-out tokens (a few minutes).
+``python -m gemma_scope.evaluate --sae=runs/gemma3_270m_clt/release_gs2/clt/<variant> --model=gemma3_270m`` adds
+each layer replaced alone (18 more spliced passes). These are estimates from the step's CPU time measured under
+load, not a timed idle run.
+The release is ``release_gs2/clt/width_2304_l0_<bucket>/`` (a 6-step run on the real model, under load: 4.5 minutes,
+release written, L0 ≈ 60 per layer before the L0 warmup has acted).
 ``--config.clt.skip=False,True`` adds the affine variant; ``--config.sae.target_l0=16,48`` a sweep.
 """
 

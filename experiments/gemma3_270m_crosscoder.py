@@ -2,8 +2,6 @@
 ``crosscoder/`` covers four layers at about 25/50/65/85% depth; Lindsey et al. 2024), on a laptop CPU.
 
     python -m gemma_scope.train --config=experiments/gemma3_270m_crosscoder.py
-    python -m gemma_scope.evaluate --sae=runs/gemma3_270m_crosscoder/release_gs2/crosscoder/<variant> \
-        --model=gemma3_270m
 
 One set of 2,048 latents reads ``res`` of the four layers (an encoder per layer, summed, with the pre-encoder bias)
 and reconstructs all four (acausal); the loss is the sum over the four layers of the normalised squared error plus

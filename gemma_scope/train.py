@@ -172,17 +172,16 @@ def _train(config, source, sweep, stop_at) -> list[pathlib.Path]:
 
 
 def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
-    """Evaluates a finished model-source run's released SAEs and transcoders on held-out text (Gemma Scope §4) and
-    writes ``<workdir>/report/{report.md, metrics.json, *.png}``; with ``eval.probe``, k-sparse probing first
-    (``probe_runs.probe_saes``: ``probing.{csv,md,png}`` there, and its section in the report). Returns the metric
-    records. The CLT and crosscoder directories among ``paths`` are left to ``python -m gemma_scope.evaluate
-    --sae=DIR``."""
-    paths = [p for p in paths if p.is_file()]
+    """Evaluates a finished model-source run's released SAEs, transcoders, CLTs and crosscoders on held-out text
+    (Gemma Scope §4) and writes ``<workdir>/report/{report.md, metrics.json, *.png}``; with ``eval.probe``, k-sparse
+    probing of the SAE files first (``probe_runs.probe_saes``: ``probing.{csv,md,png}`` there, and its section in the
+    report). Returns the metric records. A CLT or crosscoder is spliced whole only (each layer alone would cost one
+    more pass per covered layer: ``python -m gemma_scope.evaluate --sae=DIR`` measures those)."""
     report_dir = pathlib.Path(config.workdir) / "report"
     sections = []
     if config.eval.get("probe", False):
-        probes = probe_saes(paths, model_name=config.data.model, model_config=config.data.get("model_config") or None,
-                            out=report_dir)
+        probes = probe_saes([p for p in paths if p.is_file()], model_name=config.data.model,
+                            model_config=config.data.get("model_config") or None, out=report_dir)
         sections.append(probe_report.markdown(probes))
     tokens = config.train.steps * config.train.batch_size
     notes = (f"Model `{config.data.model}`, sites `{config.data.sites}`; trained on {tokens:,} activations per SAE "
@@ -192,7 +191,7 @@ def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
         paths, model_name=config.data.model, model_config=config.data.get("model_config") or None,
         corpus=config.data.corpus or None, packing=config.data.packing,
         num_sequences=config.eval.num_sequences, seq_len=config.eval.seq_len,
-        lm_batch_size=config.eval.lm_batch_size, out=report_dir, notes=notes, sections=sections)
+        lm_batch_size=config.eval.lm_batch_size, out=report_dir, notes=notes, sections=sections, layers_alone=False)
 
 
 def summary(records: list[dict], tokens: int) -> str:
@@ -224,8 +223,7 @@ def main(argv: list[str]) -> None:
     paths = run(config)
     for path in paths:
         print(path)
-    files = any(p.is_file() for p in paths)  # CLT and crosscoder directories: python -m gemma_scope.evaluate
-    if evaluating and files and jax.process_index() == 0:
+    if evaluating and jax.process_index() == 0:
         records = evaluate_run(config, paths)
         print(summary(records, config.train.steps * config.train.batch_size))
         print(f"report: {pathlib.Path(config.workdir) / 'report' / 'report.md'}")

@@ -1,6 +1,8 @@
 """Training the CLT and the crosscoder (gemma_scope/sae/crosslayer_train.py): gradients against the formulas, parity
 with the per-layer transcoders and the SAE they contain, the decoder constraint, init and the fold."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,12 +43,14 @@ def test_clt_with_zero_cross_layer_decoders_trains_as_its_per_layer_transcoders(
     params, (x, y) = _clt(rng, skip, diagonal=True), _xy(rng)
     lam, target = 0.3, 5.0
     kw = dict(sparsity_loss=sparsity_loss, target_l0=target, frequency_coefficient=0.2, frequency_threshold=0.3)
-    (loss, aux), grads = jax.value_and_grad(xt.clt_loss, has_aux=True)(params, x, y, lam, EPS, **kw)
+    clt_fn = jax.jit(jax.value_and_grad(functools.partial(xt.clt_loss, bandwidth=EPS, **kw), has_aux=True))
+    (loss, aux), grads = clt_fn(params, x, y, lam)
+    tc_fn = jax.jit(jax.value_and_grad(functools.partial(losses.loss, bandwidth=EPS, **kw), has_aux=True))
     per_layer = {k: v for k, v in params.items() if k != "W_dec"}
     total = 0.0
     for i in range(N):
         one = {k: v[i] for k, v in per_layer.items()} | {"W_dec": params["W_dec"][i, :, i]}
-        (loss_i, aux_i), g_i = jax.value_and_grad(losses.loss, has_aux=True)(one, x[i], lam, EPS, y=y[i], **kw)
+        (loss_i, aux_i), g_i = tc_fn(one, x[i], lam, y=y[i])
         total += loss_i
         # Float32 sums over d (encode, skip), F (decode, ∂f) and the batch, ordered differently.
         tol = f32_tol(3 * D + F + B)
@@ -67,7 +71,7 @@ def test_clt_gradients_equal_the_formulas():
     rng = np.random.default_rng(1)
     params, (x, y) = _clt(rng, skip=True), _xy(rng)
     lam = 0.02
-    grads = jax.grad(lambda p: xt.clt_loss(p, x, y, lam, EPS)[0])(params)
+    grads = jax.jit(jax.grad(lambda p: xt.clt_loss(p, x, y, lam, EPS)[0]))(params)
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
     z = np.einsum("nbd,ndf->nbf", xs, p["W_enc"]) + p["b_enc"][:, None]
@@ -115,11 +119,13 @@ def test_crosscoder_is_an_sae_on_the_concatenated_layers(n):
     params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
     x = jnp.asarray(rng.normal(size=(n, B, D)) / np.sqrt(D), jnp.float32)
     kw = dict(sparsity_loss="target_l0", target_l0=4.0)
-    (loss, aux), grads = jax.value_and_grad(xt.crosscoder_loss, has_aux=True)(params, x, 0.3, EPS, **kw)
+    (loss, aux), grads = jax.jit(jax.value_and_grad(functools.partial(xt.crosscoder_loss, bandwidth=EPS, **kw),
+                                                    has_aux=True))(params, x, 0.3)
     flat = {"W_enc": params["W_enc"].reshape(n * D, F), "b_enc": params["b_enc"], "threshold": params["threshold"],
             "W_dec": params["W_dec"].reshape(F, n * D), "b_dec": params["b_dec"].reshape(-1)}
     x_flat = jnp.swapaxes(x, 0, 1).reshape(B, n * D)
-    (want, want_aux), want_grads = jax.value_and_grad(losses.loss, has_aux=True)(flat, x_flat, 0.3, EPS, **kw)
+    (want, want_aux), want_grads = jax.jit(jax.value_and_grad(functools.partial(losses.loss, bandwidth=EPS, **kw),
+                                                              has_aux=True))(flat, x_flat, 0.3)
     tol = f32_tol(3 * n * D + F + B + n)
     np.testing.assert_allclose(loss, want, rtol=tol)
     for key in ("mse", "fvu", "l0"):
