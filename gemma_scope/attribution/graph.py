@@ -57,22 +57,27 @@ def attribute(params: dict, cfg: model.Config, tc: dict, prompt: Prompt, batch_s
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    fn = linear_map(params, cfg, tc, prompt)
     inputs = (prompt.embeddings, jnp.asarray(prompt.activations), prompt.errors)
+    # the model, the transcoders and the prompt's device arrays enter as arguments, not as constants of the jit
+    held = (params, tc, prompt.frozen, prompt.const, prompt.tokens)
+
+    def map_of(params, tc, frozen, const, tokens):
+        return linear_map(params, cfg, tc, dataclasses.replace(prompt, frozen=frozen, const=const, tokens=tokens))
 
     @jax.jit
-    def rows(targets, embeddings, activations, errors):
-        out, vjp = jax.vjp(fn, embeddings, activations, errors)
+    def rows(held, targets, embeddings, activations, errors):
+        out, vjp = jax.vjp(map_of(*held), embeddings, activations, errors)
         g_emb, g_act, g_err = jax.vmap(vjp)(jax.nn.one_hot(targets, out.shape[0], dtype=out.dtype))
         by_error = jnp.sum(g_err * errors, axis=-1).reshape(len(targets), -1)
         return jnp.concatenate([g_act * activations, by_error, jnp.sum(g_emb * embeddings, axis=-1)], axis=1)
 
-    values = jax.jit(fn)(*inputs)
-    bias = jax.jit(fn)(*(jnp.zeros_like(x) for x in inputs))
+    evaluate = jax.jit(lambda held, *x: map_of(*held)(*x))
+    values = evaluate(held, *inputs)
+    bias = evaluate(held, *(jnp.zeros_like(x) for x in inputs))
     n_targets = values.shape[0]
     order = np.arange(-(-n_targets // batch_size) * batch_size)
     order[n_targets:] = -1  # padding: a zero cotangent, dropped below
-    batches = [rows(jnp.asarray(order[i:i + batch_size]), *inputs)
+    batches = [rows(held, jnp.asarray(order[i:i + batch_size]), *inputs)
                for i in tqdm.trange(0, len(order), batch_size, desc="attribution", unit="batch", disable=not progress)]
     target_rows = np.concatenate([np.asarray(b) for b in batches])[:n_targets]
     a, k = len(prompt.active), len(prompt.logit_tokens)
