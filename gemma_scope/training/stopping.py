@@ -71,8 +71,14 @@ def watch() -> Iterator[Callable[[int], bool]]:
     # With jax.distributed, SIGTERM stays with JAX's preemption notifier (installed by jax.distributed.initialize).
     previous = {s: signal.signal(s, handle) for s in ((signal.SIGINT,) if distributed else
                                                       (signal.SIGINT, signal.SIGTERM))}
+    def agreed(step: int) -> bool:
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # the preemption service is off (jax_enable_preemption_service=False): SIGTERM kills
+            return False
+
     try:
-        yield multihost_utils.reached_preemption_sync_point if distributed else lambda step: bool(received)
+        yield agreed if distributed else lambda step: bool(received)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
