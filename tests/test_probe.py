@@ -4,14 +4,15 @@ import ast
 import csv
 import dataclasses
 import json
+import pathlib
 
-import jax
 import numpy as np
 import pytest
 
 from gemma_scope import model, probe
 from gemma_scope.evaluation import probe_datasets, probe_report, probe_runs, probing
 
+GOLDEN = pathlib.Path(__file__).parent / "golden"
 pytest.importorskip("sklearn", reason="probing needs scikit-learn: pip install -e '.[probe]'")
 zstandard = pytest.importorskip("zstandard", reason="probing needs zstandard: pip install -e '.[probe]'")
 try:
@@ -161,9 +162,9 @@ class CharTokenizer:
 
 def test_cli_on_a_tiny_gemma_reports_bad_datasets_and_writes_the_table(fake_sae_probes, tmp_path, monkeypatch,
                                                                        capsys):
-    cfg = model.get_config("gemma3_tiny")
-    params = jax.jit(lambda key: model.init_params(cfg, key))(jax.random.key(0))  # eagerly: minutes
-    lm = model.LoadedModel(cfg, params, lambda: CharTokenizer())
+    # a random tiny Gemma 3 from files (initialising one compiles for minutes on a loaded CPU)
+    lm = dataclasses.replace(model.load(GOLDEN / "gemma3_tiny_hf"), make_tokenizer=CharTokenizer)
+    cfg = lm.config
     monkeypatch.setattr(probe_runs.model, "load", lambda name, config=None: lm)
     rng = np.random.default_rng(0)
     sae = {"W_enc": rng.normal(size=(cfg.d_model, 16)), "b_enc": np.zeros(16), "threshold": np.zeros(16),
@@ -179,16 +180,18 @@ def test_cli_on_a_tiny_gemma_reports_bad_datasets_and_writes_the_table(fake_sae_
     assert "missing from the installed sae-probes" in line["skipped"]["2_missing"]
     assert "not a zstandard-compressed" in line["skipped"]["3_malformed"]
     assert "expected 2 classes" in line["skipped"]["4_oneclass"]
-    assert line["baseline"]["all"]["accuracy"] == 1.0  # the last token holds the class
+    assert line["baseline"]["all"]["accuracy"] >= 0.95  # measured 0.99: the last token holds the class
     assert "skipping dataset 2_missing" in err and "1_good" in err
     assert records[0]["per_dataset"][0]["n_train"] == 130 and records[0]["per_dataset"][0]["n_test"] == 99
     with open(tmp_path / "out" / probe_report.CSV_FILE) as f:
         rows = list(csv.DictReader(f))
     assert [(r["features"], r["k"]) for r in rows] == [("raw", "all"), ("raw", "1"), ("raw", "4"), ("sae", "1"),
                                                        ("sae", "4")]
-    assert float(rows[0]["accuracy"]) == 1.0 and len(rows[4]["chosen"].split()) == 4
+    assert float(rows[0]["accuracy"]) == line["baseline"]["all"]["accuracy"] and len(rows[4]["chosen"].split()) == 4
+    assert float(rows[3]["accuracy"]) == line["k"]["1"]["accuracy"]
     assert (tmp_path / "out" / probe_report.PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
-    assert "| mean of 1 | 1.000 |" in (tmp_path / "out" / probe_report.TABLE_FILE).read_text()
+    table = (tmp_path / "out" / probe_report.TABLE_FILE).read_text()
+    assert f"| mean of 1 | {line['baseline']['all']['accuracy']:.3f} |" in table and "- skipped 2_missing" in table
 
 
 def test_cli_errors_are_one_clear_line(fake_sae_probes, tmp_path, monkeypatch):

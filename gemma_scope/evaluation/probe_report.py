@@ -41,6 +41,12 @@ def _rows(record: dict) -> list[list[str]]:
     return rows
 
 
+def _skipped_datasets(record: dict) -> dict[str, str]:
+    """The skipped datasets that have no row of their own (those whose probes failed have one)."""
+    listed = {e["dataset"] for e in record["per_dataset"]}
+    return {name: why for name, why in record["skipped"].items() if name not in listed}
+
+
 def _header(record: dict) -> list[str]:
     return ["dataset", "raw all"] + [f"k={k} SAE / raw" for k in record["k"]]
 
@@ -51,7 +57,7 @@ def text_table(record: dict) -> str:
     widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(rows[0]))]
     lines = [f"{record['sae']} ({record['site']}): test accuracy"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines += [f"skipped {name}: {why}" for name, why in record["skipped"].items()]
+    lines += [f"skipped {name}: {why}" for name, why in _skipped_datasets(record).items()]
     return "\n".join(lines)
 
 
@@ -65,7 +71,7 @@ def markdown(records: Sequence[dict], plot: str | None = PLOT_FILE) -> str:
         lines = [f"### {_label(record)}", f"`{record['sae']}`", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r + [""] * (len(header) - len(r))) + " |" for r in _rows(record)]
-        lines += [f"- skipped {name}: {why}" for name, why in record["skipped"].items()]
+        lines += [f"- skipped {name}: {why}" for name, why in _skipped_datasets(record).items()]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

@@ -50,7 +50,7 @@ def probe_saes(sae_paths: Sequence[str | pathlib.Path], *, model_name: str = "ge
 
     Returns:
       One record per SAE: the printed keys plus ``target_l0``, ``per_dataset`` (list of {"dataset", "n_train",
-      "n_test", "k", "baseline"} or {"dataset", "error"}) and ``seconds`` (forward passes, probes).
+      "n_test", "k", "baseline"} or {"dataset", "error"}) and ``seconds`` (wall and CPU seconds of the forward passes and of the probes).
 
     Raises:
       FileNotFoundError: sae-probes or scikit-learn not installed. ValueError: an unknown dataset name, a k < 1,
@@ -69,7 +69,7 @@ def probe_saes(sae_paths: Sequence[str | pathlib.Path], *, model_name: str = "ge
     saes = _load_saes([pathlib.Path(p) for p in sae_paths], site)
     sites = sorted({s["site"] for s in saes})
     lm = lm or model.load(model_name, config=model_config or None)
-    skipped, seconds = {}, {"forward": 0.0, "probes": 0.0}
+    skipped, seconds = {}, {"forward": 0.0, "probes": 0.0, "forward_cpu": 0.0, "probes_cpu": 0.0}
     for s in saes:
         s["per_dataset"] = []
     for name in names:
@@ -80,11 +80,12 @@ def probe_saes(sae_paths: Sequence[str | pathlib.Path], *, model_name: str = "ge
             skipped[name] = str(e)
             print(f"probe: skipping dataset {name}: {e}", file=sys.stderr)
             continue
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         acts = probing.last_token_activations(lm.params, lm.config, lm.tokenizer, dataset.prompts, sites,
                                               max_seq_len=max_seq_len, batch_tokens=batch_tokens, progress=progress)
         seconds["forward"] += time.perf_counter() - start
-        start = time.perf_counter()
+        seconds["forward_cpu"] += time.process_time() - cpu
+        start, cpu = time.perf_counter(), time.process_time()
         for s_site in sites:
             here = [s for s in saes if s["site"] == s_site]
             result = probing.probe_dataset(acts[s_site], dataset.labels, train, test, [s["params"] for s in here],
@@ -97,6 +98,7 @@ def probe_saes(sae_paths: Sequence[str | pathlib.Path], *, model_name: str = "ge
                     print(f"probe: {s['sae']}: no probe on {name}: {error}", file=sys.stderr)
                 s["per_dataset"].append(entry)
         seconds["probes"] += time.perf_counter() - start
+        seconds["probes_cpu"] += time.process_time() - cpu
     records = []
     for s in saes:
         fitted = [e for e in s["per_dataset"] if "error" not in e]
