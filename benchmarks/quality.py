@@ -168,14 +168,15 @@ def main() -> None:
                                     f"--config.sae.target_l0={','.join(f'{t:g}' for t in targets)}", *budget],
                    walls_file)
         if "saelens" in parts and not all((theirs / f"target_{t:g}" / "train.json").is_file() for t in targets):
-            _timed(f"saelens {site}", [str(peer), "-m", "benchmarks.saelens_quality", f"--acts={acts / site}",
-                                       f"--out={theirs}", f"--targets={','.join(f'{t:g}' for t in targets)}",
-                                       f"--width={args.width}", f"--batch={args.batch}", f"--steps={args.steps}",
-                                       f"--seed={args.seed}", f"--normalize={args.saelens_normalize}"], walls_file)
+            _timed(f"saelens ({args.saelens_normalize}) {site}", [
+                str(peer), "-m", "benchmarks.saelens_quality", f"--acts={acts / site}", f"--out={theirs}",
+                f"--targets={','.join(f'{t:g}' for t in targets)}", f"--width={args.width}", f"--batch={args.batch}",
+                f"--steps={args.steps}", f"--seed={args.seed}", f"--normalize={args.saelens_normalize}"], walls_file)
         if "evaluate" not in parts:
             continue
         for t, path in sorted(_ours_by_target(workdir).items()):
-            saes.append(("ours", site, t, path, json.loads((path.parent / "cfg.json").read_text())["metadata"]["average_l0"]))
+            meta = json.loads((path.parent / "cfg.json").read_text())["metadata"]
+            saes.append(("ours", site, t, path, meta["average_l0"]))
         for t in targets:
             d = theirs / f"target_{t:g}"
             saes.append((label, site, t, d / "sae_weights.safetensors",

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", help="directory for metrics.json, report.md and plots")
     parser.add_argument("--by_source", action="store_true",
                         help="with --model: metrics per corpus source, --num_sequences of each source's documents")
+    parser.add_argument("--no_splice", action="store_true",
+                        help="with --by_source: L0 and FVU only (no LM loss; one forward pass to the site per batch)")
     parser.add_argument("--split", default="heldout", choices=("heldout", "train", "ood"),
                         help="corpus split for --by_source (default heldout)")
     args = parser.parse_args(argv)
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             parser.error("--by_source needs --model=NAME")
         return by_source(sae_paths, args.model, site=args.site, corpus=args.corpus, split=args.split,
                          num_sequences=args.num_sequences, seq_len=args.seq_len, packing=args.packing,
-                         lm_batch_size=args.lm_batch_size, model_config=args.model_config)
+                         lm_batch_size=args.lm_batch_size, model_config=args.model_config,
+                         splice=not args.no_splice)
     return evaluate_saes(sae_paths, model_name=args.model, model_config=args.model_config, site=args.site, corpus=args.corpus, packing=args.packing,
                          num_sequences=args.num_sequences, seq_len=args.seq_len, lm_batch_size=args.lm_batch_size,
                          activations=args.activations, max_tokens=args.max_tokens, batch_size=args.batch_size,

@@ -493,3 +493,11 @@ def test_by_source_evaluates_each_sources_documents_alone(tiny_gemma, tmp_path, 
                                     [(Site("res", 1), release.load_params(path))], batch_size=2, progress=False)[0]
         assert all(record[k] == want[k] for k in ("l0", "fvu", "delta_lm_loss", "n_targets")), record
     assert records[0]["fvu"] != records[1]["fvu"]
+    # --no_splice: L0 and FVU alone, from one forward pass without logits; the same numbers up to float32 rounding
+    # of two differently compiled passes (PASS_TOL of the activations; L0 counts latents, FVU is a ratio of sums).
+    quick = releases.by_source([path], "tiny", corpus=tmp_path / "corpus", num_sequences=3, seq_len=32,
+                               lm_batch_size=2, splice=False)
+    assert [sorted(r) for r in quick] == [["fvu", "l0", "n_tokens", "sae", "site", "source", "split"]] * 2
+    for fast, full in zip(quick, records):
+        assert fast["n_tokens"] == full["n_tokens"] and abs(fast["l0"] - full["l0"]) <= 0.05 * full["l0"]
+        np.testing.assert_allclose(fast["fvu"], full["fvu"], rtol=1e-3)

@@ -9,6 +9,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 from gemma_scope import model, release
 from gemma_scope.activations.shards import first_rows, open_shards
 from gemma_scope.evaluation.crosslayer import evaluate_crosslayer
@@ -44,12 +46,14 @@ def _sequences(lm, corpus: str | None, num_sequences: int, seq_len: int, packing
 
 def by_source(sae_paths: list[pathlib.Path], model_name: str, *, site: str | None = None, corpus: str | None = None,
               split: str = "heldout", num_sequences: int = 8, seq_len: int = 256, packing: str = "packed",
-              lm_batch_size: int = 8, model_config: str | None = None) -> list[dict]:
+              lm_batch_size: int = 8, model_config: str | None = None, splice: bool = True) -> list[dict]:
     """Metrics of SAEs (not transcoders) per corpus source: for every source of role "train" in the corpus
     manifest, ``evaluate_grid`` on the first ``num_sequences`` sequences of ``split`` made of that source's
     documents alone (fewer if the source has fewer). One record per source and SAE, printed as a JSON line: ``sae``,
     ``site``, ``source``, ``split``, ``l0``, ``fvu``, ``delta_lm_loss``, ``loss_recovered``, ``clean_loss``,
     ``n_tokens``, ``n_targets``. Shows which text raises L0: the README's "L0 on held-out text".
+    ``splice=False`` skips the LM loss (no logits, no spliced passes: one forward pass up to the last SAE's layer
+    per batch) and gives ``l0``, ``fvu``, ``n_tokens`` alone, from ``activation_metrics`` of the content tokens.
 
     Raises:
       ValueError: a transcoder, an SAE whose site is unknown, a corpus without train sources; as
@@ -72,11 +76,14 @@ def by_source(sae_paths: list[pathlib.Path], model_name: str, *, site: str | Non
     lm = model.load(model_name, config=model_config or None)
     for name in names:
         tokens, mask = _sequences(lm, corpus, num_sequences, seq_len, packing, split, name)
-        results = evaluate_grid(lm.params, lm.config, tokens, mask, grid, batch_size=lm_batch_size)
+        keys = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "clean_loss", "n_tokens", "n_targets")
+        if splice:
+            results = evaluate_grid(lm.params, lm.config, tokens, mask, grid, batch_size=lm_batch_size)
+        else:
+            keys, results = ("l0", "fvu", "n_tokens"), _site_metrics(lm, tokens, mask, grid, lm_batch_size)
         for path, (sae_site, _), result in zip(sae_paths, grid, results):
             record = {"sae": str(path), "site": str(sae_site), "source": name, "split": split,
-                      **{k: result[k] for k in ("l0", "fvu", "delta_lm_loss", "loss_recovered", "clean_loss",
-                                                "n_tokens", "n_targets")}}
+                      **{k: result[k] for k in keys}}
             print(json.dumps(json_ready(record)), flush=True)
             records.append(record)
     return records
@@ -212,3 +219,17 @@ def evaluate_saes(
         notes = notes or f"Model: {model_name or '–'}; activations: {activations or '–'}."
         print(f"report: {report.write_evaluation(records, out, notes, sections)}", file=sys.stderr)
     return records
+
+
+def _site_metrics(lm, tokens: np.ndarray, mask: np.ndarray, grid: list, batch_size: int) -> list[dict]:
+    """``activation_metrics`` of each ``(site, params)`` on the content tokens' activations (no logits)."""
+    import jax
+
+    sites = sorted({s for s, _ in grid}, key=lambda s: (s.layer, s.kind))
+    forward = jax.jit(lambda p, t: model.forward(p, lm.config, t, capture=sites, logits=False).acts)
+    acts = {s: [] for s in sites}
+    for i in range(0, len(tokens), batch_size):
+        out = forward(lm.params, tokens[i:i + batch_size])
+        for s in sites:
+            acts[s].append(np.asarray(out[s], np.float32)[mask[i:i + batch_size]])
+    return [activation_metrics(params, np.concatenate(acts[s])) for s, params in grid]
