@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -35,6 +36,8 @@ from jax.experimental import multihost_utils
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "temporary failure; the user is invited to retry"
 EXIT_PEER_LOST = 69  # sysexits.h EX_UNAVAILABLE
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100  # jax.distributed's default; the bound on how long a lost peer goes unnoticed
+# Orbax logs the sync point at WARNING on every process; the trainer's own line names the step and checkpoint.
+logging.getLogger("absl").addFilter(lambda record: "Reached preemption sync point" not in record.getMessage())
 
 
 class Preempted(Exception):
