@@ -194,11 +194,14 @@ def test_cli_on_a_tiny_gemma_reports_bad_datasets_and_writes_the_table(fake_sae_
     assert f"| mean of 1 | {line['baseline']['all']['accuracy']:.3f} |" in table and "- skipped 2_missing" in table
 
 
-def test_cli_errors_are_one_clear_line(fake_sae_probes, tmp_path, monkeypatch):
+def test_cli_errors_are_one_clear_line(fake_sae_probes, tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="--k=0: expected numbers of features >= 1"):
         probe.main([f"--sae={tmp_path}", "--k=0"])
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         probe_runs.probe_saes([], datasets="nope")
+    # the default subset, none of which this package lists: each is reported, none crashes
+    assert probe_runs.probe_saes([], lm=object()) == []
+    assert "skipping dataset 24_headline_isiran: not listed in the installed" in capsys.readouterr().err
     monkeypatch.setattr(probe_datasets.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps sae-probes==0.4.2"):
         probe_datasets.check_installed()

@@ -74,6 +74,8 @@ def probe_saes(sae_paths: Sequence[str | pathlib.Path], *, model_name: str = "ge
         s["per_dataset"] = []
     for name in names:
         try:
+            if name not in available:  # a default dataset that another sae-probes version does not list
+                raise FileNotFoundError(f"not listed in the installed {probe_datasets.MASTER_FILE}")
             dataset = probe_datasets.read_dataset(name, available[name])
             train, test = probe_datasets.split(dataset, seed)
         except (FileNotFoundError, ValueError) as e:
