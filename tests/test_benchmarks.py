@@ -141,3 +141,20 @@ def test_optimizer_benchmark_times_both_steps_on_one_grid(monkeypatch):
     assert r["ratio"] == r["new"]["median_s"] / r["old"]["median_s"]
     # The same step but for the optimizer: XLA counts the same work to within the few elementwise ops per param.
     assert r["new"]["flops"] == pytest.approx(r["old"]["flops"], rel=0.02) and r["old"]["flops"] > 0
+
+
+def test_quality_pairs_each_saelens_sae_with_ours_at_its_site_and_target():
+    from benchmarks import quality
+
+    def rec(row, site, target, dl, fvu):
+        return {"row": row, "site": site, "target_l0": target, "delta_lm_loss": sum(dl) / 2, "fvu": sum(fvu) / 2,
+                "halves": {"delta_lm_loss": dl, "fvu": fvu}}
+
+    results = quality.paired_changes([rec("ours", "res.4", 50, [0.4, 0.6], [0.2, 0.2]),
+                                      rec("SAELens", "res.4", 50, [1.0, 1.4], [0.5, 0.3]),
+                                      rec("SAELens", "res.8", 50, [1.0, 1.0], [0.1, 0.1])])
+    theirs = results[1]
+    # changes per half: +0.6 and +0.8 nats → mean +0.7, noise half their difference 0.1
+    assert abs(theirs["delta_lm_loss_vs_ours"] - 0.7) < 1e-12 and abs(theirs["delta_lm_loss_vs_ours_noise"] - 0.1) < 1e-12
+    assert abs(theirs["fvu_vs_ours"] - 0.2) < 1e-12 and abs(theirs["fvu_vs_ours_noise"] - 0.1) < 1e-12
+    assert "delta_lm_loss_vs_ours" not in results[0] and "delta_lm_loss_vs_ours" not in results[2]  # no pair
