@@ -174,3 +174,19 @@ def test_attribution_block_lists_each_prompt_length_and_keeps_the_other_blocks()
     both = report.merge_block(main, block, report.ATTRIBUTION_MARKERS)
     assert main in both and both.count(report.ATTRIBUTION_MARKERS[0]) == 1
     assert "attribution" in run.PARTS
+
+def test_quality_pairs_each_saelens_sae_with_ours_at_its_site_and_target():
+    from benchmarks import quality
+
+    def rec(row, site, target, dl, fvu):
+        return {"row": row, "site": site, "target_l0": target, "delta_lm_loss": sum(dl) / 2, "fvu": sum(fvu) / 2,
+                "halves": {"delta_lm_loss": dl, "fvu": fvu}}
+
+    results = quality.paired_changes([rec("ours", "res.4", 50, [0.4, 0.6], [0.2, 0.2]),
+                                      rec("SAELens", "res.4", 50, [1.0, 1.4], [0.5, 0.3]),
+                                      rec("SAELens", "res.8", 50, [1.0, 1.0], [0.1, 0.1])])
+    theirs = results[1]
+    # changes per half: +0.6 and +0.8 nats → mean +0.7, noise half their difference 0.1
+    assert abs(theirs["delta_lm_loss_vs_ours"] - 0.7) < 1e-12 and abs(theirs["delta_lm_loss_vs_ours_noise"] - 0.1) < 1e-12
+    assert abs(theirs["fvu_vs_ours"] - 0.2) < 1e-12 and abs(theirs["fvu_vs_ours_noise"] - 0.1) < 1e-12
+    assert "delta_lm_loss_vs_ours" not in results[0] and "delta_lm_loss_vs_ours" not in results[2]  # no pair
