@@ -208,6 +208,10 @@ def test_config_differences_ignores_only_the_documented_fields():
     current = {"workdir": "b", "seed": 0, "train": {"steps": 20, "log_every": 2, "batch_size": 128},
                "eval": {"seq_len": 7}, "mesh": {"model": "2"}, "sae": {"width": 32, "new": 1}}
     assert workdir.config_differences(saved, current) == ['sae.new: "absent" → 1', "train.batch_size: 64 → 128"]
+    # A field added after the run was written, at its default (what older versions did), is no difference.
+    assert workdir.config_differences(saved, current, {"sae": {"new": 1}}) == ["train.batch_size: 64 → 128"]
+    assert workdir.config_differences(saved, current, {"sae": {"new": 2}}) == ['sae.new: "absent" → 1',
+                                                                               "train.batch_size: 64 → 128"]
 
 
 def _world_readable_dir() -> pathlib.Path:

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 
 from flax import traverse_util
 
+from gemma_scope import configs
 from gemma_scope.files import check_output_dir
 
 CONFIG_FILE = "config.json"
@@ -103,13 +104,20 @@ def exclusive(run):
     return locked
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
+def config_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
     """Fields (dotted) whose values differ between two JSON configs and change the result, as
-    ``"field: saved → current"`` lines (``RESULT_NEUTRAL`` fields are ignored; a missing field reads "absent")."""
+    ``"field: saved → current"`` lines (``RESULT_NEUTRAL`` fields are ignored; a missing field reads "absent").
+
+    A field missing from ``saved`` whose current value is its value in ``defaults`` (the config layout's defaults)
+    is not a difference: the run was written by a version without that field, and every field added since (e.g.
+    ``clt.*``, ``crosscoder.*``) defaults to what older versions did."""
     a, b = traverse_util.flatten_dict(saved, sep="."), traverse_util.flatten_dict(current, sep=".")
+    defaults = traverse_util.flatten_dict(defaults or {}, sep=".")
     lines = []
     for key in sorted(set(a) | set(b)):
         if any(fnmatch.fnmatchcase(key, pattern) for pattern in RESULT_NEUTRAL):
+            continue
+        if key not in a and key in defaults and defaults[key] == b.get(key):
             continue
         if a.get(key, "absent") != b.get(key, "absent"):
             lines.append(f"{key}: {json.dumps(a.get(key, 'absent'))} → {json.dumps(b.get(key, 'absent'))}")
@@ -140,7 +148,8 @@ def check_resume(workdir: str | os.PathLike, config, checkpoint_step: int | None
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read the config of the run that wrote checkpoint {checkpoint_step} "
                          f"({e}); restore it or use a fresh workdir") from e
-    differences = config_differences(saved, json.loads(config.to_json_best_effort()))
+    defaults = json.loads(configs.train_config(config.data).to_json_best_effort())
+    differences = config_differences(saved, json.loads(config.to_json_best_effort()), defaults)
     if differences:
         raise ValueError(f"workdir {workdir} holds checkpoint {checkpoint_step} of a different run; these fields "
                          f"differ from its {CONFIG_FILE} and change the result: " + "; ".join(differences)
