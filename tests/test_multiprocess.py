@@ -110,19 +110,19 @@ def test_two_processes_stop_together_on_a_signal_or_a_lost_peer_and_resume_exact
     of one: the other exits 69 within the heartbeat timeout, naming it. The restarts end bitwise equal to an
     uninterrupted run."""
     data, run = make_npy_dir(rows=(600, 424)), tmp_path / "stopped"
-    train = {"train.steps": 80, "train.checkpoint_every": 10, "mesh.heartbeat_timeout_s": 10}
+    train = {"train.steps": 120, "train.checkpoint_every": 20, "mesh.heartbeat_timeout_s": 10}
     _finish(_start(tmp_path / "straight", data, 2, **train))
     metrics = run / "metrics.jsonl"
     points = [  # (when, which processes, signal)
         (lambda: metrics.is_file() and metrics.stat().st_size, [1], signal.SIGTERM),  # before the first checkpoint
-        (None, [], signal.SIGTERM),  # process 0 sends it itself while it seals checkpoint 20 (_train_process.py)
+        (None, [], signal.SIGTERM),  # process 0 sends it itself while it seals checkpoint 40 (_train_process.py)
         (lambda: _checkpoints(run)[-1] > stopped[-1], [0], signal.SIGINT),
         (lambda: _checkpoints(run)[-1] > stopped[-1], [0, 1], signal.SIGTERM),
         (lambda: _checkpoints(run)[-1] > stopped[-1], [1], signal.SIGKILL),  # a lost peer
     ]
     stopped = [0]
     for condition, targets, signum in points:
-        procs = _start(run, data, 2, **train, **({} if condition else {"_sigterm_at_seal": 20}))
+        procs = _start(run, data, 2, **train, **({} if condition else {"_sigterm_at_seal": 40}))
         if condition is None:
             condition = lambda: True  # noqa: E731
         _wait_for(procs, condition, f"signal {signum!r} to {targets}")
@@ -137,11 +137,11 @@ def test_two_processes_stop_together_on_a_signal_or_a_lost_peer_and_resume_exact
             continue
         lines = [err.strip().splitlines()[-1] for _, err in outs]
         assert [p.returncode for p in procs] == [75, 75], [err[-3000:] for _, err in outs]
-        step = int(re.fullmatch(r"preempted: stopped after step (\d+) of 80; checkpoint \S+ is sealed; rerun the "
+        step = int(re.fullmatch(r"preempted: stopped after step (\d+) of 120; checkpoint \S+ is sealed; rerun the "
                                 r"same command to resume", lines[0]).group(1))
         assert lines[1] == lines[0] and step in _checkpoints(run) and step > stopped[-1]
         stopped.append(step)
-    assert stopped[1] < 10 and stopped[2] > 20, stopped  # before the first checkpoint; after the write of 20
+    assert stopped[1] < 20 and stopped[2] > 40, stopped  # before the first checkpoint; after the write of 40
     _finish(_start(run, data, 2, **train))
     resumed, straight = _released(run), _released(tmp_path / "straight")
     assert resumed.keys() == straight.keys() and resumed
