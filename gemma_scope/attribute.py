@@ -31,14 +31,30 @@ from gemma_scope.sites import Site
 
 def load_transcoders(path: str | pathlib.Path, num_layers: int) -> dict[str, jax.Array]:
     """Per-layer transcoders under ``path`` stacked into `replacement`'s layout (``W_dec [n, F, d]``; ``W_skip``
-    zero for layers without one when any has one).
+    zero for layers without one when any has one), or the one CLT directory ``path`` names or holds (Gemma Scope
+    2's or circuit-tracer's layout; ``W_dec [n, F, n, d]``).
 
     Raises:
       FileNotFoundError: nothing SAE-like under path. ValueError: an SAE that is not a transcoder, a layer with
-      several transcoders or none, or widths that differ between layers.
+      several transcoders or none, or widths that differ between layers; a crosscoder, several CLTs, a CLT mixed
+      with transcoders or one that does not cover every layer; bad CLT files (``release.load_crosslayer``).
     """
+    found = release.find_saes(path)
+    multi = [p for p in found if p.is_dir()]
+    if multi:
+        if len(found) > 1:
+            raise ValueError(f"{path} holds {len(found)} dictionaries ({', '.join(map(str, found))}); attribution "
+                             "takes one CLT or one transcoder per layer")
+        params, info = release.load_crosslayer(multi[0], n_layers=num_layers)
+        if info["kind"] != "clt":
+            raise ValueError(f"{multi[0]} is a {info['kind']}; attribution takes transcoders or a CLT")
+        missing = sorted(set(range(num_layers)) - set(info["layers"]))
+        if missing:
+            raise ValueError(f"the CLT {multi[0]} has no encoder for layer(s) {', '.join(map(str, missing))}; "
+                             f"attribution needs every layer 0..{num_layers - 1}")
+        return {key: jnp.asarray(value, jnp.float32) for key, value in params.items()}
     by_layer = collections.defaultdict(list)
-    for file in release.find_saes(path):
+    for file in found:
         info = release.sae_info(file)
         if info["site"] is None or info["site"] == info["site_out"] or not info["site"].startswith("mlp_in."):
             raise ValueError(f"{file} is not a transcoder (it reads {info['site']}, predicts {info['site_out']}); "

@@ -311,6 +311,28 @@ def test_command_writes_the_graph_and_intervenes(tiny, command_output):
     assert np.abs(np.asarray(clamped) - np.asarray(logits)).max() > 1e-2
 
 
+def test_a_clt_directory_loads_as_the_clt_it_holds(tiny, tmp_path):
+    from gemma_scope import release
+
+    cfg, _ = tiny
+    tc = {k: np.array(v) for k, v in random_transcoders(cfg, 3, clt=True).items()}
+    for i in range(cfg.num_layers):  # the release holds no decoder to an earlier layer
+        tc["W_dec"][i, :, :i] = 0
+    layers = list(range(cfg.num_layers))
+    directory = release.write_clt(tmp_path / "rel", tc, layers, n_layers=cfg.num_layers,
+                                  average_l0=[1.0] * cfg.num_layers)
+    for path in (tmp_path / "rel", directory):
+        loaded = attribute.load_transcoders(path, cfg.num_layers)
+        assert replacement.is_clt(loaded) and loaded.keys() == tc.keys()
+        for key, value in tc.items():
+            np.testing.assert_array_equal(np.asarray(loaded[key]), value)
+    partial = {k: v[:-1] if k != "W_dec" else v[:-1, :, :-1] for k, v in tc.items()}
+    release.write_clt(tmp_path / "partial", partial, layers[:-1], n_layers=cfg.num_layers,
+                      average_l0=[1.0] * (cfg.num_layers - 1))
+    with pytest.raises(ValueError, match=f"no encoder for layer\\(s\\) {cfg.num_layers - 1}"):
+        attribute.load_transcoders(tmp_path / "partial", cfg.num_layers)
+
+
 def test_command_errors_are_one_line(tiny, command_output, tmp_path, capsys, monkeypatch):
     from gemma_scope import cli
 
