@@ -24,17 +24,12 @@ release written, L0 ≈ 60 per layer before the L0 warmup has acted).
 ``--config.clt.skip=False,True`` adds the affine variant; ``--config.sae.target_l0=16,48`` a sweep.
 """
 
-import importlib.util
-import pathlib
+from gemma_scope import configs
 
 
 def get_config():
     """The CLT run (module docstring); every field can be overridden with ``--config.<path>=``."""
-    path = pathlib.Path(__file__).with_name("gemma3_270m_res.py")  # the embedded default's knobs, reused
-    spec = importlib.util.spec_from_file_location("gemma3_270m_res", path)
-    embedded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(embedded)
-    config = embedded.get_config()
+    config = configs.sibling_config(__file__, "gemma3_270m_res.py")  # the embedded default's knobs, reused
     config.workdir = "runs/gemma3_270m_clt"
     config.data.sites = ""
     config.clt.layers = "*"

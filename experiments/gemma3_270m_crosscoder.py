@@ -11,17 +11,12 @@ unit norm (``gemma_scope/sae/crosslayer_train.py``). Every other knob is the emb
 decoders of 2,048 latents against 9 SAEs of 2,048), so training takes about as long (≈ 12 minutes).
 """
 
-import importlib.util
-import pathlib
+from gemma_scope import configs
 
 
 def get_config():
     """The crosscoder run (module docstring); every field can be overridden with ``--config.<path>=``."""
-    path = pathlib.Path(__file__).with_name("gemma3_270m_res.py")  # the embedded default's knobs, reused
-    spec = importlib.util.spec_from_file_location("gemma3_270m_res", path)
-    embedded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(embedded)
-    config = embedded.get_config()
+    config = configs.sibling_config(__file__, "gemma3_270m_res.py")  # the embedded default's knobs, reused
     config.workdir = "runs/gemma3_270m_crosscoder"
     config.data.sites = ""
     config.crosscoder.layers = "5,9,12,15"

@@ -14,17 +14,12 @@ b_dec from the mean (of mlp.L here), batch 256 × 1,600 steps, width 2,048, 256-
 evaluation splices each transcoder's prediction in place of ``mlp.L``.
 """
 
-import importlib.util
-import pathlib
+from gemma_scope import configs
 
 
 def get_config():
     """The transcoder run (module docstring); every field can be overridden with ``--config.<path>=``."""
-    path = pathlib.Path(__file__).with_name("gemma3_270m_res.py")  # the embedded default's knobs, reused
-    spec = importlib.util.spec_from_file_location("gemma3_270m_res", path)
-    embedded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(embedded)
-    config = embedded.get_config()
+    config = configs.sibling_config(__file__, "gemma3_270m_res.py")  # the embedded default's knobs, reused
     config.workdir = "runs/gemma3_270m_transcoder"
     config.data.sites = ""
     config.transcoder.layers = "4,8,12"

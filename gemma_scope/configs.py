@@ -13,6 +13,9 @@ A leaf: it imports only ml_collections and the standard library, so loading an e
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -26,6 +29,22 @@ DTYPES = ("float32", "bfloat16")  # sae.dtype: matmul input dtype
 # L0 3.3–3.4 for a target of 3, which pulls against the reconstruction, and 8.1–8.4 for a target of 8, with either
 # normalisation; the λ·L0 default 1e-3 lands at 24 and 42 there.
 DEFAULT_L0_COEFFICIENT = {"l0": 1e-3, "target_l0": 1.0}
+
+
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of the experiment file ``name`` in the folder of ``config_file`` (pass ``__file__``): how one
+    experiment builds on another's knobs (config files are loaded by path, so they cannot import each other).
+
+    Raises:
+      FileNotFoundError: no such file beside ``config_file``.
+    """
+    path = pathlib.Path(config_file).resolve().with_name(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such experiment config")
+    spec = importlib.util.spec_from_file_location(f"_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def paper_tokens(width: int) -> int:

@@ -23,7 +23,6 @@ the scalar MSE neglects now count), and λ = 0.1 left L0 36% above its target in
 ``experiments/ablation/run.py`` runs the rows and the evaluation.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
@@ -53,11 +52,7 @@ PARENT = {"mean_b_dec": "gs1", "target_l0": "mean_b_dec", "frequency": "target_l
 
 
 def _default_config() -> ml_collections.ConfigDict:
-    path = pathlib.Path(__file__).resolve().parents[1] / "gemma3_270m_res.py"
-    spec = importlib.util.spec_from_file_location("_gemma3_270m_res", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return configs.sibling_config(pathlib.Path(__file__).parent, "gemma3_270m_res.py")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
