@@ -180,7 +180,7 @@ def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
     report_dir = pathlib.Path(config.workdir) / "report"
     sections = []
     if config.eval.get("probe", False):
-        probes = probe_saes([p for p in paths if p.is_file()], model_name=config.data.model,
+        probes = probe_saes([p for p in paths if not pathlib.Path(p).is_dir()], model_name=config.data.model,
                             model_config=config.data.get("model_config") or None, out=report_dir)
         sections.append(probe_report.markdown(probes))
     tokens = config.train.steps * config.train.batch_size

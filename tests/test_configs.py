@@ -3,6 +3,7 @@ and recipe; configs owns the recipe's defaults, λ's default follows the sparsit
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -206,7 +207,9 @@ def test_choosing_target_l0_alone_hits_the_targets(tmp_path, sparse_dictionary_d
          f"--config.workdir={tmp_path / 'run'}", "--config.sae.width=128", "--config.train.steps=1000",
          "--config.train.batch_size=1024", "--config.train.learning_rate=3e-3", "--config.train.lr_warmup_steps=100",
          "--config.train.l0_warmup_steps=300", "--config.train.norm_batches=4", "--config.train.eval_batches=4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        # One CPU device: on 2 cores, XLA's 8 emulated devices sometimes deadlock in a collective's rendezvous and
+        # abort ("only 6 of 8 arrived"; seen 2 in 5 runs of this 1,000-step run); sharding is tested elsewhere.
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     metas = [json.loads((p.parent / "cfg.json").read_text())["metadata"]
              for p in (tmp_path / "run/release").rglob("params.npz")]

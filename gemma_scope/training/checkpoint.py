@@ -42,14 +42,16 @@ _ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax.checkpoint._src.path.atomic
 
 
 class _QuietOnNoSpace(logging.Filter):
-    """Drops Orbax's log records (with tracebacks, hundreds of lines) of a write that failed for lack of space: the
-    save raises ``NoSpaceError``, which says it in one line."""
+    """Drops Orbax's log records (with tracebacks, hundreds of lines) of a write that failed for lack of space, and
+    asyncio's "Task exception was never retrieved" for its abandoned writes: the save raises ``NoSpaceError``, which
+    says it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (NO_SPACE_TEXT.search(record.getMessage()) or is_no_space(record.exc_info and record.exc_info[1]))
 
 
-logging.getLogger("absl").addFilter(_QuietOnNoSpace())
+for _logger in ("absl", "asyncio"):  # a logger's filter sees only its own records, not its children's
+    logging.getLogger(_logger).addFilter(_QuietOnNoSpace())
 _ABANDONED = ("Event loop is closed", "Python is likely shutting down")
 
 
