@@ -9,7 +9,9 @@ data.build, sweep).
   the traceback instead. Commands check what they can before loading a model or reading data.
 - An exception with an ``exit_status`` attribute ends it with one line and that status: a full disk
   (``files.NoSpaceError``, 74), a preempted run (``training.stopping.Preempted``, 75: its line names the saved
-  checkpoint). A lost peer process exits with 69 (``training.stopping``).
+  checkpoint). A lost peer process exits with 69 (``training.stopping``). Any other write that failed for lack of
+  space (``files.is_no_space``: one no ``files.space_for`` names with its size) ends the same way as a full disk,
+  naming the file.
 
 Each ``main(argv)`` raises its errors; the module's ``if __name__ == "__main__"`` calls ``run`` (argparse) or
 ``run_app`` (absl), which turn them into that one line.
@@ -25,6 +27,8 @@ from collections.abc import Callable
 
 from absl import app, flags
 from ml_collections import ConfigDict
+
+from gemma_scope.files import as_no_space, is_no_space
 
 # Errors that mean the user asked for something wrong (extend here; every entry point uses this tuple).
 # FloatingPointError: training diverged (train.NonFiniteError); its message names the step and the checkpoint to
@@ -67,8 +71,11 @@ def _fail(error: BaseException) -> None:
     sys.exit(status)
 
 
-def _handled(error: BaseException) -> bool:
-    return isinstance(error, USER_ERRORS) or hasattr(error, "exit_status")
+def _handled(error: BaseException) -> BaseException | None:
+    """The exception to report in one line for ``error`` (itself, or the full disk behind it), or None."""
+    if isinstance(error, USER_ERRORS) or hasattr(error, "exit_status"):
+        return error
+    return as_no_space(error, os.getcwd()) if is_no_space(error) else None
 
 
 def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
@@ -80,7 +87,7 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
     except Exception as e:
         if "--verbose" in argv or not _handled(e):
             raise
-        _fail(e)
+        _fail(_handled(e))
 
 
 def _unknown_key(error: Exception, argv: list[str]) -> tuple[list[str], int] | None:
@@ -166,6 +173,6 @@ def run_app(main: Callable[[list[str]], object]) -> None:
         except Exception as e:
             if verbose or not _handled(e):
                 raise
-            _fail(e)
+            _fail(_handled(e))
 
     app.run(guarded, flags_parser=parse)

@@ -6,7 +6,8 @@ Starts JAX with DEVICES CPU devices, joins the job through a coordinator on 127.
 ``training.stopping.initialize`` with the overrides' ``mesh.heartbeat_timeout_s``), then trains
 ``experiments/from_activations.py`` with the overrides and ``mesh.distributed=True``; a preemption ends it with
 the trainer's line and exit status. The override ``"_sigterm_at_seal": N`` makes process 0 send itself SIGTERM
-while it seals checkpoint N (a signal during a checkpoint write). With
+while it seals checkpoint N (a signal during a checkpoint write); ``"_step_delay_s": S`` sleeps S seconds before each
+step (so that a run outlasts JAX's preemption notice, which takes up to a second or more to reach the processes). With
 ``"data.source": "model"`` the activations come from a random-weight tiny Gemma 3 (``res.1``, ``res.3``) on random
 token ids, each process reading its own sequences.
 """
@@ -17,6 +18,7 @@ import os
 import pathlib
 import signal
 import sys
+import time
 
 process_id, num_processes, port, devices = map(int, sys.argv[1:5])
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -34,6 +36,7 @@ from gemma_scope.training import checkpoint, stopping  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 overrides = json.loads(sys.argv[5])
 sigterm_at_seal = overrides.pop("_sigterm_at_seal", None)
+step_delay_s = overrides.pop("_step_delay_s", 0)
 if num_processes > 1:
     stopping.initialize(overrides.get("mesh.heartbeat_timeout_s", stopping.DEFAULT_HEARTBEAT_TIMEOUT_S),
                         coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id)
@@ -75,6 +78,20 @@ def seal_then_signal(self):
 
 
 checkpoint.Checkpointer._seal = seal_then_signal
+make_train_step = train.step_lib.make_train_step
+
+
+def make_slow_train_step(*args):
+    train_step = make_train_step(*args)
+
+    def slow(*step_args):
+        time.sleep(step_delay_s)
+        return train_step(*step_args)
+    return slow
+
+
+if step_delay_s:
+    train.step_lib.make_train_step = make_slow_train_step
 try:
     paths = train.run(config, source)
 except stopping.Preempted as e:

@@ -1,5 +1,6 @@
 """The shared command-line convention: --help on every entry point, one-line user errors, --verbose tracebacks."""
 
+import errno
 import importlib.util
 import os
 import pathlib
@@ -60,6 +61,21 @@ def test_a_nan_stop_is_one_line(capsys):
     with pytest.raises(SystemExit):
         cli.run(main, [])
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_write_that_fails_for_lack_of_space_anywhere_is_one_line_naming_the_file(tmp_path, capsys):
+    def main(argv):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report/report.md"))
+        except OSError as e:
+            raise RuntimeError("a library's wrapper") from e
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(main, [])
+    assert exit_.value.code == files.NoSpaceError.exit_status == 74
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no space left on the device to write {tmp_path / 'report/report.md'}: it needs "
+                          "more space, ") and err.count("\n") == 1
 
 
 def test_other_exceptions_are_not_hidden():

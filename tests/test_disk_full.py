@@ -59,11 +59,15 @@ def test_checkpoint_on_a_full_disk_is_named_the_previous_kept_and_the_rerun_resu
     assert int(message.split("it needs ")[1].split(" bytes")[0].replace(",", "")) > params_bytes
     assert len(capfd.readouterr().err.splitlines()) < 10  # no Orbax / asyncio tracebacks
     assert checkpoint.verify(disk / "run/checkpoints/8") is None
-    assert sorted(p.name for p in (disk / "run/checkpoints").iterdir()) == ["4", "8"]  # no partial step left
+    # Orbax's abandoned tensorstore writes may re-create the partial step's directory after it was removed (seen in
+    # CI); nothing else may be there, and reopening removes it.
+    left = sorted(p.name for p in (disk / "run/checkpoints").iterdir())
+    assert left[-2:] == ["4", "8"] and all(name.startswith("12.orbax-checkpoint-tmp") for name in left[:-2]), left
     for filler in disk.glob("filler*"):
         filler.unlink()
     shutil.rmtree(disk / "run/release")  # the 8-step run's
     train.run(_config(disk / "run", data))
+    assert not list((disk / "run/checkpoints").glob("*orbax-checkpoint-tmp*"))
     assert _release_bytes(disk / "run") == _release_bytes(tmp_path / "straight") != {}
 
 

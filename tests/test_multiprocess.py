@@ -110,19 +110,23 @@ def test_two_processes_stop_together_on_a_signal_or_a_lost_peer_and_resume_exact
     of one: the other exits 69 within the heartbeat timeout, naming it. The restarts end bitwise equal to an
     uninterrupted run."""
     data, run = make_npy_dir(rows=(600, 424)), tmp_path / "stopped"
-    train = {"train.steps": 120, "train.checkpoint_every": 20, "mesh.heartbeat_timeout_s": 10}
+    train = {"train.steps": 400, "train.checkpoint_every": 20, "mesh.heartbeat_timeout_s": 10}
     _finish(_start(tmp_path / "straight", data, 2, **train))
+    # A notice takes a second or more to become an agreed step (JAX's notifier polls every second, then the processes
+    # exchange their steps); the stopped runs are slowed down so that it comes before their last step.
+    slow = {"_step_delay_s": 0.05}
     metrics = run / "metrics.jsonl"
     points = [  # (when, which processes, signal)
         (lambda: metrics.is_file() and metrics.stat().st_size, [1], signal.SIGTERM),  # before the first checkpoint
-        (None, [], signal.SIGTERM),  # process 0 sends it itself while it seals checkpoint 40 (_train_process.py)
+        (None, [], signal.SIGTERM),  # process 0 sends it itself while it seals the next checkpoint (_train_process.py)
         (lambda: _checkpoints(run)[-1] > stopped[-1], [0], signal.SIGINT),
         (lambda: _checkpoints(run)[-1] > stopped[-1], [0, 1], signal.SIGTERM),
         (lambda: _checkpoints(run)[-1] > stopped[-1], [1], signal.SIGKILL),  # a lost peer
     ]
     stopped = [0]
     for condition, targets, signum in points:
-        procs = _start(run, data, 2, **train, **({} if condition else {"_sigterm_at_seal": 40}))
+        seal = {} if condition else {"_sigterm_at_seal": (stopped[-1] // 20 + 1) * 20}
+        procs = _start(run, data, 2, **train, **slow, **seal)
         if condition is None:
             condition = lambda: True  # noqa: E731
         _wait_for(procs, condition, f"signal {signum!r} to {targets}")
@@ -137,14 +141,13 @@ def test_two_processes_stop_together_on_a_signal_or_a_lost_peer_and_resume_exact
             continue
         lines = [err.strip().splitlines()[-1] for _, err in outs]
         assert [p.returncode for p in procs] == [75, 75], [err[-3000:] for _, err in outs]
-        step = int(re.fullmatch(r"preempted: stopped after step (\d+) of 120; checkpoint \S+ is sealed; rerun the "
+        step = int(re.fullmatch(r"preempted: stopped after step (\d+) of 400; checkpoint \S+ is sealed; rerun the "
                                 r"same command to resume", lines[0]).group(1))
         assert lines[1] == lines[0] and step in _checkpoints(run) and step > stopped[-1]
         stopped.append(step)
-    # Where each signal lands is not deterministic across two processes under load (seen: the "before the first
-    # checkpoint" SIGTERM stopping at 21, the one sent at the seal of 40 at 31): JAX's sync point is the furthest step
-    # a process has reported. The single-process test (test_preemption.py) pins each point; here every stop must be
-    # agreed, sealed, later than the last, and resume bitwise.
+    # Where each signal lands is not deterministic across two processes: JAX's sync point is one past the furthest
+    # step a process had reported when the notice reached it. The single-process test (test_preemption.py) pins each
+    # point; here every stop must be agreed, sealed, later than the last, and resume bitwise.
     _finish(_start(run, data, 2, **train))
     resumed, straight = _released(run), _released(tmp_path / "straight")
     assert resumed.keys() == straight.keys() and resumed

@@ -128,8 +128,9 @@ class Checkpointer:
         # Directories are created in the calling thread: if that fails, save raises here instead of leaving
         # Orbax's signalling threads waiting forever (the process would never exit).
         async_options = ocp.AsyncOptions(post_finalization_callback=self._seal, create_directories_asynchronously=False)
+        # cleanup_tmp_directories: a partial step left by a crash or by writes abandoned on a full disk goes on reopen.
         options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=None, create=True,
-                                               async_options=async_options)
+                                               cleanup_tmp_directories=True, async_options=async_options)
         self._manager = ocp.CheckpointManager(self._root, options=options)
 
     def _steps_on_disk(self) -> list[int]:
@@ -248,6 +249,8 @@ class Checkpointer:
         except Exception as e:
             if not is_no_space(e):
                 raise
+            with contextlib.suppress(Exception):  # writes still in flight would re-create the partial directory
+                self._manager.wait_until_finished()
             if jax.process_index() == 0:
                 for partial in self._root.glob(f"{self._pending}{_ORBAX_TMP_SUFFIX}*"):
                     shutil.rmtree(partial, ignore_errors=True)

@@ -6,8 +6,10 @@
   reads. Several processes (``jax.distributed``): JAX's preemption sync manager owns SIGTERM (XLA's coordination
   service propagates a notice on any process to all; they agree on the step to save, one past the furthest step
   any of them had reached, and ``multihost_utils.reached_preemption_sync_point(step)`` is True at that step on
-  every process); SIGINT is forwarded to this process as SIGTERM so that it takes the same path. In one process a
-  second signal during the stop takes the default action (SIGINT: KeyboardInterrupt; SIGTERM: exit).
+  every process); SIGINT is forwarded to this process as SIGTERM so that it takes the same path. That agreement
+  takes a second or so (JAX's notifier polls for the signal every second), so a run that ends sooner ends normally.
+  In one process a second signal during the stop takes the default action (SIGINT: KeyboardInterrupt; SIGTERM:
+  exit).
 - A lost peer. A process that dies (kill -9, its host lost) breaks the others' next collective at once (gloo:
   "Connection closed by peer"); ``exit_on_lost_peer`` turns that into one line naming the lost process and exit
   status ``EXIT_PEER_LOST``. Whatever else the others are doing (a barrier, a collective that does not notice),
