@@ -4,7 +4,11 @@ import os
 
 # Must be set before JAX initialises its backends.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The 8 emulated devices are threads on what may be 2 loaded cores: XLA aborts the process when a collective's
+# threads do not all arrive within its terminate timeout (seen: "only 6 of 8 arrived" under load 20+), so give them
+# ten minutes; a true deadlock still ends.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
