@@ -45,6 +45,22 @@ def nll_tol(vocab_size, logit_scale):
     return 2 * PASS_TOL * logit_scale + f32_tol(vocab_size)
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma():
+    """``(params, cfg, tokens int32 [3, 12], mask)``: a random-weight tiny Gemma 3 and token ids starting with BOS,
+    the last sequence padded from position 9; mask is True at content tokens."""
+    import jax
+
+    from gemma_scope import model
+
+    cfg = model.get_config("gemma3_tiny")
+    params = model.init_params(cfg, jax.random.key(3))
+    tokens = np.random.default_rng(4).integers(3, cfg.vocab_size, size=(3, 12)).astype(np.int32)
+    tokens[:, 0] = 2
+    tokens[2, 9:] = 0
+    return params, cfg, tokens, tokens > 2
+
+
 @pytest.fixture
 def make_npy_dir(tmp_path):
     """Writes Gaussian float32 activations ``[rows_i, d]`` (× scale) as ``.npy`` files into ``tmp_path/acts``."""

@@ -328,18 +328,6 @@ def random_transcoder(d_in, d_out, width=16, seed=0, affine=True):
     return params
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma():
-    from gemma_scope import model
-
-    cfg = model.get_config("gemma3_tiny")
-    params = model.init_params(cfg, jax.random.key(3))
-    tokens = np.random.default_rng(4).integers(3, cfg.vocab_size, size=(3, 12)).astype(np.int32)
-    tokens[:, 0] = 2
-    tokens[2, 9:] = 0
-    return params, cfg, tokens, tokens > 2
-
-
 def test_transcoder_giving_the_true_mlp_output_has_zero_delta(tiny_gemma, monkeypatch):
     """The splice feeds the prediction the same pass's mlp_in.L and writes mlp.L: a "transcoder" that computes the
     layer's own MLP (and post-FFN norm) from it leaves the loss unchanged."""

@@ -3,7 +3,6 @@ against direct computation, identity dictionaries, the command line, and files t
 
 import types
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,18 +15,6 @@ from gemma_scope.evaluation import crosslayer, releases, splice
 from gemma_scope.sites import Site
 
 LAYERS = (1, 3)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    from gemma_scope import model
-
-    cfg = model.get_config("gemma3_tiny")
-    params = model.init_params(cfg, jax.random.key(3))
-    tokens = np.random.default_rng(4).integers(3, cfg.vocab_size, size=(3, 12)).astype(np.int32)
-    tokens[:, 0] = 2
-    tokens[2, 9:] = 0
-    return params, cfg, tokens, tokens > 2
 
 
 def clt_of(transcoders, cross=None):
@@ -51,8 +38,8 @@ def nll_with(params, cfg, tokens, mask, hooks):
     return nll[mask[:, 1:]].mean()
 
 
-def test_clt_without_cross_layer_decoders_equals_its_transcoders(lm):
-    params, cfg, tokens, mask = lm
+def test_clt_without_cross_layer_decoders_equals_its_transcoders(tiny_gemma):
+    params, cfg, tokens, mask = tiny_gemma
     d = cfg.d_model
     tcs = [random_transcoder(d, d, seed=s) for s in (5, 6)]
     got = crosslayer.evaluate_crosslayer(params, cfg, tokens, mask, clt_of(tcs), LAYERS, "clt", batch_size=2,
@@ -85,10 +72,10 @@ def test_clt_without_cross_layer_decoders_equals_its_transcoders(lm):
     np.testing.assert_allclose(got[2]["l0"], sum(l0s), rtol=1e-6)  # layer 3 hears the latents of layers 1 and 3
 
 
-def test_clt_replacement_model_reads_its_own_mlp_inputs(lm):
+def test_clt_replacement_model_reads_its_own_mlp_inputs(tiny_gemma):
     """With cross-layer decoders, layer 3's prediction uses layer 1's latents from the replacement model's
     mlp_in.1 (upstream of any replacement) and layer 3's from its replaced-upstream mlp_in.3."""
-    params, cfg, tokens, mask = lm
+    params, cfg, tokens, mask = tiny_gemma
     d = cfg.d_model
     tcs = [random_transcoder(d, d, seed=s) for s in (7, 8)]
     cross = np.random.default_rng(9).normal(size=(2, 16, 2, d)).astype(np.float32)
@@ -138,8 +125,8 @@ def identity_crosscoder(n, d):
             "W_dec": w_dec, "b_dec": np.zeros((n, d), np.float32)}
 
 
-def test_identity_crosscoder_gives_zero_delta_and_a_random_one_matches_direct_computation(lm):
-    params, cfg, tokens, mask = lm
+def test_identity_crosscoder_gives_zero_delta_and_a_random_one_matches_direct_computation(tiny_gemma):
+    params, cfg, tokens, mask = tiny_gemma
     d, tol = cfg.d_model, nll_tol(cfg.vocab_size, 1.0)
     got = crosslayer.evaluate_crosslayer(params, cfg, tokens, mask, identity_crosscoder(2, d), LAYERS, "crosscoder",
                                          batch_size=2, progress=False)
@@ -170,8 +157,8 @@ def test_identity_crosscoder_gives_zero_delta_and_a_random_one_matches_direct_co
     assert abs(got[0]["spliced_loss"] - got[1]["spliced_loss"]) > 10 * tol
 
 
-def test_cli_evaluates_clt_and_crosscoder_directories(lm, tmp_path, monkeypatch, capsys):
-    params, cfg, tokens, mask = lm
+def test_cli_evaluates_clt_and_crosscoder_directories(tiny_gemma, tmp_path, monkeypatch, capsys):
+    params, cfg, tokens, mask = tiny_gemma
     d = cfg.d_model
     tcs = [random_transcoder(d, d, seed=s) for s in (5, 6)]
     clt_dir = release.write_clt(tmp_path / "rel", clt_of(tcs), LAYERS, n_layers=cfg.num_layers,
@@ -197,10 +184,10 @@ def test_cli_evaluates_clt_and_crosscoder_directories(lm, tmp_path, monkeypatch,
         evaluate.main([f"--sae={clt_dir}", f"--activations={tmp_path}"])
 
 
-def test_gs2_clt_written_independently_from_the_key_names_evaluates(lm, tmp_path, monkeypatch):
+def test_gs2_clt_written_independently_from_the_key_names_evaluates(tiny_gemma, tmp_path, monkeypatch):
     """A CLT directory as Gemma Scope 2 publishes one (every layer, full-length w_dec, no config.json), written with
     safetensors directly, reads into the CLT it describes and evaluates."""
-    params, cfg, tokens, mask = lm
+    params, cfg, tokens, mask = tiny_gemma
     d, n_layers, width = cfg.d_model, cfg.num_layers, 4
     rng = np.random.default_rng(11)
     out = tmp_path / "clt" / "width_28_l0_small"

@@ -32,10 +32,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from gemma_scope import model
-from gemma_scope.evaluation.splice import _clean_pass
+from gemma_scope.evaluation.splice import CleanPasses
 from gemma_scope.sae import crosslayer
 from gemma_scope.sites import Site
 
@@ -153,26 +152,15 @@ def evaluate_crosslayer(params_lm, cfg, tokens: np.ndarray, mask: np.ndarray, pa
                          f"{list(layers)} of {cfg.name}")
     ins, outs = ((tuple(Site("mlp_in", x) for x in layers), tuple(Site("mlp", x) for x in layers)) if kind == "clt"
                  else ((res := tuple(Site("res", x) for x in layers)), res))
-    tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, bool)
-    num, length = tokens.shape
-    padded = -(-num // batch_size) * batch_size
-    tokens, mask = np.pad(tokens, ((0, padded - num), (0, 0))), np.pad(mask, ((0, padded - num), (0, 0)))
+    mask = np.asarray(mask, bool)
+    length = mask.shape[1]
     groups = [tuple(range(n))] + ([(j,) for j in range(n)] if per_layer else [])
     spliced, zero = [np.zeros(length - 1) for _ in groups], [np.zeros(length - 1) for _ in groups]
-    clean, targets, sq_err, sums, shift = np.zeros(length - 1), np.zeros(length - 1), np.zeros((n, length)), {}, None
-    bar = tqdm.tqdm(total=padded // batch_size * (1 + 2 * len(groups)), unit="pass", desc=f"{kind} delta LM loss",
-                    disable=not progress)
-    for start in range(0, padded, batch_size):
-        batch_tokens, batch_mask = tokens[start : start + batch_size], mask[start : start + batch_size]
-        target = batch_mask[:, 1:]
-
-        def masked(nll):
-            bar.update()
-            return np.where(target, jax.device_get(nll), 0.0).sum(axis=0)
-
-        clean_nll, acts = _clean_pass(params_lm, cfg, batch_tokens, tuple(sorted(set(ins + outs))))
-        clean += masked(clean_nll)
-        targets += target.sum(axis=0)
+    sq_err, sums, shift = np.zeros((n, length)), {}, None
+    batches = CleanPasses(params_lm, cfg, tokens, mask, batch_size, tuple(sorted(set(ins + outs))), 2 * len(groups),
+                          f"{kind} delta LM loss", progress)
+    masked = batches.masked
+    for batch_tokens, batch_mask, acts in batches:
         x = jnp.stack([acts[s].reshape(-1, d) for s in ins]).astype(jnp.float32)
         y = jnp.stack([acts[s].reshape(-1, d) for s in outs]).astype(jnp.float32)
         weight = batch_mask.reshape(-1).astype(np.float32)
@@ -191,10 +179,10 @@ def evaluate_crosslayer(params_lm, cfg, tokens: np.ndarray, mask: np.ndarray, pa
                 values = pred[list(group)].reshape(len(group), *batch_mask.shape, d)
                 spliced[g] += masked(set_pass(params_lm, cfg, batch_tokens, batch_mask, sites, values))
                 zero[g] += masked(set_pass(params_lm, cfg, batch_tokens, batch_mask, sites, None))
-    bar.close()
-    if targets.sum() == 0 or sums["n"] == 0:
+    if batches.targets.sum() == 0 or sums["n"] == 0:
         raise ValueError("no content targets: mask is False everywhere after the first position")
-    return _records(sums, sq_err, clean, targets, spliced, zero, groups, layers, kind, mask.sum(axis=0))
+    return _records(sums, sq_err, batches.clean, batches.targets, spliced, zero, groups, layers, kind,
+                    mask.sum(axis=0))
 
 
 def _records(sums, sq_err, clean, targets, spliced, zero, groups, layers, kind, tokens_at) -> list[dict]:

@@ -33,6 +33,39 @@ def _clean_pass(params_lm, cfg, tokens: jax.Array, sites: tuple[Site, ...]):
     return nll, acts
 
 
+class CleanPasses:
+    """Sequences in batches, each with its clean pass: iterating yields ``(tokens int32 [B, T], mask bool [B, T],
+    acts)`` per batch of ``batch_size`` sequences (the last zero-padded; padding is masked out), ``acts`` the clean
+    activations ``{site: [B, T, w]}`` at ``sites``. Meanwhile ``clean`` and ``targets`` (float64 ``[T−1]``) sum the
+    clean NLL (nats) and count the content targets per position t; ``masked(nll)`` sums a ``[B, T−1]`` NLL of the
+    current batch over its content targets and ticks the progress bar (``passes`` such per batch, plus the clean
+    one)."""
+
+    def __init__(self, params_lm, cfg, tokens: np.ndarray, mask: np.ndarray, batch_size: int,
+                 sites: tuple[Site, ...], passes: int, desc: str, progress: bool):
+        num, length = tokens.shape
+        padded = -(-num // batch_size) * batch_size
+        self._tokens = np.pad(np.asarray(tokens, np.int32), ((0, padded - num), (0, 0)))
+        self._mask = np.pad(np.asarray(mask, bool), ((0, padded - num), (0, 0)))
+        self._lm, self._batch_size, self._sites = (params_lm, cfg), batch_size, sites
+        self.clean, self.targets, self._target = np.zeros(length - 1), np.zeros(length - 1), None
+        self._bar = tqdm.tqdm(total=padded // batch_size * (1 + passes), unit="pass", desc=desc, disable=not progress)
+
+    def masked(self, nll) -> np.ndarray:
+        self._bar.update()
+        return np.where(self._target, jax.device_get(nll), 0.0).sum(axis=0)
+
+    def __iter__(self):
+        for start in range(0, len(self._tokens), self._batch_size):
+            tokens, mask = self._tokens[start : start + self._batch_size], self._mask[start : start + self._batch_size]
+            self._target = mask[:, 1:]
+            nll, acts = _clean_pass(*self._lm, tokens, self._sites)
+            self.clean += self.masked(nll)
+            self.targets += self._target.sum(axis=0)
+            yield tokens, mask, acts
+        self._bar.close()
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "site", "site_in"))
 def spliced_pass(params_lm, cfg, tokens: jax.Array, mask: jax.Array, site: Site, sae_params: dict | None,
                   site_in: Site | None = None):
@@ -110,36 +143,23 @@ def evaluate_grid(
             raise ValueError(f"a transcoder splices mlp.L from mlp_in.L of the same layer; got {site} -> {site_out}")
     sites = tuple(sorted({s for site, _, site_out in saes for s in (site, site_out)}))
     spliced_sites = sorted({site_out for _, _, site_out in saes})
-    num, length = tokens.shape
-    padded = -(-num // batch_size) * batch_size
-    tokens = np.pad(tokens, ((0, padded - num), (0, 0)))
-    mask = np.pad(mask, ((0, padded - num), (0, 0)))
-    clean_sum, zero_sum = np.zeros(length - 1), {site: np.zeros(length - 1) for site in spliced_sites}
+    length = tokens.shape[1]
+    zero_sum = {site: np.zeros(length - 1) for site in spliced_sites}
     spliced_sum = [np.zeros(length - 1) for _ in saes]
     totals, sq_err = [Totals() for _ in saes], [np.zeros(length) for _ in saes]
-    targets = np.zeros(length - 1)
-    bar = tqdm.tqdm(total=padded // batch_size * (1 + len(spliced_sites) + len(saes)), unit="pass",
-                    desc="delta LM loss", disable=not progress)
-    for start in range(0, padded, batch_size):
-        batch_tokens, batch_mask = tokens[start : start + batch_size], mask[start : start + batch_size]
-        target = batch_mask[:, 1:]
-
-        def masked(nll):
-            bar.update()
-            return np.where(target, jax.device_get(nll), 0.0).sum(axis=0)
-
-        clean_nll, acts = _clean_pass(params_lm, cfg, batch_tokens, sites)
-        clean_sum += masked(clean_nll)
-        targets += target.sum(axis=0)
+    batches = CleanPasses(params_lm, cfg, tokens, mask, batch_size, sites, len(spliced_sites) + len(saes),
+                          "delta LM loss", progress)
+    for batch_tokens, batch_mask, acts in batches:
         for site in spliced_sites:
-            zero_sum[site] += masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, None))
+            zero_sum[site] += batches.masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, None))
         for i, (site, params, site_out) in enumerate(saes):
-            spliced_sum[i] += masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site_out, params, site))
+            spliced_sum[i] += batches.masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site_out, params,
+                                                          site))
             d_in, d_out = params["W_enc"].shape[0], params["W_dec"].shape[1]
             token_err = totals[i].add(params, acts[site].reshape(-1, d_in), batch_mask.reshape(-1).astype(np.float32),
                                       acts[site_out].reshape(-1, d_out))
             sq_err[i] += np.where(batch_mask, token_err.reshape(batch_mask.shape), 0.0).sum(axis=0)
-    bar.close()
+    clean_sum, targets = batches.clean, batches.targets
     if targets.sum() == 0:
         raise ValueError("no content targets: mask is False everywhere after the first position")
     clean = float(clean_sum.sum() / targets.sum())
