@@ -43,10 +43,16 @@ _EXIT_PREEMPTED = 75  # training.stopping.EXIT_PREEMPTED (not imported: it impor
 flags.DEFINE_bool("verbose", False, VERBOSE_HELP)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own prints the usage first; the convention is one line
+        print(f"error: {' '.join(message.split())} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser for ``python -m <prog>`` with the shared ``--verbose`` option; help shows defaults."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """An argparse parser for ``python -m <prog>`` with the shared ``--verbose`` option; help shows defaults. Its
+    own errors (a missing or malformed option, ``parser.error``) are one line and exit status 2, as the rest."""
+    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
 

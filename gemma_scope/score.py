@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text_file", "--text-file", required=True, type=pathlib.Path, help="UTF-8 text file ('-' for stdin)")
     parser.add_argument("--max_length", "--max-length", type=int, default=1024, help="tokens per window, BOS included")
     args = parser.parse_args(argv)
+    if args.max_length < 2:
+        parser.error(f"--max_length must be >= 2 (BOS plus one token), got {args.max_length}")
     if args.text_file.is_dir():
         raise IsADirectoryError(f"--text_file {args.text_file} is a directory; expected a UTF-8 text file")
     if str(args.text_file) != "-" and not args.text_file.is_file():

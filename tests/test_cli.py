@@ -78,6 +78,17 @@ def test_a_write_that_fails_for_lack_of_space_anywhere_is_one_line_naming_the_fi
                           "more space, ") and err.count("\n") == 1
 
 
+def test_argparse_errors_are_one_line_with_exit_status_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        score.main(["--text_file=x.txt", "--max_length=1"])
+    assert exit_.value.code == cli.EXIT_USER_ERROR
+    assert capsys.readouterr().err == "error: --max_length must be >= 2 (BOS plus one token), got 1 (see --help)\n"
+    with pytest.raises(SystemExit):
+        score.main(["--max_length=x"])
+    assert capsys.readouterr().err == ("error: argument --max_length/--max-length: invalid int value: 'x' "
+                                       "(see --help)\n")
+
+
 def test_other_exceptions_are_not_hidden():
     def main(argv):
         raise RuntimeError("a bug")
