@@ -10,7 +10,7 @@ encoder direction ``W_enc[ℓ, :, k]`` at position t of each target (ℓ, t, k) 
 records the cotangent of the block's output (= of anything written to ``mlp.ℓ``) and applies the block's vjp
 (``model.layers.Block`` with the frozen scalings, ``jax.vjp`` at zero: the map is linear, so the point does not
 matter). A logit target starts at the top as ``(E_v − mean E) · inv_final · (1 + scale)`` at the last position.
-From the recorded cotangents ``g [B, n, T, d]`` a row is: an error node (ℓ, t) ``g[ℓ, t] · error[ℓ, t]``, a token
+From the cotangent ``g`` at each block's output, as the sweep passes it, a row gets: an error node (ℓ, t) ``g[ℓ, t] · error[ℓ, t]``, a token
 ``g_embed[t] · embedding[t]``, an active latent (i, t, k) ``a · Σ_{j ≥ i} W_dec[i, k, j] · g[j, t]`` (per-layer
 transcoders: ``j = i`` only), the latents grouped in (layer, position) cells padded to the fullest, so that it is
 one batched matmul. The loop over blocks is a ``lax.fori_loop`` whose length is the batch's depth, so one
@@ -110,7 +110,7 @@ def rows(cfg: model.Config, arrays: dict, layer: jax.Array, position: jax.Array,
         return jnp.where((layer == j)[:, None, None], at, 0.0)
 
     def step(i, carry):
-        g, written = carry
+        g, latent, by_error = carry  # g: the cotangent of block j's output, i.e. of everything written to mlp.j
         j = depth - 1 - i
         frozen = {name: value[j] for name, value in arrays["frozen"].items()}
         skip = arrays["W_skip"][j] if "W_skip" in arrays else None
@@ -131,18 +131,18 @@ def rows(cfg: model.Config, arrays: dict, layer: jax.Array, position: jax.Array,
                               hook)
             return out[0].astype(jnp.float32), seen["x"][0].astype(jnp.float32)
 
+        if clt:  # the latents of every layer i <= j write to mlp.j
+            latent = latent + jnp.einsum("btd,itmd->bitm", g, jax.lax.dynamic_index_in_dim(grid, j, 3, False))
+        else:
+            latent = jax.lax.dynamic_update_index_in_dim(latent, jnp.einsum("btd,tmd->btm", g, grid[j]), j, 1)
+        by_error = jax.lax.dynamic_update_index_in_dim(by_error, jnp.einsum("btd,td->bt", g, arrays["errors"][j]), j, 1)
         _, vjp = jax.vjp(block_map, jnp.zeros((t, d), jnp.float32))
         (below,) = jax.vmap(vjp)((g, inject(j)))
-        return below, jax.lax.dynamic_update_index_in_dim(written, g, j, axis=1)
+        return below, latent, by_error
 
-    g_embed, written = jax.lax.fori_loop(0, depth, step, (inject(n), jnp.zeros((b, n, t, d), jnp.float32)))
     grid = arrays["cells"]
-    if grid.ndim == 5:  # CLT: Σ_j over the layers each source writes to
-        latent = jnp.einsum("bjtd,itmjd->bitm", written, grid)
-    else:
-        latent = jnp.einsum("bitd,itmd->bitm", written, grid)
-    by_latent = latent.reshape(b, -1)[:, arrays["index"]]
-    by_error = jnp.einsum("bntd,ntd->bnt", written, arrays["errors"]).reshape(b, n * t)
+    clt = grid.ndim == 5
+    start = (inject(n), jnp.zeros((b, n, t, grid.shape[2]), jnp.float32), jnp.zeros((b, n, t), jnp.float32))
+    g_embed, latent, by_error = jax.lax.fori_loop(0, depth, step, start)
     by_token = jnp.einsum("btd,td->bt", g_embed, arrays["embeddings"])
-    return jnp.concatenate([by_latent, by_error, by_token], axis=1)
-
+    return jnp.concatenate([latent.reshape(b, -1)[:, arrays["index"]], by_error.reshape(b, n * t), by_token], axis=1)

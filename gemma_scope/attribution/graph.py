@@ -121,10 +121,12 @@ def attribute(params: dict, cfg: model.Config, tc: dict, prompt: Prompt, batch_s
             chunk = table[rows[i:i + 1024]]
             adjacency[start + i:start + i + len(chunk), :-k] = chunk if limit == a else chunk[:, columns]
     inputs = (prompt.embeddings, jnp.asarray(prompt.activations), prompt.errors)
-    mapped = jax.jit(lambda *x: linear_map(params, cfg, tc, prompt)(*x))
+    # the model, the transcoders and the prompt's arrays enter as arguments, not as constants of the jit
+    mapped = jax.jit(lambda held, *x: linear_map(held[0], cfg, held[1], dataclasses.replace(prompt, **held[2]))(*x))
+    held = (params, tc, {"frozen": prompt.frozen, "const": prompt.const, "tokens": prompt.tokens})
     keep = np.concatenate([selected, a + np.arange(k)])
-    values = np.asarray(mapped(*inputs))[keep]
-    bias = np.asarray(mapped(*(jnp.zeros_like(x) for x in inputs)))[keep]
+    values = np.asarray(mapped(held, *inputs))[keep]
+    bias = np.asarray(mapped(held, *(jnp.zeros_like(x) for x in inputs)))[keep]
     return Graph(np.asarray(prompt.tokens), prompt.active[selected], prompt.activations[selected],
                  prompt.logit_tokens, prompt.logit_probs, adjacency, values, bias, n, a)
 
