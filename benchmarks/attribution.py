@@ -22,8 +22,8 @@ import numpy as np
 
 from benchmarks.common import worker_args, write_json
 from gemma_scope import attribute, model
+from gemma_scope.attribution import backward, replacement
 from gemma_scope.attribution import graph as graphs
-from gemma_scope.attribution import replacement
 
 PROSE = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "prose.txt"
 WIDTH, TARGET_L0 = 512, 30
@@ -45,11 +45,41 @@ def random_transcoders(lm: model.LoadedModel, tokens: np.ndarray) -> dict:
             "W_skip": jax.random.normal(k[2], (n, d, d)) * 0.01}
 
 
+def _best_seconds(call, repeats: int = 3) -> float:
+    call()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def sweep_rate(lm: model.LoadedModel, tc: dict, prompt, batch_size: int) -> dict:
+    """GFLOP/s of one full-depth sweep (a batch of logit-like targets through every block; the blocks' matmuls
+    counted: W_skip, W_O and W_V, 2·T·d·(d + N·H + K·H) FLOPs per target and block) against a jitted float32
+    matmul at the sweep's largest shape, [B·T, d] @ [d, N·H], in the same process (best of 3 each)."""
+    cfg, t = lm.config, prompt.tokens.shape[0]
+    wanted, arrays = backward.targets(lm.params, cfg, tc, prompt), backward.held(lm.params, cfg, tc, prompt)
+    layer, position = jnp.full(batch_size, cfg.num_layers), jnp.full(batch_size, t - 1)
+    direction = wanted.direction[-1:].repeat(batch_size, axis=0)
+    seconds = _best_seconds(lambda: backward.rows(cfg, arrays, layer, position, direction))
+    d, heads = cfg.d_model, cfg.num_heads * cfg.head_dim
+    flops = 2 * batch_size * cfg.num_layers * t * d * (d + heads + cfg.num_kv_heads * cfg.head_dim)
+    a, b = jnp.ones((batch_size * t, d)), jnp.ones((d, heads))
+    matmul = jax.jit(jnp.matmul)
+    peak = 2 * batch_size * t * d * heads / _best_seconds(lambda: matmul(a, b))
+    return {"seconds": round(seconds, 3), "gflops": round(flops / seconds / 1e9, 1),
+            "matmul_gflops": round(peak / 1e9, 1), "fraction_of_matmul": round(flops / seconds / peak, 3)}
+
+
 def main() -> None:
     parser = worker_args(__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16, help="prompt length, BOS included")
     parser.add_argument("--transcoders", help="one transcoder per layer (default: random, see the docstring)")
     parser.add_argument("--batch-size", type=int, default=64, help="targets per backward pass")
+    parser.add_argument("--max-feature-nodes", type=int, default=7500,
+                        help="latents attributed, by influence (the command's default); 0: every active latent")
     args = parser.parse_args()
     lm = model.load("gemma3_270m")
     ids = lm.tokenizer.encode(PROSE.read_text())
@@ -64,11 +94,14 @@ def main() -> None:
         times[name], cpu[name] = time.perf_counter() - wall, time.process_time() - used
         return result
 
+    limit = args.max_feature_nodes or None
     prompt = timed("prepare", lambda: replacement.prepare(lm.params, lm.config, tc, tokens))
-    graph = timed("edges", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size))
+    graph = timed("edges", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size, limit))
     scores = timed("prune", lambda: (graphs.prune(graph), graphs.scores(graph))[1])
-    timed("edges_warm", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size))
-    write_json(args.out, {"tokens": len(tokens), "active_latents": len(graph.active),
+    timed("edges_warm", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size, limit))
+    write_json(args.out, {"tokens": len(tokens), "active_latents": graph.num_active,
+                          "attributed": len(graph.active), "max_feature_nodes": args.max_feature_nodes,
+                          "sweep": sweep_rate(lm, tc, prompt, args.batch_size),
                           "nodes": graph.adjacency.shape[0], "logits": len(graph.logit_tokens),
                           "transcoders": args.transcoders or f"random, width {WIDTH}, L0 {TARGET_L0}, skip",
                           "batch_size": args.batch_size, "seconds": {k: round(v, 2) for k, v in times.items()},

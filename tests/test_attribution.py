@@ -239,6 +239,13 @@ def test_pruning_and_scores_on_a_graph_worked_by_hand():
     np.testing.assert_allclose(graphs.scores(graph), (8 / 9, 25 / 26), rtol=1e-6)
     with pytest.raises(ValueError, match="node_threshold must be in \\[0, 1\\], got 1.5"):
         graphs.prune(graph, 1.5)
+    rng = np.random.default_rng(0)  # the threshold sorts only nonzero scores: the same as over them all
+    for scores in (rng.random((6, 7)) * (rng.random((6, 7)) < 0.4), np.zeros((3, 3)), np.ones((2, 2))):
+        for fraction in (0.0, 0.3, 0.9, 1.0):
+            ordered = np.sort(scores.ravel())[::-1]
+            cumulative = np.cumsum(ordered) / max(ordered.sum(), 1e-30)
+            expected = ordered[min(int(np.searchsorted(cumulative, fraction)), len(ordered) - 1)]
+            assert graphs._threshold(scores, fraction) == expected
 
 
 def random_graph(seed, n=3, t=5, per_cell=3, k=3):

@@ -51,13 +51,14 @@ class Graph:
 
 
 def attribute(params: dict, cfg: model.Config, tc: dict, prompt: Prompt, batch_size: int = 64,
-              max_feature_nodes: int | None = None, update_interval: int = 4, progress: bool = False) -> Graph:
+              max_feature_nodes: int | None = None, update_interval: int = 16, progress: bool = False) -> Graph:
     """The unpruned graph of ``prompt``, rows from `backward.rows` in jitted batches of ``batch_size`` targets (the
     last padded), in circuit-tracer's order (its ``attribute``): the logit nodes' rows first, then the latents'.
 
     With ``max_feature_nodes`` (M) below the number of active latents A, only M latents get rows: the unvisited
     ones in decreasing partial influence on the logits, i.e. the influence of the row-normalised |adjacency|
-    over the rows computed so far, re-ranked every ``update_interval`` batches. The graph then holds those M
+    over the rows computed so far, re-ranked every ``update_interval`` batches (default 16 × 64 rows: circuit-tracer's
+    CLI re-ranks every 4 batches of 256). The graph then holds those M
     latents alone (their rows and columns; the unvisited latents' edges into them are dropped, as in
     circuit-tracer), so its completeness and pruning see a smaller graph. With M ≥ A (or None) every latent gets
     its row and the graph is the full one. Deviation: we sum the influence in one pass over the rows in
@@ -83,13 +84,14 @@ def attribute(params: dict, cfg: model.Config, tc: dict, prompt: Prompt, batch_s
 
     def run(ids):
         nonlocal filled
-        for i in range(0, len(ids), batch_size):
-            chunk = ids[i:i + batch_size]
+        chunks, outs = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)], []
+        for chunk in chunks:  # dispatched ahead: the host copies one batch's rows while the next computes
             pad = np.full(batch_size - len(chunk), 0)
             layer = np.concatenate([wanted.layer[chunk], pad - 1])  # layer -1: a zero row
             position = np.concatenate([wanted.position[chunk], pad])
-            out = backward.rows(cfg, arrays, jnp.asarray(layer), jnp.asarray(position),
-                                wanted.direction[jnp.asarray(np.concatenate([chunk, pad]))])
+            outs.append(backward.rows(cfg, arrays, jnp.asarray(layer), jnp.asarray(position),
+                                      wanted.direction[jnp.asarray(np.concatenate([chunk, pad]))]))
+        for chunk, out in zip(chunks, outs):
             table[filled:filled + len(chunk)] = np.asarray(out)[:len(chunk)]
             row_target[filled:filled + len(chunk)] = chunk
             row_sum[filled:filled + len(chunk)] = np.abs(table[filled:filled + len(chunk)]).sum(axis=1)
@@ -171,10 +173,16 @@ def _logit_weights(graph: Graph) -> np.ndarray:
 
 
 def _threshold(scores: np.ndarray, fraction: float) -> float:
-    """The smallest score among the largest ones that together hold ``fraction`` of the total."""
-    ordered = np.sort(scores.ravel())[::-1]
+    """The smallest score among the largest ones that together hold ``fraction`` of the total (scores >= 0). Only
+    the nonzero scores are sorted: the zeros close the order and add nothing to the cumulative sum, so the result
+    is circuit-tracer's ``find_threshold`` over them all."""
+    flat = scores.ravel()
+    ordered = np.sort(flat[flat > 0])[::-1]
     cumulative = np.cumsum(ordered, dtype=np.float64) / max(float(ordered.sum(dtype=np.float64)), 1e-30)
-    return float(ordered[min(int(np.searchsorted(cumulative, fraction)), len(ordered) - 1)])
+    index = int(np.searchsorted(cumulative, fraction))
+    if index >= len(ordered):  # past the nonzero scores: the last score overall, a zero if there is one
+        return 0.0 if len(ordered) < flat.size or not len(ordered) else float(ordered[-1])
+    return float(ordered[index])
 
 
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98):
