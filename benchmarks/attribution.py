@@ -4,11 +4,12 @@ length per process (so that the peak resident memory is that length's). Run as
 
 Phases, as ``python -m gemma_scope.attribute`` runs them: ``prepare`` (the model's pass with the transcoders, jit
 compile included), ``edges`` (the jitted vjps over every target, compile included), ``prune`` (pruning and
-scores on the host), then ``edges_warm``: the edges again, compiled; each in wall seconds and in the process's
-CPU seconds (all threads; barely changed by other processes on a shared machine). Without ``--transcoders``, random per-layer
+scores on the host), each in wall seconds and in the process's CPU seconds (all threads; barely changed by other processes on a shared machine). Without ``--transcoders``, random per-layer
 transcoders of width 512 with an affine skip stand in, each layer's threshold set so that 30 latents fire per
 token on average (the cost depends on the number of active latents, not on what they mean). The prompt is the
-first tokens of ``tests/golden/prose.txt`` after BOS.
+first tokens of ``tests/golden/prose.txt`` after BOS. ``sweep``: one full-depth batch's GFLOP/s against a plain
+float32 matmul of the sweep's largest shape timed in the same process (`sweep_rate`): the physical limit the
+edges phase runs against.
 """
 
 from __future__ import annotations
@@ -98,7 +99,6 @@ def main() -> None:
     prompt = timed("prepare", lambda: replacement.prepare(lm.params, lm.config, tc, tokens))
     graph = timed("edges", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size, limit))
     scores = timed("prune", lambda: (graphs.prune(graph), graphs.scores(graph))[1])
-    timed("edges_warm", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size, limit))
     write_json(args.out, {"tokens": len(tokens), "active_latents": graph.num_active,
                           "attributed": len(graph.active), "max_feature_nodes": args.max_feature_nodes,
                           "sweep": sweep_rate(lm, tc, prompt, args.batch_size),
