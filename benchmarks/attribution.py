@@ -3,8 +3,9 @@ length per process (so that the peak resident memory is that length's). Run as
 ``python -m benchmarks.attribution --out FILE --tokens 16 [--transcoders DIR]``.
 
 Phases, as ``python -m gemma_scope.attribute`` runs them: ``prepare`` (the model's pass with the transcoders, jit
-compile included), ``edges`` (the jitted vjps over every target, compile included), ``prune`` (pruning and
-scores on the host), each in wall seconds and in the process's CPU seconds (all threads; barely changed by other processes on a shared machine). Without ``--transcoders``, random per-layer
+compile included), ``edges`` (the jitted sweeps over the targets attributed, compile included), ``prune``
+(pruning and scores on the host), each in wall seconds and in the process's CPU seconds (all threads; barely
+changed by other processes on a shared machine). Without ``--transcoders``, random per-layer
 transcoders of width 512 with an affine skip stand in, each layer's threshold set so that 30 latents fire per
 token on average (the cost depends on the number of active latents, not on what they mean). The prompt is the
 first tokens of ``tests/golden/prose.txt`` after BOS. ``sweep``: one full-depth batch's GFLOP/s against a plain

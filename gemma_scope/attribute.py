@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     path = graph_json.write_graph_files(args.out, doc)
     view.write_view(args.out, doc, view.latent_contexts(args.browse, doc) if args.browse else None)
     summary = {"graph": str(path), "view": str(pathlib.Path(args.out) / "index.html"), "tokens": len(tokens),
-               "active_latents": graph.num_active,
-               "latents_attributed": len(graph.active), "nodes_kept": len(doc["nodes"]), "edges_kept": len(doc["links"]),
+               "active_latents": graph.num_active, "latents_attributed": len(graph.active),
+               "nodes_kept": len(doc["nodes"]), "edges_kept": len(doc["links"]),
                "replacement_score": round(replacement_score, 4), "completeness_score": round(completeness, 4),
                "seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(summary))

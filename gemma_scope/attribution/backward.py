@@ -5,16 +5,16 @@ circuit-tracer's ``compute_batch``, which injects the targets' encoder or logit 
 With the patterns and norm scalings frozen and the MLPs replaced, each block ``ℓ`` is a linear map
 ``x_ℓ -> (x_{ℓ+1}, mlp_in.ℓ)`` plus what the MLP slot adds (the affine skip ``mlp_in.ℓ @ W_skip[ℓ]``, the latents'
 decoder rows, the error, constants), and a map has one vjp for every cotangent. For a batch of B targets a sweep
-carries the cotangent of the residual stream ``[B, T, d]`` down from the deepest target: at block ℓ it adds the
-encoder direction ``W_enc[ℓ, :, k]`` at position t of each target (ℓ, t, k) to the cotangent of ``mlp_in.ℓ``,
-records the cotangent of the block's output (= of anything written to ``mlp.ℓ``) and applies the block's vjp
-(``model.layers.Block`` with the frozen scalings, ``jax.vjp`` at zero: the map is linear, so the point does not
-matter). A logit target starts at the top as ``(E_v − mean E) · inv_final · (1 + scale)`` at the last position.
-From the cotangent ``g`` at each block's output, as the sweep passes it, a row gets: an error node (ℓ, t) ``g[ℓ, t] · error[ℓ, t]``, a token
-``g_embed[t] · embedding[t]``, an active latent (i, t, k) ``a · Σ_{j ≥ i} W_dec[i, k, j] · g[j, t]`` (per-layer
-transcoders: ``j = i`` only), the latents grouped in (layer, position) cells padded to the fullest, so that it is
-one batched matmul. The loop over blocks is a ``lax.fori_loop`` whose length is the batch's depth, so one
-compiled function serves every batch of one shape.
+carries the cotangent of the residual stream ``[B, T, d]`` down from the deepest target. At block ℓ, with ``g``
+the cotangent of the block's output (= of anything written to ``mlp.ℓ``), it takes the rows of the sources
+written there: an error node (ℓ, t) gets ``g[t] · error[ℓ, t]``, an active latent (i, t, k) with i ≤ ℓ gets
+``a · W_dec[i, k, ℓ] · g[t]`` (per-layer transcoders: i = ℓ only; the latents grouped in (layer, position)
+cells padded to the fullest, so that this is one batched matmul). Then it adds the encoder direction
+``W_enc[ℓ, :, k]`` at position t of each target (ℓ, t, k) to the cotangent of ``mlp_in.ℓ`` and applies the
+block's vjp (``model.layers.Block`` with the frozen scalings; ``jax.vjp`` at zero: the map is linear, so the
+point does not matter). A logit target starts at the top as ``(E_v − mean E) · inv_final · (1 + scale)`` at the
+last position; a token t gets ``g_embed[t] · embedding[t]`` at the bottom. The loop over blocks is a
+``lax.fori_loop`` whose length is the batch's depth, so one compiled function serves every batch of one shape.
 """
 
 from __future__ import annotations
