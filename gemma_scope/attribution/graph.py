@@ -57,14 +57,15 @@ def attribute(params: dict, cfg: model.Config, tc: dict, prompt: Prompt, batch_s
 
     With ``max_feature_nodes`` (M) below the number of active latents A, only M latents get rows: the unvisited
     ones in decreasing partial influence on the logits, i.e. the influence of the row-normalised |adjacency|
-    over the rows computed so far, re-ranked every ``update_interval`` batches (default 16 × 64 rows: circuit-tracer's
-    CLI re-ranks every 4 batches of 256). The graph then holds those M
-    latents alone (their rows and columns; the unvisited latents' edges into them are dropped, as in
-    circuit-tracer), so its completeness and pruning see a smaller graph. With M ≥ A (or None) every latent gets
+    over the rows computed so far, re-ranked every ``update_interval`` batches (default 16 × 64 rows:
+    circuit-tracer's CLI re-ranks every 4 batches of 256). The graph then holds those M latents alone (their rows
+    and columns; the unvisited latents' edges into them are dropped, as in circuit-tracer), so its completeness
+    and pruning see a smaller graph. With M ≥ A (or None) every latent gets
     its row and the graph is the full one. Deviation: we sum the influence in one pass over the rows in
     decreasing target layer (the graph is layered) instead of circuit-tracer's power iteration; the same sum in
     another float32 order. Within each ranked queue the rows run sorted by layer, so that each batch's sweep is
-    only as deep as its deepest target; the set of rows computed is circuit-tracer's for the same batch size.
+    only as deep as its deepest target; which latents a queue holds is circuit-tracer's choice for the same queue
+    length (``update_interval × batch_size`` rows), up to ties that the float order can break differently.
 
     Raises:
       ValueError: ``batch_size`` or ``update_interval`` < 1, or ``max_feature_nodes`` < 0.
