@@ -3,12 +3,14 @@ length per process (so that the peak resident memory is that length's). Run as
 ``python -m benchmarks.attribution --out FILE --tokens 16 [--transcoders DIR]``.
 
 Phases, as ``python -m gemma_scope.attribute`` runs them: ``prepare`` (the model's pass with the transcoders, jit
-compile included), ``edges`` (the jitted vjps over every target, compile included), ``prune`` (pruning and
-scores on the host), then ``edges_warm``: the edges again, compiled; each in wall seconds and in the process's
-CPU seconds (all threads; barely changed by other processes on a shared machine). Without ``--transcoders``, random per-layer
+compile included), ``edges`` (the jitted sweeps over the targets attributed, compile included), ``prune``
+(pruning and scores on the host), each in wall seconds and in the process's CPU seconds (all threads; barely
+changed by other processes on a shared machine). Without ``--transcoders``, random per-layer
 transcoders of width 512 with an affine skip stand in, each layer's threshold set so that 30 latents fire per
 token on average (the cost depends on the number of active latents, not on what they mean). The prompt is the
-first tokens of ``tests/golden/prose.txt`` after BOS.
+first tokens of ``tests/golden/prose.txt`` after BOS. ``sweep``: one full-depth batch's GFLOP/s against a plain
+float32 matmul of the sweep's largest shape timed in the same process (`sweep_rate`): the physical limit the
+edges phase runs against.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import numpy as np
 
 from benchmarks.common import worker_args, write_json
 from gemma_scope import attribute, model
+from gemma_scope.attribution import backward, replacement
 from gemma_scope.attribution import graph as graphs
-from gemma_scope.attribution import replacement
 
 PROSE = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "prose.txt"
 WIDTH, TARGET_L0 = 512, 30
@@ -45,11 +47,41 @@ def random_transcoders(lm: model.LoadedModel, tokens: np.ndarray) -> dict:
             "W_skip": jax.random.normal(k[2], (n, d, d)) * 0.01}
 
 
+def _best_seconds(call, repeats: int = 3) -> float:
+    call()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def sweep_rate(lm: model.LoadedModel, tc: dict, prompt, batch_size: int) -> dict:
+    """GFLOP/s of one full-depth sweep (a batch of logit-like targets through every block; the blocks' matmuls
+    counted: W_skip, W_O and W_V, 2·T·d·(d + N·H + K·H) FLOPs per target and block) against a jitted float32
+    matmul at the sweep's largest shape, [B·T, d] @ [d, N·H], in the same process (best of 3 each)."""
+    cfg, t = lm.config, prompt.tokens.shape[0]
+    wanted, arrays = backward.targets(lm.params, cfg, tc, prompt), backward.held(lm.params, cfg, tc, prompt)
+    layer, position = jnp.full(batch_size, cfg.num_layers), jnp.full(batch_size, t - 1)
+    direction = wanted.direction[-1:].repeat(batch_size, axis=0)
+    seconds = _best_seconds(lambda: backward.rows(cfg, arrays, layer, position, direction))
+    d, heads = cfg.d_model, cfg.num_heads * cfg.head_dim
+    flops = 2 * batch_size * cfg.num_layers * t * d * (d + heads + cfg.num_kv_heads * cfg.head_dim)
+    a, b = jnp.ones((batch_size * t, d)), jnp.ones((d, heads))
+    matmul = jax.jit(jnp.matmul)
+    peak = 2 * batch_size * t * d * heads / _best_seconds(lambda: matmul(a, b))
+    return {"seconds": round(seconds, 3), "gflops": round(flops / seconds / 1e9, 1),
+            "matmul_gflops": round(peak / 1e9, 1), "fraction_of_matmul": round(flops / seconds / peak, 3)}
+
+
 def main() -> None:
     parser = worker_args(__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16, help="prompt length, BOS included")
     parser.add_argument("--transcoders", help="one transcoder per layer (default: random, see the docstring)")
     parser.add_argument("--batch-size", type=int, default=64, help="targets per backward pass")
+    parser.add_argument("--max-feature-nodes", type=int, default=7500,
+                        help="latents attributed, by influence (the command's default); 0: every active latent")
     args = parser.parse_args()
     lm = model.load("gemma3_270m")
     ids = lm.tokenizer.encode(PROSE.read_text())
@@ -64,11 +96,13 @@ def main() -> None:
         times[name], cpu[name] = time.perf_counter() - wall, time.process_time() - used
         return result
 
+    limit = args.max_feature_nodes or None
     prompt = timed("prepare", lambda: replacement.prepare(lm.params, lm.config, tc, tokens))
-    graph = timed("edges", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size))
+    graph = timed("edges", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size, limit))
     scores = timed("prune", lambda: (graphs.prune(graph), graphs.scores(graph))[1])
-    timed("edges_warm", lambda: graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size))
-    write_json(args.out, {"tokens": len(tokens), "active_latents": len(graph.active),
+    write_json(args.out, {"tokens": len(tokens), "active_latents": graph.num_active,
+                          "attributed": len(graph.active), "max_feature_nodes": args.max_feature_nodes,
+                          "sweep": sweep_rate(lm, tc, prompt, args.batch_size),
                           "nodes": graph.adjacency.shape[0], "logits": len(graph.logit_tokens),
                           "transcoders": args.transcoders or f"random, width {WIDTH}, L0 {TARGET_L0}, skip",
                           "batch_size": args.batch_size, "seconds": {k: round(v, 2) for k, v in times.items()},

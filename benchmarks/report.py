@@ -275,23 +275,26 @@ def render_attribution(results: dict) -> str:
     m = results["machine"]
     out = ["# Attribution graphs on Gemma 3 270M", "",
            f"Generated {results['date']} by `{results['command']}`: `benchmarks.attribution`, one process per prompt "
-           "length, the phases of `python -m gemma_scope.attribute` (jit compiles included, one run each; "
-           "`edges warm` repeats the edges compiled). Seconds of wall time.", "",
+           "length, the phases of `python -m gemma_scope.attribute` (jit compiles included, one run each) with its "
+           "default `--max_feature_nodes` (latents attributed, by influence on the logits).", "",
            f"Machine: {m['cpu']} ({m['cores']} cores), {m['memory_gib']} GiB RAM; jax {results['versions']['jax']}. "
            f"Load average before/after: {m['loadavg_before']} / {m['loadavg_after']} (above the core count, other "
-           "work shared the CPU and the times are longer than on an idle machine).", "",
-           "Each cell: wall seconds / the process's CPU seconds (all threads).", "",
-           "| tokens | transcoders | active latents | nodes | prepare | edges | prune + scores | total | edges warm | "
-           "peak RSS GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "work shared the CPU and the times are longer than on an idle machine; CPU seconds barely change).", "",
+           "Each phase cell: wall seconds / the process's CPU seconds (all threads). Sweep: one full-depth batch of "
+           "64 targets, its blocks' matmul GFLOP/s, and that as a fraction of a plain float32 matmul of the sweep's "
+           "largest shape ([64·T, d] @ [d, N·H]) timed in the same process.", "",
+           "| tokens | transcoders | active latents | attributed | nodes | prepare | edges | prune + scores | total | "
+           "sweep GFLOP/s | sweep / matmul | peak RSS GiB |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["rows"]:
         if "error" in r:
-            out.append(f"| – | {r['error']} | | | | | | | | |")
+            out.append(f"| – | {r['error']} | | | | | | | | | | |")
             continue
-        s, c = r["seconds"], r["cpu_seconds"]
+        s, c, w = r["seconds"], r["cpu_seconds"], r["sweep"]
         cells = [f"{s[k]:.1f} / {c[k]:.1f}" for k in ("prepare", "edges", "prune")]
-        out.append(f"| {r['tokens']} | {r['transcoders']} | {r['active_latents']} | {r['nodes']} | "
-                   f"{' | '.join(cells)} | {r['total_s']:.1f} / {r['total_cpu_s']:.1f} | "
-                   f"{s['edges_warm']:.1f} / {c['edges_warm']:.1f} | {r['max_rss_gib']:.2f} |")
+        out.append(f"| {r['tokens']} | {r['transcoders']} | {r['active_latents']} | {r['attributed']} | "
+                   f"{r['nodes']} | {' | '.join(cells)} | {r['total_s']:.1f} / {r['total_cpu_s']:.1f} | "
+                   f"{w['gflops']} | {w['fraction_of_matmul']:.2f} | {r['max_rss_gib']:.2f} |")
     return "\n".join(out) + "\n"
 
 

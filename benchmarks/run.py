@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each side's step worker, alternating sides; the fastest median is kept")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker before it is abandoned")
+    parser.add_argument("--attribution-tokens", default=",".join(map(str, ATTRIBUTION_TOKENS)),
+                        help="prompt lengths of the attribution part, comma-separated")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     if "attribution" in parts:  # its own block of RESULTS.md, like the optimizer's
         machine = machine_info()
         rows = [run_worker(sys.executable, "benchmarks.attribution", ["--tokens", str(n)], preload, args.timeout)
-                for n in ATTRIBUTION_TOKENS]
+                for n in map(int, args.attribution_tokens.split(","))]
         report.write_attribution(pathlib.Path(args.out_dir), dict(
             rows=rows, date=datetime.datetime.now().isoformat(timespec="seconds"), command=command,
             machine=dict(machine, loadavg_after=_loadavg()), versions=_versions()))

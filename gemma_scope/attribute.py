@@ -2,7 +2,7 @@
 
     python -m gemma_scope.attribute --transcoders=DIR --model=gemma3_270m --prompt=TEXT --out=DIR
         [--target=TOKEN] [--node_threshold=0.8 --edge_threshold=0.98] [--max_logits=10 --logit_probability=0.95]
-        [--browse=DIR] [--intervene=LAYER:LATENT:VALUE[,...]]
+        [--max_feature_nodes=7500 --batch_size=64] [--browse=DIR] [--intervene=LAYER:LATENT:VALUE[,...]]
 
 ``DIR`` holds one transcoder per layer of the model (``mlp_in.L -> mlp.L``, any layout ``gemma_scope.release``
 reads, e.g. our Gemma Scope 2 ``transcoder_all/``). The graph is the one of Ameisen et al. 2025 ("Circuit
@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_logits", type=int, default=10, help="at most this many logit nodes")
     parser.add_argument("--logit_probability", type=float, default=0.95, help="logit nodes until this probability")
     parser.add_argument("--batch_size", type=int, default=64, help="targets per backward pass")
+    parser.add_argument("--max_feature_nodes", type=int, default=7500,
+                        help="attribute at most this many latents, by influence on the logits (circuit-tracer's "
+                             "CLI default 7500); 0 or fewer: every active latent")
     parser.add_argument("--slug", default="graph", help="the graph's name in circuit-tracer's files")
     parser.add_argument("--browse", help="gemma_scope.browse output per layer (DIR/layer_L/) for latents' contexts")
     parser.add_argument("--intervene", help="LAYER:LATENT:VALUE[,...]: clamp latents and print the top tokens")
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         if len(targets) != 1:
             raise ValueError(f"--target {args.target!r} is {len(targets)} tokens; expected exactly one")
     prompt = replacement.prepare(lm.params, lm.config, tc, tokens, args.max_logits, args.logit_probability, targets)
-    graph = graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size, progress=True)
+    limit = args.max_feature_nodes if args.max_feature_nodes > 0 else None
+    graph = graphs.attribute(lm.params, lm.config, tc, prompt, args.batch_size, limit, progress=True)
     node_mask, edge_mask, cumulative = graphs.prune(graph, args.node_threshold, args.edge_threshold)
     replacement_score, completeness = graphs.scores(graph)
     piece = lambda i: tok.decode([i])  # noqa: E731
@@ -145,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     path = graph_json.write_graph_files(args.out, doc)
     view.write_view(args.out, doc, view.latent_contexts(args.browse, doc) if args.browse else None)
     summary = {"graph": str(path), "view": str(pathlib.Path(args.out) / "index.html"), "tokens": len(tokens),
-               "active_latents": len(graph.active), "nodes_kept": len(doc["nodes"]), "edges_kept": len(doc["links"]),
+               "active_latents": graph.num_active, "latents_attributed": len(graph.active),
+               "nodes_kept": len(doc["nodes"]), "edges_kept": len(doc["links"]),
                "replacement_score": round(replacement_score, 4), "completeness_score": round(completeness, 4),
                "seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(summary))

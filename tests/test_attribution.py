@@ -179,6 +179,51 @@ def test_per_layer_transcoders_are_the_clt_diagonal(tiny, attributed):
                                atol=PASS_TOL * np.abs(graph.adjacency).max())
 
 
+def reference_rows(params, cfg, tc, prompt):
+    """Today's (before the sweep) definition of the edges: the Jacobian of `replacement.linear_map` (which gathers
+    the active latents' rows itself) times each source's value, rows [A + K, A + n·T + T]."""
+    inputs = (prompt.embeddings, jnp.asarray(prompt.activations), prompt.errors)
+    g_emb, g_act, g_err = jax.jit(jax.jacrev(replacement.linear_map(params, cfg, tc, prompt), argnums=(0, 1, 2)))(
+        *inputs)
+    by_error = jnp.sum(g_err * prompt.errors, axis=-1).reshape(g_act.shape[0], -1)
+    return np.asarray(jnp.concatenate([g_act * inputs[1], by_error, jnp.sum(g_emb * prompt.embeddings, -1)], 1))
+
+
+def test_every_latent_attributed_gives_the_jacobian_of_the_map(tiny, attributed):
+    """With max_feature_nodes ≥ A (or None), any batch size, the graph is the whole Jacobian of the affine map."""
+    cfg, params = tiny
+    tc, prompt, graph = attributed
+    a, k = len(prompt.active), len(prompt.logit_tokens)
+    expected = reference_rows(params, cfg, tc, prompt)
+    atol = PASS_TOL * np.abs(expected).max()
+    assert graph.num_active == a and len(graph.active) == a
+    for other in (graph, graphs.attribute(params, cfg, tc, prompt, batch_size=7, max_feature_nodes=a + 5)):
+        np.testing.assert_array_equal(other.active, prompt.active)
+        np.testing.assert_allclose(other.adjacency[:a, :-k], expected[:a], rtol=0, atol=atol)
+        np.testing.assert_allclose(other.adjacency[-k:, :-k], expected[a:], rtol=0, atol=atol)
+        assert not other.adjacency[:, -k:].any() and not other.adjacency[a:-k].any()
+
+
+def test_influence_ordered_subset_keeps_the_top_latents(tiny, attributed):
+    """max_feature_nodes = A/3: the latents attributed include the full graph's most influential ones, and the
+    subset graph is the full graph restricted to them (their rows, their columns)."""
+    cfg, params = tiny
+    tc, prompt, full = attributed
+    a, errors, t, k = full.sizes
+    limit = a // 3
+    part = graphs.attribute(params, cfg, tc, prompt, batch_size=8, max_feature_nodes=limit, update_interval=2)
+    chosen = np.flatnonzero((prompt.active[:, None] == part.active[None]).all(-1).any(1))
+    assert len(chosen) == len(part.active) == limit and part.num_active == a
+    influence = graphs._influence(graphs._normalized(full.adjacency), graphs._logit_weights(full))[:a]
+    top = np.argsort(-influence)[:limit // 3]
+    assert np.isin(top, chosen).all()
+    assert influence[chosen].sum() > 0.8 * influence.sum()  # a third of the latents, most of their influence
+    keep = np.concatenate([chosen, np.arange(a, a + errors + t + k)])
+    np.testing.assert_allclose(part.adjacency, full.adjacency[np.ix_(keep, keep)], rtol=0,
+                               atol=PASS_TOL * np.abs(full.adjacency).max())
+    np.testing.assert_allclose(part.values, full.values[np.r_[chosen, a:a + k]], rtol=0, atol=0)
+
+
 def test_pruning_and_scores_on_a_graph_worked_by_hand():
     """tok1 -> f0 (1), tok1 -> f1 (1), and the logit <- f0 (3), f1 (1), error (0, 1) (0.5): influences 2/3, 2/9,
     1/9 and tok1 8/9; keeping 0.8 of the total (17/9) keeps tok1 and f0; replacement 8/9, completeness 25/26."""
@@ -194,6 +239,13 @@ def test_pruning_and_scores_on_a_graph_worked_by_hand():
     np.testing.assert_allclose(graphs.scores(graph), (8 / 9, 25 / 26), rtol=1e-6)
     with pytest.raises(ValueError, match="node_threshold must be in \\[0, 1\\], got 1.5"):
         graphs.prune(graph, 1.5)
+    rng = np.random.default_rng(0)  # the threshold sorts only nonzero scores: the same as over them all
+    for scores in (rng.random((6, 7)) * (rng.random((6, 7)) < 0.4), np.zeros((3, 3)), np.ones((2, 2))):
+        for fraction in (0.0, 0.3, 0.9, 1.0):
+            ordered = np.sort(scores.ravel())[::-1]
+            cumulative = np.cumsum(ordered) / max(ordered.sum(), 1e-30)
+            expected = ordered[min(int(np.searchsorted(cumulative, fraction)), len(ordered) - 1)]
+            assert graphs._threshold(scores, fraction) == expected
 
 
 def random_graph(seed, n=3, t=5, per_cell=3, k=3):

@@ -162,13 +162,15 @@ def test_clt_benchmark_times_both_steps_and_its_block_keeps_the_main_block(tmp_p
 
 def test_attribution_block_lists_each_prompt_length_and_keeps_the_other_blocks():
     machine = {"cpu": "EPYC", "cores": 2, "memory_gib": 23.5, "loadavg_before": "1.00", "loadavg_after": "1.50"}
-    row = {"tokens": 16, "transcoders": "random", "active_latents": 480, "nodes": 793, "max_rss_gib": 3.1,
-           "seconds": {"prepare": 5.04, "edges": 20.0, "prune": 0.5, "edges_warm": 9.0}, "total_s": 25.54,
-           "cpu_seconds": {"prepare": 6.0, "edges": 30.0, "prune": 0.4, "edges_warm": 15.0}, "total_cpu_s": 36.4}
+    row = {"tokens": 16, "transcoders": "random", "active_latents": 480, "attributed": 400, "nodes": 713,
+           "max_rss_gib": 3.1, "seconds": {"prepare": 5.04, "edges": 20.0, "prune": 0.5}, "total_s": 25.54,
+           "cpu_seconds": {"prepare": 6.0, "edges": 30.0, "prune": 0.4}, "total_cpu_s": 36.4,
+           "sweep": {"gflops": 41.3, "fraction_of_matmul": 0.584}}
     results = {"date": "2026-12-02T06:00:00", "command": "python -m benchmarks.run --only attribution",
                "machine": machine, "versions": {"jax": "0.10.2"}, "rows": [row, {"error": "ran past 600 s"}]}
     block = report.render_attribution(results)
-    assert "| 16 | random | 480 | 793 | 5.0 / 6.0 | 20.0 / 30.0 | 0.5 / 0.4 | 25.5 / 36.4 | 9.0 / 15.0 | 3.10 |" in block
+    assert "| 16 | random | 480 | 400 | 713 | 5.0 / 6.0 | 20.0 / 30.0 | 0.5 / 0.4 | 25.5 / 36.4 | 41.3 | 0.58 | 3.10 |" \
+        in block
     assert "| – | ran past 600 s |" in block
     main = report.merge_block("", "main numbers")
     both = report.merge_block(main, block, report.ATTRIBUTION_MARKERS)

@@ -21,6 +21,7 @@ import numpy as np
 import tqdm
 
 from gemma_scope import model
+from gemma_scope.attribution import backward
 from gemma_scope.attribution.replacement import Prompt, linear_map
 
 
@@ -28,7 +29,8 @@ from gemma_scope.attribution.replacement import Prompt, linear_map
 class Graph:
     """An attribution graph (module docstring). tokens int [T]; active int [A, 3]; activations float32 [A];
     logit_tokens int [K]; logit_probs float32 [K]; adjacency float32 [N, N], N = A + n·T + T + K; values and bias
-    float32 [A + K] (targets' values and the map's value at zero inputs); num_layers n."""
+    float32 [A + K] (targets' values and the map's value at zero inputs); num_layers n; num_active: the
+    prompt's active latents, of which ``active`` holds those attributed (all of them unless ``max_feature_nodes``)."""
 
     tokens: np.ndarray
     active: np.ndarray
@@ -39,6 +41,7 @@ class Graph:
     values: np.ndarray
     bias: np.ndarray
     num_layers: int
+    num_active: int | None = None
 
     @property
     def sizes(self) -> tuple[int, int, int, int]:
@@ -48,44 +51,102 @@ class Graph:
 
 
 def attribute(params: dict, cfg: model.Config, tc: dict, prompt: Prompt, batch_size: int = 64,
-              progress: bool = False) -> Graph:
-    """The unpruned graph of ``prompt``: one jitted vjp of the replacement map per batch of ``batch_size`` targets
-    (the last batch padded), on the device; the rows come to the host once.
+              max_feature_nodes: int | None = None, update_interval: int = 16, progress: bool = False) -> Graph:
+    """The unpruned graph of ``prompt``, rows from `backward.rows` in jitted batches of ``batch_size`` targets (the
+    last padded), in circuit-tracer's order (its ``attribute``): the logit nodes' rows first, then the latents'.
+
+    With ``max_feature_nodes`` (M) below the number of active latents A, only M latents get rows: the unvisited
+    ones in decreasing partial influence on the logits, i.e. the influence of the row-normalised |adjacency|
+    over the rows computed so far, re-ranked every ``update_interval`` batches (default 16 × 64 rows:
+    circuit-tracer's CLI re-ranks every 4 batches of 256). The graph then holds those M latents alone (their rows
+    and columns; the unvisited latents' edges into them are dropped, as in circuit-tracer), so its completeness
+    and pruning see a smaller graph. With M ≥ A (or None) every latent gets
+    its row and the graph is the full one. Deviation: we sum the influence in one pass over the rows in
+    decreasing target layer (the graph is layered) instead of circuit-tracer's power iteration; the same sum in
+    another float32 order. Within each ranked queue the rows run sorted by layer, so that each batch's sweep is
+    only as deep as its deepest target; which latents a queue holds is circuit-tracer's choice for the same queue
+    length (``update_interval × batch_size`` rows), up to ties that the float order can break differently.
 
     Raises:
-      ValueError: ``batch_size`` < 1.
+      ValueError: ``batch_size`` or ``update_interval`` < 1, or ``max_feature_nodes`` < 0.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 1 or update_interval < 1:
+        raise ValueError(f"batch_size and update_interval must be >= 1, got {batch_size}, {update_interval}")
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise ValueError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
+    a, k, t, n = len(prompt.active), len(prompt.logit_tokens), prompt.tokens.shape[0], cfg.num_layers
+    limit = a if max_feature_nodes is None else min(max_feature_nodes, a)
+    wanted, arrays = backward.targets(params, cfg, tc, prompt), backward.held(params, cfg, tc, prompt)
+    sources = a + n * t + t
+    table = np.zeros((limit + k, sources), np.float32)  # rows in the order computed
+    row_target, row_sum = np.zeros(limit + k, np.int64), np.zeros(limit + k, np.float32)
+    filled = 0
+    bar = tqdm.tqdm(total=limit + k, desc="attribution", unit="row", disable=not progress)
+
+    def run(ids):
+        nonlocal filled
+        chunks, outs = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)], []
+        for chunk in chunks:  # dispatched ahead: the host copies one batch's rows while the next computes
+            pad = np.full(batch_size - len(chunk), 0)
+            layer = np.concatenate([wanted.layer[chunk], pad - 1])  # layer -1: a zero row
+            position = np.concatenate([wanted.position[chunk], pad])
+            outs.append(backward.rows(cfg, arrays, jnp.asarray(layer), jnp.asarray(position),
+                                      wanted.direction[jnp.asarray(np.concatenate([chunk, pad]))]))
+        for chunk, out in zip(chunks, outs):
+            table[filled:filled + len(chunk)] = np.asarray(out)[:len(chunk)]
+            row_target[filled:filled + len(chunk)] = chunk
+            row_sum[filled:filled + len(chunk)] = np.abs(table[filled:filled + len(chunk)]).sum(axis=1)
+            filled += len(chunk)
+            bar.update(len(chunk))
+
+    run(a + np.arange(k))
+    visited = np.zeros(a, bool)
+    while visited.sum() < limit:
+        if limit == a:
+            pending = np.arange(a)
+        else:
+            influence = _partial_influence(table[:filled], row_target[:filled], row_sum[:filled], wanted.layer,
+                                           prompt.logit_probs, a)
+            rank = np.argsort(-influence[:a], kind="stable")
+            pending = rank[~visited[rank]][:min(update_interval * batch_size, limit - int(visited.sum()))]
+            pending = pending[np.argsort(wanted.layer[pending], kind="stable")]
+        run(pending)
+        visited[pending] = True
+    bar.close()
+    selected = np.flatnonzero(visited)
+    row_of = np.zeros(a + k, np.int64)
+    row_of[row_target] = np.arange(limit + k)
+    columns = np.concatenate([selected, np.arange(a, sources)])
+    size = limit + n * t + t + k
+    adjacency = np.zeros((size, size), np.float32)
+    for start, rows in ((0, row_of[selected]), (size - k, row_of[a:])):
+        for i in range(0, len(rows), 1024):  # in chunks: a bounded temporary beside the two big arrays
+            chunk = table[rows[i:i + 1024]]
+            adjacency[start + i:start + i + len(chunk), :-k] = chunk if limit == a else chunk[:, columns]
     inputs = (prompt.embeddings, jnp.asarray(prompt.activations), prompt.errors)
-    # the model, the transcoders and the prompt's device arrays enter as arguments, not as constants of the jit
-    held = (params, tc, prompt.frozen, prompt.const, prompt.tokens)
+    # the model, the transcoders and the prompt's arrays enter as arguments, not as constants of the jit
+    mapped = jax.jit(lambda held, *x: linear_map(held[0], cfg, held[1], dataclasses.replace(prompt, **held[2]))(*x))
+    held = (params, tc, {"frozen": prompt.frozen, "const": prompt.const, "tokens": prompt.tokens})
+    keep = np.concatenate([selected, a + np.arange(k)])
+    values = np.asarray(mapped(held, *inputs))[keep]
+    bias = np.asarray(mapped(held, *(jnp.zeros_like(x) for x in inputs)))[keep]
+    return Graph(np.asarray(prompt.tokens), prompt.active[selected], prompt.activations[selected],
+                 prompt.logit_tokens, prompt.logit_probs, adjacency, values, bias, n, a)
 
-    def map_of(params, tc, frozen, const, tokens):
-        return linear_map(params, cfg, tc, dataclasses.replace(prompt, frozen=frozen, const=const, tokens=tokens))
 
-    @jax.jit
-    def rows(held, targets, embeddings, activations, errors):
-        out, vjp = jax.vjp(map_of(*held), embeddings, activations, errors)
-        g_emb, g_act, g_err = jax.vmap(vjp)(jax.nn.one_hot(targets, out.shape[0], dtype=out.dtype))
-        by_error = jnp.sum(g_err * errors, axis=-1).reshape(len(targets), -1)
-        return jnp.concatenate([g_act * activations, by_error, jnp.sum(g_emb * embeddings, axis=-1)], axis=1)
-
-    evaluate = jax.jit(lambda held, *x: map_of(*held)(*x))
-    values = evaluate(held, *inputs)
-    bias = evaluate(held, *(jnp.zeros_like(x) for x in inputs))
-    n_targets = values.shape[0]
-    order = np.arange(-(-n_targets // batch_size) * batch_size)
-    order[n_targets:] = -1  # padding: a zero cotangent, dropped below
-    batches = [rows(held, jnp.asarray(order[i:i + batch_size]), *inputs)
-               for i in tqdm.trange(0, len(order), batch_size, desc="attribution", unit="batch", disable=not progress)]
-    target_rows = np.concatenate([np.asarray(b) for b in batches])[:n_targets]
-    a, k = len(prompt.active), len(prompt.logit_tokens)
-    adjacency = np.zeros((target_rows.shape[1] + k,) * 2, np.float32)
-    adjacency[:a] = np.pad(target_rows[:a], ((0, 0), (0, k)))
-    adjacency[-k:] = np.pad(target_rows[a:], ((0, 0), (0, k)))
-    return Graph(np.asarray(prompt.tokens), prompt.active, prompt.activations, prompt.logit_tokens,
-                 prompt.logit_probs, adjacency, np.asarray(values), np.asarray(bias), cfg.num_layers)
+def _partial_influence(rows: np.ndarray, row_target: np.ndarray, row_sum: np.ndarray, target_layer: np.ndarray,
+                       logit_probs: np.ndarray, a: int) -> np.ndarray:
+    """circuit-tracer's ``compute_partial_influences`` over the rows computed so far: each source's ``w (Â + Â² +
+    …)`` for the row-normalised |rows| Â and the logit probabilities w, summed in one pass from the top layer down
+    (a target at layer j reads only sources below j, so its own influence is complete when its layer is reached).
+    """
+    influence = np.zeros(rows.shape[1], np.float64)
+    layer = target_layer[row_target]
+    for j in np.unique(layer)[::-1]:
+        group = np.flatnonzero(layer == j)
+        weight = np.concatenate([influence[:a], logit_probs])[row_target[group]]  # targets: latents, then logits
+        influence += (weight / np.maximum(row_sum[group], 1e-8)).astype(np.float32) @ np.abs(rows[group])
+    return influence
 
 
 def _normalized(matrix: np.ndarray) -> np.ndarray:
@@ -113,10 +174,16 @@ def _logit_weights(graph: Graph) -> np.ndarray:
 
 
 def _threshold(scores: np.ndarray, fraction: float) -> float:
-    """The smallest score among the largest ones that together hold ``fraction`` of the total."""
-    ordered = np.sort(scores.ravel())[::-1]
+    """The smallest score among the largest ones that together hold ``fraction`` of the total (scores >= 0). Only
+    the nonzero scores are sorted: the zeros close the order and add nothing to the cumulative sum, so the result
+    is circuit-tracer's ``find_threshold`` over them all."""
+    flat = scores.ravel()
+    ordered = np.sort(flat[flat > 0])[::-1]
     cumulative = np.cumsum(ordered, dtype=np.float64) / max(float(ordered.sum(dtype=np.float64)), 1e-30)
-    return float(ordered[min(int(np.searchsorted(cumulative, fraction)), len(ordered) - 1)])
+    index = int(np.searchsorted(cumulative, fraction))
+    if index >= len(ordered):  # past the nonzero scores: the last score overall, a zero if there is one
+        return 0.0 if len(ordered) < flat.size or not len(ordered) else float(ordered[-1])
+    return float(ordered[index])
 
 
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98):
