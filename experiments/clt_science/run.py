@@ -4,10 +4,12 @@
 
 1. Trains, unless its release exists, ONE grid on the embedded Gemma 3 270M (``experiments/gemma3_270m_clt.py`` with
    ``TRAIN_FLAGS``): one LM pass per batch feeds four dictionaries over all 18 layers, so all see the same tokens in
-   the same order, with the same seed, steps, learning rate and target L0 16 per layer: a CLT with F = 128 latents
-   per layer, the same with an affine skip (``x_ℓ @ W_skip[ℓ]``), and 18 per-layer transcoders (``mlp_in.ℓ →
-   mlp.ℓ``, width 128) without and with the skip. Per layer each has 128 latents and the same L0 target, so the
-   totals (2,304 latents, target L0 288 per token) match.
+   the same order, with the same seed, 300 steps × 256 tokens, learning rate and target L0 16 per layer: a CLT
+   with F = 128 latents per layer, the same with an affine skip (``x_ℓ @ W_skip[ℓ]``), and 18 per-layer
+   transcoders (``mlp_in.ℓ → mlp.ℓ``, width 128) without and with the skip. Per layer each has 128 latents and the
+   same L0 target, so the totals (2,304 latents, target L0 288 per token) match. A tcmalloc ``LD_PRELOAD`` (Debian's
+   libtcmalloc-minimal4) cut the step's kernel time (page faults of glibc malloc; benchmarks/README.md) but is not
+   needed.
 2. Evaluates the four as replacement models, every ``mlp.ℓ`` replaced at once in one forward pass
    (``evaluation.crosslayer``; the per-layer transcoders as the CLT whose only decoders are ``W_dec[ℓ, :, ℓ]``), on
    the first ``--num_sequences`` held-out sequences × 256 tokens, sharing the clean and zero-ablation passes
@@ -34,8 +36,9 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEQ_LEN = 256
+# 300 steps, not the CLT config's 600: the four dictionaries' step took ≈ 9 s on the shared 2-core CPU (README).
 TRAIN_FLAGS = ["--config.clt.skip=False,True", "--config.transcoder.layers=*", "--config.transcoder.skip=False,True",
-               "--config.sae.width=128", "--config.eval.num_sequences=0"]
+               "--config.sae.width=128", "--config.eval.num_sequences=0", "--config.train.steps=300"]
 ARMS = ("transcoders", "transcoders +skip", "CLT", "CLT +skip")
 BASELINE = {"transcoders": None, "transcoders +skip": "transcoders", "CLT": "transcoders",
             "CLT +skip": "transcoders +skip"}
