@@ -19,8 +19,9 @@ the cores nearly to itself and ≈ 3 s while another training shared them, with 
 (``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4``); under glibc malloc 40% of its CPU time was
 kernel time (page faults) and a step took ≈ 9 s at load 3–7. This CLT alone costs less than that grid, so 600 steps
 take at most ≈ 15 minutes on two idle cores with tcmalloc (not timed alone), plus ≈ 2 minutes of start-up; the
-trainer then evaluates the replacement model (every mlp.L replaced at once) on 32 × 256 held-out tokens (3 passes
-per batch of 4 sequences, ≈ 6.6 s each measured on shared cores: about 3 minutes). The trainer holds ≈ 10 GB of memory for that grid.
+trainer then evaluates the replacement model (every mlp.L replaced at once) on 32 × 256 held-out tokens
+(3 passes per batch of 4 sequences, ≈ 6.6 s each measured on shared cores: about 3 minutes). The trainer held
+≈ 10 GB of memory for that grid.
 ``python -m gemma_scope.evaluate --sae=runs/gemma3_270m_clt/release_gs2/clt/<variant> --model=gemma3_270m`` adds
 each layer replaced alone (2 × 18 more passes per batch).
 The release is ``release_gs2/clt/width_2304_l0_<bucket>/`` (a 6-step run on the real model, under load: 4.5 minutes,
