@@ -1,10 +1,10 @@
 """A cross-layer transcoder (CLT) against per-layer transcoders at the same L0 and the same tokens (README
 "CLT against per-layer transcoders"), in one command:
-``python experiments/clt_science/run.py [--workdir=runs/clt_vs_transcoders] [--num_sequences=64]``.
+``python experiments/clt_science/run.py [--workdir=runs/clt_vs_transcoders] [--steps=300] [--num_sequences=64]``.
 
 1. Trains, unless its release exists, ONE grid on the embedded Gemma 3 270M (``experiments/gemma3_270m_clt.py`` with
    ``TRAIN_FLAGS``): one LM pass per batch feeds four dictionaries over all 18 layers, so all see the same tokens in
-   the same order, with the same seed, 300 steps × 256 tokens, learning rate and target L0 16 per layer: a CLT
+   the same order, with the same seed, ``--steps`` × 256 tokens, learning rate and target L0 16 per layer: a CLT
    with F = 128 latents per layer, the same with an affine skip (``x_ℓ @ W_skip[ℓ]``), and 18 per-layer
    transcoders (``mlp_in.ℓ → mlp.ℓ``, width 128) without and with the skip. Per layer each has 128 latents and the
    same L0 target, so the totals (2,304 latents, target L0 288 per token) match. A tcmalloc ``LD_PRELOAD`` (Debian's
@@ -36,18 +36,17 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEQ_LEN = 256
-# 300 steps, not the CLT config's 600: the four dictionaries' step took ≈ 9 s on the shared 2-core CPU (README).
 TRAIN_FLAGS = ["--config.clt.skip=False,True", "--config.transcoder.layers=*", "--config.transcoder.skip=False,True",
-               "--config.sae.width=128", "--config.eval.num_sequences=0", "--config.train.steps=300"]
+               "--config.sae.width=128", "--config.eval.num_sequences=0"]
 ARMS = ("transcoders", "transcoders +skip", "CLT", "CLT +skip")
 BASELINE = {"transcoders": None, "transcoders +skip": "transcoders", "CLT": "transcoders",
             "CLT +skip": "transcoders +skip"}
 
 
-def _train(workdir: pathlib.Path) -> float:
+def _train(workdir: pathlib.Path, steps: int) -> float:
     """Runs the training command (module docstring, step 1); returns its wall seconds."""
     cmd = [sys.executable, "-m", "gemma_scope.train", f"--config={ROOT / 'experiments/gemma3_270m_clt.py'}",
-           f"--config.workdir={workdir}", *TRAIN_FLAGS]
+           f"--config.workdir={workdir}", *TRAIN_FLAGS, f"--config.train.steps={steps}"]
     print("+", " ".join(cmd), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -155,6 +154,8 @@ def tables(results: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/clt_vs_transcoders", help="the run (relative to the repository)")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="training steps × 256 tokens (300, not the CLT config's 600, fit the shared CPU: README)")
     parser.add_argument("--num_sequences", type=int, default=64, help="held-out sequences × 256 tokens")
     parser.add_argument("--lm_batch_size", type=int, default=8, help="sequences per pass; the unit of the noise")
     args = parser.parse_args()
@@ -164,7 +165,7 @@ def main() -> None:
     workdir = (ROOT / args.workdir).resolve()
     walls = {}
     if not (workdir / "release_gs2" / "clt").is_dir():
-        walls["train_s"] = _train(workdir)
+        walls["train_s"] = _train(workdir, args.steps)
     start = time.perf_counter()
     results = evaluate(load_arms(workdir, 18), args.num_sequences, args.lm_batch_size)
     walls["evaluate_s"] = time.perf_counter() - start
