@@ -2,7 +2,7 @@
 "CLT against per-layer transcoders"), in one command:
 ``python experiments/clt_science/run.py [--workdir=runs/clt_vs_transcoders] [--steps=300] [--num_sequences=64]``.
 
-1. Trains, unless its release exists, ONE grid on the embedded Gemma 3 270M (``experiments/gemma3_270m_clt.py`` with
+1. Trains, unless released at ``--steps``, ONE grid on the embedded Gemma 3 270M (``experiments/gemma3_270m_clt.py`` with
    ``TRAIN_FLAGS``): one LM pass per batch feeds four dictionaries over all 18 layers, so all see the same tokens in
    the same order, with the same seed, ``--steps`` × 256 tokens, learning rate and target L0 16 per layer: a CLT
    with F = 128 latents per layer, the same with an affine skip (``x_ℓ @ W_skip[ℓ]``), and 18 per-layer
@@ -154,8 +154,7 @@ def tables(results: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/clt_vs_transcoders", help="the run (relative to the repository)")
-    parser.add_argument("--steps", type=int, default=300,
-                        help="training steps × 256 tokens (300, not the CLT config's 600, fit the shared CPU: README)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps × 256 tokens (the CLT config's 600)")
     parser.add_argument("--num_sequences", type=int, default=64, help="held-out sequences × 256 tokens")
     parser.add_argument("--lm_batch_size", type=int, default=8, help="sequences per pass; the unit of the noise")
     args = parser.parse_args()
@@ -164,7 +163,8 @@ def main() -> None:
                      f"{args.lm_batch_size} (the noise is a standard error over batches)")
     workdir = (ROOT / args.workdir).resolve()
     walls = {}
-    if not (workdir / "release_gs2" / "clt").is_dir():
+    released = [json.loads(c.read_text()).get("training_steps") for c in workdir.glob("release_gs2/clt/*/config.json")]
+    if released != [args.steps] * 2:  # else resumes (or extends) the run and releases it again
         walls["train_s"] = _train(workdir, args.steps)
     start = time.perf_counter()
     results = evaluate(load_arms(workdir, 18), args.num_sequences, args.lm_batch_size)
