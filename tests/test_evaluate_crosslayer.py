@@ -92,13 +92,13 @@ def test_several_dictionaries_evaluated_together_equal_each_alone_with_per_seque
     d = cfg.d_model
     clts = [clt_of([random_transcoder(d, d, seed=s) for s in seeds]) for seeds in ((5, 6), (7, 8))]
     clts[1].pop("W_skip")
-    both = crosslayer.evaluate_crosslayers(params, cfg, tokens, mask, clts, LAYERS, "clt", batch_size=2,
-                                           progress=False)
+    both = crosslayer.evaluate_crosslayers(params, cfg, tokens, mask, clts, LAYERS, "clt", per_layer=False,
+                                           batch_size=2, progress=False)
     tol = nll_tol(cfg.vocab_size, 1.0)
     for clt, together in zip(clts, both):
-        alone = crosslayer.evaluate_crosslayer(params, cfg, tokens, mask, clt, LAYERS, "clt", batch_size=2,
-                                               progress=False)
-        assert len(together) == len(alone) == 3
+        alone = crosslayer.evaluate_crosslayer(params, cfg, tokens, mask, clt, LAYERS, "clt", per_layer=False,
+                                               batch_size=2, progress=False)
+        assert len(together) == len(alone) == 1
         for a, b in zip(together, alone):
             for key in ("clean_loss", "spliced_loss", "zero_ablation_loss", "fvu", "l0"):
                 np.testing.assert_allclose(a[key], b[key], rtol=PASS_TOL, atol=tol, err_msg=key)
