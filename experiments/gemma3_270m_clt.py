@@ -12,13 +12,18 @@ target 16 per layer: Gemma Scope 2's small bucket), each latent's decoder over i
 mean of mlp.L, batch 256, 256-token context, learning rate 5e-4).
 
 F = 128 latents per layer (2,304 in all) is chosen for time: a CLT step costs
-(n + 3)/4 = 5.25× the FLOPs of the per-layer transcoders at n = 18, and measured 2.65 CPU seconds per step of 256
-tokens at F = 128 (6.1 at F = 256; benchmarks/RESULTS.md, "Cross-layer transcoder step"), so 600 steps take
-≈ 26 CPU minutes, ≈ 15–20 minutes on the two idle cores, plus ≈ 2 minutes of LM passes; the trainer then
-evaluates the replacement model (every mlp.L replaced at once) on 32 × 256 held-out tokens (a few minutes).
+(n + 3)/4 = 5.25× the FLOPs of the per-layer transcoders at n = 18 (benchmarks/RESULTS.md, "Cross-layer
+transcoder step"). Measured on the project's 2-core Xeon (2026-12-02, README "CLT against per-layer transcoders"):
+a grid of this CLT, its affine twin and 36 per-layer transcoders, LM pass included, took 1.4 s per step wall with
+the cores nearly to itself and ≈ 3 s while another training shared them, with tcmalloc preloaded
+(``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4``); under glibc malloc 40% of its CPU time was
+kernel time (page faults) and a step took ≈ 9 s at load 3–7. This CLT alone costs less than that grid, so 600 steps
+take at most ≈ 15 minutes on two idle cores with tcmalloc (not timed alone), plus ≈ 2 minutes of start-up; the
+trainer then evaluates the replacement model (every mlp.L replaced at once) on 32 × 256 held-out tokens
+(3 passes per batch of 4 sequences, ≈ 6.6 s each measured on shared cores: about 3 minutes). The trainer held
+≈ 10 GB of memory for that grid.
 ``python -m gemma_scope.evaluate --sae=runs/gemma3_270m_clt/release_gs2/clt/<variant> --model=gemma3_270m`` adds
-each layer replaced alone (18 more spliced passes). These are estimates from the step's CPU time measured under
-load, not a timed idle run.
+each layer replaced alone (2 × 18 more passes per batch).
 The release is ``release_gs2/clt/width_2304_l0_<bucket>/`` (a 6-step run on the real model, under load: 4.5 minutes,
 release written, L0 ≈ 60 per layer before the L0 warmup has acted).
 ``--config.clt.skip=False,True`` adds the affine variant; ``--config.sae.target_l0=16,48`` a sweep.

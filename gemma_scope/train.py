@@ -196,14 +196,17 @@ def evaluate_run(config, paths: list[pathlib.Path]) -> list[dict]:
 
 def summary(records: list[dict], tokens: int) -> str:
     """A plain-text table of evaluated SAEs: site, λ, target L0, width, L0, FVU, delta LM loss, zero-ablation delta
-    and loss recovered ``(zero − spliced) / (zero − clean)``."""
+    and loss recovered ``(zero − spliced) / (zero − clean)``; '—' for a λ or target the release does not record."""
     lines = [f"trained on {tokens:,} activations per SAE",
              f"{'site':>7} {'λ':>8} {'target':>6} {'width':>6} {'L0':>7} {'FVU':>6} {'ΔLM loss':>9} {'zero-abl. Δ':>11} "
              f"{'recovered':>9}"]
-    nan = float("nan")
+
+    def number(value, width: int, spec: str) -> str:  # '—' where the release does not say (e.g. GS2 transcoders)
+        return f"{'—':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
     for r in records:
         zero = r["zero_ablation_loss"] - r["clean_loss"]
-        lines.append(f"{r['site']:>7} {r['l0_coefficient'] or nan:>8.2g} {r.get('target_l0') or nan:>6.4g} "
+        lines.append(f"{r['site']:>7} {number(r['l0_coefficient'], 8, '.2g')} {number(r.get('target_l0'), 6, '.4g')} "
                      f"{r['width']:>6} {r['l0']:>7.1f} {r['fvu']:>6.3f} {r['delta_lm_loss']:>9.4f} {zero:>11.3f} "
                      f"{(zero - r['delta_lm_loss']) / zero:>9.1%}")
     return "\n".join(lines)

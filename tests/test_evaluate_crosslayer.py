@@ -72,6 +72,31 @@ def test_clt_without_cross_layer_decoders_equals_its_transcoders(tiny_gemma):
     np.testing.assert_allclose(got[2]["l0"], sum(l0s), rtol=1e-6)  # layer 3 hears the latents of layers 1 and 3
 
 
+def test_several_dictionaries_evaluated_together_equal_each_alone_with_per_sequence_sums(tiny_gemma):
+    """``evaluate_crosslayers`` shares the clean and zero-ablation passes: each dictionary's records equal
+    ``evaluate_crosslayer``'s of it alone, and the per-sequence sums add up to the pooled losses."""
+    params, cfg, tokens, mask = tiny_gemma
+    d = cfg.d_model
+    clts = [clt_of([random_transcoder(d, d, seed=s) for s in seeds]) for seeds in ((5, 6), (7, 8))]
+    clts[1].pop("W_skip")
+    both = crosslayer.evaluate_crosslayers(params, cfg, tokens, mask, clts, LAYERS, "clt", per_layer=False,
+                                           batch_size=2, progress=False)
+    tol = nll_tol(cfg.vocab_size, 1.0)
+    for clt, together in zip(clts, both):
+        alone = crosslayer.evaluate_crosslayer(params, cfg, tokens, mask, clt, LAYERS, "clt", per_layer=False,
+                                               batch_size=2, progress=False)
+        assert len(together) == len(alone) == 1
+        for a, b in zip(together, alone):
+            for key in ("clean_loss", "spliced_loss", "zero_ablation_loss", "fvu", "l0"):
+                np.testing.assert_allclose(a[key], b[key], rtol=PASS_TOL, atol=tol, err_msg=key)
+        seq = together[0]["by_sequence"]
+        np.testing.assert_array_equal(seq["n_targets"], mask[:, 1:].sum(1))
+        for key, nll in (("clean_loss", "clean_nll"), ("spliced_loss", "spliced_nll"), ("zero_ablation_loss",
+                                                                                          "zero_nll")):
+            np.testing.assert_allclose(seq[nll].sum() / seq["n_targets"].sum(), together[0][key], rtol=1e-12)
+    assert abs(both[0][0]["delta_lm_loss"] - both[1][0]["delta_lm_loss"]) > 10 * tol  # two different CLTs
+
+
 def test_clt_replacement_model_reads_its_own_mlp_inputs(tiny_gemma):
     """With cross-layer decoders, layer 3's prediction uses layer 1's latents from the replacement model's
     mlp_in.1 (upstream of any replacement) and layer 3's from its replaced-upstream mlp_in.3."""
@@ -162,7 +187,8 @@ def test_cli_evaluates_clt_and_crosscoder_directories(tiny_gemma, tmp_path, monk
     d = cfg.d_model
     tcs = [random_transcoder(d, d, seed=s) for s in (5, 6)]
     clt_dir = release.write_clt(tmp_path / "rel", clt_of(tcs), LAYERS, n_layers=cfg.num_layers,
-                                average_l0=[12.0, 9.0], metadata={"model_name": "tiny"})
+                                average_l0=[12.0, 9.0],
+                                metadata={"model_name": "tiny", "l0_coefficient": 1.0, "target_l0": 16.0})
     release.write_crosscoder(tmp_path / "rel", identity_crosscoder(2, d), LAYERS, average_l0=64.0)
     monkeypatch.setattr(releases, "_load_lm", lambda *args: (types.SimpleNamespace(params=params, config=cfg),
                                                              (tokens, mask)))
@@ -175,6 +201,8 @@ def test_cli_evaluates_clt_and_crosscoder_directories(tiny_gemma, tmp_path, monk
                                           progress=False)
     assert [r["delta_lm_loss"] for r in records[:3]] == [r["delta_lm_loss"] for r in want]
     assert records[0]["width"] == 32 and records[3]["width"] == 4 * d
+    # λ and target come from the trainer's config.json (the training summary printed nan before); unknown: None.
+    assert [(r["l0_coefficient"], r["target_l0"]) for r in records] == [(1.0, 16.0)] * 3 + [(None, None)] * 3
     # A CLT written for a model of another depth names the file, the key and the shape it should have.
     other = release.write_clt(tmp_path / "other", clt_of(tcs), LAYERS, n_layers=5, average_l0=[1.0, 1.0])
     with pytest.raises(ValueError, match=r"params_layer_1.safetensors: key 'w_dec' has a layer axis of 5; expected "

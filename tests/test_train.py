@@ -455,3 +455,5 @@ def test_summary_shows_the_target_l0_and_the_loss_recovered():
               "delta_lm_loss": 1.0, "clean_loss": 3.0, "zero_ablation_loss": 13.0}
     row = train.summary([record], 409_600).splitlines()[-1].split()
     assert row == ["res.8", "0.1", "100", "2048", "98.2", "0.031", "1.0000", "10.000", "90.0%"]
+    unknown = record | {"site": "mlp_in.3→mlp.3", "l0_coefficient": None, "target_l0": None}  # e.g. GS2 transcoders
+    assert train.summary([unknown], 409_600).splitlines()[-1].split()[1:3] == ["—", "—"]

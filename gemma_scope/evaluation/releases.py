@@ -114,8 +114,9 @@ def _crosslayer_records(path, params, info, lm, sequences, batch_size: int, laye
     labels = [whole] + [f"{transcoder_label(Site('mlp_in', x), info['affine'])} (CLT)" if info["kind"] == "clt"
                         else f"res.{x} (crosscoder)" for x in layers]
     width = params["W_enc"].shape[0] * params["W_enc"].shape[2] if info["kind"] == "clt" else info["width"]
-    return [{"sae": str(path), "site": label, "width": width, "kind": info["kind"], "l0_coefficient": None,
-             "target_l0": None} | result for label, result in zip(labels, results)]
+    return [{"sae": str(path), "site": label, "width": width, "kind": info["kind"],
+             "l0_coefficient": info["l0_coefficient"], "target_l0": info["target_l0"]} | result
+            for label, result in zip(labels, results)]
 
 
 def evaluate_saes(
@@ -171,7 +172,8 @@ def evaluate_saes(
             if activations:
                 raise ValueError(f"{path}: a {info['kind']} reads several layers; evaluate it with --model instead "
                                  "of --activations")
-            multi.append((path, *release.load_crosslayer(path)))
+            params, multi_info = release.load_crosslayer(path)
+            multi.append((path, params, multi_info | {k: info[k] for k in ("l0_coefficient", "target_l0")}))
             continue
         params = release.load_params(path)
         if info["site_out"] != info["site"]:  # a transcoder: its sites are in its config, never overridden
@@ -211,8 +213,8 @@ def evaluate_saes(
     for record, (_, params, _) in zip(records, saes):
         if activations:
             record.update(activation_metrics(params, first_rows(arrays, max_tokens), batch_size=batch_size))
-        print(json.dumps(json_ready({k: v for k, v in record.items() if k not in ("frequencies", "by_position")})),
-              flush=True)
+        print(json.dumps(json_ready({k: v for k, v in record.items()
+                                     if k not in ("frequencies", "by_position", "by_sequence")})), flush=True)
     if out:
         from gemma_scope.evaluation import report  # matplotlib only when a report is asked for
 

@@ -34,12 +34,13 @@ def _clean_pass(params_lm, cfg, tokens: jax.Array, sites: tuple[Site, ...]):
 
 
 class CleanPasses:
-    """Sequences in batches, each with its clean pass: iterating yields ``(tokens int32 [B, T], mask bool [B, T],
-    acts)`` per batch of ``batch_size`` sequences (the last zero-padded; padding is masked out), ``acts`` the clean
-    activations ``{site: [B, T, w]}`` at ``sites``. Meanwhile ``clean`` and ``targets`` (float64 ``[T−1]``) sum the
-    clean NLL (nats) and count the content targets per position t; ``masked(nll)`` sums a ``[B, T−1]`` NLL of the
-    current batch over its content targets and ticks the progress bar (``passes`` such per batch, plus the clean
-    one)."""
+    """Sequences in batches, each with its clean pass: iterating yields ``(rows, tokens int32 [B, T], mask bool
+    [B, T], acts)`` per batch of ``batch_size`` sequences (``rows`` a slice of the padded sequences; the last batch
+    is zero-padded and the padding masked out), ``acts`` the clean activations ``{site: [B, T, w]}`` at ``sites``.
+    Meanwhile ``clean`` (float64 ``[N_padded, T−1]``) holds each sequence's clean NLL (nats) at content targets, 0
+    elsewhere; ``target`` (bool ``[N, T−1]``) says which targets count; ``masked(nll)`` is a ``[B, T−1]`` NLL of
+    the current batch at its content targets, 0 elsewhere, and ticks the progress bar (``passes`` such per batch,
+    plus the clean one)."""
 
     def __init__(self, params_lm, cfg, tokens: np.ndarray, mask: np.ndarray, batch_size: int,
                  sites: tuple[Site, ...], passes: int, desc: str, progress: bool):
@@ -48,21 +49,21 @@ class CleanPasses:
         self._tokens = np.pad(np.asarray(tokens, np.int32), ((0, padded - num), (0, 0)))
         self._mask = np.pad(np.asarray(mask, bool), ((0, padded - num), (0, 0)))
         self._lm, self._batch_size, self._sites = (params_lm, cfg), batch_size, sites
-        self.clean, self.targets, self._target = np.zeros(length - 1), np.zeros(length - 1), None
+        self.clean, self.target, self._target = np.zeros((padded, length - 1)), self._mask[:num, 1:], None
         self._bar = tqdm.tqdm(total=padded // batch_size * (1 + passes), unit="pass", desc=desc, disable=not progress)
 
     def masked(self, nll) -> np.ndarray:
         self._bar.update()
-        return np.where(self._target, jax.device_get(nll), 0.0).sum(axis=0)
+        return np.where(self._target, jax.device_get(nll), 0.0)
 
     def __iter__(self):
         for start in range(0, len(self._tokens), self._batch_size):
-            tokens, mask = self._tokens[start : start + self._batch_size], self._mask[start : start + self._batch_size]
+            rows = slice(start, start + self._batch_size)
+            tokens, mask = self._tokens[rows], self._mask[rows]
             self._target = mask[:, 1:]
             nll, acts = _clean_pass(*self._lm, tokens, self._sites)
-            self.clean += self.masked(nll)
-            self.targets += self._target.sum(axis=0)
-            yield tokens, mask, acts
+            self.clean[rows] = self.masked(nll)
+            yield rows, tokens, mask, acts
         self._bar.close()
 
 
@@ -149,17 +150,18 @@ def evaluate_grid(
     totals, sq_err = [Totals() for _ in saes], [np.zeros(length) for _ in saes]
     batches = CleanPasses(params_lm, cfg, tokens, mask, batch_size, sites, len(spliced_sites) + len(saes),
                           "delta LM loss", progress)
-    for batch_tokens, batch_mask, acts in batches:
+    for _, batch_tokens, batch_mask, acts in batches:
         for site in spliced_sites:
-            zero_sum[site] += batches.masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site, None))
+            zero_sum[site] += batches.masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site,
+                                                          None)).sum(axis=0)
         for i, (site, params, site_out) in enumerate(saes):
             spliced_sum[i] += batches.masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site_out, params,
-                                                          site))
+                                                          site)).sum(axis=0)
             d_in, d_out = params["W_enc"].shape[0], params["W_dec"].shape[1]
             token_err = totals[i].add(params, acts[site].reshape(-1, d_in), batch_mask.reshape(-1).astype(np.float32),
                                       acts[site_out].reshape(-1, d_out))
             sq_err[i] += np.where(batch_mask, token_err.reshape(batch_mask.shape), 0.0).sum(axis=0)
-    clean_sum, targets = batches.clean, batches.targets
+    clean_sum, targets = batches.clean.sum(axis=0), batches.target.sum(axis=0)
     if targets.sum() == 0:
         raise ValueError("no content targets: mask is False everywhere after the first position")
     clean = float(clean_sum.sum() / targets.sum())

@@ -82,7 +82,8 @@ def sae_info(path: pathlib.Path) -> dict:
     """What a release says about an SAE or transcoder file: ``site`` (the site it reads) and ``site_out`` (the site
     it predicts; ``site`` for an SAE) as strings, from a GS2 ``config.json``, the GS1
     ``<kind>/layer_<L>/width_<W>/average_l0_<K>`` layout or SAELens ``cfg.json`` metadata, and ``l0_coefficient``
-    and ``target_l0`` (SAELens metadata); None when unknown. For a CLT or crosscoder directory also ``kind``
+    and ``target_l0`` (SAELens metadata, or a GS2 CLT's or crosscoder's config.json as our trainer writes it); None
+    when unknown. For a CLT or crosscoder directory also ``kind``
     ("clt" | "crosscoder") and ``layers`` (the covered model layers); ``site`` / ``site_out`` are then those of
     its first layer (``mlp_in.L`` / ``mlp.L``, or ``res.L``).
 
@@ -96,8 +97,10 @@ def sae_info(path: pathlib.Path) -> dict:
     if path.is_dir() and is_crosslayer_dir(path):
         kind, layers = crosslayer_kind(path), crosslayer_layers(path)
         site, site_out = (("mlp_in", "mlp") if kind == "clt" else ("res", "res"))
-        return {"site": f"{site}.{layers[0]}", "site_out": f"{site_out}.{layers[0]}", "l0_coefficient": None,
-                "target_l0": None, "kind": kind, "layers": layers}
+        config = read_json(path / GS2_CONFIG_FILE) if (path / GS2_CONFIG_FILE).is_file() else {}
+        return {"site": f"{site}.{layers[0]}", "site_out": f"{site_out}.{layers[0]}",
+                "l0_coefficient": config.get("l0_coefficient"), "target_l0": config.get("target_l0"), "kind": kind,
+                "layers": layers}
     if path.name == GS2_PARAMS_FILE:
         site, site_out = gs2_sites(read_json(path.parent / GS2_CONFIG_FILE))
         return {"site": str(site), "site_out": str(site_out), "l0_coefficient": None, "target_l0": None}
