@@ -39,8 +39,8 @@ class CleanPasses:
     is zero-padded and the padding masked out), ``acts`` the clean activations ``{site: [B, T, w]}`` at ``sites``.
     Meanwhile ``clean`` (float64 ``[N_padded, T−1]``) holds each sequence's clean NLL (nats) at content targets, 0
     elsewhere; ``target`` (bool ``[N, T−1]``) says which targets count; ``masked(nll)`` is a ``[B, T−1]`` NLL of
-    the current batch at its content targets, 0 elsewhere, and ticks the progress bar (``passes`` such per batch,
-    plus the clean one)."""
+    the current batch at its content targets (float64), 0 elsewhere, and ticks the progress bar (``passes`` such
+    per batch, plus the clean one)."""
 
     def __init__(self, params_lm, cfg, tokens: np.ndarray, mask: np.ndarray, batch_size: int,
                  sites: tuple[Site, ...], passes: int, desc: str, progress: bool):
@@ -54,7 +54,7 @@ class CleanPasses:
 
     def masked(self, nll) -> np.ndarray:
         self._bar.update()
-        return np.where(self._target, jax.device_get(nll), 0.0)
+        return np.where(self._target, np.asarray(jax.device_get(nll), np.float64), 0.0)
 
     def __iter__(self):
         for start in range(0, len(self._tokens), self._batch_size):
@@ -150,7 +150,9 @@ def evaluate_grid(
     totals, sq_err = [Totals() for _ in saes], [np.zeros(length) for _ in saes]
     batches = CleanPasses(params_lm, cfg, tokens, mask, batch_size, sites, len(spliced_sites) + len(saes),
                           "delta LM loss", progress)
-    for _, batch_tokens, batch_mask, acts in batches:
+    clean_sum = np.zeros(length - 1)
+    for rows, batch_tokens, batch_mask, acts in batches:
+        clean_sum += batches.clean[rows].sum(axis=0)  # summed as the spliced passes are: equal passes, equal sums
         for site in spliced_sites:
             zero_sum[site] += batches.masked(spliced_pass(params_lm, cfg, batch_tokens, batch_mask, site,
                                                           None)).sum(axis=0)
@@ -161,7 +163,7 @@ def evaluate_grid(
             token_err = totals[i].add(params, acts[site].reshape(-1, d_in), batch_mask.reshape(-1).astype(np.float32),
                                       acts[site_out].reshape(-1, d_out))
             sq_err[i] += np.where(batch_mask, token_err.reshape(batch_mask.shape), 0.0).sum(axis=0)
-    clean_sum, targets = batches.clean.sum(axis=0), batches.target.sum(axis=0)
+    targets = batches.target.sum(axis=0)
     if targets.sum() == 0:
         raise ValueError("no content targets: mask is False everywhere after the first position")
     clean = float(clean_sum.sum() / targets.sum())
