@@ -429,6 +429,10 @@ def test_view_in_headless_chromium_draws_the_graph_and_shows_a_latent_on_hover(c
         browser.wait_event("Page.loadEventFired")
         assert browser.evaluate("document.querySelectorAll('circle.node').length") == len(doc["nodes"])
         assert browser.evaluate("document.querySelectorAll('line.edge').length") == len(doc["links"])
+        # Error nodes are drawn first (under the latents of a crowded cell, which stay hoverable).
+        drawn = browser.evaluate("[...document.querySelectorAll('circle.node')]"
+                                 ".map(c => c.classList.contains('error'))")
+        assert 0 < sum(drawn) < len(drawn) and drawn == sorted(drawn, reverse=True)
         selector = f"circle[data-id='{latent['node_id']}']"
         box = browser.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
                                ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")

@@ -79,7 +79,11 @@
       });
     }
   }
-  graph.nodes.forEach(function (n) {
+  // Error nodes first, so that in a crowded cell the latents beside them are drawn on top and stay hoverable.
+  var errorsFirst = graph.nodes.slice().sort(function (a, b) {
+    return (kind(b) === "error") - (kind(a) === "error");
+  });
+  errorsFirst.forEach(function (n) {
     var c = el("circle", {cx: n.x, cy: n.y, r: kind(n) === "latent" ? 5 : 6, class: "node " + kind(n),
                           "data-id": n.node_id}, nodes);
     c.addEventListener("mouseenter", function (ev) {
