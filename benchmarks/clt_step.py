@@ -116,8 +116,7 @@ def render(results: dict) -> str:
 
 def write(out_dir: pathlib.Path, results: dict) -> None:
     """Merge the rendering into ``out_dir/RESULTS.md`` (its own block)."""
-    md = out_dir / "RESULTS.md"
-    md.write_text(report.merge_block(md.read_text() if md.exists() else "", render(results), MARKERS))
+    report.write_block(out_dir, None, results, render(results), MARKERS)
 
 
 def main() -> None:

@@ -221,11 +221,7 @@ def render_accelerator(results: dict) -> str:
 
 def write_accelerator(out_dir: pathlib.Path, results: dict) -> None:
     """Write ``results_accelerator.json`` and merge the rendering into ``RESULTS.md`` (its own block)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results_accelerator.json").write_text(json.dumps(results, indent=1) + "\n")
-    md = out_dir / "RESULTS.md"
-    md.write_text(merge_block(md.read_text() if md.exists() else "", render_accelerator(results),
-                              ACCELERATOR_MARKERS))
+    write_block(out_dir, "results_accelerator.json", results, render_accelerator(results), ACCELERATOR_MARKERS)
 
 
 def render_optimizer(results: dict) -> str:
@@ -264,10 +260,7 @@ def render_optimizer(results: dict) -> str:
 def write_optimizer(out_dir: pathlib.Path, results: dict) -> None:
     """Write ``results_optimizer.json`` and merge the rendering into ``RESULTS.md`` (its own block, so that
     ``--only optimizer`` leaves the other numbers as they are)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results_optimizer.json").write_text(json.dumps(results, indent=1) + "\n")
-    md = out_dir / "RESULTS.md"
-    md.write_text(merge_block(md.read_text() if md.exists() else "", render_optimizer(results), OPTIMIZER_MARKERS))
+    write_block(out_dir, "results_optimizer.json", results, render_optimizer(results), OPTIMIZER_MARKERS)
 
 
 def render_attribution(results: dict) -> str:
@@ -300,16 +293,20 @@ def render_attribution(results: dict) -> str:
 
 def write_attribution(out_dir: pathlib.Path, results: dict) -> None:
     """Write ``results_attribution.json`` and merge the rendering into ``RESULTS.md`` (its own block)."""
+    write_block(out_dir, "results_attribution.json", results, render_attribution(results), ATTRIBUTION_MARKERS)
+
+
+def write_block(out_dir: pathlib.Path, json_name: str | None, results: dict, block: str,
+                markers: tuple[str, str] = (BEGIN, END)) -> None:
+    """Write ``results`` whole to ``out_dir/json_name`` (unless None) and merge ``block`` into ``out_dir/RESULTS.md``
+    between ``markers`` (``merge_block``), leaving the other blocks as they are."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results_attribution.json").write_text(json.dumps(results, indent=1) + "\n")
+    if json_name is not None:
+        (out_dir / json_name).write_text(json.dumps(results, indent=1) + "\n")
     md = out_dir / "RESULTS.md"
-    md.write_text(merge_block(md.read_text() if md.exists() else "", render_attribution(results),
-                              ATTRIBUTION_MARKERS))
+    md.write_text(merge_block(md.read_text() if md.exists() else "", block, markers))
 
 
 def write(out_dir: pathlib.Path, results: dict) -> None:
     """Write ``results.json`` and merge the rendering into ``RESULTS.md`` under ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    md = out_dir / "RESULTS.md"
-    md.write_text(merge_block(md.read_text() if md.exists() else "", render(results)))
+    write_block(out_dir, "results.json", results, render(results))
