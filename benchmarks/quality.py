@@ -34,8 +34,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 from benchmarks import report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -93,14 +91,13 @@ def paired_changes(results: list[dict]) -> list[dict]:
     """Adds to each SAELens record the change from ours at the same site and target, for delta LM loss and FVU,
     with the noise of the paired change (half the difference of the two halves' changes)."""
     ours = {(r["site"], r["target_l0"]): r for r in results if r["row"] == "ours"}
+    change_and_noise = _ablation_run().change_and_noise
     for r in results:
         base = ours.get((r["site"], r["target_l0"]))
         if r["row"] == "ours" or base is None:
             continue
         for key in ("delta_lm_loss", "fvu"):
-            change = np.array(r["halves"][key]) - np.array(base["halves"][key])
-            r[f"{key}_vs_ours"] = float(r[key] - base[key])
-            r[f"{key}_vs_ours_noise"] = float(abs(change[0] - change[1]) / 2)
+            r[f"{key}_vs_ours"], r[f"{key}_vs_ours_noise"] = change_and_noise(r, base, key)
     return results
 
 

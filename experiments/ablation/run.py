@@ -96,6 +96,13 @@ def evaluate(saes: list[tuple[str, str, pathlib.Path]], num_sequences: int, lm_b
     return results
 
 
+def change_and_noise(cur: dict, base: dict, key: str) -> tuple[float, float]:
+    """``cur[key] − base[key]`` and its noise, half the difference between the two halves' paired differences
+    (records of ``evaluate`` on the same held-out sequences)."""
+    change = np.array(cur["halves"][key]) - np.array(base["halves"][key])
+    return float(cur[key] - base[key]), float(abs(change[0] - change[1]) / 2)
+
+
 def add_change_noise(results: list[dict], parent: dict[str, str]) -> list[dict]:
     """Adds to each row whose parent row was evaluated at the same site its change from the parent, with the noise
     of that change: half the difference between the two halves' paired differences."""
@@ -106,9 +113,7 @@ def add_change_noise(results: list[dict], parent: dict[str, str]) -> list[dict]:
             continue
         cur["parent"] = prev["row"]
         for key in ("delta_lm_loss", "fvu"):
-            change = np.array(cur["halves"][key]) - np.array(prev["halves"][key])
-            cur[f"{key}_change"] = float(cur[key] - prev[key])
-            cur[f"{key}_change_noise"] = float(abs(change[0] - change[1]) / 2)
+            cur[f"{key}_change"], cur[f"{key}_change_noise"] = change_and_noise(cur, prev, key)
     return results
 
 
