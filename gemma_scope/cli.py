@@ -91,9 +91,10 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
     try:
         main(argv)
     except Exception as e:
-        if "--verbose" in argv or not _handled(e):
+        reported = _handled(e)
+        if "--verbose" in argv or reported is None:
             raise
-        _fail(_handled(e))
+        _fail(reported)
 
 
 def _unknown_key(error: Exception, argv: list[str]) -> tuple[list[str], int] | None:
@@ -177,8 +178,9 @@ def run_app(main: Callable[[list[str]], object]) -> None:
         try:
             main(argv)  # its return value is for Python callers; absl would print it
         except Exception as e:
-            if verbose or not _handled(e):
+            reported = _handled(e)
+            if verbose or reported is None:
                 raise
-            _fail(_handled(e))
+            _fail(reported)
 
     app.run(guarded, flags_parser=parse)
