@@ -14,11 +14,11 @@
   "Connection closed by peer"); ``exit_on_lost_peer`` turns that into one line naming the lost process and exit
   status ``EXIT_PEER_LOST``. Whatever else the others are doing (a barrier, a collective that does not notice),
   ``jax.distributed``'s coordination service declares a process lost after ``heartbeat_timeout_s`` without a
-  heartbeat (``initialize``; default ``DEFAULT_HEARTBEAT_TIMEOUT_S``) and terminates the rest (SIGABRT, with
-  XLA's "Terminating process because the JAX distributed service detected fatal errors" and a stack trace); it
-  does so at once when the lost process is process 0, which hosts the service. (jaxlib 0.10.2's client takes a
-  ``missed_heartbeat_callback``, but ``jax.distributed.initialize`` does not pass one, and a Python callback
-  there ends in ``std::bad_cast``.)
+  heartbeat (``initialize``; default ``DEFAULT_HEARTBEAT_TIMEOUT_S``) and aborts the rest (SIGABRT, after a dozen
+  lines of XLA's log and a stack trace, which ``training.peer_log`` turns into the same one line); it does so at
+  once when the lost process is process 0, which hosts the service. (jaxlib 0.10.2's client takes a
+  ``missed_heartbeat_callback`` that could replace the abort, but ``jax.distributed.initialize`` does not pass
+  one, and a Python callback there ends in ``std::bad_cast``.)
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 
 import jax
 from jax.experimental import multihost_utils
+
+from gemma_scope.training import peer_log
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "temporary failure; the user is invited to retry"
 EXIT_PEER_LOST = 69  # sysexits.h EX_UNAVAILABLE
@@ -94,8 +96,9 @@ def watch() -> Iterator[Callable[[int], bool]]:
 
 def initialize(heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S, **kwargs) -> None:
     """``jax.distributed.initialize(**kwargs)`` with ``heartbeat_timeout_s``: a process that stops sending
-    heartbeats is declared lost after that long and the others are stopped (module docstring). Call it before any
-    JAX computation, in place of ``jax.distributed.initialize``.
+    heartbeats is declared lost after that long and the others are stopped (module docstring); then, with several
+    processes, this process's stderr goes through ``training.peer_log``'s filter. Call it before any JAX
+    computation, in place of ``jax.distributed.initialize``.
 
     Raises:
       ValueError: heartbeat_timeout_s < 1.
@@ -103,6 +106,8 @@ def initialize(heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S, **kwargs)
     if not heartbeat_timeout_s >= 1:
         raise ValueError(f"mesh.heartbeat_timeout_s={heartbeat_timeout_s} must be >= 1 (seconds)")
     jax.distributed.initialize(heartbeat_timeout_seconds=int(heartbeat_timeout_s), **kwargs)
+    if jax.process_count() > 1:
+        peer_log.start(jax.process_index(), jax.process_count())
 
 
 _LOST_PEER = re.compile(r"Connection (closed|reset) by peer|heartbeat timeout|stopped sending heartbeats")
@@ -118,11 +123,7 @@ def exit_on_lost_peer() -> Iterator[None]:
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1 or not _LOST_PEER.search(str(e)):
             raise
-        others = [str(i) for i in range(jax.process_count()) if i != jax.process_index()]
-        lost = f"process {others[0]}" if len(others) == 1 else f"one of processes {', '.join(others)}"
-        detail = _LOST_PEER.search(str(e)).group(0)
-        print(f"error: lost {lost} of {jax.process_count()} ({detail}: killed, or its host lost); process "
-              f"{jax.process_index()} stops too. Restart all processes to resume from the newest checkpoint.",
+        print(peer_log.lost_line(None, _LOST_PEER.search(str(e)).group(0), jax.process_index(), jax.process_count()),
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_PEER_LOST)
