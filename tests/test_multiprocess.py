@@ -107,8 +107,8 @@ def _checkpoints(workdir) -> list[int]:
 @pytest.mark.slow
 def test_two_processes_stop_together_on_a_signal_or_a_lost_peer_and_resume_exactly(tmp_path, make_npy_dir):
     """SIGTERM / SIGINT to one or both processes at 5 points: both stop at one step, seal it and exit 75; a kill -9
-    of one: the other exits 69 within the heartbeat timeout, naming it. The restarts end bitwise equal to an
-    uninterrupted run."""
+    of process 1, then of process 0 (the coordinator): the other stops within the heartbeat timeout, its last line
+    naming the lost one, with no XLA log or traceback. The restarts end bitwise equal to an uninterrupted run."""
     data, run = make_npy_dir(rows=(600, 424)), tmp_path / "stopped"
     train = {"train.steps": 400, "train.checkpoint_every": 20, "mesh.heartbeat_timeout_s": 10}
     _finish(_start(tmp_path / "straight", data, 2, **train))
@@ -120,8 +120,10 @@ def test_two_processes_stop_together_on_a_signal_or_a_lost_peer_and_resume_exact
         (lambda: metrics.is_file() and metrics.stat().st_size, [1], signal.SIGTERM),  # before the first checkpoint
         (None, [], signal.SIGTERM),  # process 0 sends it itself while it seals the next checkpoint (_train_process.py)
         (lambda: _checkpoints(run)[-1] > stopped[-1], [0], signal.SIGINT),
+        (lambda: _checkpoints(run)[-1] > stopped[-1], [1], signal.SIGINT),
         (lambda: _checkpoints(run)[-1] > stopped[-1], [0, 1], signal.SIGTERM),
         (lambda: _checkpoints(run)[-1] > stopped[-1], [1], signal.SIGKILL),  # a lost peer
+        (lambda: _checkpoints(run)[-1] > stopped[-1], [0], signal.SIGKILL),  # the lost peer is the coordinator
     ]
     stopped = [0]
     for condition, targets, signum in points:
@@ -134,10 +136,15 @@ def test_two_processes_stop_together_on_a_signal_or_a_lost_peer_and_resume_exact
             os.kill(procs[i].pid, signum)
         sent = time.time()
         outs = [p.communicate(timeout=300) for p in procs]
-        if signum == signal.SIGKILL:  # 69 and one line if it was in a collective; else JAX's abort at the timeout
-            assert time.time() - sent < 10 + 30, outs[0][1][-3000:]
-            assert procs[0].returncode == 69 and "error: lost process 1 of 2" in outs[0][1].strip().splitlines()[-1] \
-                or procs[0].returncode == -signal.SIGABRT and "another task died" in outs[0][1], outs[0][1][-3000:]
+        if signum == signal.SIGKILL:  # 69 if its collective broke first, else JAX's abort; the same one line
+            (lost,), survivor = targets, 1 - targets[0]
+            err = outs[survivor][1]
+            assert time.time() - sent < 10 + 30 and procs[survivor].returncode in (69, -signal.SIGABRT), err[-3000:]
+            assert re.fullmatch(rf"error: lost process {lost} of 2{', the coordinator' * (lost == 0)} \(.+; killed, or "
+                                rf"its host lost\); process {survivor} stops too. Restart all processes to resume from "
+                                r"the newest checkpoint.", err.strip().splitlines()[-1]), err[-3000:]
+            assert not re.search(r"^[IWEF]\d{4} |Traceback", err, re.MULTILINE), err[-3000:]  # XLA's log, Python's
+            stopped.append(_checkpoints(run)[-1])  # the next point waits for a checkpoint of its own run
             continue
         lines = [err.strip().splitlines()[-1] for _, err in outs]
         assert [p.returncode for p in procs] == [75, 75], [err[-3000:] for _, err in outs]
