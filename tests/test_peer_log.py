@@ -74,6 +74,14 @@ def test_other_output_passes_unchanged_and_in_order():
     assert lines.feed(b"last, unfinished") == b"last, unfinished" and lines.end() == b""
 
 
+def test_a_traceback_goes_with_the_abort_that_follows_it_and_stays_otherwise():
+    """A thread whose call broke on the lost peer may print its traceback just before XLA's fatal record."""
+    traceback = (b"Exception in thread Thread-3 (_save):\nTraceback (most recent call last):\n  File \"x.py\", line 1, "
+                 b"in _save\njax.errors.JaxRuntimeError: UNAVAILABLE: Socket closed\n")
+    assert _filtered(traceback + LOST_COORDINATOR, 7, 1) == LINE_COORDINATOR
+    assert _filtered(b"before\n" + traceback, 7, 1) == b"before\n" + traceback  # released at the end of the output
+
+
 def test_jaxs_sigterm_record_gives_way_to_the_trainers_line():
     caught = b"W1202 12:29:40.543635    4890 preemption_notifier.cc:90] SIGTERM caught at 2026-12-02T12:29:40\n"
     preempted = b"preempted: stopped after step 16 of 400; checkpoint /w/checkpoints/16 is sealed; rerun ...\n"

@@ -3,11 +3,12 @@
 When the lost process is process 0 (it hosts ``jax.distributed``'s coordination service), or a survivor is not in
 a collective when another dies, XLA's coordination service ends the survivors itself: a dozen lines of its log, a
 C++ stack trace, then SIGABRT (``training.stopping``). ``start`` routes this process's stderr (file descriptor 2,
-so XLA's log as well as Python's) through a small filter process that passes everything on unchanged and at once,
-except that log, which it replaces by the line ``stopping.exit_on_lost_peer`` prints for a broken collective
-(``lost_line``). A separate process, because nothing runs in this one after the abort, and jaxlib's hook for the
-event (``missed_heartbeat_callback``) cannot call Python. The abort's exit status (134) stays: only this process
-could change it.
+so XLA's log as well as Python's) through a small filter process that passes everything on unchanged, except
+that log (and a thread's traceback just before it), which it replaces by the line ``stopping.exit_on_lost_peer``
+prints for a broken collective (``lost_line``). XLA's coordination records and tracebacks wait up to ``HOLD_S``
+to see whether the fatal record follows; all else passes at once. A separate process, because nothing runs in
+this one after the abort, and jaxlib's hook for the event (``missed_heartbeat_callback``) cannot call Python. The
+abort's exit status (134) stays: only this process could change it.
 
 Stdlib only: the filter runs as ``python peer_log.py PROCESS_INDEX PROCESS_COUNT``, reading stdin, writing stdout.
 """
@@ -26,10 +27,15 @@ _RECORD = re.compile(rb"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ([\w.]+):\d+\] ")
 _COORDINATION = {b"coordination_service.cc", b"coordination_service_agent.cc", b"preemption_sync_manager.cc",
                  b"preemption_notifier.cc", b"client.h"}
 _FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
-_MAY_START = re.compile(rb"[IWEF](\d|$)|error: |e(r(r(o(r(:)?)?)?)?)?$")  # of a record or of "error: ..."
 _OWN_LINE = re.compile(rb"([^\n]*\])?error: ")  # at the start, or right after a progress bar's "...]"
+_TRACEBACK = re.compile(rb"Traceback \(most recent call last\):|Exception in thread ")  # one a lost peer caused
+# Where, in a line whose end has not arrived, a record, a traceback or the trainer's line may begin.
+_MAY_START = re.compile(b"|".join([rb"[IWEF]\d", rb"[IWEF]$"] + [
+    re.escape(word[:n]) + (b"" if n == len(word) else b"$")  # the whole word, or its start at the end
+    for word in (b"error: ", b"Traceback (most recent call last):", b"Exception in thread ")
+    for n in range(1, len(word) + 1)]))
 _SIGTERM_CAUGHT = b"SIGTERM caught at"  # the trainer's own "preempted: ..." line follows
-HOLD_S = 2.0  # coordination records that no fatal one follows within this are passed on
+HOLD_S = 2.0  # seconds: held lines that no fatal record follows within this are passed on
 
 
 def lost_line(lost: list[int] | None, why: str, index: int, count: int) -> str:
@@ -63,7 +69,7 @@ class Filter:
     def __init__(self, index: int, count: int):
         self.index, self.count = index, count
         self.partial = b""  # the start of a line whose end has not arrived
-        self.held: list[bytes] = []  # coordination records (and their continuation lines) a fatal one may follow
+        self.held: list[bytes] = []  # coordination records, tracebacks and what follows them: a fatal record may
         self.fatal: bytes | None = None  # from the fatal record on, all that followed (the process is aborting)
         self.reported = False  # an "error: " line was passed on: the one line is out already
         self.line_open = False  # what was passed on last ended without a newline (a progress bar)
@@ -115,9 +121,9 @@ class Filter:
             elif _SIGTERM_CAUGHT not in line:
                 self.held.append(line)
             return out
-        if self.held and not (record and record.start() == 0):
-            self.held.append(line)  # a held record's continuation line, or output that waits for HOLD_S
-            return b""
+        if self.held and not (record and record.start() == 0) or _TRACEBACK.match(line):
+            self.held.append(line)  # a held record's continuation line, a thread's traceback the abort may follow,
+            return b""              # or output that waits for HOLD_S
         return self.idle() + self._put(line)
 
     def _put(self, out: bytes) -> bytes:
