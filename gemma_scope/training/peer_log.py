@@ -27,13 +27,14 @@ _RECORD = re.compile(rb"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ([\w.]+):\d+\] ")
 _COORDINATION = {b"coordination_service.cc", b"coordination_service_agent.cc", b"preemption_sync_manager.cc",
                  b"preemption_notifier.cc", b"client.h"}
 _FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
-_OWN_LINE = re.compile(rb"([^\n]*\])?error: ")  # at the start, or right after a progress bar's "...]"
-_TRACEBACK = re.compile(rb"Traceback \(most recent call last\):|Exception in thread ")  # one a lost peer caused
+_OWN = b"error: "  # how the trainer's one-line errors start
+_TRACEBACK_STARTS = (b"Traceback (most recent call last):", b"Exception in thread ")  # one a lost peer may cause
+_OWN_LINE = re.compile(rb"([^\n]*\])?" + _OWN)  # at the start, or right after a progress bar's "...]"
+_TRACEBACK = re.compile(b"|".join(map(re.escape, _TRACEBACK_STARTS)))
 # Where, in a line whose end has not arrived, a record, a traceback or the trainer's line may begin.
 _MAY_START = re.compile(b"|".join([rb"[IWEF]\d", rb"[IWEF]$"] + [
     re.escape(word[:n]) + (b"" if n == len(word) else b"$")  # the whole word, or its start at the end
-    for word in (b"error: ", b"Traceback (most recent call last):", b"Exception in thread ")
-    for n in range(1, len(word) + 1)]))
+    for word in (_OWN, *_TRACEBACK_STARTS) for n in range(1, len(word) + 1)]))
 _SIGTERM_CAUGHT = b"SIGTERM caught at"  # the trainer's own "preempted: ..." line follows
 HOLD_S = 2.0  # seconds: held lines that no fatal record follows within this are passed on
 

@@ -121,9 +121,10 @@ def exit_on_lost_peer() -> Iterator[None]:
     try:
         yield
     except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() == 1 or not _LOST_PEER.search(str(e)):
+        lost = _LOST_PEER.search(str(e))
+        if jax.process_count() == 1 or not lost:
             raise
-        print(peer_log.lost_line(None, _LOST_PEER.search(str(e)).group(0), jax.process_index(), jax.process_count()),
-              file=sys.stderr, flush=True)
+        print(peer_log.lost_line(None, lost.group(0), jax.process_index(), jax.process_count()), file=sys.stderr,
+              flush=True)
         sys.stdout.flush()
         os._exit(EXIT_PEER_LOST)
